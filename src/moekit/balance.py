@@ -1,0 +1,136 @@
+"""Load balancing: auxiliary losses, the aux-loss-free expert bias rule, load statistics.
+
+All losses take an optional ``token_mask_T`` (True/1 for real tokens, False/0 for padding):
+masked tokens count neither in the routed fractions nor in the mean probabilities.
+
+* :func:`switch_aux_loss` (Switch Transformer / GShard, as Mixtral and OLMoE use it, batch
+  level): ``E * sum_e f_e * P_e`` with ``f_e`` the fraction of routed slots that went to
+  expert e and ``P_e`` the mean over tokens of the token's normalised score for e.
+* :func:`sequence_aux_loss` (DeepSeek-V3's complementary sequence-wise loss): the same
+  product per sequence, ``f_e`` scaled by ``E / K``, averaged over sequences.
+* :func:`z_loss` (ST-MoE): mean over tokens of ``logsumexp(logits)**2``.
+
+:func:`attach_aux_loss` makes a loss reach the gradient through the layer's output without
+changing what the layer returns (Megatron-Core's trick): the output passes through an
+identity whose backward also sends gradient 1 into the loss.
+:func:`expert_bias_update` is DeepSeek-V3's sign rule: raise the selection bias of
+under-loaded experts by ``rate``, lower that of over-loaded ones.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "switch_aux_loss",
+    "sequence_aux_loss",
+    "z_loss",
+    "attach_aux_loss",
+    "expert_bias_update",
+    "load_stats",
+    "count_tokens_per_expert",
+]
+
+
+def _mask_T(token_mask_T: torch.Tensor | None, T: int, device) -> torch.Tensor:
+    if token_mask_T is None:
+        return torch.ones(T, dtype=torch.float32, device=device)
+    m = token_mask_T.reshape(-1)
+    if m.shape[0] != T:
+        raise ValueError(f"token_mask has {m.shape[0]} entries, expected one per token ({T})")
+    return m.to(device=device, dtype=torch.float32)
+
+
+def _normalised(scores_TE: torch.Tensor) -> torch.Tensor:
+    s = scores_TE.float()
+    return s / (s.sum(dim=-1, keepdim=True) + 1e-20)
+
+
+def count_tokens_per_expert(
+    topk_ids_TK: torch.Tensor, num_experts: int, token_mask_T: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Routed slots per expert, ``[E]`` float32 (padding tokens excluded)."""
+    T, K = topk_ids_TK.shape
+    m = _mask_T(token_mask_T, T, topk_ids_TK.device)
+    w = m.unsqueeze(1).expand(T, K).reshape(-1)
+    return torch.bincount(topk_ids_TK.reshape(-1), weights=w, minlength=num_experts).float()
+
+
+def switch_aux_loss(
+    scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor, token_mask_T: torch.Tensor | None = None
+) -> torch.Tensor:
+    T, E = scores_TE.shape
+    K = topk_ids_TK.shape[1]
+    m = _mask_T(token_mask_T, T, scores_TE.device)
+    n = m.sum().clamp(min=1.0)
+    f = count_tokens_per_expert(topk_ids_TK, E, token_mask_T) / (n * K)
+    P = (_normalised(scores_TE) * m.unsqueeze(1)).sum(0) / n
+    return E * (f * P).sum()
+
+
+def sequence_aux_loss(
+    scores_BSE: torch.Tensor, topk_ids_BSK: torch.Tensor, token_mask_BS: torch.Tensor | None = None
+) -> torch.Tensor:
+    B, S, E = scores_BSE.shape
+    K = topk_ids_BSK.shape[-1]
+    m = (
+        torch.ones(B, S, device=scores_BSE.device)
+        if token_mask_BS is None
+        else token_mask_BS.reshape(B, S).to(device=scores_BSE.device, dtype=torch.float32)
+    )
+    n = m.sum(1).clamp(min=1.0)  # [B]
+    onehot = torch.zeros(B, S, E, device=scores_BSE.device)
+    onehot.scatter_add_(2, topk_ids_BSK, m.unsqueeze(-1).expand(B, S, K).contiguous())
+    f = onehot.sum(1) * E / (K * n.unsqueeze(1))  # [B, E]
+    P = (_normalised(scores_BSE) * m.unsqueeze(-1)).sum(1) / n.unsqueeze(1)
+    has_tokens = (m.sum(1) > 0).float()
+    per_seq = (f * P).sum(-1) * has_tokens
+    return per_seq.sum() / has_tokens.sum().clamp(min=1.0)
+
+
+def z_loss(logits_TE: torch.Tensor, token_mask_T: torch.Tensor | None = None) -> torch.Tensor:
+    T = logits_TE.shape[0]
+    m = _mask_T(token_mask_T, T, logits_TE.device)
+    lse = torch.logsumexp(logits_TE.float(), dim=-1)
+    return (lse.square() * m).sum() / m.sum().clamp(min=1.0)
+
+
+class _AttachLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out, loss):
+        ctx.loss_shape, ctx.loss_dtype, ctx.loss_device = loss.shape, loss.dtype, loss.device
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return grad_out, torch.ones(ctx.loss_shape, dtype=ctx.loss_dtype, device=ctx.loss_device)
+
+
+def attach_aux_loss(out: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    """Return ``out`` unchanged; backward through it also backpropagates ``loss`` (weight 1).
+
+    So ``(main_loss(out)).backward()`` gives the gradients of ``main_loss + loss``."""
+    if not loss.requires_grad or not torch.is_grad_enabled():
+        return out
+    return _AttachLoss.apply(out, loss)
+
+
+def expert_bias_update(tokens_per_expert_E: torch.Tensor, rate: float) -> torch.Tensor:
+    """DeepSeek-V3's sign rule: the bias change ``rate * sign(mean_load - load_e)``."""
+    load = tokens_per_expert_E.float()
+    return rate * torch.sign(load.mean() - load)
+
+
+def load_stats(tokens_per_expert_E: torch.Tensor) -> dict:
+    """Tokens per expert, max/mean and min/mean load, coefficient of variation, dead experts."""
+    load = tokens_per_expert_E.detach().float().cpu()
+    mean = load.mean().item() if load.numel() else 0.0
+    return {
+        "tokens_per_expert": load.tolist(),
+        "total": load.sum().item(),
+        "max_over_mean": (load.max().item() / mean) if mean > 0 else 0.0,
+        "min_over_mean": (load.min().item() / mean) if mean > 0 else 0.0,
+        "cv": (load.std(unbiased=False).item() / mean) if mean > 0 else 0.0,
+        "dead_experts": [i for i, v in enumerate(load.tolist()) if v == 0],
+        "num_dead": int((load == 0).sum().item()),
+    }

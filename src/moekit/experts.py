@@ -1,0 +1,136 @@
+"""GroupedExperts: the routed experts' weights, their init, and the backend choice.
+
+Parameters (per expert stored as (out, in), like ``nn.Linear``):
+
+* gated activation: ``gate_up_proj`` [E, 2F, D] (gate rows first, then up rows);
+  non-gated: ``up_proj`` [E, F, D];
+* ``down_proj`` [E, D, F];
+* with ``use_bias``: ``gate_up_proj_bias`` [E, 2F] (or ``up_proj_bias`` [E, F]) and
+  ``down_proj_bias`` [E, D]; the down bias is added per routed row, so it is weighted by the
+  routing weight like the rest of the expert's output.
+
+``routing_weight_on="output"`` (default) scales each expert's output row by its routing weight
+before the combine; ``"input"`` scales the expert's input row instead (Llama 4). The two differ
+for every non-linear expert, so the choice is explicit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .activations import canonical_activation, resolve_gated
+from .config import Config, Module, check_choice, check_positive
+from .ops.api import BACKEND_NAMES, moe_experts
+from .plan import DROP_POLICIES, RoutingPlan, make_plan
+
+__all__ = ["GroupedExperts"]
+
+ROUTING_WEIGHT_ON = ("output", "input")
+
+
+class GroupedExperts(Module):
+    @dataclass(kw_only=True)
+    class Config(Config):
+        activation: str = "silu"
+        gated: bool | None = None
+        use_bias: bool = False
+        backend: str = "auto"
+        routing_weight_on: str = "output"
+
+        def __post_init__(self) -> None:
+            o = "GroupedExperts.Config"
+            self.activation = canonical_activation(self.activation)
+            self.gated = resolve_gated(self.activation, self.gated, o)
+            check_choice(o, "backend", self.backend, BACKEND_NAMES)
+            check_choice(o, "routing_weight_on", self.routing_weight_on, ROUTING_WEIGHT_ON)
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        dim: int,
+        hidden_dim: int,
+        num_experts: int,
+        capacity_factor: float | None = None,
+        drop_policy: str = "position",
+    ):
+        super().__init__()
+        o = "GroupedExperts"
+        check_positive(o, "dim", dim)
+        check_positive(o, "hidden_dim", hidden_dim)
+        check_positive(o, "num_experts", num_experts)
+        if capacity_factor is not None:
+            check_positive(o, "capacity_factor", capacity_factor, integer=False)
+        check_choice(o, "drop_policy", drop_policy, DROP_POLICIES)
+        self.config = config
+        self.dim, self.hidden_dim, self.num_experts = dim, hidden_dim, num_experts
+        self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
+        self.activation, self.gated = config.activation, config.gated
+        up_rows = 2 * hidden_dim if self.gated else hidden_dim
+        self.up_name = "gate_up_proj" if self.gated else "up_proj"
+        self.register_parameter(self.up_name, nn.Parameter(torch.empty(num_experts, up_rows, dim)))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        if config.use_bias:
+            self.register_parameter(self.up_name + "_bias", nn.Parameter(torch.empty(num_experts, up_rows)))
+            self.down_proj_bias = nn.Parameter(torch.empty(num_experts, dim))
+        else:
+            self.register_parameter(self.up_name + "_bias", None)
+            self.down_proj_bias = None
+        self.last_plan: RoutingPlan | None = None
+        self.init_weights()
+
+    @property
+    def w_up(self) -> torch.Tensor:
+        """The up projection, whichever its name (``gate_up_proj`` or ``up_proj``)."""
+        return getattr(self, self.up_name)
+
+    @property
+    def b_up(self) -> torch.Tensor | None:
+        return getattr(self, self.up_name + "_bias")
+
+    def init_weights(self, init_std: float = 0.02, out_std: float | None = None) -> None:
+        """Up projection ~ N(0, 0.02) truncated; down ~ N(0, ``out_std``) (depth-scaled by the
+        parent when it knows the layer's depth; defaults to ``init_std``); biases zero."""
+        nn.init.trunc_normal_(self.w_up, mean=0.0, std=0.02)
+        nn.init.trunc_normal_(self.down_proj, mean=0.0, std=init_std if out_std is None else out_std)
+        for b in (self.b_up, self.down_proj_bias):
+            if b is not None:
+                nn.init.zeros_(b)
+
+    def make_plan(self, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> RoutingPlan:
+        return make_plan(
+            topk_ids_TK, self.num_experts, capacity_factor=self.capacity_factor,
+            drop_policy=self.drop_policy, topk_weights_TK=topk_weights_TK,
+        )
+
+    def forward(
+        self,
+        x_TD: torch.Tensor,
+        topk_ids_TK: torch.Tensor,
+        topk_weights_TK: torch.Tensor,
+        plan: RoutingPlan | None = None,
+    ) -> torch.Tensor:
+        if plan is None:
+            plan = self.make_plan(topk_ids_TK, topk_weights_TK)
+        self.last_plan = plan
+        return moe_experts(
+            x_TD, self.w_up, self.down_proj, topk_ids_TK, topk_weights_TK,
+            activation=self.activation, gate_up_proj_bias=self.b_up,
+            down_proj_bias=self.down_proj_bias, backend=self.config.backend,
+            weight_on_input=self.config.routing_weight_on == "input", plan=plan,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "
+            f"activation={self.activation}, gated={self.gated}, backend={self.config.backend}"
+        )
+
+
+def depth_scaled_std(init_std: float, layer_id: int) -> float:
+    """torchtitan's depth-scaled init for output projections: ``std / sqrt(2 (layer + 1))``."""
+    return init_std / math.sqrt(2 * (layer_id + 1))

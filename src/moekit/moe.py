@@ -1,0 +1,202 @@
+"""MoE: router -> routing plan -> grouped experts -> combine (+ shared experts).
+
+Nothing but the composition lives here; each stage is its own module with its own config.
+Legend: B batch, S sequence, T = B*S tokens, D model dim, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import balance
+from .config import Config, Module, check_choice, check_nonneg, check_positive
+from .experts import GroupedExperts, depth_scaled_std
+from .plan import DROP_POLICIES
+from .router import RouterOutput, TokenChoiceTopKRouter
+from .shared import SharedExperts
+
+__all__ = ["MoE"]
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass, e.g. when activation checkpointing
+    recomputes this layer's forward: statistics must not be counted twice then."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class MoE(Module):
+    """A Mixture-of-Experts layer. ``moe(x)`` maps [T, D] or [B, S, D] to the same shape.
+
+    Keyword inputs of ``forward``: ``input_ids`` (hash routing), ``token_mask`` (1/True for real
+    tokens, 0/False for padding: padding is excluded from the aux losses and the load counts,
+    and still gets an output), ``router_logits`` (precomputed [T, E] logits instead of the gate).
+
+    After a forward: ``last_router_output`` (the RouterOutput), ``aux_losses`` (the last values,
+    detached, of each active loss, already multiplied by its coefficient),
+    ``tokens_per_expert`` (float32 [E] buffer, accumulated across forwards until
+    ``update_expert_bias()`` or ``reset_load()``; not counted again when activation
+    checkpointing recomputes the forward).
+    """
+
+    @dataclass(kw_only=True)
+    class Config(Config):
+        dim: int
+        hidden_dim: int
+        num_experts: int
+        router: Config = field(default_factory=TokenChoiceTopKRouter.Config)
+        experts: GroupedExperts.Config = field(default_factory=GroupedExperts.Config)
+        shared_experts: SharedExperts.Config | None = None
+        capacity_factor: float | None = None
+        drop_policy: str = "position"
+        load_balance_coeff: float = 0.0
+        seq_aux_loss_coeff: float = 0.0
+        z_loss_coeff: float = 0.0
+        expert_bias_update_rate: float = 1e-3
+
+        def __post_init__(self) -> None:
+            o = "MoE.Config"
+            for name in ("dim", "hidden_dim", "num_experts"):
+                check_positive(o, name, getattr(self, name))
+            if not isinstance(self.router, Config):
+                raise TypeError(
+                    f"{o}.router must be a moekit Config (e.g. TokenChoiceTopKRouter.Config, or a "
+                    f"custom Config whose build(dim=, num_experts=) returns a router); got {type(self.router).__name__}"
+                )
+            if not isinstance(self.experts, GroupedExperts.Config):
+                raise TypeError(f"{o}.experts must be a GroupedExperts.Config, got {type(self.experts).__name__}")
+            if self.shared_experts is not None and not isinstance(self.shared_experts, SharedExperts.Config):
+                raise TypeError(
+                    f"{o}.shared_experts must be a SharedExperts.Config or None, got {type(self.shared_experts).__name__}"
+                )
+            if self.capacity_factor is not None:
+                check_positive(o, "capacity_factor", self.capacity_factor, integer=False)
+            check_choice(o, "drop_policy", self.drop_policy, DROP_POLICIES)
+            for name in ("load_balance_coeff", "seq_aux_loss_coeff", "z_loss_coeff"):
+                check_nonneg(o, name, getattr(self, name))
+            check_positive(o, "expert_bias_update_rate", self.expert_bias_update_rate, integer=False)
+            if isinstance(self.router, TokenChoiceTopKRouter.Config):
+                self.router.validate_for(self.num_experts)
+
+        @property
+        def top_k(self) -> int:
+            return self.router.top_k
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.dim, self.num_experts = config.dim, config.num_experts
+        self.router = config.router.build(dim=config.dim, num_experts=config.num_experts)
+        self.experts = config.experts.build(
+            dim=config.dim, hidden_dim=config.hidden_dim, num_experts=config.num_experts,
+            capacity_factor=config.capacity_factor, drop_policy=config.drop_policy,
+        )
+        self.shared_experts = (
+            config.shared_experts.build(dim=config.dim) if config.shared_experts is not None else None
+        )
+        self.register_buffer("tokens_per_expert", torch.zeros(config.num_experts), persistent=False)
+        self.aux_losses: dict[str, torch.Tensor] = {}
+        self.last_router_output: RouterOutput | None = None
+
+    def init_weights(self, init_std: float = 0.02, layer_id: int | None = None) -> None:
+        """Router and up projections ~ N(0, 0.02); output projections ~ N(0, std) with
+        ``std = init_std`` or, given ``layer_id``, torchtitan's depth scaling."""
+        out_std = init_std if layer_id is None else depth_scaled_std(init_std, layer_id)
+        self.router.init_weights(out_std)
+        self.experts.init_weights(init_std, out_std=out_std)
+        if self.shared_experts is not None:
+            self.shared_experts.init_weights(init_std, out_std=out_std)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        input_ids: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        router_logits: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if x.dim() not in (2, 3) or x.shape[-1] != self.dim:
+            raise ValueError(f"MoE input must be [T, {self.dim}] or [B, S, {self.dim}], got {tuple(x.shape)}")
+        shape = x.shape
+        x_TD = x.reshape(-1, self.dim)
+        T = x_TD.shape[0]
+        if token_mask is not None and token_mask.numel() != T:
+            raise ValueError(f"token_mask has {token_mask.numel()} entries; the input has {T} tokens")
+        if T == 0:
+            self.aux_losses = {}
+            return x.new_zeros(shape)
+
+        kwargs = {}
+        if router_logits is not None:
+            kwargs["logits"] = router_logits.reshape(T, -1)
+        if input_ids is not None:
+            kwargs["input_ids"] = input_ids
+        r = self.router(x_TD, **kwargs)
+        if not isinstance(r, RouterOutput):
+            raise TypeError(f"the router must return a RouterOutput, got {type(r).__name__}")
+        self.last_router_output = r
+        mask_T = None if token_mask is None else token_mask.reshape(-1)
+
+        if not _in_backward():
+            with torch.no_grad():
+                self.tokens_per_expert += balance.count_tokens_per_expert(
+                    r.topk_ids, self.num_experts, mask_T
+                ).to(self.tokens_per_expert.device)
+
+        y_TD = self.experts(x_TD, r.topk_ids, r.topk_weights)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        y_TD = self._attach_losses(y_TD, r, mask_T, shape)
+        return y_TD.reshape(shape)
+
+    def _attach_losses(self, y_TD, r: RouterOutput, mask_T, shape) -> torch.Tensor:
+        cfg = self.config
+        losses: dict[str, torch.Tensor] = {}
+        if self.training:
+            if cfg.load_balance_coeff > 0:
+                losses["load_balance"] = cfg.load_balance_coeff * balance.switch_aux_loss(
+                    r.scores, r.topk_ids, mask_T
+                )
+            if cfg.seq_aux_loss_coeff > 0:
+                B, S = (shape[0], shape[1]) if len(shape) == 3 else (1, shape[0])
+                K = r.topk_ids.shape[1]
+                losses["seq_aux"] = cfg.seq_aux_loss_coeff * balance.sequence_aux_loss(
+                    r.scores.view(B, S, -1), r.topk_ids.view(B, S, K),
+                    None if mask_T is None else mask_T.view(B, S),
+                )
+            if cfg.z_loss_coeff > 0:
+                losses["z_loss"] = cfg.z_loss_coeff * balance.z_loss(r.logits, mask_T)
+        self.aux_losses = {k: v.detach() for k, v in losses.items()}
+        if losses:
+            y_TD = balance.attach_aux_loss(y_TD, sum(losses.values()))
+        return y_TD
+
+    # ------------------------------------------------------------ balancing
+    @torch.no_grad()
+    def update_expert_bias(self, group=None) -> torch.Tensor:
+        """Aux-loss-free balancing step (DeepSeek-V3): ``expert_bias += rate *
+        sign(mean_load - load)`` from the counts accumulated since the last step (summed over
+        ``group``, a data-parallel process group, when given); then reset the counts.
+        Returns the change applied."""
+        bias = getattr(self.router, "expert_bias", None)
+        if bias is None:
+            raise ValueError(
+                "update_expert_bias() needs router.expert_bias: build the router with use_expert_bias=True"
+            )
+        counts = self.tokens_per_expert.clone()
+        if group is not None:
+            torch.distributed.all_reduce(counts, group=group)
+        delta = balance.expert_bias_update(counts, self.config.expert_bias_update_rate)
+        bias.add_(delta.to(bias.device, bias.dtype))
+        self.reset_load()
+        return delta
+
+    def load_stats(self) -> dict:
+        """Load since the last reset: tokens per expert, max/mean, min/mean, cv, dead experts."""
+        return balance.load_stats(self.tokens_per_expert)
+
+    @torch.no_grad()
+    def reset_load(self) -> None:
+        self.tokens_per_expert.zero_()

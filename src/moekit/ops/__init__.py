@@ -1,0 +1,27 @@
+"""Functional experts: backends, stages (permute / up / down / combine) and ``moe_experts``."""
+
+from .api import (
+    BACKEND_NAMES,
+    Backend,
+    available_backends,
+    expert_down,
+    expert_up,
+    moe_experts,
+    register_backend,
+    resolve_backend,
+)
+from .stages import permute, row_weights, unpermute
+
+__all__ = [
+    "BACKEND_NAMES",
+    "Backend",
+    "available_backends",
+    "expert_down",
+    "expert_up",
+    "moe_experts",
+    "permute",
+    "register_backend",
+    "resolve_backend",
+    "row_weights",
+    "unpermute",
+]

@@ -1,0 +1,157 @@
+"""RoutingPlan: the one description of where every routed row goes, computed once.
+
+Legend: T tokens, K top-k, E experts, N = number of kept routed rows (T*K minus drops).
+A routed row is a (token, k) "slot", numbered ``slot = t * K + k``.
+
+The plan sorts slots by expert (stably, so within an expert rows keep token order), gives
+per-expert counts and offsets (int32, as grouped GEMMs want them), the inverse permutation
+(slot -> row, or -1 when the slot was dropped by capacity), and optionally a padded layout
+where every expert's rows start at a multiple of ``pad_to_multiple`` (for kernels that want
+aligned groups).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["RoutingPlan", "make_plan", "capacity_for", "DROP_POLICIES"]
+
+DROP_POLICIES = ("position", "weight")
+_INT32_MAX = 2**31 - 1
+
+
+@dataclass
+class RoutingPlan:
+    num_tokens: int
+    top_k: int
+    num_experts: int
+    sorted_slots_N: torch.Tensor  # int64 [N]: slot id (t*K+k) of each row, in expert order
+    token_ids_N: torch.Tensor  # int64 [N]: token of each row (sorted_slots_N // K)
+    expert_ids_N: torch.Tensor  # int64 [N]: expert of each row (non-decreasing)
+    counts_E: torch.Tensor  # int32 [E]: kept rows per expert
+    offsets_E: torch.Tensor  # int32 [E]: end offset of each expert's rows (cumsum of counts)
+    inverse_TK: torch.Tensor  # int64 [T, K]: row of each slot, -1 if dropped
+    num_dropped: torch.Tensor  # int64 []: slots dropped by capacity (0 when dropless)
+    capacity: int | None = None  # rows each expert keeps at most; None when dropless
+    pad_to_multiple: int = 1
+    padded_rows_N: torch.Tensor | None = None  # int64 [N]: row position in the padded layout
+    padded_offsets_E: torch.Tensor | None = None  # int32 [E]: end offsets, padded layout
+    num_padded_rows: int | None = None  # upper bound on padded rows (static: N + E*(m-1))
+
+    @property
+    def num_rows(self) -> int:
+        return self.sorted_slots_N.shape[0]
+
+    @property
+    def starts_E(self) -> torch.Tensor:
+        return self.offsets_E - self.counts_E
+
+    @property
+    def kept_TK(self) -> torch.Tensor:
+        return self.inverse_TK >= 0
+
+    @property
+    def dropless(self) -> bool:
+        return self.capacity is None
+
+
+def capacity_for(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """Rows each expert may keep: ``ceil(capacity_factor * T * K / E)``."""
+    return int(math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+
+
+def make_plan(
+    topk_ids_TK: torch.Tensor,
+    num_experts: int,
+    *,
+    capacity_factor: float | None = None,
+    drop_policy: str = "position",
+    topk_weights_TK: torch.Tensor | None = None,
+    pad_to_multiple: int = 1,
+) -> RoutingPlan:
+    """Build the plan for ``topk_ids_TK`` ([T, K] expert ids in [0, E)).
+
+    ``capacity_factor=None`` is dropless. Otherwise each expert keeps at most
+    ``capacity_for(T, K, E, capacity_factor)`` rows; with ``drop_policy="position"`` the earliest
+    tokens are kept (GShard), with ``"weight"`` the rows of highest routing weight (needs
+    ``topk_weights_TK``). Dropped slots get zero expert output.
+    """
+    if topk_ids_TK.dim() != 2:
+        raise ValueError(f"topk_ids must be [T, K], got shape {tuple(topk_ids_TK.shape)}")
+    if topk_ids_TK.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids_TK.dtype}")
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0:
+        raise ValueError(f"num_experts={num_experts!r}; it must be a positive integer")
+    if not isinstance(pad_to_multiple, int) or pad_to_multiple < 1:
+        raise ValueError(f"pad_to_multiple={pad_to_multiple!r}; it must be an integer >= 1")
+    if drop_policy not in DROP_POLICIES:
+        raise ValueError(f"drop_policy={drop_policy!r} is unknown; allowed: {DROP_POLICIES}")
+    T, K = topk_ids_TK.shape
+    if T * K + num_experts * pad_to_multiple > _INT32_MAX:
+        raise ValueError(
+            f"T*K={T * K} routed rows overflow the int32 offsets grouped GEMMs use; "
+            "split the batch into chunks of fewer tokens"
+        )
+    device = topk_ids_TK.device
+    flat = topk_ids_TK.reshape(-1).to(torch.int64)
+    if not torch.compiler.is_compiling() and flat.numel() > 0:
+        lo, hi = int(flat.min()), int(flat.max())
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"topk_ids must lie in [0, {num_experts}); found values in [{lo}, {hi}]")
+
+    if capacity_factor is not None and drop_policy == "weight":
+        if topk_weights_TK is None or topk_weights_TK.shape != topk_ids_TK.shape:
+            raise ValueError('drop_policy="weight" needs topk_weights of the same shape as topk_ids')
+        # sort by expert, then by descending weight within each expert (stable)
+        by_weight = torch.argsort(-topk_weights_TK.reshape(-1).float(), stable=True)
+        order = by_weight[torch.argsort(flat[by_weight], stable=True)]
+    else:
+        order = torch.argsort(flat, stable=True)
+    sorted_experts = flat[order]
+    counts_all = torch.bincount(flat, minlength=num_experts)
+
+    capacity = None
+    if capacity_factor is None:
+        keep_sorted = None
+        counts = counts_all
+    else:
+        if not (isinstance(capacity_factor, (int, float)) and capacity_factor > 0):
+            raise ValueError(f"capacity_factor={capacity_factor!r}; it must be > 0 (or None)")
+        capacity = capacity_for(T, K, num_experts, capacity_factor)
+        starts_all = torch.cumsum(counts_all, 0) - counts_all
+        rank = torch.arange(flat.numel(), device=device) - starts_all[sorted_experts]
+        keep_sorted = rank < capacity
+        order = order[keep_sorted]
+        sorted_experts = sorted_experts[keep_sorted]
+        counts = counts_all.clamp(max=capacity)
+
+    N = order.numel()
+    inverse = torch.full((T * K,), -1, dtype=torch.int64, device=device)
+    inverse[order] = torch.arange(N, dtype=torch.int64, device=device)
+    offsets = torch.cumsum(counts, 0)
+    plan = RoutingPlan(
+        num_tokens=T,
+        top_k=K,
+        num_experts=num_experts,
+        sorted_slots_N=order,
+        token_ids_N=torch.div(order, K, rounding_mode="floor") if K > 0 else order,
+        expert_ids_N=sorted_experts,
+        counts_E=counts.to(torch.int32),
+        offsets_E=offsets.to(torch.int32),
+        inverse_TK=inverse.view(T, K),
+        num_dropped=(T * K - counts.sum()).to(torch.int64),
+        capacity=capacity,
+        pad_to_multiple=pad_to_multiple,
+    )
+    if pad_to_multiple > 1:
+        padded_counts = (counts + pad_to_multiple - 1) // pad_to_multiple * pad_to_multiple
+        padded_offsets = torch.cumsum(padded_counts, 0)
+        padded_starts = padded_offsets - padded_counts
+        row_rank = torch.arange(N, device=device) - (offsets - counts)[sorted_experts]
+        plan.padded_rows_N = padded_starts[sorted_experts] + row_rank
+        plan.padded_offsets_E = padded_offsets.to(torch.int32)
+        plan.num_padded_rows = N + num_experts * (pad_to_multiple - 1)
+    return plan

@@ -1,0 +1,271 @@
+"""Token-choice top-k routing: TokenChoiceTopKRouter and RouterOutput.
+
+The router only decides which experts each token goes to and with what weight; it never
+touches expert weights. Legend: T tokens, D model dim, E experts, K top-k, G expert groups.
+
+Routing orders
+--------------
+* score-then-topk (DeepSeek-V3, Qwen3, Qwen2, Mixtral, OLMoE): ``scores = score_func(logits)``
+  over all experts; the experts are *selected* on ``scores + expert_bias`` (the aux-loss-free
+  bias only changes which experts are picked); with group-limited routing each of the G groups
+  is scored by the sum of its top-2 biased scores and only ``num_limited_groups`` groups stay
+  eligible. The *weights* are the unbiased scores of the picked experts.
+* topk-then-score (GPT-OSS, Llama 4): select the top-k of the logits (the router bias, if any,
+  is part of the gate Linear); the weights are then ``softmax`` over the k picked logits
+  (GPT-OSS) or their ``sigmoid`` (Llama 4).
+* hash (Hash Layers): a fixed table maps each token id to K experts; ``forward`` needs
+  ``input_ids``. ``hash_weights="uniform"`` gives every pick weight ``1/K``; ``"scores"`` takes
+  ``score_func(logits)`` at the picked experts (so the gate still learns).
+
+Then, in every order: ``route_norm`` divides the picked weights by their sum (+1e-20) — with
+``top_k=1`` and softmax/sigmoid weights this makes every weight 1 (allowed, and sometimes
+what a model does) — and the weights are multiplied by ``route_scale``.
+
+``router_dtype`` (default float32) is the dtype of the gate matmul and of all routing math,
+whatever the input dtype. ``router_dtype=None`` runs the gate matmul in the input dtype and
+the scoring in float32 (what Hugging Face models do; use it for bit-parity with them).
+``force_load_balance`` (debug) replaces the selection by a round-robin assignment, keeping
+the weights computed as the routing order prescribes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config, Module, check_choice, check_nonneg, check_positive
+
+__all__ = ["RouterOutput", "TokenChoiceTopKRouter"]
+
+SCORE_FUNCS = ("softmax", "sigmoid")
+ROUTINGS = ("learned", "hash")
+HASH_WEIGHTS = ("uniform", "scores")
+GROUP_SCORES = ("top2_sum", "max")
+
+
+@dataclass
+class RouterOutput:
+    """What a router returns. Any module returning this can stand in for the router."""
+
+    topk_ids: torch.Tensor  # int64 [T, K]
+    topk_weights: torch.Tensor  # [T, K], router dtype (float32 by default)
+    scores: torch.Tensor  # [T, E] score_func(logits), float32
+    logits: torch.Tensor  # [T, E]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.topk_ids.shape[0]
+
+
+def _round_robin_ids(T: int, K: int, E: int, device: torch.device) -> torch.Tensor:
+    """Each token gets K distinct experts and every expert the same load (within one)."""
+    base = torch.arange(T, device=device).unsqueeze(1) * K + torch.arange(K, device=device)
+    return base % E
+
+
+class TokenChoiceTopKRouter(Module):
+    @dataclass(kw_only=True)
+    class Config(Config):
+        top_k: int = 1
+        score_func: str = "softmax"
+        route_norm: bool = False
+        route_scale: float = 1.0
+        topk_before_score: bool = False
+        use_router_bias: bool = False
+        use_expert_bias: bool = False
+        num_expert_groups: int | None = None
+        num_limited_groups: int | None = None
+        group_score: str = "top2_sum"
+        router_dtype: torch.dtype | None = torch.float32
+        force_load_balance: bool = False
+        routing: str = "learned"
+        hash_vocab_size: int | None = None
+        hash_weights: str = "uniform"
+        hash_seed: int = 0
+
+        def __post_init__(self) -> None:
+            o = "TokenChoiceTopKRouter.Config"
+            check_positive(o, "top_k", self.top_k)
+            check_choice(o, "score_func", self.score_func, SCORE_FUNCS)
+            check_choice(o, "routing", self.routing, ROUTINGS)
+            check_choice(o, "hash_weights", self.hash_weights, HASH_WEIGHTS)
+            check_choice(o, "group_score", self.group_score, GROUP_SCORES)
+            check_nonneg(o, "route_scale", self.route_scale)
+            check_choice(
+                o, "router_dtype", self.router_dtype,
+                (None, torch.float32, torch.float64, torch.bfloat16, torch.float16),
+            )
+            g, lg = self.num_expert_groups, self.num_limited_groups
+            if (g is None) != (lg is None):
+                raise ValueError(
+                    f"{o}: num_expert_groups={g} and num_limited_groups={lg} must be set together "
+                    "(group-limited routing) or both left None"
+                )
+            if g is not None:
+                check_positive(o, "num_expert_groups", g)
+                check_positive(o, "num_limited_groups", lg)
+                if lg > g:
+                    raise ValueError(
+                        f"{o}: num_limited_groups={lg} > num_expert_groups={g}; it must be in [1, {g}]"
+                    )
+                if self.topk_before_score:
+                    raise ValueError(
+                        f"{o}: topk_before_score=True cannot be combined with group-limited routing "
+                        "(num_expert_groups); group limits are defined on scores"
+                    )
+            if self.routing == "hash":
+                if self.hash_vocab_size is None:
+                    raise ValueError(f"{o}: routing='hash' needs hash_vocab_size (the token vocabulary size)")
+                check_positive(o, "hash_vocab_size", self.hash_vocab_size)
+                if g is not None or self.topk_before_score:
+                    raise ValueError(f"{o}: routing='hash' takes no groups and no topk_before_score")
+
+        def validate_for(self, num_experts: int) -> None:
+            o = "TokenChoiceTopKRouter.Config"
+            if self.top_k > num_experts:
+                raise ValueError(f"{o}: top_k={self.top_k} > num_experts={num_experts}; it must be in [1, {num_experts}]")
+            g = self.num_expert_groups
+            if g is not None:
+                if num_experts % g:
+                    raise ValueError(
+                        f"{o}: num_experts={num_experts} is not divisible by num_expert_groups={g}"
+                    )
+                per_group = num_experts // g
+                if self.group_score == "top2_sum" and per_group < 2:
+                    raise ValueError(
+                        f"{o}: group_score='top2_sum' needs >= 2 experts per group; got {per_group}"
+                    )
+                if self.top_k > self.num_limited_groups * per_group:
+                    raise ValueError(
+                        f"{o}: top_k={self.top_k} exceeds the {self.num_limited_groups} kept groups "
+                        f"x {per_group} experts = {self.num_limited_groups * per_group} eligible experts"
+                    )
+
+    def __init__(self, config: Config, *, dim: int, num_experts: int):
+        super().__init__()
+        check_positive("TokenChoiceTopKRouter", "dim", dim)
+        check_positive("TokenChoiceTopKRouter", "num_experts", num_experts)
+        config.validate_for(num_experts)
+        self.config = config
+        self.dim, self.num_experts, self.top_k = dim, num_experts, config.top_k
+        self.gate = nn.Linear(dim, num_experts, bias=config.use_router_bias)
+        if config.use_expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        else:
+            self.expert_bias = None
+        if config.routing == "hash":
+            self.register_buffer("hash_table", self._make_hash_table(), persistent=True)
+        else:
+            self.hash_table = None
+
+    def _make_hash_table(self) -> torch.Tensor:
+        """[vocab, K] distinct experts per token id, balanced, fixed by ``hash_seed``."""
+        cfg = self.config
+        g = torch.Generator().manual_seed(cfg.hash_seed)
+        V, K, E = cfg.hash_vocab_size, self.top_k, self.num_experts
+        # K consecutive positions of a fixed random permutation of the experts, from a random
+        # start per token id: the K picks are distinct and every expert equally likely
+        first = torch.randint(0, E, (V, 1), generator=g)
+        perm = torch.randperm(E, generator=g)
+        pos = (first + torch.arange(K)) % E
+        return perm[pos]
+
+    def init_weights(self, init_std: float = 0.02) -> None:
+        nn.init.trunc_normal_(self.gate.weight, mean=0.0, std=init_std)
+        if self.gate.bias is not None:
+            nn.init.zeros_(self.gate.bias)
+        if self.expert_bias is not None:
+            self.expert_bias.zero_()
+
+    def _score(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.config.score_func == "softmax":
+            return torch.softmax(logits, dim=-1)
+        return torch.sigmoid(logits)
+
+    def compute_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        dt = self.config.router_dtype
+        if dt is None:
+            return self.gate(x_TD)
+        w = self.gate.weight.to(dt)
+        b = None if self.gate.bias is None else self.gate.bias.to(dt)
+        return F.linear(x_TD.to(dt), w, b)
+
+    def _group_mask(self, choice_TE: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        T, E = choice_TE.shape
+        G = cfg.num_expert_groups
+        grouped = choice_TE.view(T, G, E // G)
+        if cfg.group_score == "top2_sum":
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+        else:
+            group_scores = grouped.amax(dim=-1)
+        keep = group_scores.topk(cfg.num_limited_groups, dim=-1).indices  # [T, G']
+        mask = torch.ones(T, G, dtype=torch.bool, device=choice_TE.device)
+        mask.scatter_(1, keep, False)
+        return choice_TE.masked_fill(mask.repeat_interleave(E // G, dim=1), float("-inf"))
+
+    def forward(
+        self,
+        x_TD: torch.Tensor | None = None,
+        *,
+        logits: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+    ) -> RouterOutput:
+        """Route ``x_TD`` ([T, D]), or precomputed ``logits`` ([T, E]) when given."""
+        cfg = self.config
+        if logits is None:
+            if x_TD is None:
+                raise ValueError("router needs x_TD or precomputed logits")
+            if x_TD.dim() != 2 or x_TD.shape[-1] != self.dim:
+                raise ValueError(f"router input must be [T, {self.dim}], got {tuple(x_TD.shape)}")
+            logits = self.compute_logits(x_TD)
+        elif logits.dim() != 2 or logits.shape[-1] != self.num_experts:
+            raise ValueError(f"logits must be [T, {self.num_experts}], got {tuple(logits.shape)}")
+        work_dt = cfg.router_dtype if cfg.router_dtype in (torch.float32, torch.float64) else torch.float32
+        logits_w = logits.to(work_dt)
+        T, K, E = logits.shape[0], self.top_k, self.num_experts
+        scores = self._score(logits_w)
+
+        if cfg.routing == "hash":
+            if input_ids is None:
+                raise ValueError("routing='hash' needs input_ids (the token ids), shape [T] or [B, S]")
+            ids = input_ids.reshape(-1)
+            if ids.shape[0] != T:
+                raise ValueError(f"input_ids has {ids.shape[0]} tokens, the input has {T}")
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= cfg.hash_vocab_size):
+                raise ValueError(f"input_ids must lie in [0, {cfg.hash_vocab_size}) (hash_vocab_size)")
+            topk_ids = self.hash_table[ids.to(torch.int64)]
+            if cfg.hash_weights == "uniform":
+                weights = torch.full((T, K), 1.0 / K, dtype=work_dt, device=logits.device)
+            else:
+                weights = scores.gather(1, topk_ids)
+        elif cfg.topk_before_score:
+            if cfg.force_load_balance:
+                topk_ids = _round_robin_ids(T, K, E, logits.device)
+            else:
+                topk_ids = logits_w.topk(K, dim=-1).indices
+            picked = logits_w.gather(1, topk_ids)
+            if cfg.score_func == "softmax":
+                weights = torch.softmax(picked, dim=-1)
+            else:
+                weights = torch.sigmoid(picked)
+        else:
+            choice = scores
+            if self.expert_bias is not None:
+                choice = choice + self.expert_bias.to(work_dt)
+            if cfg.num_expert_groups is not None:
+                choice = self._group_mask(choice)
+            if cfg.force_load_balance:
+                topk_ids = _round_robin_ids(T, K, E, logits.device)
+            else:
+                topk_ids = choice.topk(K, dim=-1).indices
+            weights = scores.gather(1, topk_ids)
+
+        if cfg.route_norm:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        if cfg.route_scale != 1.0:
+            weights = weights * cfg.route_scale
+        return RouterOutput(topk_ids=topk_ids, topk_weights=weights, scores=scores, logits=logits)

@@ -1,0 +1,59 @@
+"""SharedExperts: a dense MLP every token goes through, added to the routed output.
+
+``gate_proj``/``up_proj``/``down_proj`` are ``nn.Linear`` (no bias); a non-gated activation
+has no ``gate_proj``. With ``use_gate`` a Linear ``expert_gate`` (D -> 1) scales the output by
+``sigmoid(expert_gate(x))`` per token (Qwen2-MoE's shared expert gate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .activations import canonical_activation, get_activation, resolve_gated
+from .config import Config, Module, check_positive
+
+__all__ = ["SharedExperts"]
+
+
+class SharedExperts(Module):
+    @dataclass(kw_only=True)
+    class Config(Config):
+        hidden_dim: int
+        activation: str = "silu"
+        gated: bool | None = None
+        use_gate: bool = False
+
+        def __post_init__(self) -> None:
+            o = "SharedExperts.Config"
+            check_positive(o, "hidden_dim", self.hidden_dim)
+            self.activation = canonical_activation(self.activation)
+            self.gated = resolve_gated(self.activation, self.gated, o)
+
+    def __init__(self, config: Config, *, dim: int):
+        super().__init__()
+        check_positive("SharedExperts", "dim", dim)
+        self.config = config
+        self.dim, self.hidden_dim = dim, config.hidden_dim
+        self._act = get_activation(config.activation)
+        self.gate_proj = nn.Linear(dim, config.hidden_dim, bias=False) if config.gated else None
+        self.up_proj = nn.Linear(dim, config.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(config.hidden_dim, dim, bias=False)
+        self.expert_gate = nn.Linear(dim, 1, bias=False) if config.use_gate else None
+        self.init_weights()
+
+    def init_weights(self, init_std: float = 0.02, out_std: float | None = None) -> None:
+        for lin in (self.gate_proj, self.up_proj, self.expert_gate):
+            if lin is not None:
+                nn.init.trunc_normal_(lin.weight, mean=0.0, std=0.02)
+        nn.init.trunc_normal_(self.down_proj.weight, mean=0.0, std=init_std if out_std is None else out_std)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        up = self.up_proj(x_TD)
+        h = self._act.gated(self.gate_proj(x_TD), up) if self.gate_proj is not None else self._act.unary(up)
+        y = self.down_proj(h)
+        if self.expert_gate is not None:
+            y = torch.sigmoid(self.expert_gate(x_TD)) * y
+        return y
