@@ -44,7 +44,12 @@ class GroupedExperts(Module):
         def __post_init__(self) -> None:
             o = "GroupedExperts.Config"
             self.activation = canonical_activation(self.activation)
-            self.gated = resolve_gated(self.activation, self.gated, o)
+            resolve_gated(self.activation, self.gated, o)  # validates the pairing
+
+        @property
+        def is_gated(self) -> bool:
+            """Whether the experts are gated (``gated=None`` means the activation's default)."""
+            return resolve_gated(self.activation, self.gated)
             check_choice(o, "backend", self.backend, BACKEND_NAMES)
             check_choice(o, "routing_weight_on", self.routing_weight_on, ROUTING_WEIGHT_ON)
 
@@ -69,7 +74,7 @@ class GroupedExperts(Module):
         self.config = config
         self.dim, self.hidden_dim, self.num_experts = dim, hidden_dim, num_experts
         self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
-        self.activation, self.gated = config.activation, config.gated
+        self.activation, self.gated = config.activation, config.is_gated
         up_rows = 2 * hidden_dim if self.gated else hidden_dim
         self.up_name = "gate_up_proj" if self.gated else "up_proj"
         self.register_parameter(self.up_name, nn.Parameter(torch.empty(num_experts, up_rows, dim)))

@@ -139,7 +139,7 @@ class PresetSizes:
 def preset_sizes(cfg: MoE.Config) -> PresetSizes:
     """Parameter counts and FLOPs of one layer, from the config alone (nothing built)."""
     D, F, E, K = cfg.dim, cfg.hidden_dim, cfg.num_experts, cfg.top_k
-    up_rows = 2 * F if cfg.experts.gated else F
+    up_rows = 2 * F if cfg.experts.is_gated else F
     per_expert = up_rows * D + D * F
     if cfg.experts.use_bias:
         per_expert += up_rows + D
@@ -147,7 +147,7 @@ def preset_sizes(cfg: MoE.Config) -> PresetSizes:
     shared = 0
     if cfg.shared_experts is not None:
         s = cfg.shared_experts
-        shared = (3 if s.gated else 2) * D * s.hidden_dim + (D if s.use_gate else 0)
+        shared = (3 if s.is_gated else 2) * D * s.hidden_dim + (D if s.use_gate else 0)
     active = router + K * per_expert + shared
     return PresetSizes(router + E * per_expert + shared, active, 2 * active)
 

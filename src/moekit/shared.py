@@ -30,7 +30,12 @@ class SharedExperts(Module):
             o = "SharedExperts.Config"
             check_positive(o, "hidden_dim", self.hidden_dim)
             self.activation = canonical_activation(self.activation)
-            self.gated = resolve_gated(self.activation, self.gated, o)
+            resolve_gated(self.activation, self.gated, o)  # validates the pairing
+
+        @property
+        def is_gated(self) -> bool:
+            """Whether the experts are gated (``gated=None`` means the activation's default)."""
+            return resolve_gated(self.activation, self.gated)
 
     def __init__(self, config: Config, *, dim: int):
         super().__init__()
@@ -38,7 +43,7 @@ class SharedExperts(Module):
         self.config = config
         self.dim, self.hidden_dim = dim, config.hidden_dim
         self._act = get_activation(config.activation)
-        self.gate_proj = nn.Linear(dim, config.hidden_dim, bias=False) if config.gated else None
+        self.gate_proj = nn.Linear(dim, config.hidden_dim, bias=False) if config.is_gated else None
         self.up_proj = nn.Linear(dim, config.hidden_dim, bias=False)
         self.down_proj = nn.Linear(config.hidden_dim, dim, bias=False)
         self.expert_gate = nn.Linear(dim, 1, bias=False) if config.use_gate else None
