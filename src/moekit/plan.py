@@ -97,10 +97,17 @@ def make_plan(
         )
     device = topk_ids_TK.device
     flat = topk_ids_TK.reshape(-1).to(torch.int64)
-    if not torch.compiler.is_compiling() and flat.numel() > 0:
-        lo, hi = int(flat.min()), int(flat.max())
-        if lo < 0 or hi >= num_experts:
-            raise ValueError(f"topk_ids must lie in [0, {num_experts}); found values in [{lo}, {hi}]")
+    if flat.numel() > 0 and not torch.compiler.is_compiling():
+        if flat.device.type == "cpu":
+            lo, hi = int(flat.min()), int(flat.max())
+            if lo < 0 or hi >= num_experts:
+                raise ValueError(
+                    f"topk_ids must lie in [0, {num_experts}); found values in [{lo}, {hi}]"
+                )
+        else:  # no host sync on accelerators: a device-side check
+            torch._assert_async(
+                (flat.min() >= 0) & (flat.max() < num_experts), "topk_ids out of [0, num_experts)"
+            )
 
     if capacity_factor is not None and drop_policy == "weight":
         if topk_weights_TK is None or topk_weights_TK.shape != topk_ids_TK.shape:

@@ -109,9 +109,11 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Back
 
 
 def _staged(backend: Backend) -> Backend:
+    """A backend that has the per-stage ``grouped_linear`` (a fused-only backend's stages run
+    on grouped_mm)."""
     if backend.grouped_linear is not None:
         return backend
-    return _BACKENDS["grouped_mm"] if _BACKENDS["grouped_mm"].grouped_linear else _BACKENDS["loop"]
+    return _BACKENDS["grouped_mm"]
 
 
 def expert_up(
