@@ -22,7 +22,11 @@ __all__ = ["MoE"]
 
 def _in_backward() -> bool:
     """True while autograd runs a backward pass, e.g. when activation checkpointing
-    recomputes this layer's forward: statistics must not be counted twice then."""
+    recomputes this layer's forward: statistics must not be counted twice then. (Under
+    torch.compile the check is not traceable; compiled activation checkpointing recomputes
+    inside the compiled backward graph, where this Python code does not run.)"""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 

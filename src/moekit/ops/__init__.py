@@ -1,6 +1,7 @@
 """Functional experts: backends, stages (permute / up / down / combine) and ``moe_experts``."""
 
 from .api import (
+    _ensure_optional_backends,
     BACKEND_NAMES,
     Backend,
     available_backends,
@@ -11,6 +12,8 @@ from .api import (
     resolve_backend,
 )
 from .stages import permute, row_weights, unpermute
+
+_ensure_optional_backends()  # load optional backends now, not inside a traced forward
 
 __all__ = [
     "BACKEND_NAMES",

@@ -72,11 +72,18 @@ def register_backend(backend: Backend) -> None:
 
 
 def _ensure_optional_backends() -> None:
-    if "triton" not in _BACKENDS:
-        try:  # the triton backend registers itself on import
-            from . import triton as _triton  # noqa: F401
-        except ImportError:
-            pass
+    """Import the optional backends once (the triton backend registers itself on import)."""
+    global _OPTIONAL_LOADED
+    if _OPTIONAL_LOADED:
+        return
+    _OPTIONAL_LOADED = True
+    try:
+        from . import triton as _triton  # noqa: F401
+    except ImportError:
+        pass
+
+
+_OPTIONAL_LOADED = False
 
 
 def available_backends(device: torch.device, dtype: torch.dtype = torch.float32) -> list[str]:
