@@ -45,13 +45,13 @@ class GroupedExperts(Module):
             o = "GroupedExperts.Config"
             self.activation = canonical_activation(self.activation)
             resolve_gated(self.activation, self.gated, o)  # validates the pairing
+            check_choice(o, "backend", self.backend, BACKEND_NAMES)
+            check_choice(o, "routing_weight_on", self.routing_weight_on, ROUTING_WEIGHT_ON)
 
         @property
         def is_gated(self) -> bool:
             """Whether the experts are gated (``gated=None`` means the activation's default)."""
             return resolve_gated(self.activation, self.gated)
-            check_choice(o, "backend", self.backend, BACKEND_NAMES)
-            check_choice(o, "routing_weight_on", self.routing_weight_on, ROUTING_WEIGHT_ON)
 
     def __init__(
         self,
@@ -98,13 +98,22 @@ class GroupedExperts(Module):
         return getattr(self, self.up_name + "_bias")
 
     def init_weights(self, init_std: float = 0.02, out_std: float | None = None) -> None:
-        """Up projection ~ N(0, 0.02) truncated; down ~ N(0, ``out_std``) (depth-scaled by the
-        parent when it knows the layer's depth; defaults to ``init_std``); biases zero."""
-        nn.init.trunc_normal_(self.w_up, mean=0.0, std=0.02)
-        nn.init.trunc_normal_(self.down_proj, mean=0.0, std=init_std if out_std is None else out_std)
-        for b in (self.b_up, self.down_proj_bias):
-            if b is not None:
-                nn.init.zeros_(b)
+        """As torchtitan: the gate rows (or a non-gated up projection) ~ N(0, 0.02) truncated;
+        the up rows of a gated projection and the down projection ~ N(0, ``out_std``)
+        (depth-scaled by the parent when it knows the layer's depth; defaults to
+        ``init_std``); biases zero."""
+        std = init_std if out_std is None else out_std
+        with torch.no_grad():
+            if self.gated:
+                F = self.hidden_dim
+                nn.init.trunc_normal_(self.w_up[:, :F], mean=0.0, std=0.02)
+                nn.init.trunc_normal_(self.w_up[:, F:], mean=0.0, std=std)
+            else:
+                nn.init.trunc_normal_(self.w_up, mean=0.0, std=0.02)
+            nn.init.trunc_normal_(self.down_proj, mean=0.0, std=std)
+            for b in (self.b_up, self.down_proj_bias):
+                if b is not None:
+                    nn.init.zeros_(b)
 
     def make_plan(self, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> RoutingPlan:
         return make_plan(

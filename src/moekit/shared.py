@@ -50,10 +50,17 @@ class SharedExperts(Module):
         self.init_weights()
 
     def init_weights(self, init_std: float = 0.02, out_std: float | None = None) -> None:
-        for lin in (self.gate_proj, self.up_proj, self.expert_gate):
+        """As torchtitan's FeedForward: the first projection (gate, or up when non-gated) and the
+        expert gate ~ N(0, 0.02); the up projection of a gated MLP and the down projection
+        ~ N(0, ``out_std``) (defaults to ``init_std``)."""
+        std = init_std if out_std is None else out_std
+        first = self.gate_proj if self.gate_proj is not None else self.up_proj
+        for lin in (first, self.expert_gate):
             if lin is not None:
                 nn.init.trunc_normal_(lin.weight, mean=0.0, std=0.02)
-        nn.init.trunc_normal_(self.down_proj.weight, mean=0.0, std=init_std if out_std is None else out_std)
+        if self.gate_proj is not None:
+            nn.init.trunc_normal_(self.up_proj.weight, mean=0.0, std=std)
+        nn.init.trunc_normal_(self.down_proj.weight, mean=0.0, std=std)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         up = self.up_proj(x_TD)

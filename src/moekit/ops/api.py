@@ -58,7 +58,10 @@ _BACKENDS: dict[str, Backend] = {
         "grouped_mm",
         lambda device, dtype: grouped_mm_available(device, dtype),
         grouped_linear=_linear_mm,
-        why_unavailable="torch grouped_mm needs torch>=2.8 and a CPU or a CUDA GPU with SM>=80",
+        why_unavailable=(
+            "torch grouped_mm runs float32/bfloat16/float16 on CPU and bfloat16 on CUDA GPUs with "
+            "SM>=80; use backend='loop' (or 'triton') otherwise"
+        ),
     ),
 }
 # "auto" tries these in order

@@ -1,0 +1,438 @@
+"""The ``@triton.jit`` kernels of the fused experts (the bottom layer: no shape checks here).
+
+Legend: T tokens, D model dim, F expert hidden dim, H = 2F (gated) or F, E experts, K top-k,
+N routed rows in expert order (the RoutingPlan's rows).
+
+Row tiles follow the plan's sorted-by-expert layout: program ``m`` of a grouped GEMM finds its
+expert by a binary search over ``tile_cum_E`` (the running count of ``ceil(count_e / BLOCK_M)``
+tiles) and covers rows ``[start_e + local * BLOCK_M, ...)`` of that expert only, so a tile never
+mixes experts and an expert's weights are read once per row tile (once in all for decode, where
+an expert's rows fit one tile). Programs past the last real tile exit at once (the grid is a
+static upper bound so that no host sync is needed).
+
+All row/token offsets are widened to int64 before they are multiplied by strides: T*K*D can
+pass 2**31 at real shapes.
+
+Activation codes (``ACT``): 0 silu, 1 gelu (erf), 2 gelu_tanh, 3 gpt_oss (gated only),
+4 relu2 (non-gated only in moekit, but the code is generic).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "gpt_oss": 3, "relu2": 4}
+GPT_OSS_ALPHA = 1.702
+GPT_OSS_LIMIT = 7.0
+
+
+# ----------------------------------------------------------------------------- activations
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = 1 - 2 / (exp(2x) + 1): saturates cleanly to +-1 (exp -> inf or 0)
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _unary_fwd(h, ACT: tl.constexpr):
+    """act(h) for the unary activations (fp32 in, fp32 out)."""
+    if ACT == 0:
+        out = h * _sigmoid(h)
+    elif ACT == 1:
+        out = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+    elif ACT == 2:
+        inner = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        out = 0.5 * h * (1.0 + _tanh(inner))
+    else:  # relu2
+        r = tl.maximum(h, 0.0)
+        out = r * r
+    return out
+
+
+@triton.jit
+def _unary_fwd_bwd(h, ACT: tl.constexpr):
+    """(act(h), act'(h)) for the unary activations."""
+    if ACT == 0:
+        s = _sigmoid(h)
+        out = h * s
+        d = s * (1.0 + h * (1.0 - s))
+    elif ACT == 1:
+        cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
+        out = h * cdf
+        d = cdf + h * 0.3989422804014327 * tl.exp(-0.5 * h * h)
+    elif ACT == 2:
+        inner = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        t = _tanh(inner)
+        out = 0.5 * h * (1.0 + t)
+        d = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (
+            1.0 + 3.0 * 0.044715 * h * h
+        )
+    else:  # relu2
+        r = tl.maximum(h, 0.0)
+        out = r * r
+        d = 2.0 * r
+    return out, d
+
+
+@triton.jit
+def _glu_fwd(g, u, ACT: tl.constexpr):
+    if ACT == 3:
+        gc = tl.minimum(g, 7.0)
+        uc = tl.minimum(tl.maximum(u, -7.0), 7.0)
+        out = (uc + 1.0) * (gc * _sigmoid(1.702 * gc))
+    else:
+        out = _unary_fwd(g, ACT) * u
+    return out
+
+
+@triton.jit
+def _glu_fwd_bwd(g, u, dout, ACT: tl.constexpr):
+    """(glu(g, u), d/dg, d/du) given the upstream gradient ``dout``."""
+    if ACT == 3:
+        gc = tl.minimum(g, 7.0)
+        uc = tl.minimum(tl.maximum(u, -7.0), 7.0)
+        s = _sigmoid(1.702 * gc)
+        glu = gc * s
+        out = (uc + 1.0) * glu
+        dglu = s + gc * 1.702 * s * (1.0 - s)
+        dg = tl.where(g <= 7.0, dout * (uc + 1.0) * dglu, 0.0)
+        du = tl.where((u >= -7.0) & (u <= 7.0), dout * glu, 0.0)
+    else:
+        a, da = _unary_fwd_bwd(g, ACT)
+        out = a * u
+        dg = dout * u * da
+        du = dout * a
+    return out, dg, du
+
+
+# ----------------------------------------------------------------------------- tile schedule
+@triton.jit
+def _find_tile(pid_m, TILE_CUM, COUNTS, OFFSETS, E, LOG2E: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Expert ``e`` and first row of row-tile ``pid_m`` (``e == E`` when past the last tile)."""
+    lo = pid_m * 0
+    hi = lo + E
+    for _ in range(LOG2E):
+        mid = (lo + hi) // 2
+        c = tl.load(TILE_CUM + mid, mask=mid < E, other=2147483647)
+        left = c > pid_m
+        hi = tl.where(left, mid, hi)
+        lo = tl.where(left, lo, mid + 1)
+    e = lo
+    e_safe = tl.minimum(e, E - 1)
+    prev = tl.load(TILE_CUM + e_safe - 1, mask=e_safe > 0, other=0)
+    end = tl.load(OFFSETS + e_safe)
+    start = end - tl.load(COUNTS + e_safe)
+    row0 = start + (pid_m - prev) * BLOCK_M
+    return e, row0, end
+
+
+@triton.jit
+def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    in_group = GROUP_M * num_pid_n
+    group_id = pid // in_group
+    first_m = group_id * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
+    return pid_m, pid_n
+
+
+# ----------------------------------------------------------------------------- forward: up
+@triton.jit
+def up_kernel(
+    X, W, B, TOK, ROWW, H_OUT, A_OUT,
+    TILE_CUM, COUNTS, OFFSETS,
+    E, D, F, num_pid_m,
+    stride_xt, stride_we, stride_wh, stride_wd, stride_be,
+    stride_hn, stride_an,
+    GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, WOI: tl.constexpr,
+    STORE_H: tl.constexpr, LOG2E: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """``h = x[tok] @ W[e].T (* w_row if WOI) + b``; stores h (pre-activation) and act(h).
+
+    Gated: the program computes gate columns ``n`` and up columns ``F + n`` together, so the
+    GLU is applied in the epilogue. The token gather happens in the prologue (``x[tok]``):
+    no permuted copy of x exists.
+    """
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(F, BLOCK_N)
+    pid_m, pid_n = _swizzle(pid, num_pid_m, num_pid_n, GROUP_M)
+    e, row0, row_end = _find_tile(pid_m, TILE_CUM, COUNTS, OFFSETS, E, LOG2E, BLOCK_M)
+    if e >= E:
+        return
+    rows = row0 + tl.arange(0, BLOCK_M)
+    mask_m = rows < row_end
+    rows64 = rows.to(tl.int64)
+    tok = tl.load(TOK + rows64, mask=mask_m, other=0).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = cols < F
+    ks = tl.arange(0, BLOCK_K)
+    e64 = e.to(tl.int64)
+    x_ptrs = X + tok[:, None] * stride_xt + ks[None, :]
+    wg_ptrs = W + e64 * stride_we + cols[None, :].to(tl.int64) * stride_wh + ks[:, None] * stride_wd
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GATED:
+        wu_ptrs = wg_ptrs + F * stride_wh
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        mk = (k0 + ks) < D
+        xt = tl.load(x_ptrs, mask=mask_m[:, None] & mk[None, :], other=0.0)
+        wg = tl.load(wg_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
+        acc_g = tl.dot(xt, wg, acc_g, input_precision=PREC)
+        if GATED:
+            wu = tl.load(wu_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
+            acc_u = tl.dot(xt, wu, acc_u, input_precision=PREC)
+            wu_ptrs += BLOCK_K * stride_wd
+        x_ptrs += BLOCK_K
+        wg_ptrs += BLOCK_K * stride_wd
+    if WOI:
+        rw = tl.load(ROWW + rows64, mask=mask_m, other=0.0)
+        acc_g = acc_g * rw[:, None]
+        if GATED:
+            acc_u = acc_u * rw[:, None]
+    if HAS_BIAS:
+        bg = tl.load(B + e64 * stride_be + cols, mask=mask_n, other=0.0).to(tl.float32)
+        acc_g = acc_g + bg[None, :]
+        if GATED:
+            bu = tl.load(B + e64 * stride_be + F + cols, mask=mask_n, other=0.0).to(tl.float32)
+            acc_u = acc_u + bu[None, :]
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if STORE_H:
+        h_ptrs = H_OUT + rows64[:, None] * stride_hn + cols[None, :]
+        tl.store(h_ptrs, acc_g.to(H_OUT.dtype.element_ty), mask=out_mask)
+        if GATED:
+            tl.store(h_ptrs + F, acc_u.to(H_OUT.dtype.element_ty), mask=out_mask)
+    if GATED:
+        act = _glu_fwd(acc_g, acc_u, ACT)
+    else:
+        act = _unary_fwd(acc_g, ACT)
+    a_ptrs = A_OUT + rows64[:, None] * stride_an + cols[None, :]
+    tl.store(a_ptrs, act.to(A_OUT.dtype.element_ty), mask=out_mask)
+
+
+# ----------------------------------------------------------------------------- grouped GEMM on sorted rows
+@triton.jit
+def rows_gemm_kernel(
+    A, W, B, Y,
+    TILE_CUM, COUNTS, OFFSETS,
+    E, O, I, num_pid_m,
+    stride_an, stride_we, stride_wo, stride_wi, stride_be, stride_yn,
+    HAS_BIAS: tl.constexpr, LOG2E: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """``y[rows of e] = a[rows of e] @ W[e].T (+ b[e])`` with ``W[e]`` read as ``[O, I]`` through
+    strides (the down projection: ``W = down [E, D, F]``; the input-grad of the up projection:
+    ``W = gate_up`` seen as ``[E, D, H]``)."""
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(O, BLOCK_N)
+    pid_m, pid_n = _swizzle(pid, num_pid_m, num_pid_n, GROUP_M)
+    e, row0, row_end = _find_tile(pid_m, TILE_CUM, COUNTS, OFFSETS, E, LOG2E, BLOCK_M)
+    if e >= E:
+        return
+    rows = row0 + tl.arange(0, BLOCK_M)
+    mask_m = rows < row_end
+    rows64 = rows.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = cols < O
+    ks = tl.arange(0, BLOCK_K)
+    e64 = e.to(tl.int64)
+    a_ptrs = A + rows64[:, None] * stride_an + ks[None, :]
+    w_ptrs = W + e64 * stride_we + cols[None, :].to(tl.int64) * stride_wo + ks[:, None] * stride_wi
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        mk = (k0 + ks) < I
+        at = tl.load(a_ptrs, mask=mask_m[:, None] & mk[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(at, wt, acc, input_precision=PREC)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wi
+    if HAS_BIAS:
+        b = tl.load(B + e64 * stride_be + cols, mask=mask_n, other=0.0).to(tl.float32)
+        acc = acc + b[None, :]
+    y_ptrs = Y + rows64[:, None] * stride_yn + cols[None, :]
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# ----------------------------------------------------------------------------- combine / gather-sum
+@triton.jit
+def combine_kernel(
+    Y, INV, WTS, X, OUT, DOT,
+    T, K, Dm, num_pid_d,
+    stride_yn, stride_xt, stride_ot,
+    HAS_W: tl.constexpr, HAS_DOT: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``out[t] = sum_k w[t,k] * y[inv[t,k]]`` over k in order 0..K-1 (fp32; dropped slots,
+    ``inv = -1``, add nothing). With ``HAS_DOT`` also the partial dots
+    ``dot[t, k, pid_d] = <y[inv[t,k]], x[t]>`` over this program's D block (summed on the host
+    side in a fixed order: the routing-weight gradient when the weight is on the input)."""
+    pid = tl.program_id(0)
+    pid_t = pid // num_pid_d
+    pid_d = pid % num_pid_d
+    ts = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = ts < T
+    ts64 = ts.to(tl.int64)
+    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = ds < Dm
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    if HAS_DOT:
+        xt = tl.load(X + ts64[:, None] * stride_xt + ds[None, :],
+                     mask=mask_t[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+    for k in range(0, K):
+        r = tl.load(INV + ts64 * K + k, mask=mask_t, other=-1)
+        ok = r >= 0
+        v = tl.load(Y + r.to(tl.int64)[:, None] * stride_yn + ds[None, :],
+                    mask=ok[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        if HAS_W:
+            w = tl.load(WTS + ts64 * K + k, mask=mask_t, other=0.0).to(tl.float32)
+            acc += w[:, None] * v
+        else:
+            acc += v
+        if HAS_DOT:
+            dt = tl.sum(v * xt, axis=1)
+            tl.store(DOT + (ts64 * K + k) * num_pid_d + pid_d, dt, mask=mask_t)
+    tl.store(OUT + ts64[:, None] * stride_ot + ds[None, :], acc.to(OUT.dtype.element_ty),
+             mask=mask_t[:, None] & mask_d[None, :])
+
+
+# ----------------------------------------------------------------------------- backward: down dgrad + activation
+@triton.jit
+def down_dgrad_kernel(
+    G, W, B2, TOK, ROWW, HPRE, DH, DWT,
+    TILE_CUM, COUNTS, OFFSETS,
+    E, D, F, num_pid_m, num_pid_n,
+    stride_gt, stride_we, stride_wd, stride_wf, stride_be, stride_hn, stride_dhn,
+    GATED: tl.constexpr, ACT: tl.constexpr, WOI: tl.constexpr, HAS_B2: tl.constexpr,
+    LOG2E: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """``G = gout[tok] @ down[e]`` (rows gathered by token, no permuted copy of the output
+    grad), then the epilogue: ``dA = w_row * G`` (``G`` when the weight is on the input), the
+    activation's derivative from the saved pre-activation -> ``dH`` (gate and up columns), and,
+    when the weight is on the output, the routing-weight gradient's partial
+    ``<G, act(h)>`` over this column block (+ ``<gout, b_down[e]>`` in block 0) into
+    ``DWT[row, pid_n]``."""
+    pid = tl.program_id(0)
+    pid_m, pid_n = _swizzle(pid, num_pid_m, num_pid_n, GROUP_M)
+    e, row0, row_end = _find_tile(pid_m, TILE_CUM, COUNTS, OFFSETS, E, LOG2E, BLOCK_M)
+    if e >= E:
+        return
+    rows = row0 + tl.arange(0, BLOCK_M)
+    mask_m = rows < row_end
+    rows64 = rows.to(tl.int64)
+    tok = tl.load(TOK + rows64, mask=mask_m, other=0).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = cols < F
+    ks = tl.arange(0, BLOCK_K)
+    e64 = e.to(tl.int64)
+    g_ptrs = G + tok[:, None] * stride_gt + ks[None, :]
+    w_ptrs = W + e64 * stride_we + ks[:, None].to(tl.int64) * stride_wd + cols[None, :] * stride_wf
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        mk = (k0 + ks) < D
+        gt = tl.load(g_ptrs, mask=mask_m[:, None] & mk[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(gt, wt, acc, input_precision=PREC)
+        g_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wd
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    h_ptrs = HPRE + rows64[:, None] * stride_hn + cols[None, :]
+    hg = tl.load(h_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    if WOI:
+        da = acc
+    else:
+        rw = tl.load(ROWW + rows64, mask=mask_m, other=0.0)
+        da = acc * rw[:, None]
+    dh_ptrs = DH + rows64[:, None] * stride_dhn + cols[None, :]
+    if GATED:
+        hu = tl.load(h_ptrs + F, mask=out_mask, other=0.0).to(tl.float32)
+        a, dg, du = _glu_fwd_bwd(hg, hu, da, ACT)
+        tl.store(dh_ptrs, dg.to(DH.dtype.element_ty), mask=out_mask)
+        tl.store(dh_ptrs + F, du.to(DH.dtype.element_ty), mask=out_mask)
+    else:
+        a, dact = _unary_fwd_bwd(hg, ACT)
+        tl.store(dh_ptrs, (da * dact).to(DH.dtype.element_ty), mask=out_mask)
+    if not WOI:
+        part = tl.sum(tl.where(out_mask, acc * a, 0.0), axis=1)
+        if HAS_B2:
+            if pid_n == 0:
+                bacc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                for k0 in range(0, D, BLOCK_K):
+                    mk = (k0 + ks) < D
+                    gt = tl.load(G + tok[:, None] * stride_gt + (k0 + ks)[None, :],
+                                 mask=mask_m[:, None] & mk[None, :], other=0.0).to(tl.float32)
+                    bt = tl.load(B2 + e64 * stride_be + k0 + ks, mask=mk, other=0.0).to(tl.float32)
+                    bacc += tl.sum(gt * bt[None, :], axis=1)
+                part += bacc
+        tl.store(DWT + rows64 * num_pid_n + pid_n, part, mask=mask_m)
+
+
+# ----------------------------------------------------------------------------- backward: weight grads
+@triton.jit
+def dw_kernel(
+    L, R, LTOK, RTOK, ROWW, DW, DB,
+    COUNTS, OFFSETS,
+    O, I,
+    stride_l, stride_r, stride_we, stride_wo, stride_be,
+    L_GATHER: tl.constexpr, R_GATHER: tl.constexpr, L_SCALE: tl.constexpr, R_SCALE: tl.constexpr,
+    HAS_DB: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``dW[e] = L[rows of e].T @ R[rows of e]`` (``[O, I]``) and ``dB[e] = sum L[rows of e]``.
+
+    ``L``/``R`` rows are read directly (sorted row r) or gathered by token (``L[tok[r]]``),
+    optionally scaled by the row's routing weight, so neither the permuted output grad nor the
+    permuted input ever exists in memory. Experts with no rows get zeros.
+    """
+    e = tl.program_id(1)
+    pid = tl.program_id(0)
+    num_pid_i = tl.cdiv(I, BLOCK_I)
+    pid_o = pid // num_pid_i
+    pid_i = pid % num_pid_i
+    e64 = e.to(tl.int64)
+    end = tl.load(OFFSETS + e)
+    start = end - tl.load(COUNTS + e)
+    os_ = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    is_ = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask_o = os_ < O
+    mask_i = is_ < I
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+    if HAS_DB:
+        bacc = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_K):
+        rows = r0 + ks
+        mr = rows < end
+        rows64 = rows.to(tl.int64)
+        if L_GATHER:
+            lrow = tl.load(LTOK + rows64, mask=mr, other=0).to(tl.int64)
+        else:
+            lrow = rows64
+        if R_GATHER:
+            rrow = tl.load(RTOK + rows64, mask=mr, other=0).to(tl.int64)
+        else:
+            rrow = rows64
+        lt = tl.load(L + lrow[:, None] * stride_l + os_[None, :], mask=mr[:, None] & mask_o[None, :], other=0.0)
+        rt = tl.load(R + rrow[:, None] * stride_r + is_[None, :], mask=mr[:, None] & mask_i[None, :], other=0.0)
+        if L_SCALE or R_SCALE:
+            rw = tl.load(ROWW + rows64, mask=mr, other=0.0)
+            if L_SCALE:
+                lt = (lt.to(tl.float32) * rw[:, None]).to(L.dtype.element_ty)
+            if R_SCALE:
+                rt = (rt.to(tl.float32) * rw[:, None]).to(R.dtype.element_ty)
+        acc = tl.dot(tl.trans(lt), rt, acc, input_precision=PREC)
+        if HAS_DB:
+            if pid_i == 0:
+                bacc += tl.sum(lt.to(tl.float32), axis=0)
+    dw_ptrs = DW + e64 * stride_we + os_[:, None].to(tl.int64) * stride_wo + is_[None, :]
+    tl.store(dw_ptrs, acc.to(DW.dtype.element_ty), mask=mask_o[:, None] & mask_i[None, :])
+    if HAS_DB:
+        if pid_i == 0:
+            tl.store(DB + e64 * stride_be + os_, bacc.to(DB.dtype.element_ty), mask=mask_o)

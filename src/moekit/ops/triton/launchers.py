@@ -1,0 +1,331 @@
+"""Launchers: check shapes/dtypes/devices/contiguity, pick the launch config, launch.
+
+Configs are chosen by shape (no autotuning at run time, so the first call costs one compile per
+kernel and the timings are reproducible): a *decode* config when the average rows per expert
+is small (each touched expert's weights are then read once: its rows fit one tile, and narrow
+column tiles spread the weight read over every SM), the Hopper training config otherwise.
+Under the interpreter (``TRITON_INTERPRET=1``) small tiles keep the CPU tests quick.
+``MOEKIT_TRITON_CONFIG`` (``"BM,BN,BK,warps,stages"``; gated kernels take half of BN per
+accumulator) overrides the training row-GEMM config and ``MOEKIT_TRITON_DW_CONFIG``
+(``"BO,BI,BK,warps,stages"``) the weight-grad config, for sweeps in the benchmark.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from . import kernels as K
+
+__all__ = [
+    "interpreting",
+    "up_forward",
+    "rows_gemm",
+    "combine",
+    "down_dgrad",
+    "weight_grad",
+    "GemmConfig",
+]
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    num_warps: int = 4
+    num_stages: int = 3
+    GROUP_M: int = 8
+
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _prec(dtype: torch.dtype) -> str:
+    # fp32 stays fp32 (no tf32): "fp32 where practical" means exact enough for parity tests
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _override(var: str) -> GemmConfig | None:
+    s = os.environ.get(var)
+    if not s:
+        return None
+    bm, bn, bk, w, st = (int(v) for v in s.split(","))
+    return GemmConfig(bm, bn, bk, w, st)
+
+
+def _gemm_config(n_rows: int, n_experts: int, out_cols: int, kind: str, dtype) -> GemmConfig:
+    """Config for the row-tiled grouped GEMMs. ``kind``: "up_gated", "up", "rows", "dgrad"."""
+    if interpreting():
+        return GemmConfig(16, 16, 16, 4, 1, 4)
+    avg = n_rows / max(1, n_experts)
+    if avg <= 64:
+        # decode / tiny batches: rows of an expert fit one tile; narrow column tiles so that
+        # enough programs stream the weights (each weight byte is read once)
+        bm = 16 if avg <= 16 else (32 if avg <= 32 else 64)
+        bn = 32 if kind == "up_gated" else 64
+        return GemmConfig(bm, bn, 128, 4, 4, 1)
+    if dtype == torch.float32:
+        return GemmConfig(64, 64, 32, 4, 3, 8)
+    o = _override("MOEKIT_TRITON_CONFIG")
+    if o is not None:
+        if kind in ("up_gated", "dgrad_gated"):  # two accumulators: half the columns each
+            return GemmConfig(o.BLOCK_M, max(16, o.BLOCK_N // 2), o.BLOCK_K, o.num_warps, o.num_stages)
+        return o
+    if kind in ("up_gated", "dgrad_gated"):
+        # two accumulators (gate and up) of 128x64 each: the same registers as one 128x128
+        return GemmConfig(128, 64, 64, 8, 4, 8)
+    return GemmConfig(128, 128, 64, 8, 4, 8)
+
+
+def _dw_config(dtype) -> tuple[int, int, int, int, int]:
+    if interpreting():
+        return 16, 16, 16, 4, 1
+    if dtype == torch.float32:
+        return 64, 64, 32, 4, 3
+    o = _override("MOEKIT_TRITON_DW_CONFIG")
+    if o is not None:
+        return o.BLOCK_M, o.BLOCK_N, o.BLOCK_K, o.num_warps, o.num_stages
+    return 128, 128, 64, 8, 4
+
+
+def _check(name: str, t: torch.Tensor, dim: int, dtype=None, device=None) -> None:
+    if t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype}, expected {dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+
+
+def _rows_contig(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _schedule(counts_E: torch.Tensor, block_m: int) -> torch.Tensor:
+    """Running count of row tiles per expert (int32 [E]); the kernels binary-search it."""
+    tiles = torch.div(counts_E.to(torch.int32) + (block_m - 1), block_m, rounding_mode="floor")
+    return torch.cumsum(tiles, 0, dtype=torch.int32)
+
+
+def _max_tiles(n_rows: int, n_experts: int, block_m: int) -> int:
+    # sum_e ceil(c_e / BM) <= N / BM + (number of non-empty experts)
+    return n_rows // block_m + min(n_experts, n_rows)
+
+
+def _log2e(n_experts: int) -> int:
+    return max(1, int(n_experts).bit_length())
+
+
+# ----------------------------------------------------------------------------- forward
+def up_forward(
+    x_TD: torch.Tensor,
+    w_EHD: torch.Tensor,
+    b_EH: torch.Tensor | None,
+    token_ids_N: torch.Tensor,
+    roww_N: torch.Tensor | None,
+    counts_E: torch.Tensor,
+    offsets_E: torch.Tensor,
+    act: str,
+    gated: bool,
+    store_h: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up projection with the token gather in its prologue and the activation in its epilogue:
+    returns ``(h_NH pre-activation, a_NF activated)`` (``h`` is empty when ``store_h`` is False)."""
+    _check("x", x_TD, 2)
+    _check("gate_up_proj", w_EHD, 3, x_TD.dtype, x_TD.device)
+    if x_TD.dtype not in _DTYPES:
+        raise TypeError(f"triton experts support {_DTYPES}, got {x_TD.dtype}")
+    E, H, D = w_EHD.shape
+    F = H // 2 if gated else H
+    N = token_ids_N.shape[0]
+    x_TD = _rows_contig(x_TD)
+    h = x_TD.new_empty((N, H) if store_h else (0, H))
+    a = x_TD.new_empty(N, F)
+    if N == 0:
+        return h, a
+    cfg = _gemm_config(N, E, F, "up_gated" if gated else "up", x_TD.dtype)
+    cum = _schedule(counts_E, cfg.BLOCK_M)
+    num_pid_m = _max_tiles(N, E, cfg.BLOCK_M)
+    grid = (num_pid_m * triton.cdiv(F, cfg.BLOCK_N),)
+    K.up_kernel[grid](
+        x_TD, w_EHD, b_EH if b_EH is not None else x_TD, token_ids_N,
+        roww_N if roww_N is not None else x_TD, h, a,
+        cum, counts_E, offsets_E,
+        E, D, F, num_pid_m,
+        x_TD.stride(0), w_EHD.stride(0), w_EHD.stride(1), w_EHD.stride(2),
+        b_EH.stride(0) if b_EH is not None else 0,
+        h.stride(0) if store_h else 0, a.stride(0),
+        GATED=gated, ACT=K.ACT_CODES[act], HAS_BIAS=b_EH is not None, WOI=roww_N is not None,
+        STORE_H=store_h, LOG2E=_log2e(E), PREC=_prec(x_TD.dtype),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return h, a
+
+
+def rows_gemm(
+    a_NI: torch.Tensor,
+    w_EOI: torch.Tensor,
+    b_EO: torch.Tensor | None,
+    counts_E: torch.Tensor,
+    offsets_E: torch.Tensor,
+) -> torch.Tensor:
+    """``y[rows of e] = a[rows of e] @ w[e].T (+ b[e])`` for rows sorted by expert; ``w_EOI`` may
+    be any strided view (e.g. ``gate_up.transpose(1, 2)`` for the input grad)."""
+    _check("a", a_NI, 2)
+    _check("w", w_EOI, 3, a_NI.dtype, a_NI.device)
+    E, O, I = w_EOI.shape
+    N = a_NI.shape[0]
+    a_NI = _rows_contig(a_NI)
+    y = a_NI.new_empty(N, O)
+    if N == 0:
+        return y
+    cfg = _gemm_config(N, E, O, "rows", a_NI.dtype)
+    cum = _schedule(counts_E, cfg.BLOCK_M)
+    num_pid_m = _max_tiles(N, E, cfg.BLOCK_M)
+    grid = (num_pid_m * triton.cdiv(O, cfg.BLOCK_N),)
+    K.rows_gemm_kernel[grid](
+        a_NI, w_EOI, b_EO if b_EO is not None else a_NI, y,
+        cum, counts_E, offsets_E,
+        E, O, I, num_pid_m,
+        a_NI.stride(0), w_EOI.stride(0), w_EOI.stride(1), w_EOI.stride(2),
+        b_EO.stride(0) if b_EO is not None else 0, y.stride(0),
+        HAS_BIAS=b_EO is not None, LOG2E=_log2e(E), PREC=_prec(a_NI.dtype),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y
+
+
+def combine(
+    y_ND: torch.Tensor,
+    inverse_TK: torch.Tensor,
+    weights_TK: torch.Tensor | None,
+    dot_with_TD: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out[t] = sum_k w[t,k] y[inv[t,k]]`` (fixed k order, no atomics) and, with
+    ``dot_with_TD``, ``dot[t,k] = <y[inv[t,k]], dot_with[t]>`` (else an empty tensor)."""
+    _check("y", y_ND, 2)
+    T, Kk = inverse_TK.shape
+    D = y_ND.shape[1]
+    y_ND = _rows_contig(y_ND)
+    out = y_ND.new_empty(T, D, dtype=out_dtype or y_ND.dtype)
+    if T == 0 or D == 0:
+        dot = y_ND.new_zeros((T, Kk) if dot_with_TD is not None else (0,), dtype=torch.float32)
+        if T:
+            out.zero_()
+        return out, dot
+    block_d = 16 if interpreting() else min(1024, triton.next_power_of_2(D))
+    block_t = 16 if interpreting() else max(1, 4096 // block_d)
+    num_pid_d = triton.cdiv(D, block_d)
+    has_dot = dot_with_TD is not None
+    if has_dot:
+        dot_with_TD = _rows_contig(dot_with_TD)
+        parts = torch.empty(T, Kk, num_pid_d, device=y_ND.device, dtype=torch.float32)
+    else:
+        parts = out
+    inv = inverse_TK.contiguous()
+    w = weights_TK.contiguous() if weights_TK is not None else out
+    grid = (triton.cdiv(T, block_t) * num_pid_d,)
+    K.combine_kernel[grid](
+        y_ND, inv, w, dot_with_TD if has_dot else y_ND, out, parts,
+        T, Kk, D, num_pid_d,
+        y_ND.stride(0), dot_with_TD.stride(0) if has_dot else 0, out.stride(0),
+        HAS_W=weights_TK is not None, HAS_DOT=has_dot,
+        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
+    )
+    dot = parts.sum(-1) if has_dot else y_ND.new_zeros(0, dtype=torch.float32)
+    return out, dot
+
+
+# ----------------------------------------------------------------------------- backward
+def down_dgrad(
+    g_TD: torch.Tensor,
+    w_EDF: torch.Tensor,
+    b_ED: torch.Tensor | None,
+    token_ids_N: torch.Tensor,
+    roww_N: torch.Tensor,
+    h_NH: torch.Tensor,
+    counts_E: torch.Tensor,
+    offsets_E: torch.Tensor,
+    act: str,
+    gated: bool,
+    woi: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(dH_NH, dwt_N)``: the pre-activation grad and (weight on the output) the
+    routing-weight grad of each row (fp32; zeros when ``woi``)."""
+    E, D, F = w_EDF.shape
+    N, H = h_NH.shape
+    g_TD = _rows_contig(g_TD)
+    dh = h_NH.new_empty(N, H)
+    if N == 0:
+        return dh, torch.zeros(0, device=g_TD.device, dtype=torch.float32)
+    cfg = _gemm_config(N, E, F, "dgrad_gated" if gated else "rows", g_TD.dtype)
+    cum = _schedule(counts_E, cfg.BLOCK_M)
+    num_pid_m = _max_tiles(N, E, cfg.BLOCK_M)
+    num_pid_n = triton.cdiv(F, cfg.BLOCK_N)
+    parts = torch.empty(N, num_pid_n, device=g_TD.device, dtype=torch.float32)
+    grid = (num_pid_m * num_pid_n,)
+    K.down_dgrad_kernel[grid](
+        g_TD, w_EDF, b_ED if b_ED is not None else g_TD, token_ids_N, roww_N, h_NH, dh, parts,
+        cum, counts_E, offsets_E,
+        E, D, F, num_pid_m, num_pid_n,
+        g_TD.stride(0), w_EDF.stride(0), w_EDF.stride(1), w_EDF.stride(2),
+        b_ED.stride(0) if b_ED is not None else 0, h_NH.stride(0), dh.stride(0),
+        GATED=gated, ACT=K.ACT_CODES[act], WOI=woi, HAS_B2=b_ED is not None,
+        LOG2E=_log2e(E), PREC=_prec(g_TD.dtype),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    dwt = torch.zeros(N, device=g_TD.device, dtype=torch.float32) if woi else parts.sum(-1)
+    return dh, dwt
+
+
+def weight_grad(
+    l_src: torch.Tensor,
+    l_tok: torch.Tensor | None,
+    r_src: torch.Tensor,
+    r_tok: torch.Tensor | None,
+    roww_N: torch.Tensor | None,
+    scale_left: bool,
+    counts_E: torch.Tensor,
+    offsets_E: torch.Tensor,
+    out_dtype: torch.dtype,
+    with_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``dW[e] = L[rows of e].T @ R[rows of e]`` ``[E, O, I]`` with rows of L/R read directly or
+    gathered by token (``*_tok``), the routing weight applied to L or R; and ``dB[e] = sum L``."""
+    E = counts_E.shape[0]
+    O, I = l_src.shape[1], r_src.shape[1]
+    l_src, r_src = _rows_contig(l_src), _rows_contig(r_src)
+    dw = torch.empty(E, O, I, device=l_src.device, dtype=out_dtype)
+    db = torch.empty(E, O, device=l_src.device, dtype=out_dtype) if with_bias else None
+    if E == 0 or O == 0 or I == 0:
+        dw.zero_()
+        if db is not None:
+            db.zero_()
+        return dw, db
+    bo, bi, bk, nw, ns = _dw_config(l_src.dtype)
+    grid = (triton.cdiv(O, bo) * triton.cdiv(I, bi), E)
+    scale = roww_N is not None
+    K.dw_kernel[grid](
+        l_src, r_src, l_tok if l_tok is not None else counts_E, r_tok if r_tok is not None else counts_E,
+        roww_N if scale else l_src, dw, db if db is not None else dw,
+        counts_E, offsets_E,
+        O, I,
+        l_src.stride(0), r_src.stride(0), dw.stride(0), dw.stride(1), db.stride(0) if db is not None else 0,
+        L_GATHER=l_tok is not None, R_GATHER=r_tok is not None,
+        L_SCALE=scale and scale_left, R_SCALE=scale and not scale_left,
+        HAS_DB=with_bias, PREC=_prec(l_src.dtype),
+        BLOCK_O=bo, BLOCK_I=bi, BLOCK_K=bk, num_warps=nw, num_stages=ns,
+    )
+    return dw, db

@@ -1,0 +1,193 @@
+"""``torch.library`` custom ops over the launchers (each with a fake implementation, so that
+``torch.compile(fullgraph=True)`` traces through them), the autograd function that composes
+them, and ``fused_experts``: the ``fused`` entry of the ``triton`` backend.
+
+Forward (3 kernels):  up (gather x rows by token + GEMM + bias + activation; saves the
+pre-activation) -> down (grouped GEMM) -> combine (fixed-order weighted sum over k).
+Backward (5 kernels): down-dgrad (gather the output grad by token + GEMM, activation
+derivative and routing-weight grad in the epilogue) -> dW_down, dW_up (grouped GEMMs over each
+expert's rows, gathering by token) -> dX rows (grouped GEMM) -> gather-sum over k (no scatter,
+no atomics). Everything is deterministic.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ...plan import RoutingPlan
+from . import launchers as L
+
+__all__ = ["fused_experts", "FusedExperts"]
+
+_NS = "moekit_triton"
+
+
+# ----------------------------------------------------------------------------- custom ops
+@torch.library.custom_op(f"{_NS}::up", mutates_args=())
+def up_op(
+    x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], token_ids: torch.Tensor,
+    roww: Optional[torch.Tensor], counts: torch.Tensor, offsets: torch.Tensor,
+    act: str, gated: bool, store_h: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return L.up_forward(x, w, b, token_ids, roww, counts, offsets, act, gated, store_h)
+
+
+@up_op.register_fake
+def _(x, w, b, token_ids, roww, counts, offsets, act, gated, store_h):
+    N, H = token_ids.shape[0], w.shape[1]
+    F = H // 2 if gated else H
+    return x.new_empty((N, H) if store_h else (0, H)), x.new_empty(N, F)
+
+
+@torch.library.custom_op(f"{_NS}::rows_gemm", mutates_args=())
+def rows_gemm_op(
+    a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], counts: torch.Tensor,
+    offsets: torch.Tensor,
+) -> torch.Tensor:
+    return L.rows_gemm(a, w, b, counts, offsets)
+
+
+@rows_gemm_op.register_fake
+def _(a, w, b, counts, offsets):
+    return a.new_empty(a.shape[0], w.shape[1])
+
+
+@torch.library.custom_op(f"{_NS}::combine", mutates_args=())
+def combine_op(
+    y: torch.Tensor, inverse: torch.Tensor, weights: Optional[torch.Tensor],
+    dot_with: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return L.combine(y, inverse, weights, dot_with)
+
+
+@combine_op.register_fake
+def _(y, inverse, weights, dot_with):
+    T, K = inverse.shape
+    dot = y.new_empty((T, K) if dot_with is not None else (0,), dtype=torch.float32)
+    return y.new_empty(T, y.shape[1]), dot
+
+
+@torch.library.custom_op(f"{_NS}::down_dgrad", mutates_args=())
+def down_dgrad_op(
+    g: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], token_ids: torch.Tensor,
+    roww: torch.Tensor, h: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor,
+    act: str, gated: bool, woi: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return L.down_dgrad(g, w, b, token_ids, roww, h, counts, offsets, act, gated, woi)
+
+
+@down_dgrad_op.register_fake
+def _(g, w, b, token_ids, roww, h, counts, offsets, act, gated, woi):
+    return h.new_empty(h.shape), h.new_empty(h.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{_NS}::weight_grad", mutates_args=())
+def weight_grad_op(
+    l_src: torch.Tensor, l_tok: Optional[torch.Tensor], r_src: torch.Tensor,
+    r_tok: Optional[torch.Tensor], roww: Optional[torch.Tensor], scale_left: bool,
+    counts: torch.Tensor, offsets: torch.Tensor, with_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    dw, db = L.weight_grad(
+        l_src, l_tok, r_src, r_tok, roww, scale_left, counts, offsets, l_src.dtype, with_bias
+    )
+    return dw, (db if db is not None else l_src.new_empty(0))
+
+
+@weight_grad_op.register_fake
+def _(l_src, l_tok, r_src, r_tok, roww, scale_left, counts, offsets, with_bias):
+    E, O, I = counts.shape[0], l_src.shape[1], r_src.shape[1]
+    return l_src.new_empty(E, O, I), (l_src.new_empty(E, O) if with_bias else l_src.new_empty(0))
+
+
+# ----------------------------------------------------------------------------- autograd
+class FusedExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_up, w_down, b_up, b_down, topk_w, token_ids, sorted_slots, counts,
+                offsets, inverse, act, gated, woi):
+        roww = topk_w.reshape(-1).to(torch.float32).index_select(0, sorted_slots)
+        h, a = up_op(x, w_up, b_up, token_ids, roww if woi else None, counts, offsets, act, gated, True)
+        y = rows_gemm_op(a, w_down, b_down, counts, offsets)
+        out, _ = combine_op(y, inverse, None if woi else topk_w, None)
+        ctx.save_for_backward(x, w_up, w_down, b_up, b_down, topk_w, token_ids, counts, offsets,
+                              inverse, roww, h, a)
+        ctx.act, ctx.gated, ctx.woi = act, gated, woi
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (x, w_up, w_down, b_up, b_down, topk_w, token_ids, counts, offsets, inverse, roww, h,
+         a) = ctx.saved_tensors
+        act, gated, woi = ctx.act, ctx.gated, ctx.woi
+        need = ctx.needs_input_grad
+        g = g.to(x.dtype).contiguous()
+        dh, dwt_N = down_dgrad_op(g, w_down, b_down, token_ids, roww, h, counts, offsets, act,
+                                  gated, woi)
+        dw_down = db_down = dw_up = db_up = dx = dtopk = None
+        if need[2] or need[4]:
+            dw_down, db_down = weight_grad_op(g, token_ids, a, None, None if woi else roww, True,
+                                              counts, offsets, b_down is not None)
+            if b_down is None:
+                db_down = None
+        if need[1] or need[3]:
+            dw_up, db_up = weight_grad_op(dh, None, x, token_ids, roww if woi else None, False,
+                                          counts, offsets, b_up is not None)
+            if b_up is None:
+                db_up = None
+        if need[0] or (woi and need[5]):
+            dx_rows = rows_gemm_op(dh, w_up.transpose(1, 2), None, counts, offsets)
+            dx, dot = combine_op(dx_rows, inverse, topk_w if woi else None, x if woi else None)
+            if woi:
+                dtopk = dot
+        if need[5] and not woi:
+            N = dwt_N.shape[0]
+            idx = torch.where(inverse < 0, N, inverse)
+            dtopk = torch.cat([dwt_N, dwt_N.new_zeros(1)]).index_select(0, idx.reshape(-1))
+            dtopk = dtopk.view(inverse.shape)
+        if dtopk is not None:
+            dtopk = dtopk.to(topk_w.dtype)
+        if db_up is not None:
+            db_up = db_up.to(b_up.dtype)
+        if db_down is not None:
+            db_down = db_down.to(b_down.dtype)
+        return (dx if need[0] else None, dw_up if need[1] else None,
+                dw_down if need[2] else None, db_up if need[3] else None,
+                db_down if need[4] else None, dtopk if need[5] else None,
+                None, None, None, None, None, None, None, None)
+
+
+def _needs_grad(*ts) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def fused_experts(
+    x_TD: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    plan: RoutingPlan,
+    topk_weights_TK: torch.Tensor,
+    *,
+    activation: str,
+    gated: bool,
+    gate_up_proj_bias: torch.Tensor | None = None,
+    down_proj_bias: torch.Tensor | None = None,
+    weight_on_input: bool = False,
+) -> torch.Tensor:
+    """The whole routed-experts computation in the fused Triton kernels (``moe_experts``'s
+    ``fused`` entry); differentiable in x, both weights, both biases and the routing weights."""
+    args = (x_TD, gate_up_proj, down_proj, gate_up_proj_bias, down_proj_bias, topk_weights_TK)
+    if _needs_grad(*args):
+        return FusedExperts.apply(
+            *args, plan.token_ids_N, plan.sorted_slots_N, plan.counts_E, plan.offsets_E,
+            plan.inverse_TK, activation, gated, weight_on_input,
+        )
+    # inference: no pre-activation is stored
+    roww = None
+    if weight_on_input:
+        roww = topk_weights_TK.reshape(-1).to(torch.float32).index_select(0, plan.sorted_slots_N)
+    _, a = up_op(x_TD, gate_up_proj, gate_up_proj_bias, plan.token_ids_N, roww, plan.counts_E,
+                 plan.offsets_E, activation, gated, False)
+    y = rows_gemm_op(a, down_proj, down_proj_bias, plan.counts_E, plan.offsets_E)
+    out, _ = combine_op(y, plan.inverse_TK, None if weight_on_input else topk_weights_TK, None)
+    return out
