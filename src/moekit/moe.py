@@ -39,7 +39,7 @@ class MoE(Module):
 
     After a forward: ``last_router_output`` (the RouterOutput), ``aux_losses`` (the last values,
     detached, of each active loss, already multiplied by its coefficient),
-    ``tokens_per_expert`` (float32 [E] buffer, accumulated across forwards until
+    ``tokens_per_expert`` (int64 [E] buffer, accumulated across forwards until
     ``update_expert_bias()`` or ``reset_load()``; not counted again when activation
     checkpointing recomputes the forward).
     """
@@ -99,13 +99,17 @@ class MoE(Module):
         self.shared_experts = (
             config.shared_experts.build(dim=config.dim) if config.shared_experts is not None else None
         )
-        self.register_buffer("tokens_per_expert", torch.zeros(config.num_experts), persistent=False)
+        # int64: exact counts, untouched by casting the module to a low-precision dtype
+        self.register_buffer(
+            "tokens_per_expert", torch.zeros(config.num_experts, dtype=torch.int64), persistent=False
+        )
         self.aux_losses: dict[str, torch.Tensor] = {}
         self.last_router_output: RouterOutput | None = None
 
     def init_weights(self, init_std: float = 0.02, layer_id: int | None = None) -> None:
-        """Router and up projections ~ N(0, 0.02); output projections ~ N(0, std) with
-        ``std = init_std`` or, given ``layer_id``, torchtitan's depth scaling."""
+        """As torchtitan: the first (gate) projections ~ N(0, 0.02); the router gate, the up
+        rows of gated projections and the output projections ~ N(0, std) with
+        ``std = init_std`` or, given ``layer_id``, the depth-scaled ``init_std / sqrt(2 (layer_id + 1))``."""
         out_std = init_std if layer_id is None else depth_scaled_std(init_std, layer_id)
         self.router.init_weights(out_std)
         self.experts.init_weights(init_std, out_std=out_std)
@@ -130,7 +134,7 @@ class MoE(Module):
             raise ValueError(f"token_mask has {token_mask.numel()} entries; the input has {T} tokens")
         if T == 0:
             self.aux_losses = {}
-            return x.new_zeros(shape)
+            return x * 0  # empty, and still part of the graph
 
         kwargs = {}
         if router_logits is not None:
@@ -147,7 +151,7 @@ class MoE(Module):
             with torch.no_grad():
                 self.tokens_per_expert += balance.count_tokens_per_expert(
                     r.topk_ids, self.num_experts, mask_T
-                ).to(self.tokens_per_expert.device)
+                ).to(self.tokens_per_expert.device, torch.int64)
 
         y_TD = self.experts(x_TD, r.topk_ids, r.topk_weights)
         if self.shared_experts is not None:

@@ -3,7 +3,8 @@
 Legend: T tokens, K top-k, E experts, N = number of kept routed rows (T*K minus drops).
 A routed row is a (token, k) "slot", numbered ``slot = t * K + k``.
 
-The plan sorts slots by expert (stably, so within an expert rows keep token order), gives
+The plan sorts slots by expert (stably, so within an expert rows keep token order; with
+capacity and ``drop_policy="weight"`` they are in descending weight order instead), gives
 per-expert counts and offsets (int32, as grouped GEMMs want them), the inverse permutation
 (slot -> row, or -1 when the slot was dropped by capacity), and optionally a padded layout
 where every expert's rows start at a multiple of ``pad_to_multiple`` (for kernels that want

@@ -11,7 +11,8 @@ Routing orders
   is scored by the sum of its top-2 biased scores and only ``num_limited_groups`` groups stay
   eligible. The *weights* are the unbiased scores of the picked experts.
 * topk-then-score (GPT-OSS, Llama 4): select the top-k of the logits (the router bias, if any,
-  is part of the gate Linear); the weights are then ``softmax`` over the k picked logits
+  is part of the gate Linear; the aux-loss-free ``expert_bias``, if any, is added for the
+  selection only); the weights are then ``softmax`` over the k picked logits
   (GPT-OSS) or their ``sigmoid`` (Llama 4).
 * hash (Hash Layers): a fixed table maps each token id to K experts; ``forward`` needs
   ``input_ids``. ``hash_weights="uniform"`` gives every pick weight ``1/K``; ``"scores"`` takes
@@ -117,6 +118,11 @@ class TokenChoiceTopKRouter(Module):
                         "(num_expert_groups); group limits are defined on scores"
                     )
             if self.routing == "hash":
+                if self.use_expert_bias:
+                    raise ValueError(
+                        f"{o}: use_expert_bias=True has no effect with routing='hash' (the table fixes "
+                        "the experts); set use_expert_bias=False"
+                    )
                 if self.hash_vocab_size is None:
                     raise ValueError(f"{o}: routing='hash' needs hash_vocab_size (the token vocabulary size)")
                 check_positive(o, "hash_vocab_size", self.hash_vocab_size)
@@ -172,6 +178,14 @@ class TokenChoiceTopKRouter(Module):
         perm = torch.randperm(E, generator=g)
         pos = (first + torch.arange(K)) % E
         return perm[pos]
+
+    def _apply(self, fn, recurse=True):
+        # the aux-loss-free bias stays float32 whatever the module is cast to: its 1e-3
+        # steps would vanish in bfloat16
+        super()._apply(fn, recurse)
+        if self.expert_bias is not None and self.expert_bias.dtype != torch.float32:
+            self.expert_bias = self.expert_bias.float()
+        return self
 
     def init_weights(self, init_std: float = 0.02) -> None:
         nn.init.trunc_normal_(self.gate.weight, mean=0.0, std=init_std)
@@ -245,6 +259,8 @@ class TokenChoiceTopKRouter(Module):
         elif cfg.topk_before_score:
             if cfg.force_load_balance:
                 topk_ids = _round_robin_ids(T, K, E, logits.device)
+            elif self.expert_bias is not None:  # the bias changes the pick, not the weights
+                topk_ids = (logits_w + self.expert_bias.to(work_dt)).topk(K, dim=-1).indices
             else:
                 topk_ids = logits_w.topk(K, dim=-1).indices
             picked = logits_w.gather(1, topk_ids)

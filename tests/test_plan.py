@@ -1,0 +1,202 @@
+"""RoutingPlan, property-tested with hypothesis against plain python bookkeeping."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import moekit.plan as plan_mod
+from moekit.plan import capacity_for, make_plan
+
+SETTINGS = settings(max_examples=50, deadline=None)
+
+
+@st.composite
+def routing(draw, max_T=24, max_E=9):
+    E = draw(st.integers(1, max_E))
+    K = draw(st.integers(1, E))
+    T = draw(st.integers(0, max_T))
+    # distinct experts per token (as a router gives), or skewed: all tokens on expert 0..K-1
+    skew = draw(st.booleans())
+    rows = []
+    for _ in range(T):
+        if skew:
+            rows.append(list(range(K)))
+        else:
+            rows.append(draw(st.permutations(range(E)))[:K])
+    ids = torch.tensor(rows, dtype=torch.int64).view(T, K)
+    w = torch.tensor(
+        draw(st.lists(st.integers(0, 10**6), min_size=T * K, max_size=T * K)), dtype=torch.float32
+    ).view(T, K) / 1e6
+    return ids, w, E
+
+
+def check_common(p, ids, E):
+    T, K = ids.shape
+    N = p.num_rows
+    assert (p.num_tokens, p.top_k, p.num_experts) == (T, K, E)
+    assert p.counts_E.dtype == torch.int32 and p.offsets_E.dtype == torch.int32
+    counts = p.counts_E.tolist()
+    offsets = p.offsets_E.tolist()
+    # offsets are the cumulative sum of counts, monotone, ending at N
+    acc = 0
+    for e in range(E):
+        acc += counts[e]
+        assert offsets[e] == acc
+    assert all(a <= b for a, b in zip(offsets, offsets[1:]))
+    assert (offsets[-1] if E else 0) == N
+    assert int(p.num_dropped) == T * K - N
+    # each kept row's expert and token agree with the slot it carries
+    slots = p.sorted_slots_N.tolist()
+    assert len(set(slots)) == N, "a (token, k) slot appears twice"
+    for row, s in enumerate(slots):
+        t, k = divmod(s, K)
+        assert int(p.token_ids_N[row]) == t
+        assert int(p.expert_ids_N[row]) == int(ids[t, k])
+    # expert ids non-decreasing and consistent with offsets
+    exp = p.expert_ids_N.tolist()
+    assert exp == sorted(exp)
+    for e in range(E):
+        assert exp[offsets[e] - counts[e]:offsets[e]] == [e] * counts[e]
+    # inverse permutation round-trips
+    inv = p.inverse_TK
+    assert inv.shape == (T, K)
+    for t in range(T):
+        for k in range(K):
+            r = int(inv[t, k])
+            if r >= 0:
+                assert slots[r] == t * K + k
+            else:
+                assert t * K + k not in set(slots)
+    assert int((inv >= 0).sum()) == N
+    assert torch.equal(p.kept_TK, inv >= 0)
+
+
+@SETTINGS
+@given(routing())
+def test_dropless_plan_properties(data):
+    ids, _, E = data
+    T, K = ids.shape
+    p = make_plan(ids, E)
+    check_common(p, ids, E)
+    assert p.dropless and p.capacity is None and int(p.num_dropped) == 0
+    assert p.num_rows == T * K
+    assert p.counts_E.tolist() == [int((ids == e).sum()) for e in range(E)]
+    # stable: within an expert, rows keep slot (token) order
+    slots = p.sorted_slots_N.tolist()
+    for e in range(E):
+        seg = [s for s in slots if int(ids.view(-1)[s]) == e]
+        assert seg == sorted(seg)
+    # the inverse is a bijection of slots onto rows
+    assert sorted(p.inverse_TK.reshape(-1).tolist()) == list(range(T * K))
+
+
+@SETTINGS
+@given(routing(), st.sampled_from([0.25, 0.5, 1.0, 1.3, 2.0]))
+def test_capacity_position_keeps_earliest(data, cf):
+    ids, w, E = data
+    T, K = ids.shape
+    p = make_plan(ids, E, capacity_factor=cf, drop_policy="position", topk_weights_TK=w)
+    check_common(p, ids, E)
+    cap = math.ceil(cf * T * K / E)
+    assert p.capacity == cap == capacity_for(T, K, E, cf)
+    kept = set(p.sorted_slots_N.tolist())
+    for e in range(E):
+        slots_e = [s for s in range(T * K) if int(ids.view(-1)[s]) == e]  # slot order = token order
+        assert [s for s in slots_e if s in kept] == slots_e[:cap]
+        assert int(p.counts_E[e]) == min(cap, len(slots_e))
+    # stable order within expert
+    slots = p.sorted_slots_N.tolist()
+    for e in range(E):
+        seg = [s for s in slots if int(ids.view(-1)[s]) == e]
+        assert seg == sorted(seg)
+
+
+@SETTINGS
+@given(routing(), st.sampled_from([0.25, 0.5, 1.0, 2.0]))
+def test_capacity_weight_keeps_highest(data, cf):
+    ids, w, E = data
+    T, K = ids.shape
+    p = make_plan(ids, E, capacity_factor=cf, drop_policy="weight", topk_weights_TK=w)
+    check_common(p, ids, E)
+    cap = p.capacity
+    kept = set(p.sorted_slots_N.tolist())
+    wf = w.reshape(-1).tolist()
+    for e in range(E):
+        slots_e = [s for s in range(T * K) if int(ids.view(-1)[s]) == e]
+        kept_e = [s for s in slots_e if s in kept]
+        dropped_e = [s for s in slots_e if s not in kept]
+        assert len(kept_e) == min(cap, len(slots_e))
+        if kept_e and dropped_e:
+            assert min(wf[s] for s in kept_e) >= max(wf[s] for s in dropped_e)
+        # ties broken towards earlier tokens
+        for d in dropped_e:
+            for k_ in kept_e:
+                if wf[k_] == wf[d]:
+                    assert k_ < d
+
+
+@SETTINGS
+@given(routing(), st.integers(1, 8), st.sampled_from([None, 0.5, 1.0]))
+def test_padding_offsets(data, m, cf):
+    ids, w, E = data
+    T, K = ids.shape
+    p = make_plan(ids, E, pad_to_multiple=m, capacity_factor=cf, topk_weights_TK=w)
+    check_common(p, ids, E)
+    if m == 1:
+        assert p.padded_rows_N is None
+        return
+    po = p.padded_offsets_E.tolist()
+    assert all(o % m == 0 for o in po)
+    counts = p.counts_E.tolist()
+    starts = [0] + po[:-1]
+    for e in range(E):
+        assert po[e] - starts[e] == -(-counts[e] // m) * m  # round up to multiple of m
+    assert p.num_padded_rows >= po[-1]
+    assert p.num_padded_rows == p.num_rows + E * (m - 1)
+    rows = p.padded_rows_N.tolist()
+    assert len(set(rows)) == len(rows)
+    offs = p.offsets_E.tolist()
+    for e in range(E):
+        seg = rows[offs[e] - counts[e]:offs[e]]
+        assert seg == list(range(starts[e], starts[e] + counts[e]))
+
+
+def test_int32_overflow_guard(monkeypatch):
+    ids = torch.zeros(100, 4, dtype=torch.int64)
+    make_plan(ids, 4)
+    monkeypatch.setattr(plan_mod, "_INT32_MAX", 300)
+    with pytest.raises(ValueError, match="overflow"):
+        make_plan(ids, 4)
+
+
+def test_int32_overflow_guard_real_size():
+    # a [T, K] expanded view: no memory, 2**31 routed rows
+    ids = torch.zeros(1, 1, dtype=torch.int64).expand(2**29, 4)
+    with pytest.raises(ValueError, match="int32"):
+        make_plan(ids, 8)
+
+
+def test_int32_topk_ids_accepted():
+    ids = torch.tensor([[1, 0], [1, 2]], dtype=torch.int32)
+    p = make_plan(ids, 3)
+    assert p.counts_E.tolist() == [1, 2, 1]
+
+
+def test_all_tokens_one_expert_and_empty_experts():
+    ids = torch.full((6, 1), 2, dtype=torch.int64)
+    p = make_plan(ids, 5)
+    assert p.counts_E.tolist() == [0, 0, 6, 0, 0]
+    assert p.offsets_E.tolist() == [0, 0, 6, 6, 6]
+    assert p.sorted_slots_N.tolist() == list(range(6))
+
+
+def test_capacity_drop_count_example():
+    ids = torch.tensor([[0], [0], [0], [1]])
+    p = make_plan(ids, 2, capacity_factor=1.0)  # capacity ceil(4/2) = 2
+    assert p.capacity == 2 and int(p.num_dropped) == 1
+    assert p.inverse_TK[:, 0].tolist()[2] == -1
