@@ -132,13 +132,15 @@ class MoE(Module):
         T = x_TD.shape[0]
         if token_mask is not None and token_mask.numel() != T:
             raise ValueError(f"token_mask has {token_mask.numel()} entries; the input has {T} tokens")
-        if T == 0:
+        if T == 0 and not getattr(self.experts, "needs_all_ranks", False):
             self.aux_losses = {}
             return x * 0  # empty, and still part of the graph
+        # (expert-parallel experts set needs_all_ranks: a rank with no tokens must still join
+        # the collectives, so it runs the layer on its empty batch)
 
         kwargs = {}
         if router_logits is not None:
-            kwargs["logits"] = router_logits.reshape(T, -1)
+            kwargs["logits"] = router_logits.reshape(-1, router_logits.shape[-1])
         if input_ids is not None:
             kwargs["input_ids"] = input_ids
         r = self.router(x_TD, **kwargs)
@@ -156,7 +158,10 @@ class MoE(Module):
         y_TD = self.experts(x_TD, r.topk_ids, r.topk_weights)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
-        y_TD = self._attach_losses(y_TD, r, mask_T, shape)
+        if T > 0:
+            y_TD = self._attach_losses(y_TD, r, mask_T, shape)
+        else:
+            self.aux_losses = {}
         return y_TD.reshape(shape)
 
     def _attach_losses(self, y_TD, r: RouterOutput, mask_T, shape) -> torch.Tensor:

@@ -1,0 +1,370 @@
+"""Expert parallelism on CPU with gloo: 2 and 4 processes, outputs and every gradient equal
+to the single-process layer fed all ranks' tokens (fp32, tight).
+
+Each spawned group runs many scenarios (processes and the group are started once). A bug
+fails instead of hanging: collectives time out after 60 s, and the test kills the group
+after a wall-clock deadline.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import time
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moekit import GroupedExperts, MoE, SharedExperts, TokenChoiceTopKRouter
+from moekit.parallel import AllToAllDispatcher, apply_ep, placement, rebalance, sync_replicated_grads
+
+RTOL, ATOL = 1e-5, 1e-5
+
+
+# ----------------------------------------------------------------------------- helpers
+def make_moe(seed, *, E, K, dim=16, hidden=8, activation="silu", gated=None, bias=False, weight_on="output",
+             capacity=None, drop="position", shared=False, shared_gate=False):
+    torch.manual_seed(seed)
+    cfg = MoE.Config(
+        dim=dim, hidden_dim=hidden, num_experts=E,
+        router=TokenChoiceTopKRouter.Config(top_k=K, score_func="softmax", route_norm=True),
+        experts=GroupedExperts.Config(activation=activation, gated=gated, use_bias=bias, backend="grouped_mm",
+                                      routing_weight_on=weight_on),
+        shared_experts=SharedExperts.Config(hidden_dim=12, use_gate=shared_gate) if shared else None,
+        capacity_factor=capacity, drop_policy=drop,
+    )
+    moe = cfg.build()
+    with torch.no_grad():  # larger weights than the init, and non-zero biases: a real signal
+        for n, p in moe.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.3 if "bias" not in n else 0.5))
+    return moe
+
+
+def inputs(seed, Ts, dim, E=None, logits_fn=None):
+    g = torch.Generator().manual_seed(seed + 1000)
+    xs = [torch.randn(T, dim, generator=g) for T in Ts]
+    gs = [torch.randn(T, dim, generator=g) for T in Ts]
+    ls = None if logits_fn is None else [logits_fn(T, E) for T in Ts]
+    return xs, gs, ls
+
+
+def close(a, b, what):
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+    if not torch.allclose(a, b, rtol=RTOL, atol=ATOL):
+        err = (a - b).abs().max().item()
+        raise AssertionError(f"{what}: max abs err {err:.3e} (rank {dist.get_rank()})")
+
+
+def run_ref(ref, xs, gs, ls):
+    x = torch.cat(xs).requires_grad_()
+    kw = {} if ls is None else {"router_logits": torch.cat(ls)}
+    y = ref(x, **kw)
+    if not y.requires_grad:  # T=0 everywhere: the single-process layer returns early
+        return y.detach(), torch.zeros_like(x)
+    (y * torch.cat(gs)).sum().backward()
+    return y.detach(), x.grad
+
+
+def grad(p):
+    return torch.zeros_like(p) if p.grad is None else p.grad
+
+
+def run_ep(moe, xs, gs, ls, rank):
+    x = xs[rank].clone().requires_grad_()
+    kw = {} if ls is None else {"router_logits": ls[rank]}
+    y = moe(x, **kw)
+    (y * gs[rank]).sum().backward()
+    return y.detach(), torch.zeros_like(x) if x.grad is None else x.grad
+
+
+def compare(ref, moe, xs, gs, ls, rank, *, tag, check_shared_local=True):
+    y_ref, gx_ref = run_ref(ref, xs, gs, ls)
+    y, gx = run_ep(moe, xs, gs, ls, rank)
+    Ts = [x.shape[0] for x in xs]
+    a = sum(Ts[:rank])
+    close(y, y_ref[a:a + Ts[rank]], f"{tag}: output")
+    close(gx, gx_ref[a:a + Ts[rank]], f"{tag}: x grad")
+    ep = moe.experts
+    for name in ep._param_names():
+        p_ep, p_ref = getattr(ep, name), getattr(ref.experts, name)
+        for j, e in enumerate(ep.local_experts):
+            close(grad(p_ep)[j], grad(p_ref)[e], f"{tag}: {name}.grad of expert {e} (slot {j})")
+            close(p_ep.detach()[j], p_ref.detach()[e], f"{tag}: {name} of expert {e}")
+    sync_replicated_grads(moe)
+    for (n, p), (n2, q) in zip(moe.router.named_parameters(), ref.router.named_parameters()):
+        if q.grad is not None or p.grad is not None:
+            close(grad(p), grad(q), f"{tag}: router.{n}.grad")
+    if moe.shared_experts is not None and check_shared_local:
+        for (n, p), (n2, q) in zip(moe.shared_experts.named_parameters(), ref.shared_experts.named_parameters()):
+            close(grad(p), grad(q), f"{tag}: shared_experts.{n}.grad")
+    if ep.shared_experts is not None:
+        for (n, p), (n2, q) in zip(ep.shared_experts.named_parameters(), ref.shared_experts.named_parameters()):
+            close(grad(p), grad(q), f"{tag}: external shared_experts.{n}.grad")
+
+
+def zero_grads(*mods):
+    for m in mods:
+        for p in m.parameters():
+            p.grad = None
+
+
+def scenario(ep_kwargs, moe_kwargs, Ts, *, seed=0, logits_fn=None, repeat=1, tag=""):
+    rank, W = dist.get_rank(), dist.get_world_size()
+    moe = make_moe(seed, **moe_kwargs)
+    ref = copy.deepcopy(moe)
+    apply_ep(moe, **ep_kwargs)
+    for it in range(repeat):
+        xs, gs, ls = inputs(seed + it, Ts, moe.dim, moe.num_experts, logits_fn)
+        compare(ref, moe, xs, gs, ls, rank, tag=f"{tag}#{it}")
+        zero_grads(moe, ref)
+    return moe, ref
+
+
+def skewed_logits(T, E):
+    """Routing forced to the low experts: the last experts get no tokens anywhere."""
+    l = torch.full((T, E), -30.0)
+    l[:, 0] = 5.0
+    if E > 1:
+        l[:, 1] = torch.linspace(0, 4, T) if T else l[:, 1]
+    return l
+
+
+def all_to_first(T, E):
+    """Every token to expert 0 only (top-1): every other expert and rank gets no rows."""
+    l = torch.full((T, E), -30.0)
+    l[:, 0] = 10.0
+    return l
+
+
+# ----------------------------------------------------------------------------- scenarios
+def scenarios_2(rank):
+    # even split, different T per rank, biases, gated silu
+    scenario({}, dict(E=4, K=2, bias=True), [5, 7], tag="even")
+    # chunked overlap (3 chunks: one is empty on rank 0), local shared experts with gate
+    scenario({"num_chunks": 3}, dict(E=4, K=2, bias=True, shared=True, shared_gate=True), [2, 9], tag="chunks")
+    # uneven split (E=5), non-gated relu2, routing weight on the input, biases, chunked
+    scenario({"num_chunks": 2}, dict(E=5, K=2, activation="relu2", bias=True, weight_on="input"), [6, 4],
+             tag="uneven-input")
+    # top_k = E
+    scenario({}, dict(E=3, K=3, bias=True), [4, 3], tag="topk=E")
+    # redundant placement from skewed loads, chunked
+    pl = placement.redundant(torch.tensor([100.0, 5, 1, 60]), 2, 2)
+    assert pl.num_slots == 6 and len(pl.replicas(0)) == 2, pl
+    scenario({"placement": pl, "num_chunks": 2}, dict(E=4, K=2, bias=True), [8, 5], tag="redundant")
+    # zero rows: all tokens to expert 0 (rank 0); rank 1 receives nothing; T=0 on rank 1
+    scenario({}, dict(E=4, K=1, bias=True), [6, 0], logits_fn=all_to_first, tag="zero-rows,T=0")
+    scenario({"num_chunks": 2}, dict(E=4, K=2, bias=True), [0, 5], logits_fn=skewed_logits, tag="dead-experts")
+    # T=0 on every rank (no hang, zero output)
+    scenario({}, dict(E=4, K=2), [0, 0], tag="all-empty")
+    # capacity: drops identical to the single-process layer (position and weight policies)
+    scenario({}, dict(E=4, K=2, bias=True, capacity=0.6), [7, 5], tag="capacity-position")
+    scenario({}, dict(E=4, K=2, bias=True, capacity=0.6, drop="weight", weight_on="output"), [7, 5],
+             tag="capacity-weight")
+    # external shared experts on rank 0 (which holds no routed experts)
+    scenario({"shared_experts": "external", "num_chunks": 2}, dict(E=4, K=2, bias=True, shared=True,
+             shared_gate=True), [5, 6], tag="external-shared")
+    # rebalance: measure loads, replicate the hottest, move weights; still exact (twice)
+    moe, ref = scenario({}, dict(E=4, K=2, bias=True), [6, 6], logits_fn=skewed_logits, tag="pre-rebalance")
+    new = rebalance(moe, num_redundant=2)
+    assert new.num_redundant == 2 and len(new.replicas(0)) == 2, new
+    xs, gs, ls = inputs(7, [6, 6], moe.dim, moe.num_experts, skewed_logits)
+    compare(ref, moe, xs, gs, ls, rank, tag="rebalanced")
+    # the optimizer step keeps replicas identical (their grads were summed)
+    opt = torch.optim.SGD(moe.parameters(), lr=0.1)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1)
+    opt.step()
+    opt_ref.step()
+    zero_grads(moe, ref)
+    xs, gs, ls = inputs(8, [3, 7], moe.dim, moe.num_experts, skewed_logits)
+    compare(ref, moe, xs, gs, ls, rank, tag="after-step")
+    # inputs that need no grad on one rank: that rank still joins the backward exchanges
+    moe = make_moe(5, E=4, K=2, bias=True)
+    ref = copy.deepcopy(moe)
+    apply_ep(moe)
+    xs, gs, _ = inputs(5, [5, 4], moe.dim)
+    run_ref(ref, xs, gs, None)
+    x = xs[rank].clone().requires_grad_(rank == 0)
+    (moe(x) * gs[rank]).sum().backward()
+    for name in moe.experts._param_names():
+        for j, e in enumerate(moe.experts.local_experts):
+            close(getattr(moe.experts, name).grad[j], getattr(ref.experts, name).grad[e], f"no-grad input: {name}")
+    # another transport plugs in through the Dispatcher interface
+    class Counting(AllToAllDispatcher):
+        calls = 0
+
+        def dispatch(self, x, layout, *, async_op=False):
+            Counting.calls += 1
+            return super().dispatch(x, layout, async_op=async_op)
+
+    scenario({"dispatcher": Counting(), "num_chunks": 2}, dict(E=4, K=2), [4, 5], tag="custom-dispatcher")
+    assert Counting.calls == 2, Counting.calls
+    # a DeviceMesh works as the group
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("ep",))
+    scenario({"group": mesh}, dict(E=4, K=2), [3, 4], tag="mesh")
+    # mismatched configs are an error on every rank, not a hang
+    moe = make_moe(0, E=4, K=2)
+    with pytest.raises(ValueError, match="num_chunks"):
+        apply_ep(moe, num_chunks=1 + rank)
+    moe = make_moe(rank, E=4, K=2)  # different weights
+    with pytest.raises(ValueError, match="weights_checksum"):
+        apply_ep(moe)
+    moe = make_moe(0, E=4 + rank, K=2)  # different config
+    with pytest.raises(ValueError, match="disagree"):
+        apply_ep(moe)
+    # no-grad (inference) path
+    moe = make_moe(3, E=4, K=2)
+    ref = copy.deepcopy(moe)
+    apply_ep(moe, num_chunks=2)
+    xs, _, _ = inputs(3, [4, 6], moe.dim)
+    with torch.no_grad():
+        close(moe(xs[rank]), ref(torch.cat(xs))[sum(x.shape[0] for x in xs[:rank]):][: xs[rank].shape[0]],
+              "no_grad output")
+
+
+def scenarios_4(rank):
+    scenario({"num_chunks": 2}, dict(E=8, K=3, bias=True), [3, 0, 5, 9], tag="w4-even")
+    pl = placement.redundant(torch.tensor([50.0, 1, 2, 30, 3, 4]), 4, 3)
+    scenario({"placement": pl}, dict(E=6, K=2, bias=True, weight_on="input"), [4, 6, 1, 5], tag="w4-redundant")
+    scenario({"placement": pl, "num_chunks": 3}, dict(E=6, K=2), [4, 6, 0, 5], tag="w4-redundant-chunks")
+    scenario({}, dict(E=6, K=2, bias=True, capacity=0.5), [5, 3, 6, 2], tag="w4-capacity")
+    # uneven: 7 experts over 4 ranks; one rank gets only dead experts
+    scenario({}, dict(E=7, K=2), [4, 4, 4, 4], logits_fn=skewed_logits, tag="w4-uneven-dead")
+    # two external shared ranks (their grads summed by sync_replicated_grads), 5 experts on 2 ranks
+    scenario({"shared_experts": "external", "num_shared_ranks": 2},
+             dict(E=5, K=2, bias=True, shared=True), [3, 4, 0, 6], tag="w4-external-shared")
+    # TP region: tp groups {0,1} and {2,3} hold replicated activations
+    tp_scenario(rank)
+
+
+def scenarios_8(rank):
+    Ts = [3, 0, 5, 2, 7, 1, 4, 6]
+    scenario({"num_chunks": 2}, dict(E=16, K=4, bias=True), Ts, tag="w8-even")
+    pl = placement.redundant(torch.tensor([40.0, 1, 2, 3, 30, 4, 5, 6, 7, 8, 20]), 8, 5)
+    scenario({"placement": pl}, dict(E=11, K=3, bias=True), Ts, tag="w8-redundant-uneven")
+    scenario({"shared_experts": "external"}, dict(E=12, K=2, shared=True), Ts, tag="w8-external-shared")
+
+
+def tp_scenario(rank):
+    W = dist.get_world_size()
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    tg = rank // 2
+    for chunks, Ts in ((1, [7, 4]), (2, [5, 0])):
+        moe = make_moe(11, E=8, K=2, bias=True, shared=True, shared_gate=True)
+        ref = copy.deepcopy(moe)
+        apply_ep(moe, tp_group=groups[tg], shared_experts="tp", num_chunks=chunks)
+        xs, gs, _ = inputs(11, Ts, moe.dim)
+        y_ref, gx_ref = run_ref(ref, xs, gs, None)
+        x = xs[tg].clone().requires_grad_()
+        y = moe(x)
+        (y * gs[tg]).sum().backward()
+        a = sum(Ts[:tg])
+        tag = f"tp chunks={chunks}"
+        close(y.detach(), y_ref[a:a + Ts[tg]], f"{tag}: output")
+        close(x.grad, gx_ref[a:a + Ts[tg]], f"{tag}: x grad")
+        ep = moe.experts
+        for name in ep._param_names():
+            for j, e in enumerate(ep.local_experts):
+                close(getattr(ep, name).grad[j], getattr(ref.experts, name).grad[e], f"{tag}: {name}.grad[{e}]")
+        with pytest.raises(ValueError, match="data-parallel"):
+            sync_replicated_grads(moe)  # ambiguous inside a TP region: needs the DP group
+        # router: replicated over TP, data-parallel over the TP groups
+        for p, q in zip(moe.router.parameters(), ref.router.parameters()):
+            g = p.grad.clone()
+            dist.all_reduce(g)
+            close(g / 2, q.grad, f"{tag}: router grad")
+        # shared experts: shard i of TP; sum over the TP groups
+        sh = moe.shared_experts
+        lo, hi = sh.hidden_slice
+        for name, sl in (("gate_proj", (slice(lo, hi),)), ("up_proj", (slice(lo, hi),)),
+                         ("down_proj", (slice(None), slice(lo, hi))), ("expert_gate", (slice(None),))):
+            g = getattr(sh.inner, name).weight.grad.clone()
+            dist.all_reduce(g)
+            if name == "expert_gate":
+                g = g / 2  # replicated over TP as well
+            else:
+                # sum over the two TP groups of the same shard: remove the other shard's ranks
+                mine = getattr(sh.inner, name).weight.grad.clone()
+                gl = [torch.zeros_like(mine) for _ in range(W)]
+                dist.all_gather(gl, mine)
+                g = gl[rank % 2] + gl[rank % 2 + 2]
+            close(g, getattr(ref.shared_experts, name).weight.grad[sl], f"{tag}: shared {name} grad")
+
+
+# ----------------------------------------------------------------------------- harness
+def _worker(rank, world, port, which):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        {"2": scenarios_2, "4": scenarios_4, "8": scenarios_8}[which](rank)
+        dist.barrier()
+    except BaseException:
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world, which, deadline_s=150):
+    ctx = mp.spawn(_worker, args=(world, _free_port(), which), nprocs=world, join=False)
+    t0 = time.time()
+    while not ctx.join(timeout=2):
+        if time.time() - t0 > deadline_s:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"{world}-process expert-parallel test did not finish in {deadline_s}s (hang?)")
+
+
+def test_ep_2_ranks():
+    _spawn(2, "2")
+
+
+def test_ep_4_ranks():
+    _spawn(4, "4")
+
+
+def test_ep_8_ranks():
+    _spawn(8, "8")
+
+
+# ----------------------------------------------------------------------------- single process
+def test_placements():
+    p = placement.contiguous(8, 4)
+    assert p.slots == ((0, 1), (2, 3), (4, 5), (6, 7)) and p.num_redundant == 0
+    p = placement.contiguous(7, 3)
+    assert p.slots == ((0, 1, 2), (3, 4), (5, 6))
+    p = placement.contiguous(5, 3, num_shared_ranks=1)
+    assert p.slots == ((), (0, 1, 2), (3, 4)) and p.shared_ranks == (0,)
+    p = placement.redundant([10, 0, 0, 90], 2, 2)
+    assert p.num_slots == 6 and len(p.replicas(3)) == 2 and len(p.replicas(0)) == 2
+    assert sorted(p.slot_counts) == [3, 3]
+    for r in p.slots:
+        assert len(set(r)) == len(r)
+    with pytest.raises(ValueError, match="on no rank"):
+        placement.Placement(3, ((0,), (1,)))
+    with pytest.raises(ValueError, match="num_shared_ranks"):
+        placement.contiguous(4, 2, num_shared_ranks=2)
+    with pytest.raises(ValueError, match="num_redundant"):
+        placement.redundant([1, 1], 2, 5)
+
+
+def test_apply_ep_needs_distributed():
+    moe = make_moe(0, E=4, K=2)
+    if dist.is_initialized():  # pragma: no cover
+        pytest.skip("a process group is already initialized")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        apply_ep(moe)
