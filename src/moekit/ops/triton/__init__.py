@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 try:
-    import triton  # noqa: F401
+    import triton
     import triton.language  # noqa: F401
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -25,7 +25,7 @@ import torch
 from ..api import Backend, register_backend
 from .ops import FusedExperts, fused_experts
 
-__all__ = ["fused_experts", "FusedExperts", "triton_available"]
+__all__ = ["FusedExperts", "fused_experts", "triton_available"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

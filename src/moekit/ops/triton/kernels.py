@@ -4,8 +4,8 @@ Legend: T tokens, D model dim, F expert hidden dim, H = 2F (gated) or F, E exper
 N routed rows in expert order (the RoutingPlan's rows).
 
 Row tiles follow the plan's sorted-by-expert layout: program ``m`` of a grouped GEMM finds its
-expert by a binary search over ``tile_cum_E`` (the running count of ``ceil(count_e / BLOCK_M)``
-tiles) and covers rows ``[start_e + local * BLOCK_M, ...)`` of that expert only, so a tile never
+expert from the running count of ``ceil(count_e / BLOCK_M)`` tiles (computed in the kernel) and
+covers rows ``[start_e + local * BLOCK_M, ...)`` of that expert only, so a tile never
 mixes experts and an expert's weights are read once per row tile (once in all for decode, where
 an expert's rows fit one tile). Programs past the last real tile exit at once (the grid is a
 static upper bound so that no host sync is needed).
@@ -113,19 +113,18 @@ def _glu_fwd_bwd(g, u, dout, ACT: tl.constexpr):
 
 # ----------------------------------------------------------------------------- tile schedule
 @triton.jit
-def _find_tile(pid_m, TILE_CUM, COUNTS, OFFSETS, E, LOG2E: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Expert ``e`` and first row of row-tile ``pid_m`` (``e == E`` when past the last tile)."""
-    lo = pid_m * 0
-    hi = lo + E
-    for _ in range(LOG2E):
-        mid = (lo + hi) // 2
-        c = tl.load(TILE_CUM + mid, mask=mid < E, other=2147483647)
-        left = c > pid_m
-        hi = tl.where(left, mid, hi)
-        lo = tl.where(left, lo, mid + 1)
-    e = lo
+def _find_tile(pid_m, COUNTS, OFFSETS, E, E_P2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Expert ``e`` and first row of row-tile ``pid_m`` (``e == E`` when past the last tile).
+
+    The tile schedule is computed in the kernel from the per-expert counts (one vector load of
+    E ints, a cumulative sum and a compare per program): no extra launches, no host sync."""
+    es = tl.arange(0, E_P2)
+    cnt = tl.load(COUNTS + es, mask=es < E, other=0)
+    tiles = (cnt + BLOCK_M - 1) // BLOCK_M
+    cum = tl.cumsum(tiles, 0)
+    e = tl.sum((cum <= pid_m).to(tl.int32), 0)
+    prev = tl.sum(tl.where(es < e, tiles, 0), 0)
     e_safe = tl.minimum(e, E - 1)
-    prev = tl.load(TILE_CUM + e_safe - 1, mask=e_safe > 0, other=0)
     end = tl.load(OFFSETS + e_safe)
     start = end - tl.load(COUNTS + e_safe)
     row0 = start + (pid_m - prev) * BLOCK_M
@@ -147,12 +146,12 @@ def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 @triton.jit
 def up_kernel(
     X, W, B, TOK, ROWW, H_OUT, A_OUT,
-    TILE_CUM, COUNTS, OFFSETS,
+    COUNTS, OFFSETS,
     E, D, F, num_pid_m,
     stride_xt, stride_we, stride_wh, stride_wd, stride_be,
     stride_hn, stride_an,
     GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, WOI: tl.constexpr,
-    STORE_H: tl.constexpr, LOG2E: tl.constexpr, PREC: tl.constexpr,
+    STORE_H: tl.constexpr, E_P2: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``h = x[tok] @ W[e].T (* w_row if WOI) + b``; stores h (pre-activation) and act(h).
@@ -164,7 +163,7 @@ def up_kernel(
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(F, BLOCK_N)
     pid_m, pid_n = _swizzle(pid, num_pid_m, num_pid_n, GROUP_M)
-    e, row0, row_end = _find_tile(pid_m, TILE_CUM, COUNTS, OFFSETS, E, LOG2E, BLOCK_M)
+    e, row0, row_end = _find_tile(pid_m, COUNTS, OFFSETS, E, E_P2, BLOCK_M)
     if e >= E:
         return
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -221,10 +220,10 @@ def up_kernel(
 @triton.jit
 def rows_gemm_kernel(
     A, W, B, Y,
-    TILE_CUM, COUNTS, OFFSETS,
+    COUNTS, OFFSETS,
     E, O, I, num_pid_m,
     stride_an, stride_we, stride_wo, stride_wi, stride_be, stride_yn,
-    HAS_BIAS: tl.constexpr, LOG2E: tl.constexpr, PREC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, E_P2: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``y[rows of e] = a[rows of e] @ W[e].T (+ b[e])`` with ``W[e]`` read as ``[O, I]`` through
@@ -233,7 +232,7 @@ def rows_gemm_kernel(
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(O, BLOCK_N)
     pid_m, pid_n = _swizzle(pid, num_pid_m, num_pid_n, GROUP_M)
-    e, row0, row_end = _find_tile(pid_m, TILE_CUM, COUNTS, OFFSETS, E, LOG2E, BLOCK_M)
+    e, row0, row_end = _find_tile(pid_m, COUNTS, OFFSETS, E, E_P2, BLOCK_M)
     if e >= E:
         return
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -285,7 +284,7 @@ def combine_kernel(
     if HAS_DOT:
         xt = tl.load(X + ts64[:, None] * stride_xt + ds[None, :],
                      mask=mask_t[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-    for k in range(0, K):
+    for k in range(K):
         r = tl.load(INV + ts64 * K + k, mask=mask_t, other=-1)
         ok = r >= 0
         v = tl.load(Y + r.to(tl.int64)[:, None] * stride_yn + ds[None, :],
@@ -306,11 +305,11 @@ def combine_kernel(
 @triton.jit
 def down_dgrad_kernel(
     G, W, B2, TOK, ROWW, HPRE, DH, DWT,
-    TILE_CUM, COUNTS, OFFSETS,
+    COUNTS, OFFSETS,
     E, D, F, num_pid_m, num_pid_n,
     stride_gt, stride_we, stride_wd, stride_wf, stride_be, stride_hn, stride_dhn,
     GATED: tl.constexpr, ACT: tl.constexpr, WOI: tl.constexpr, HAS_B2: tl.constexpr,
-    LOG2E: tl.constexpr, PREC: tl.constexpr,
+    E_P2: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``G = gout[tok] @ down[e]`` (rows gathered by token, no permuted copy of the output
@@ -321,7 +320,7 @@ def down_dgrad_kernel(
     ``DWT[row, pid_n]``."""
     pid = tl.program_id(0)
     pid_m, pid_n = _swizzle(pid, num_pid_m, num_pid_n, GROUP_M)
-    e, row0, row_end = _find_tile(pid_m, TILE_CUM, COUNTS, OFFSETS, E, LOG2E, BLOCK_M)
+    e, row0, row_end = _find_tile(pid_m, COUNTS, OFFSETS, E, E_P2, BLOCK_M)
     if e >= E:
         return
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -361,7 +360,7 @@ def down_dgrad_kernel(
         tl.store(dh_ptrs, (da * dact).to(DH.dtype.element_ty), mask=out_mask)
     if not WOI:
         part = tl.sum(tl.where(out_mask, acc * a, 0.0), axis=1)
-        if HAS_B2:
+        if HAS_B2:  # noqa: SIM102 - a constexpr branch around a run-time one
             if pid_n == 0:
                 bacc = tl.zeros((BLOCK_M,), dtype=tl.float32)
                 for k0 in range(0, D, BLOCK_K):
@@ -377,15 +376,15 @@ def down_dgrad_kernel(
 # ----------------------------------------------------------------------------- backward: weight grads
 @triton.jit
 def dw_kernel(
-    L, R, LTOK, RTOK, ROWW, DW, DB,
+    L, R, LTOK, RTOK, ROWW, DW,
     COUNTS, OFFSETS,
     O, I,
-    stride_l, stride_r, stride_we, stride_wo, stride_be,
+    stride_l, stride_r, stride_we, stride_wo,
     L_GATHER: tl.constexpr, R_GATHER: tl.constexpr, L_SCALE: tl.constexpr, R_SCALE: tl.constexpr,
-    HAS_DB: tl.constexpr, PREC: tl.constexpr,
+    PREC: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """``dW[e] = L[rows of e].T @ R[rows of e]`` (``[O, I]``) and ``dB[e] = sum L[rows of e]``.
+    """``dW[e] = L[rows of e].T @ R[rows of e]`` (``[O, I]``).
 
     ``L``/``R`` rows are read directly (sorted row r) or gathered by token (``L[tok[r]]``),
     optionally scaled by the row's routing weight, so neither the permuted output grad nor the
@@ -405,8 +404,6 @@ def dw_kernel(
     mask_i = is_ < I
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
-    if HAS_DB:
-        bacc = tl.zeros((BLOCK_O,), dtype=tl.float32)
     for r0 in range(start, end, BLOCK_K):
         rows = r0 + ks
         mr = rows < end
@@ -428,11 +425,48 @@ def dw_kernel(
             if R_SCALE:
                 rt = (rt.to(tl.float32) * rw[:, None]).to(R.dtype.element_ty)
         acc = tl.dot(tl.trans(lt), rt, acc, input_precision=PREC)
-        if HAS_DB:
-            if pid_i == 0:
-                bacc += tl.sum(lt.to(tl.float32), axis=0)
     dw_ptrs = DW + e64 * stride_we + os_[:, None].to(tl.int64) * stride_wo + is_[None, :]
     tl.store(dw_ptrs, acc.to(DW.dtype.element_ty), mask=mask_o[:, None] & mask_i[None, :])
-    if HAS_DB:
-        if pid_i == 0:
-            tl.store(DB + e64 * stride_be + os_, bacc.to(DB.dtype.element_ty), mask=mask_o)
+
+
+@triton.jit
+def bias_grad_kernel(
+    L, LTOK, ROWW, DB, COUNTS, OFFSETS, O, stride_l, stride_be,
+    L_GATHER: tl.constexpr, L_SCALE: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """``dB[e] = sum over rows of e of L[row]`` (gathered by token / scaled by the routing
+    weight like ``dw_kernel``'s L), a fixed-order segment sum in fp32."""
+    pid_o = tl.program_id(0)
+    e = tl.program_id(1)
+    end = tl.load(OFFSETS + e)
+    start = end - tl.load(COUNTS + e)
+    os_ = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    mask_o = os_ < O
+    rs = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_R):
+        rows = r0 + rs
+        mr = rows < end
+        rows64 = rows.to(tl.int64)
+        if L_GATHER:
+            lrow = tl.load(LTOK + rows64, mask=mr, other=0).to(tl.int64)
+        else:
+            lrow = rows64
+        lt = tl.load(L + lrow[:, None] * stride_l + os_[None, :], mask=mr[:, None] & mask_o[None, :],
+                     other=0.0).to(tl.float32)
+        if L_SCALE:
+            lt = lt * tl.load(ROWW + rows64, mask=mr, other=0.0)[:, None]
+        acc += tl.sum(lt, axis=0)
+    tl.store(DB + e.to(tl.int64) * stride_be + os_, acc.to(DB.dtype.element_ty), mask=mask_o)
+
+
+@triton.jit
+def zero_empty_experts_kernel(DW, COUNTS, per_expert, BLOCK: tl.constexpr):
+    """``DW[e] = 0`` for the experts with no rows (and nothing else is touched): after a
+    library grouped GEMM that may leave the K=0 groups unwritten."""
+    e = tl.program_id(1)
+    if tl.load(COUNTS + e) != 0:
+        return
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    zero = tl.zeros((BLOCK,), dtype=DW.dtype.element_ty)
+    tl.store(DW + e.to(tl.int64) * per_expert + offs, zero, mask=offs < per_expert)

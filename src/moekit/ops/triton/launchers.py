@@ -21,13 +21,14 @@ import triton
 from . import kernels as K
 
 __all__ = [
-    "interpreting",
-    "up_forward",
-    "rows_gemm",
+    "GemmConfig",
     "combine",
     "down_dgrad",
+    "dw_uses_grouped_mm",
+    "interpreting",
+    "rows_gemm",
+    "up_forward",
     "weight_grad",
-    "GemmConfig",
 ]
 
 
@@ -68,21 +69,29 @@ def _gemm_config(n_rows: int, n_experts: int, out_cols: int, kind: str, dtype) -
     avg = n_rows / max(1, n_experts)
     if avg <= 64:
         # decode / tiny batches: rows of an expert fit one tile; narrow column tiles so that
-        # enough programs stream the weights (each weight byte is read once)
+        # enough programs stream the weights (each weight byte is read once). With very few
+        # rows (a handful of touched experts) the tiles are narrower still, so that the
+        # programs fill several waves of the SMs rather than 1.5.
         bm = 16 if avg <= 16 else (32 if avg <= 32 else 64)
-        bn = 32 if kind == "up_gated" else 64
+        if n_rows <= 64:
+            bn = 16 if kind == "up_gated" else 32
+        else:
+            bn = 32 if kind == "up_gated" else 64
         return GemmConfig(bm, bn, 128, 4, 4, 1)
     if dtype == torch.float32:
         return GemmConfig(64, 64, 32, 4, 3, 8)
     o = _override("MOEKIT_TRITON_CONFIG")
     if o is not None:
-        if kind in ("up_gated", "dgrad_gated"):  # two accumulators: half the columns each
+        if kind in ("up_gated", "dgrad"):  # two accumulators / a heavy epilogue: half the columns
             return GemmConfig(o.BLOCK_M, max(16, o.BLOCK_N // 2), o.BLOCK_K, o.num_warps, o.num_stages)
         return o
-    if kind in ("up_gated", "dgrad_gated"):
-        # two accumulators (gate and up) of 128x64 each: the same registers as one 128x128
-        return GemmConfig(128, 64, 64, 8, 4, 8)
-    return GemmConfig(128, 128, 64, 8, 4, 8)
+    if kind == "dgrad":
+        # one accumulator, but the epilogue holds the gate and up pre-activation tiles too
+        return GemmConfig(128, 128, 64, 8, 3, 8)
+    if kind == "up_gated":
+        # two accumulators (gate and up) of 128x128: one 128x256 tile of the [gate; up] output
+        return GemmConfig(128, 128, 64, 8, 3, 8)
+    return GemmConfig(128, 256, 64, 8, 3, 8)
 
 
 def _dw_config(dtype) -> tuple[int, int, int, int, int]:
@@ -109,10 +118,6 @@ def _rows_contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _schedule(counts_E: torch.Tensor, block_m: int) -> torch.Tensor:
-    """Running count of row tiles per expert (int32 [E]); the kernels binary-search it."""
-    tiles = torch.div(counts_E.to(torch.int32) + (block_m - 1), block_m, rounding_mode="floor")
-    return torch.cumsum(tiles, 0, dtype=torch.int32)
 
 
 def _max_tiles(n_rows: int, n_experts: int, block_m: int) -> int:
@@ -120,8 +125,8 @@ def _max_tiles(n_rows: int, n_experts: int, block_m: int) -> int:
     return n_rows // block_m + min(n_experts, n_rows)
 
 
-def _log2e(n_experts: int) -> int:
-    return max(1, int(n_experts).bit_length())
+def _e_p2(n_experts: int) -> int:
+    return max(2, triton.next_power_of_2(int(n_experts)))
 
 
 # ----------------------------------------------------------------------------- forward
@@ -152,19 +157,18 @@ def up_forward(
     if N == 0:
         return h, a
     cfg = _gemm_config(N, E, F, "up_gated" if gated else "up", x_TD.dtype)
-    cum = _schedule(counts_E, cfg.BLOCK_M)
     num_pid_m = _max_tiles(N, E, cfg.BLOCK_M)
     grid = (num_pid_m * triton.cdiv(F, cfg.BLOCK_N),)
     K.up_kernel[grid](
         x_TD, w_EHD, b_EH if b_EH is not None else x_TD, token_ids_N,
         roww_N if roww_N is not None else x_TD, h, a,
-        cum, counts_E, offsets_E,
+        counts_E, offsets_E,
         E, D, F, num_pid_m,
         x_TD.stride(0), w_EHD.stride(0), w_EHD.stride(1), w_EHD.stride(2),
         b_EH.stride(0) if b_EH is not None else 0,
         h.stride(0) if store_h else 0, a.stride(0),
         GATED=gated, ACT=K.ACT_CODES[act], HAS_BIAS=b_EH is not None, WOI=roww_N is not None,
-        STORE_H=store_h, LOG2E=_log2e(E), PREC=_prec(x_TD.dtype),
+        STORE_H=store_h, E_P2=_e_p2(E), PREC=_prec(x_TD.dtype),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -189,16 +193,15 @@ def rows_gemm(
     if N == 0:
         return y
     cfg = _gemm_config(N, E, O, "rows", a_NI.dtype)
-    cum = _schedule(counts_E, cfg.BLOCK_M)
     num_pid_m = _max_tiles(N, E, cfg.BLOCK_M)
     grid = (num_pid_m * triton.cdiv(O, cfg.BLOCK_N),)
     K.rows_gemm_kernel[grid](
         a_NI, w_EOI, b_EO if b_EO is not None else a_NI, y,
-        cum, counts_E, offsets_E,
+        counts_E, offsets_E,
         E, O, I, num_pid_m,
         a_NI.stride(0), w_EOI.stride(0), w_EOI.stride(1), w_EOI.stride(2),
         b_EO.stride(0) if b_EO is not None else 0, y.stride(0),
-        HAS_BIAS=b_EO is not None, LOG2E=_log2e(E), PREC=_prec(a_NI.dtype),
+        HAS_BIAS=b_EO is not None, E_P2=_e_p2(E), PREC=_prec(a_NI.dtype),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -219,10 +222,9 @@ def combine(
     D = y_ND.shape[1]
     y_ND = _rows_contig(y_ND)
     out = y_ND.new_empty(T, D, dtype=out_dtype or y_ND.dtype)
-    if T == 0 or D == 0:
+    if T == 0 or D == 0 or Kk == 0:
         dot = y_ND.new_zeros((T, Kk) if dot_with_TD is not None else (0,), dtype=torch.float32)
-        if T:
-            out.zero_()
+        out.zero_()
         return out, dot
     block_d = 16 if interpreting() else min(1024, triton.next_power_of_2(D))
     block_t = 16 if interpreting() else max(1, 4096 // block_d)
@@ -269,25 +271,55 @@ def down_dgrad(
     dh = h_NH.new_empty(N, H)
     if N == 0:
         return dh, torch.zeros(0, device=g_TD.device, dtype=torch.float32)
-    cfg = _gemm_config(N, E, F, "dgrad_gated" if gated else "rows", g_TD.dtype)
-    cum = _schedule(counts_E, cfg.BLOCK_M)
+    cfg = _gemm_config(N, E, F, "dgrad", g_TD.dtype)
     num_pid_m = _max_tiles(N, E, cfg.BLOCK_M)
     num_pid_n = triton.cdiv(F, cfg.BLOCK_N)
     parts = torch.empty(N, num_pid_n, device=g_TD.device, dtype=torch.float32)
     grid = (num_pid_m * num_pid_n,)
     K.down_dgrad_kernel[grid](
         g_TD, w_EDF, b_ED if b_ED is not None else g_TD, token_ids_N, roww_N, h_NH, dh, parts,
-        cum, counts_E, offsets_E,
+        counts_E, offsets_E,
         E, D, F, num_pid_m, num_pid_n,
         g_TD.stride(0), w_EDF.stride(0), w_EDF.stride(1), w_EDF.stride(2),
         b_ED.stride(0) if b_ED is not None else 0, h_NH.stride(0), dh.stride(0),
         GATED=gated, ACT=K.ACT_CODES[act], WOI=woi, HAS_B2=b_ED is not None,
-        LOG2E=_log2e(E), PREC=_prec(g_TD.dtype),
+        E_P2=_e_p2(E), PREC=_prec(g_TD.dtype),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     dwt = torch.zeros(N, device=g_TD.device, dtype=torch.float32) if woi else parts.sum(-1)
     return dh, dwt
+
+
+_grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def dw_uses_grouped_mm(n_rows: int, n_experts: int, dim: int, hidden: int, dtype, device) -> bool:
+    """Whether the weight grads run as torch grouped_mm (cuBLAS) GEMMs over gathered copies
+    instead of ``dw_kernel``: ``MOEKIT_TRITON_DW`` = ``auto`` (the default) | ``triton`` |
+    ``grouped_mm``.
+
+    ``auto`` uses cuBLAS on a Hopper GPU in bf16 for large experts (``F >= 2048``: GPT-OSS,
+    Mixtral, DeepSeek), where cuBLAS's grouped GEMM is faster than ``dw_kernel`` (about 330
+    TFLOP/s there) at the price of a gathered [N, D] copy (measured on an H100, 2026-11-23:
+    fwd+bwd mixtral 34.8 vs 41.5 ms, deepseek-64e 39.8 vs 42.2, gpt-oss 24.6 vs 24.8, same
+    peak memory; benchmarks/results/H100-80GB-HBM3-dw-auto.json). The fine-grained shapes
+    (Qwen3, OLMoE) are best with the gather-in-prologue kernel (no copy, less memory)."""
+    mode = os.environ.get("MOEKIT_TRITON_DW", "auto")
+    if _grouped_mm is None or mode == "triton":
+        return False
+    aligned = dim % 8 == 0 and hidden % 8 == 0
+    if mode == "grouped_mm":
+        return aligned and dtype in (torch.float32, torch.bfloat16)
+    return (device.type == "cuda" and not interpreting() and dtype == torch.bfloat16 and aligned
+            and hidden >= 2048 and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def _gather_rows(src: torch.Tensor, tok: torch.Tensor | None, roww_N: torch.Tensor | None):
+    m = src if tok is None else src.index_select(0, tok)
+    if roww_N is not None:
+        m = (m.float() * roww_N[:, None]).to(src.dtype)
+    return m.contiguous()
 
 
 def weight_grad(
@@ -301,31 +333,68 @@ def weight_grad(
     offsets_E: torch.Tensor,
     out_dtype: torch.dtype,
     with_bias: bool,
+    use_grouped_mm: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``dW[e] = L[rows of e].T @ R[rows of e]`` ``[E, O, I]`` with rows of L/R read directly or
-    gathered by token (``*_tok``), the routing weight applied to L or R; and ``dB[e] = sum L``."""
+    gathered by token (``*_tok``), the routing weight applied to L or R; and ``dB[e] = sum L``.
+    ``use_grouped_mm``: materialise the gathered L and R and run torch's grouped GEMM."""
     E = counts_E.shape[0]
     O, I = l_src.shape[1], r_src.shape[1]
     l_src, r_src = _rows_contig(l_src), _rows_contig(r_src)
-    dw = torch.empty(E, O, I, device=l_src.device, dtype=out_dtype)
     db = torch.empty(E, O, device=l_src.device, dtype=out_dtype) if with_bias else None
     if E == 0 or O == 0 or I == 0:
-        dw.zero_()
         if db is not None:
             db.zero_()
-        return dw, db
+        return torch.zeros(E, O, I, device=l_src.device, dtype=out_dtype), db
+    scale = roww_N is not None
+    l_tok_arg = l_tok if l_tok is not None else counts_E
+    if use_grouped_mm:
+        n = l_tok.shape[0] if l_tok is not None else (r_tok.shape[0] if r_tok is not None else l_src.shape[0])
+        if n == 0:
+            dw = torch.zeros(E, O, I, device=l_src.device, dtype=out_dtype)
+        else:
+            lm = _gather_rows(l_src, l_tok, roww_N if scale and scale_left else None)
+            rm = _gather_rows(r_src, r_tok, roww_N if scale and not scale_left else None)
+            dw = _grouped_mm(lm.t(), rm, offs=offsets_E).to(out_dtype).contiguous()
+            del lm, rm
+            # experts without rows: a library may leave their K=0 groups unwritten. Zero just
+            # those (a full masked_fill over dW cost 2 ms and a dW-sized copy at Mixtral's shape)
+            per_e = O * I
+            block = 1024
+            K.zero_empty_experts_kernel[(triton.cdiv(per_e, block), E)](
+                dw, counts_E, per_e, BLOCK=block, num_warps=4)
+    else:
+        dw = _dw_triton(l_src, l_tok_arg, l_tok is not None, r_src, r_tok, roww_N, scale_left,
+                        counts_E, offsets_E, out_dtype)
+    if db is not None:
+        block_o = 16 if interpreting() else min(256, triton.next_power_of_2(O))
+        block_r = 16 if interpreting() else 32
+        K.bias_grad_kernel[(triton.cdiv(O, block_o), E)](
+            l_src, l_tok_arg, roww_N if scale else l_src, db, counts_E, offsets_E, O,
+            l_src.stride(0), db.stride(0),
+            L_GATHER=l_tok is not None, L_SCALE=scale and scale_left,
+            BLOCK_O=block_o, BLOCK_R=block_r, num_warps=4,
+        )
+    return dw, db
+
+
+def _dw_triton(l_src, l_tok_arg, l_gather, r_src, r_tok, roww_N, scale_left, counts_E, offsets_E,
+               out_dtype):
+    E = counts_E.shape[0]
+    O, I = l_src.shape[1], r_src.shape[1]
+    dw = torch.empty(E, O, I, device=l_src.device, dtype=out_dtype)
     bo, bi, bk, nw, ns = _dw_config(l_src.dtype)
     grid = (triton.cdiv(O, bo) * triton.cdiv(I, bi), E)
     scale = roww_N is not None
     K.dw_kernel[grid](
-        l_src, r_src, l_tok if l_tok is not None else counts_E, r_tok if r_tok is not None else counts_E,
-        roww_N if scale else l_src, dw, db if db is not None else dw,
+        l_src, r_src, l_tok_arg, r_tok if r_tok is not None else counts_E,
+        roww_N if scale else l_src, dw,
         counts_E, offsets_E,
         O, I,
-        l_src.stride(0), r_src.stride(0), dw.stride(0), dw.stride(1), db.stride(0) if db is not None else 0,
-        L_GATHER=l_tok is not None, R_GATHER=r_tok is not None,
+        l_src.stride(0), r_src.stride(0), dw.stride(0), dw.stride(1),
+        L_GATHER=l_gather, R_GATHER=r_tok is not None,
         L_SCALE=scale and scale_left, R_SCALE=scale and not scale_left,
-        HAS_DB=with_bias, PREC=_prec(l_src.dtype),
+        PREC=_prec(l_src.dtype),
         BLOCK_O=bo, BLOCK_I=bi, BLOCK_K=bk, num_warps=nw, num_stages=ns,
     )
-    return dw, db
+    return dw

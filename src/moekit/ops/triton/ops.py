@@ -6,12 +6,15 @@ Forward (3 kernels):  up (gather x rows by token + GEMM + bias + activation; sav
 pre-activation) -> down (grouped GEMM) -> combine (fixed-order weighted sum over k).
 Backward (5 kernels): down-dgrad (gather the output grad by token + GEMM, activation
 derivative and routing-weight grad in the epilogue) -> dW_down, dW_up (grouped GEMMs over each
-expert's rows, gathering by token) -> dX rows (grouped GEMM) -> gather-sum over k (no scatter,
-no atomics). Everything is deterministic.
+expert's rows, gathering by token; optionally, ``MOEKIT_TRITON_DW``, torch's cuBLAS grouped
+GEMM over gathered copies, see ``launchers.dw_uses_grouped_mm``) -> dX rows (grouped GEMM) -> gather-sum over k (no scatter, no atomics). Everything is deterministic.
 """
 
 from __future__ import annotations
 
+# the custom ops' signatures spell optional tensors as Optional[...]: the form torch.library's
+# schema inference has understood longest (torch 2.11 runs it on the GPU machine)
+# ruff: noqa: UP045
 from typing import Optional
 
 import torch
@@ -19,7 +22,7 @@ import torch
 from ...plan import RoutingPlan
 from . import launchers as L
 
-__all__ = ["fused_experts", "FusedExperts"]
+__all__ = ["FusedExperts", "fused_experts"]
 
 _NS = "moekit_triton"
 
@@ -87,16 +90,17 @@ def _(g, w, b, token_ids, roww, h, counts, offsets, act, gated, woi):
 def weight_grad_op(
     l_src: torch.Tensor, l_tok: Optional[torch.Tensor], r_src: torch.Tensor,
     r_tok: Optional[torch.Tensor], roww: Optional[torch.Tensor], scale_left: bool,
-    counts: torch.Tensor, offsets: torch.Tensor, with_bias: bool,
+    counts: torch.Tensor, offsets: torch.Tensor, with_bias: bool, use_grouped_mm: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     dw, db = L.weight_grad(
-        l_src, l_tok, r_src, r_tok, roww, scale_left, counts, offsets, l_src.dtype, with_bias
+        l_src, l_tok, r_src, r_tok, roww, scale_left, counts, offsets, l_src.dtype, with_bias,
+        use_grouped_mm,
     )
     return dw, (db if db is not None else l_src.new_empty(0))
 
 
 @weight_grad_op.register_fake
-def _(l_src, l_tok, r_src, r_tok, roww, scale_left, counts, offsets, with_bias):
+def _(l_src, l_tok, r_src, r_tok, roww, scale_left, counts, offsets, with_bias, use_grouped_mm=False):
     E, O, I = counts.shape[0], l_src.shape[1], r_src.shape[1]
     return l_src.new_empty(E, O, I), (l_src.new_empty(E, O) if with_bias else l_src.new_empty(0))
 
@@ -125,14 +129,16 @@ class FusedExperts(torch.autograd.Function):
         dh, dwt_N = down_dgrad_op(g, w_down, b_down, token_ids, roww, h, counts, offsets, act,
                                   gated, woi)
         dw_down = db_down = dw_up = db_up = dx = dtopk = None
+        cublas = L.dw_uses_grouped_mm(h.shape[0], counts.shape[0], x.shape[1], a.shape[1],
+                                      x.dtype, x.device)
         if need[2] or need[4]:
             dw_down, db_down = weight_grad_op(g, token_ids, a, None, None if woi else roww, True,
-                                              counts, offsets, b_down is not None)
+                                              counts, offsets, b_down is not None, cublas)
             if b_down is None:
                 db_down = None
         if need[1] or need[3]:
             dw_up, db_up = weight_grad_op(dh, None, x, token_ids, roww if woi else None, False,
-                                          counts, offsets, b_up is not None)
+                                          counts, offsets, b_up is not None, cublas)
             if b_up is None:
                 db_up = None
         if need[0] or (woi and need[5]):

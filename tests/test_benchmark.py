@@ -1,0 +1,79 @@
+"""The benchmark's CPU path (tiny shapes): rows, JSON and PNG are written with sane numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from moekit import benchmark
+
+
+def _impls():
+    impls = ["moekit-grouped_mm", "moekit-loop", "hf-eager"]
+    try:
+        from transformers.integrations import moe  # noqa: F401
+
+        impls.append("hf-grouped_mm")
+    except Exception:  # noqa: BLE001, S110 - transformers is optional here
+        pass
+    return impls
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU smoke-test path")
+def test_cpu_run_writes_json_and_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    logs = []
+    rows = benchmark.run(tmp_path, shapes=["tiny-cpu", "tiny-cpu-decode-T1", "tiny-cpu-layer"],
+                         impls=_impls(), rep_ms=5, log=logs.append)
+    assert any("no GPU" in line for line in logs)
+    data = json.loads((tmp_path / "cpu.json").read_text())
+    assert (tmp_path / "cpu.png").stat().st_size > 1000
+    assert data["meta"]["cpu_smoke_test"] is True and data["meta"]["device"] == "cpu"
+    assert len(data["rows"]) == len(rows) >= 2 * len(_impls()) + 1
+    keys = {"shape", "impl", "fwd_ms", "fwd_bwd_ms", "fwd_tflops", "fwd_bwd_tflops",
+            "peak_mem_gib", "rel_err", "device"}
+    for r in data["rows"]:
+        assert keys <= set(r), r
+        assert "error" not in r, r
+        assert r["device"] == "cpu"
+        assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0
+        assert r["fwd_tflops"] > 0 and math.isfinite(r["fwd_bwd_tflops"])
+        if r["kind"] != "layer":
+            assert r["rel_err"] < 1e-5 and r["grad_rel_err"] < 1e-5, r  # fp32 on CPU
+        if r["kind"] == "decode":
+            assert r["weight_bytes"] > 0 and r["weight_gbps"] > 0
+    assert {r["impl"] for r in data["rows"] if r["kind"] == "layer"} == {"moekit-layer-grouped_mm"}
+
+
+def test_shapes_table_and_flops():
+    names = [s.name for s in benchmark.SHAPES]
+    assert {"qwen3-30b-a3b", "olmoe", "gpt-oss-20b", "mixtral-8x7b", "deepseek-v3-64e",
+            "qwen3-decode-T1", "qwen3-decode-T8", "qwen3-decode-T64", "qwen3-30b-a3b-layer",
+            "deepseek-v3-64e-layer"} == set(names)
+    q = next(s for s in benchmark.SHAPES if s.name == "qwen3-30b-a3b")
+    assert (q.T, q.D, q.F, q.E, q.K) == (16384, 2048, 768, 128, 8)
+    assert q.fwd_flops == 6 * 16384 * 8 * 2048 * 768
+
+
+def test_markdown_table_and_errors():
+    rows = [{"shape": "s", "impl": "a", "fwd_ms": 1.0, "fwd_bwd_ms": 3.0, "fwd_tflops": 10.0,
+             "fwd_bwd_tflops": 10.0, "peak_mem_gib": 0.5, "rel_err": 1e-3},
+            {"shape": "s", "impl": "b", "error": "RuntimeError('x')"}]
+    md = benchmark.markdown_table(rows)
+    assert "| s | a | 1.000 | 3.000 |" in md and "| s | b | error |" in md
+
+
+def test_unknown_impl_is_rejected():
+    with pytest.raises(ValueError, match="unknown"):
+        benchmark._get_impl("nope")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU smoke-test path")
+def test_main_cli(tmp_path):
+    assert benchmark.main(["--out", str(tmp_path), "--shapes", "tiny-cpu", "--impls",
+                           "moekit-loop", "--rep-ms", "2"]) == 0
+    data = json.loads((tmp_path / "cpu.json").read_text())
+    assert [r["impl"] for r in data["rows"]] == ["moekit-loop"]
