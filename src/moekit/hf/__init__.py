@@ -1,0 +1,44 @@
+"""Hugging Face transformers integration (``pip install 'moekit[hf]'``, transformers >= 5).
+
+* ``experts_implementation="moekit"``: importing this package registers moekit in
+  transformers' ``ExpertsInterface`` (:func:`register`), so every ``@use_experts_implementation``
+  experts module can run through moekit's grouped experts.
+* :func:`patch` / :func:`unpatch`: replace every sparse MoE block by a :class:`moekit.MoE`
+  (:class:`HFMoE`) carrying the same weights, and put the transformers blocks back.
+* :func:`config_from_hf`: the :class:`moekit.MoE.Config` of a model's sparse block.
+* :func:`from_hf_state_dict` / :func:`to_hf_state_dict`: checkpoint conversion.
+
+See docs/hf.md.
+"""
+
+try:
+    import transformers  # noqa: F401
+    from transformers.integrations.moe import ExpertsInterface  # noqa: F401
+except ImportError as e:  # pragma: no cover - exercised without transformers only
+    raise ImportError(
+        "moekit.hf needs transformers >= 5 (with transformers.integrations.moe); "
+        "install it with: pip install 'moekit[hf]'"
+    ) from e
+
+from .convert import PER_EXPERT_NAMES, from_hf_state_dict, to_hf_state_dict
+from .experts_impl import EXPERTS_IMPLEMENTATION, moekit_experts_forward, register
+from .families import FAMILIES, FamilySpec
+from .patching import HFMoE, PatchError, config_from_hf, patch, unpatch
+
+register()
+
+__all__ = [
+    "EXPERTS_IMPLEMENTATION",
+    "FAMILIES",
+    "FamilySpec",
+    "HFMoE",
+    "PER_EXPERT_NAMES",
+    "PatchError",
+    "config_from_hf",
+    "from_hf_state_dict",
+    "moekit_experts_forward",
+    "patch",
+    "register",
+    "to_hf_state_dict",
+    "unpatch",
+]
