@@ -75,13 +75,6 @@ def _has_default_gate(module) -> bool:
     return getattr(type(module), "_apply_gate", None) is _default_apply_gate
 
 
-def _staged_linear_backend(name: str, device: torch.device, dtype: torch.dtype):
-    b = _api.resolve_backend(name, device, dtype)
-    if b.grouped_linear is None:  # a fused-only backend: run its stages on grouped_mm
-        b = _api.resolve_backend("grouped_mm", device, dtype)
-    return b
-
-
 def _module_layout(module):
     """(w_up [E, H, D], b_up, w_down [E, D, F], b_down) as views in moekit's orientation."""
     has_gate = getattr(module, "has_gate", True)
@@ -156,7 +149,7 @@ def moekit_experts_forward(
         return y.to(out_dtype)
 
     # staged path with the module's own gate / activation / post-expert norm
-    b = _staged_linear_backend(backend, x.device, x.dtype)
+    b = _api.staged_backend(backend, x.device, x.dtype)
     plan = make_plan(ids, E)
     x_ND = permute(x, plan)
     h = b.grouped_linear(x_ND, w_up, plan, b_up)

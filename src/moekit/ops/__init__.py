@@ -10,6 +10,7 @@ from .api import (
     moe_experts,
     register_backend,
     resolve_backend,
+    staged_backend,
 )
 from .stages import permute, row_weights, unpermute
 
@@ -26,5 +27,6 @@ __all__ = [
     "register_backend",
     "resolve_backend",
     "row_weights",
+    "staged_backend",
     "unpermute",
 ]

@@ -25,6 +25,7 @@ __all__ = [
     "register_backend",
     "available_backends",
     "resolve_backend",
+    "staged_backend",
     "expert_up",
     "expert_down",
     "moe_experts",
@@ -118,12 +119,14 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Back
     return b
 
 
-def _staged(backend: Backend) -> Backend:
-    """A backend that has the per-stage ``grouped_linear`` (a fused-only backend's stages run
-    on grouped_mm)."""
-    if backend.grouped_linear is not None:
-        return backend
-    return _BACKENDS["grouped_mm"]
+def staged_backend(backend: str | Backend, device: torch.device, dtype: torch.dtype) -> Backend:
+    """The backend whose per-stage ``grouped_linear`` runs ``backend``'s stages: itself when it
+    has one; for a fused-only backend (triton) grouped_mm where it runs, else the loop."""
+    b = backend if isinstance(backend, Backend) else resolve_backend(backend, device, dtype)
+    if b.grouped_linear is not None:
+        return b
+    mm = _BACKENDS["grouped_mm"]
+    return mm if mm.available(device, dtype) else _BACKENDS["loop"]
 
 
 def expert_up(
@@ -137,8 +140,8 @@ def expert_up(
     backend: str | Backend = "auto",
 ) -> torch.Tensor:
     """Up projection (``H = 2F`` when gated, else ``F``) and the activation: ``[N, F]``."""
-    b = backend if isinstance(backend, Backend) else resolve_backend(backend, x_ND.device, x_ND.dtype)
-    h_NH = _staged(b).grouped_linear(x_ND, w_up_EHD, plan, bias_EH)
+    b = staged_backend(backend, x_ND.device, x_ND.dtype)
+    h_NH = b.grouped_linear(x_ND, w_up_EHD, plan, bias_EH)
     return get_activation(activation)(h_NH, gated)
 
 
@@ -151,8 +154,8 @@ def expert_down(
     backend: str | Backend = "auto",
 ) -> torch.Tensor:
     """Down projection ``[N, D]`` (the bias is added per routed row)."""
-    b = backend if isinstance(backend, Backend) else resolve_backend(backend, h_NF.device, h_NF.dtype)
-    return _staged(b).grouped_linear(h_NF, w_down_EDF, plan, bias_ED)
+    b = staged_backend(backend, h_NF.device, h_NF.dtype)
+    return b.grouped_linear(h_NF, w_down_EDF, plan, bias_ED)
 
 
 def check_expert_args(x_TD, w_up, w_down, topk_ids, topk_weights, b_up, b_down) -> bool:
