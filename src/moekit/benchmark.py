@@ -614,9 +614,9 @@ def plot(rows: list[dict], meta: dict, path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, default_out: str = "benchmarks/results") -> int:
     p = argparse.ArgumentParser(prog="moekit bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="benchmarks/results", help="output folder (default %(default)s)")
+    p.add_argument("--out", default=default_out, help="output folder (default %(default)s)")
     p.add_argument("--shapes", nargs="*", default=None, help="shape names (default: all)")
     p.add_argument("--impls", nargs="*", default=None, help=f"impls (default: by device); of {IMPLS}")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")

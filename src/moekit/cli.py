@@ -253,9 +253,7 @@ def _cmd_bench(argv: list[str]) -> int:
         dev = dev or next((x.split("=", 1)[1] for x in argv if x.startswith("--device=")), None)
         if dev is not None:
             _check_device(dev)
-        if not any(x == "--out" or x.startswith("--out=") for x in argv):
-            argv = [*argv, "--out", "moekit-out/bench"]
-    rc = entry(list(argv))
+    rc = entry(list(argv), default_out="moekit-out/bench")
     return 0 if rc is None else int(rc)
 
 
