@@ -249,3 +249,10 @@ def test_check_local_path(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "parity OK" in out and "model.layers.1.mlp" in out
+
+
+def test_tiny_families_match_the_hf_package():
+    pytest.importorskip("transformers")
+    from moekit.hf.tiny import TINY_FAMILIES
+
+    assert cli.TINY_FAMILIES == TINY_FAMILIES

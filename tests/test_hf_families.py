@@ -22,122 +22,14 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.integrations.moe import ExpertsInterface  # noqa: E402
 
 import moekit  # noqa: E402
+from moekit.hf.tiny import COMMON_FIELDS as COMMON  # noqa: E402
+from moekit.hf.tiny import build_tiny, tiny_config  # noqa: E402
 
 warnings.filterwarnings("ignore")
 transformers.logging.set_verbosity_error()
 
-V = 97
-COMMON = dict(
-    vocab_size=V,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    max_position_embeddings=64,
-    initializer_range=0.2,
-    pad_token_id=0,
-    eos_token_id=1,
-    bos_token_id=2,
-)
-
-
-def _cfg(family: str, **over):
-    T = transformers
-    c = dict(COMMON)
-    if family == "mixtral":
-        return T.MixtralConfig(
-            **{
-                **c,
-                "intermediate_size": 16,
-                "num_local_experts": 4,
-                "num_experts_per_tok": 2,
-                **over,
-            }
-        )
-    if family == "qwen2_moe":
-        return T.Qwen2MoeConfig(
-            **{
-                **c,
-                "intermediate_size": 24,
-                "moe_intermediate_size": 16,
-                "shared_expert_intermediate_size": 20,
-                "num_experts": 4,
-                "num_experts_per_tok": 2,
-                **over,
-            }
-        )
-    if family in ("qwen3_moe", "qwen3_moe_norm"):
-        return T.Qwen3MoeConfig(
-            **{
-                **c,
-                "intermediate_size": 24,
-                "moe_intermediate_size": 16,
-                "num_experts": 4,
-                "num_experts_per_tok": 2,
-                "norm_topk_prob": family == "qwen3_moe_norm",
-                **over,
-            }
-        )
-    if family == "deepseek_v3":
-        c.pop("head_dim")
-        return T.DeepseekV3Config(
-            **{
-                **c,
-                "intermediate_size": 24,
-                "moe_intermediate_size": 16,
-                "n_routed_experts": 8,
-                "num_experts_per_tok": 2,
-                "n_group": 4,
-                "topk_group": 2,
-                "first_k_dense_replace": 1,
-                "n_shared_experts": 1,
-                "kv_lora_rank": 8,
-                "q_lora_rank": 8,
-                "qk_rope_head_dim": 4,
-                "qk_nope_head_dim": 4,
-                "v_head_dim": 8,
-                "routed_scaling_factor": 2.5,
-                **over,
-            }
-        )
-    if family == "gpt_oss":
-        return T.GptOssConfig(
-            **{
-                **c,
-                "intermediate_size": 16,
-                "num_local_experts": 4,
-                "num_experts_per_tok": 2,
-                **over,
-            }
-        )
-    if family == "llama4":
-        return T.Llama4TextConfig(
-            **{
-                **c,
-                "intermediate_size": 16,
-                "intermediate_size_mlp": 24,
-                "num_local_experts": 4,
-                "num_experts_per_tok": 1,
-                **over,
-            }
-        )
-    if family == "olmoe":
-        return T.OlmoeConfig(
-            **{**c, "intermediate_size": 16, "num_experts": 4, "num_experts_per_tok": 2, **over}
-        )
-    if family == "minimax":  # not in moekit's map: the generic path
-        return T.MiniMaxConfig(
-            **{
-                **c,
-                "intermediate_size": 16,
-                "num_local_experts": 4,
-                "num_experts_per_tok": 2,
-                "layer_types": ["full_attention"] * 2,
-                **over,
-            }
-        )
-    raise KeyError(family)
+V = 97  # the tiny models' vocabulary (moekit.hf.tiny)
+_cfg = tiny_config
 
 
 FAMILIES = [
@@ -153,23 +45,7 @@ FAMILIES = [
 
 
 def _build(config) -> torch.nn.Module:
-    torch.manual_seed(0)
-    if config.model_type == "llama4_text":
-        model = transformers.Llama4ForCausalLM(config)
-    else:
-        model = AutoModelForCausalLM.from_config(config)
-    # randomise routing weights and the zero-initialised routing / expert biases, so that a
-    # wrong bias, scale or layout shows in the logits
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if not t.is_floating_point() or "rotary" in name or "inv_freq" in name:
-                continue
-            if "e_score_correction_bias" in name:
-                t.copy_(torch.rand(t.shape, generator=g) * 0.3)
-            elif any(s in name for s in ("bias", "router", "gate.weight")):
-                t.copy_(torch.randn(t.shape, generator=g) * 0.5)
-    return model.float().eval()
+    return build_tiny(config, seed=0).float().eval()
 
 
 def _ids(B=2, S=7, seed=3):

@@ -258,65 +258,15 @@ def _cmd_bench(argv: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------- check
-def _tiny_cfg(family: str):
-    """A random tiny transformers config of ``family`` (2 layers, hidden 32), built offline."""
-    import transformers as T
-
-    c = {
-        "vocab_size": 97, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 64,
-        "initializer_range": 0.2, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
-    }
-    if family == "mixtral":
-        return T.MixtralConfig(**c, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2)
-    if family == "qwen2_moe":
-        return T.Qwen2MoeConfig(**c, intermediate_size=24, moe_intermediate_size=16,
-                                shared_expert_intermediate_size=20, num_experts=4, num_experts_per_tok=2)
-    if family == "qwen3_moe":
-        return T.Qwen3MoeConfig(**c, intermediate_size=24, moe_intermediate_size=16, num_experts=4,
-                                num_experts_per_tok=2, norm_topk_prob=True)
-    if family == "olmoe":
-        return T.OlmoeConfig(**c, intermediate_size=16, num_experts=4, num_experts_per_tok=2)
-    if family == "deepseek_v3":
-        c.pop("head_dim")
-        return T.DeepseekV3Config(
-            **c, intermediate_size=24, moe_intermediate_size=16, n_routed_experts=8,
-            num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
-            n_shared_experts=1, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4,
-            qk_nope_head_dim=4, v_head_dim=8, routed_scaling_factor=2.5,
-        )
-    if family == "gpt_oss":
-        return T.GptOssConfig(**c, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2)
-    if family == "llama4":
-        return T.Llama4TextConfig(**c, intermediate_size=16, intermediate_size_mlp=24,
-                                  num_local_experts=4, num_experts_per_tok=1)
-    raise KeyError(family)
-
-
+# the families of moekit.hf.tiny (not imported here: that needs transformers; a test checks
+# that the two agree)
 TINY_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "llama4")
 
 
 def _tiny_model(family: str, seed: int):
-    import transformers
+    from .hf.tiny import tiny_model
 
-    config = _tiny_cfg(family)
-    torch.manual_seed(seed)
-    if config.model_type == "llama4_text":
-        model = transformers.Llama4ForCausalLM(config)
-    else:
-        model = transformers.AutoModelForCausalLM.from_config(config)
-    # random routing weights and routing / expert biases (zeros at init), so that a wrong
-    # bias, scale or layout would show in the logits and in the routing
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if not t.is_floating_point() or "rotary" in name or "inv_freq" in name:
-                continue
-            if "e_score_correction_bias" in name:
-                t.copy_(torch.rand(t.shape, generator=g) * 0.3)
-            elif any(s in name for s in ("bias", "router", "gate.weight")):
-                t.copy_(torch.randn(t.shape, generator=g) * 0.5)
-    return model
+    return tiny_model(family, seed)
 
 
 def _first_int_2d(values):
