@@ -32,7 +32,22 @@ __all__ = ["GroupedExperts"]
 ROUTING_WEIGHT_ON = ("output", "input")
 
 
-class GroupedExperts(Module):
+class UpProjectionAccess:
+    """``w_up`` / ``b_up``: the up projection and its bias whatever their names (``gate_up_proj``
+    when gated, ``up_proj`` otherwise: the module's ``up_name``)."""
+
+    up_name: str
+
+    @property
+    def w_up(self) -> torch.Tensor:
+        return getattr(self, self.up_name)
+
+    @property
+    def b_up(self) -> torch.Tensor | None:
+        return getattr(self, self.up_name + "_bias")
+
+
+class GroupedExperts(UpProjectionAccess, Module):
     @dataclass(kw_only=True)
     class Config(Config):
         activation: str = "silu"
@@ -87,15 +102,6 @@ class GroupedExperts(Module):
             self.down_proj_bias = None
         self.last_plan: RoutingPlan | None = None
         self.init_weights()
-
-    @property
-    def w_up(self) -> torch.Tensor:
-        """The up projection, whichever its name (``gate_up_proj`` or ``up_proj``)."""
-        return getattr(self, self.up_name)
-
-    @property
-    def b_up(self) -> torch.Tensor | None:
-        return getattr(self, self.up_name + "_bias")
 
     def init_weights(self, init_std: float = 0.02, out_std: float | None = None) -> None:
         """As torchtitan: the gate rows (or a non-gated up projection) ~ N(0, 0.02) truncated;

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..experts import GroupedExperts
+from ..experts import GroupedExperts, UpProjectionAccess
 from ..moe import MoE
 from ..ops.api import expert_down, expert_up, resolve_backend
 from ..ops.stages import permute, unpermute
@@ -108,7 +108,7 @@ class _ReplicaGradSum(torch.autograd.Function):
         return (None, *out)
 
 
-class ExpertParallelExperts(nn.Module):
+class ExpertParallelExperts(UpProjectionAccess, nn.Module):
     """The routed experts of one rank of an expert-parallel group; same ``forward`` as
     :class:`~moekit.GroupedExperts` (``y_TD`` with the routing weights applied and summed
     over K). Parameters keep their names (``gate_up_proj`` / ``up_proj``, ``down_proj``,
@@ -152,14 +152,6 @@ class ExpertParallelExperts(nn.Module):
     @property
     def is_shared_rank(self) -> bool:
         return self.rank in self.placement.shared_ranks
-
-    @property
-    def w_up(self) -> torch.Tensor:
-        return getattr(self, self.up_name)
-
-    @property
-    def b_up(self) -> torch.Tensor | None:
-        return getattr(self, self.up_name + "_bias")
 
     def _param_names(self) -> list[str]:
         names = [self.up_name, "down_proj"]
