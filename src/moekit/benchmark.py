@@ -220,6 +220,25 @@ def _time_ms(fn, device, *, rep_ms: int = 100) -> float:
     return statistics.median(times)
 
 
+def _time_fwd_bwd(row: dict, fb, shape: Shape, device, rep_ms: int) -> None:
+    """Time ``fb`` (one forward+backward), measure its peak memory above what is allocated
+    before it (CUDA), and fill the row's fwd_bwd_ms, peak_mem_gib and TFLOP/s columns
+    (forward 6*T*K*D*F, backward twice that)."""
+    row["fwd_bwd_ms"] = _time_ms(fb, device, rep_ms=rep_ms)
+    row["peak_mem_gib"] = None
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        grads = fb()
+        _sync(device)
+        row["peak_mem_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+        del grads
+    row["fwd_tflops"] = shape.fwd_flops / row["fwd_ms"] / 1e9
+    row["fwd_bwd_tflops"] = 3 * shape.fwd_flops / row["fwd_bwd_ms"] / 1e9
+
+
 def measure_ceilings(device) -> dict:
     """Measured bf16 matmul TFLOP/s (8192^3) and device copy GB/s (read + write)."""
     if device.type != "cuda":
@@ -285,18 +304,7 @@ def _bench_layer(shape: Shape, backend: str, device, dtype, *, rep_ms):
         return torch.autograd.grad(moe(x), [x] + params, g)
 
     fb()
-    row["fwd_bwd_ms"] = _time_ms(fb, device, rep_ms=rep_ms)
-    row["peak_mem_gib"] = None
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        grads = fb()
-        _sync(device)
-        row["peak_mem_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
-        del grads
-    row["fwd_tflops"] = shape.fwd_flops / row["fwd_ms"] / 1e9
-    row["fwd_bwd_tflops"] = 3 * shape.fwd_flops / row["fwd_bwd_ms"] / 1e9
+    _time_fwd_bwd(row, fb, shape, device, rep_ms)
     row["has_shared_expert"] = cfg.shared_experts is not None
     return row
 
@@ -481,19 +489,7 @@ def _bench_experts_g(shape, impl, dev, dtype, inputs, ref, g_full, *, rep_ms):
     grads = fb()
     row["grad_rel_err"] = _rel(grads[0][:s].float(), ref["dx"])
     del grads
-    row["fwd_bwd_ms"] = _time_ms(fb, dev, rep_ms=rep_ms)
-    row["peak_mem_gib"] = None
-    if dev.type == "cuda":
-        _sync(dev)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
-        grads = fb()
-        _sync(dev)
-        row["peak_mem_gib"] = (torch.cuda.max_memory_allocated(dev) - base) / 2**30
-        del grads
-    row["fwd_tflops"] = shape.fwd_flops / row["fwd_ms"] / 1e9
-    row["fwd_bwd_tflops"] = 3 * shape.fwd_flops / row["fwd_bwd_ms"] / 1e9
+    _time_fwd_bwd(row, fb, shape, dev, rep_ms)
     return row
 
 
