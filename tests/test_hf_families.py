@@ -65,21 +65,9 @@ def _loss(out):
     return (out.logits * w).sum()
 
 
-def _grads(model) -> dict:
-    """Gradients under the transformers names and layouts (HFMoE blocks mapped back)."""
-    out = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    for qn, mod in model.named_modules():
-        if isinstance(mod, mh.HFMoE):
-            for k in [k for k in out if k.startswith(qn + ".")]:
-                del out[k]
-            for hk, g in mod.hf_tensors("grad").items():
-                out[f"{qn}.{hk}"] = g
-    return out
-
-
 def _check_grads(model, ref_model):
     ref = {n: p.grad for n, p in ref_model.named_parameters() if p.grad is not None}
-    got = _grads(model)
+    got = mh.grads_by_hf_name(model)
     assert set(got) == set(ref), f"grad names differ: {sorted(set(got) ^ set(ref))[:6]}"
     for n in ref:
         _tol_close(got[n], ref[n], f"grad {n}")

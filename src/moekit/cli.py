@@ -323,18 +323,6 @@ class _RoutingRecorder:
             h.remove()
 
 
-def _grads_hf_names(model, mh) -> dict:
-    """Gradients under the transformers names and layouts (patched blocks mapped back)."""
-    out = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    for qn, mod in model.named_modules():
-        if isinstance(mod, mh.HFMoE):
-            for k in [k for k in out if k.startswith(qn + ".")]:
-                del out[k]
-            for hk, g in mod.hf_tensors("grad").items():
-                out[f"{qn}.{hk}"] = g
-    return out
-
-
 def run_check(model: str | None = None, *, tiny: str | None = None, backend: str = "auto",
               device: str = "cpu", batch: int = 2, seq_len: int = 16, seed: int = 0,
               tol: float = 1e-4, log=print) -> dict:
@@ -388,7 +376,7 @@ def run_check(model: str | None = None, *, tiny: str | None = None, backend: str
     logits_err = (out.logits.float() - out_ref.logits.float()).abs().max().item()
     logits_rel = logits_err / max(scale, 1e-12)
     g_ref = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
-    g_got = _grads_hf_names(patched, mh)
+    g_got = mh.grads_by_hf_name(patched)
     missing = sorted(set(g_ref) ^ set(g_got))
     grad_rel, worst = 0.0, None
     for n in sorted(set(g_ref) & set(g_got)):

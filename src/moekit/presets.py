@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-
-
 from .experts import GroupedExperts
 from .moe import MoE
 from .router import TokenChoiceTopKRouter

@@ -23,11 +23,12 @@ except ImportError as e:  # pragma: no cover - exercised without transformers on
 from .convert import PER_EXPERT_NAMES, from_hf_state_dict, to_hf_state_dict
 from .experts_impl import EXPERTS_IMPLEMENTATION, moekit_experts_forward, register
 from .families import FAMILIES, FamilySpec
-from .patching import HFMoE, PatchError, config_from_hf, patch, unpatch
+from .patching import HFMoE, PatchError, config_from_hf, grads_by_hf_name, patch, unpatch
 
 register()
 
 __all__ = [
+    "grads_by_hf_name",
     "EXPERTS_IMPLEMENTATION",
     "FAMILIES",
     "FamilySpec",

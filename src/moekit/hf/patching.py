@@ -40,7 +40,9 @@ from .families import (
     top_k_of,
 )
 
-__all__ = ["HFMoE", "config_from_hf", "patch", "unpatch", "block_param_map", "PatchError"]
+__all__ = [
+    "HFMoE", "config_from_hf", "patch", "unpatch", "block_param_map", "PatchError", "grads_by_hf_name",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -778,3 +780,17 @@ def unpatch(model: nn.Module) -> list[str]:
         _set_child(model, name, block)
         done.append(name)
     return done
+
+
+def grads_by_hf_name(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The gradients of ``model`` under the transformers names and layouts: those of patched
+    blocks mapped back to the original block's parameters (to compare with an unpatched
+    copy)."""
+    out = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    for qn, mod in model.named_modules():
+        if isinstance(mod, HFMoE):
+            for k in [k for k in out if k.startswith(qn + ".")]:
+                del out[k]
+            for hk, g in mod.hf_tensors("grad").items():
+                out[f"{qn}.{hk}"] = g
+    return out
