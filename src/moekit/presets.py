@@ -148,5 +148,3 @@ def preset_sizes(cfg: MoE.Config) -> PresetSizes:
         shared = (3 if s.is_gated else 2) * D * s.hidden_dim + (D if s.use_gate else 0)
     active = router + K * per_expert + shared
     return PresetSizes(router + E * per_expert + shared, active, 2 * active)
-
-
