@@ -200,3 +200,18 @@ def test_capacity_drop_count_example():
     p = make_plan(ids, 2, capacity_factor=1.0)  # capacity ceil(4/2) = 2
     assert p.capacity == 2 and int(p.num_dropped) == 1
     assert p.inverse_TK[:, 0].tolist()[2] == -1
+
+
+def test_count_per_expert_matches_bincount():
+    from moekit.plan import count_per_expert
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 7, (50, 3), generator=g)
+    ids[ids == 5] = 6  # an expert with no rows
+    got = count_per_expert(ids, 9)
+    assert got.dtype == torch.int64
+    assert torch.equal(got, torch.bincount(ids.reshape(-1), minlength=9))
+    w = torch.rand(50, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(count_per_expert(ids, 9, w),
+                               torch.bincount(ids.reshape(-1), weights=w.reshape(-1), minlength=9))
+    assert torch.equal(count_per_expert(torch.zeros(0, 2, dtype=torch.int64), 3), torch.zeros(3, dtype=torch.int64))

@@ -229,3 +229,22 @@ else:
         ts, ids, gy = _inputs(T, D, F, E, K, True, bias=bias, seed=21)
         ids[ids == 2] = 3  # an expert without rows
         _check_fp32(ts, ids, gy, "silu", woi, bias)
+
+    def test_second_backward_through_inplace_dgrad(monkeypatch):
+        """The backward writes dH over the saved pre-activation: a second backward through the
+        same graph raises a clear error, and with MOEKIT_TRITON_INPLACE_DGRAD=0 it runs and
+        repeats the first one."""
+        ts, ids, gy = _inputs(14, 16, 8, 4, 2, True, bias=True, seed=9)
+        x, w1, w2, b1, b2, wts = [t.float().requires_grad_(True) for t in ts]
+        for flag in ("1", "0"):
+            monkeypatch.setenv("MOEKIT_TRITON_INPLACE_DGRAD", flag)
+            y = moe_experts(x, w1, w2, ids, wts, activation="silu", gate_up_proj_bias=b1,
+                            down_proj_bias=b2, backend="triton")
+            first = torch.autograd.grad(y, [x, w1, w2, wts], gy.float(), retain_graph=True)
+            if flag == "1":
+                with pytest.raises(RuntimeError, match="MOEKIT_TRITON_INPLACE_DGRAD=0"):
+                    torch.autograd.grad(y, [x, w1, w2, wts], gy.float())
+            else:
+                second = torch.autograd.grad(y, [x, w1, w2, wts], gy.float())
+                for a, b in zip(first, second):
+                    assert torch.equal(a, b)

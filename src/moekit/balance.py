@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from .plan import count_per_expert
+
 __all__ = [
     "switch_aux_loss",
     "sequence_aux_loss",
@@ -51,9 +53,10 @@ def count_tokens_per_expert(
 ) -> torch.Tensor:
     """Routed slots per expert, ``[E]`` float32 (padding tokens excluded)."""
     T, K = topk_ids_TK.shape
+    if token_mask_T is None:
+        return count_per_expert(topk_ids_TK, num_experts).float()
     m = _mask_T(token_mask_T, T, topk_ids_TK.device)
-    w = m.unsqueeze(1).expand(T, K).reshape(-1)
-    return torch.bincount(topk_ids_TK.reshape(-1), weights=w, minlength=num_experts).float()
+    return count_per_expert(topk_ids_TK, num_experts, m.unsqueeze(1).expand(T, K))
 
 
 def switch_aux_loss(

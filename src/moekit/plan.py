@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RoutingPlan", "make_plan", "capacity_for", "DROP_POLICIES"]
+__all__ = ["RoutingPlan", "make_plan", "capacity_for", "count_per_expert", "DROP_POLICIES"]
 
 DROP_POLICIES = ("position", "weight")
 _INT32_MAX = 2**31 - 1
@@ -57,6 +57,16 @@ class RoutingPlan:
     @property
     def dropless(self) -> bool:
         return self.capacity is None
+
+
+def count_per_expert(ids: torch.Tensor, num_experts: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``[E]`` occurrences of each expert id in ``ids`` (int64), or the sum of ``weights`` per id
+    (their dtype). Unlike ``torch.bincount`` on CUDA this never syncs with the host (bincount
+    reads the largest id back to size its output) and is deterministic for integer counts."""
+    ids = ids.reshape(-1).to(torch.int64)
+    src = torch.ones_like(ids) if weights is None else weights.reshape(-1)
+    out = torch.zeros(num_experts, dtype=src.dtype, device=ids.device)
+    return out.scatter_add_(0, ids, src)
 
 
 def capacity_for(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -119,7 +129,7 @@ def make_plan(
     else:
         order = torch.argsort(flat, stable=True)
     sorted_experts = flat[order]
-    counts_all = torch.bincount(flat, minlength=num_experts)
+    counts_all = count_per_expert(flat, num_experts)
 
     capacity = None
     if capacity_factor is None:

@@ -23,8 +23,10 @@ Then, in every order: ``route_norm`` divides the picked weights by their sum (+1
 what a model does) — and the weights are multiplied by ``route_scale``.
 
 ``router_dtype`` (default float32) is the dtype of the gate matmul and of all routing math,
-whatever the input dtype. ``router_dtype=None`` runs the gate matmul in the input dtype and
-the scoring in float32 (what Hugging Face models do; use it for bit-parity with them).
+whatever the input dtype (for a bf16 input and gate on a GPU the fp32 matmul runs on tensor
+cores with exact products, ``moekit.ops.gate``). ``router_dtype=None`` runs the gate matmul in
+the input dtype and the scoring in float32 (what Hugging Face models do; use it for bit-parity
+with them).
 ``force_load_balance`` (debug) replaces the selection by a round-robin assignment, keeping
 the weights computed as the routing order prescribes.
 """
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Config, Module, check_choice, check_nonneg, check_positive
+from .ops.gate import fp32_gate_applies, fp32_gate_logits
 
 __all__ = ["RouterOutput", "TokenChoiceTopKRouter"]
 
@@ -203,6 +206,8 @@ class TokenChoiceTopKRouter(Module):
         dt = self.config.router_dtype
         if dt is None:
             return self.gate(x_TD)
+        if dt == torch.float32 and fp32_gate_applies(x_TD, self.gate.weight):
+            return fp32_gate_logits(x_TD, self.gate.weight, self.gate.bias)
         w = self.gate.weight.to(dt)
         b = None if self.gate.bias is None else self.gate.bias.to(dt)
         return F.linear(x_TD.to(dt), w, b)

@@ -142,6 +142,18 @@ def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+@triton.jit
+def _row_tile(num_pid_m, num_pid_n, COUNTS, OFFSETS, E, n_cols, E_P2: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's tile of a row-tiled grouped GEMM: ``(e, rows64, mask_m, cols, mask_n)``
+    (``e == E``: past the last tile, the caller returns)."""
+    pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
+    e, row0, row_end = _find_tile(pid_m, COUNTS, OFFSETS, E, E_P2, BLOCK_M)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return e, rows.to(tl.int64), rows < row_end, cols, cols < n_cols
+
+
 # ----------------------------------------------------------------------------- forward: up
 @triton.jit
 def up_kernel(
@@ -160,18 +172,11 @@ def up_kernel(
     GLU is applied in the epilogue. The token gather happens in the prologue (``x[tok]``):
     no permuted copy of x exists.
     """
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(F, BLOCK_N)
-    pid_m, pid_n = _swizzle(pid, num_pid_m, num_pid_n, GROUP_M)
-    e, row0, row_end = _find_tile(pid_m, COUNTS, OFFSETS, E, E_P2, BLOCK_M)
+    e, rows64, mask_m, cols, mask_n = _row_tile(num_pid_m, tl.cdiv(F, BLOCK_N), COUNTS, OFFSETS, E, F,
+                                                E_P2, BLOCK_M, BLOCK_N, GROUP_M)
     if e >= E:
         return
-    rows = row0 + tl.arange(0, BLOCK_M)
-    mask_m = rows < row_end
-    rows64 = rows.to(tl.int64)
     tok = tl.load(TOK + rows64, mask=mask_m, other=0).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = cols < F
     ks = tl.arange(0, BLOCK_K)
     e64 = e.to(tl.int64)
     x_ptrs = X + tok[:, None] * stride_xt + ks[None, :]
@@ -229,17 +234,10 @@ def rows_gemm_kernel(
     """``y[rows of e] = a[rows of e] @ W[e].T (+ b[e])`` with ``W[e]`` read as ``[O, I]`` through
     strides (the down projection: ``W = down [E, D, F]``; the input-grad of the up projection:
     ``W = gate_up`` seen as ``[E, D, H]``)."""
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(O, BLOCK_N)
-    pid_m, pid_n = _swizzle(pid, num_pid_m, num_pid_n, GROUP_M)
-    e, row0, row_end = _find_tile(pid_m, COUNTS, OFFSETS, E, E_P2, BLOCK_M)
+    e, rows64, mask_m, cols, mask_n = _row_tile(num_pid_m, tl.cdiv(O, BLOCK_N), COUNTS, OFFSETS, E, O,
+                                                E_P2, BLOCK_M, BLOCK_N, GROUP_M)
     if e >= E:
         return
-    rows = row0 + tl.arange(0, BLOCK_M)
-    mask_m = rows < row_end
-    rows64 = rows.to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = cols < O
     ks = tl.arange(0, BLOCK_K)
     e64 = e.to(tl.int64)
     a_ptrs = A + rows64[:, None] * stride_an + ks[None, :]
@@ -263,15 +261,17 @@ def rows_gemm_kernel(
 @triton.jit
 def combine_kernel(
     Y, INV, WTS, X, OUT, DOT,
-    T, K, Dm, num_pid_d,
+    T, Dm, num_pid_d,
     stride_yn, stride_xt, stride_ot,
-    HAS_W: tl.constexpr, HAS_DOT: tl.constexpr,
+    K: tl.constexpr, HAS_W: tl.constexpr, HAS_DOT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """``out[t] = sum_k w[t,k] * y[inv[t,k]]`` over k in order 0..K-1 (fp32; dropped slots,
     ``inv = -1``, add nothing). With ``HAS_DOT`` also the partial dots
     ``dot[t, k, pid_d] = <y[inv[t,k]], x[t]>`` over this program's D block (summed on the host
-    side in a fixed order: the routing-weight gradient when the weight is on the input)."""
+    side in a fixed order: the routing-weight gradient when the weight is on the input).
+    The k loop is unrolled (``K`` is a compile-time constant) so that the K row loads of a
+    token are in flight together: at decode sizes the kernel is one memory latency, not K."""
     pid = tl.program_id(0)
     pid_t = pid // num_pid_d
     pid_d = pid % num_pid_d
@@ -284,7 +284,7 @@ def combine_kernel(
     if HAS_DOT:
         xt = tl.load(X + ts64[:, None] * stride_xt + ds[None, :],
                      mask=mask_t[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-    for k in range(K):
+    for k in tl.static_range(K):
         r = tl.load(INV + ts64 * K + k, mask=mask_t, other=-1)
         ok = r >= 0
         v = tl.load(Y + r.to(tl.int64)[:, None] * stride_yn + ds[None, :],
@@ -318,17 +318,12 @@ def down_dgrad_kernel(
     when the weight is on the output, the routing-weight gradient's partial
     ``<G, act(h)>`` over this column block (+ ``<gout, b_down[e]>`` in block 0) into
     ``DWT[row, pid_n]``."""
-    pid = tl.program_id(0)
-    pid_m, pid_n = _swizzle(pid, num_pid_m, num_pid_n, GROUP_M)
-    e, row0, row_end = _find_tile(pid_m, COUNTS, OFFSETS, E, E_P2, BLOCK_M)
+    e, rows64, mask_m, cols, mask_n = _row_tile(num_pid_m, num_pid_n, COUNTS, OFFSETS, E, F,
+                                                E_P2, BLOCK_M, BLOCK_N, GROUP_M)
     if e >= E:
         return
-    rows = row0 + tl.arange(0, BLOCK_M)
-    mask_m = rows < row_end
-    rows64 = rows.to(tl.int64)
+    _, pid_n = _swizzle(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
     tok = tl.load(TOK + rows64, mask=mask_m, other=0).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = cols < F
     ks = tl.arange(0, BLOCK_K)
     e64 = e.to(tl.int64)
     g_ptrs = G + tok[:, None] * stride_gt + ks[None, :]

@@ -6,7 +6,9 @@ is small (each touched expert's weights are then read once: its rows fit one til
 column tiles spread the weight read over every SM), the Hopper training config otherwise.
 Under the interpreter (``TRITON_INTERPRET=1``) small tiles keep the CPU tests quick.
 ``MOEKIT_TRITON_CONFIG`` (``"BM,BN,BK,warps,stages"``; gated kernels take half of BN per
-accumulator) overrides the training row-GEMM config and ``MOEKIT_TRITON_DW_CONFIG``
+accumulator) overrides the training row-GEMM config, ``MOEKIT_TRITON_<KIND>_CONFIG`` and
+``MOEKIT_TRITON_DECODE_<KIND>_CONFIG`` the training / decode config of one kind (``UP_GATED``,
+``UP``, ``ROWS``, ``DGRAD``; BN per accumulator) and ``MOEKIT_TRITON_DW_CONFIG``
 (``"BO,BI,BK,warps,stages"``) the weight-grad config, for sweeps in the benchmark.
 """
 
@@ -67,6 +69,10 @@ def _gemm_config(n_rows: int, n_experts: int, out_cols: int, kind: str, dtype) -
     if interpreting():
         return GemmConfig(16, 16, 16, 4, 1, 4)
     avg = n_rows / max(1, n_experts)
+    regime = "DECODE_" if avg <= 64 else ""
+    o = _override(f"MOEKIT_TRITON_{regime}{kind.upper()}_CONFIG")
+    if o is not None:  # one kind exactly as given (BN = columns per accumulator)
+        return GemmConfig(o.BLOCK_M, o.BLOCK_N, o.BLOCK_K, o.num_warps, o.num_stages, 1 if regime else 8)
     if avg <= 64:
         # decode / tiny batches: rows of an expert fit one tile; narrow column tiles so that
         # enough programs stream the weights (each weight byte is read once). With very few
@@ -226,8 +232,13 @@ def combine(
         dot = y_ND.new_zeros((T, Kk) if dot_with_TD is not None else (0,), dtype=torch.float32)
         out.zero_()
         return out, dot
-    block_d = 16 if interpreting() else min(1024, triton.next_power_of_2(D))
-    block_t = 16 if interpreting() else max(1, 4096 // block_d)
+    if interpreting():
+        block_d, block_t = 16, 16
+    elif T <= 64:  # decode: spread the few tokens' columns over many programs
+        block_d, block_t = min(256, triton.next_power_of_2(D)), 2
+    else:
+        block_d = min(1024, triton.next_power_of_2(D))
+        block_t = max(1, 4096 // block_d)
     num_pid_d = triton.cdiv(D, block_d)
     has_dot = dot_with_TD is not None
     if has_dot:
@@ -240,9 +251,9 @@ def combine(
     grid = (triton.cdiv(T, block_t) * num_pid_d,)
     K.combine_kernel[grid](
         y_ND, inv, w, dot_with_TD if has_dot else y_ND, out, parts,
-        T, Kk, D, num_pid_d,
+        T, D, num_pid_d,
         y_ND.stride(0), dot_with_TD.stride(0) if has_dot else 0, out.stride(0),
-        HAS_W=weights_TK is not None, HAS_DOT=has_dot,
+        K=Kk, HAS_W=weights_TK is not None, HAS_DOT=has_dot,
         BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
     )
     dot = parts.sum(-1) if has_dot else y_ND.new_zeros(0, dtype=torch.float32)
@@ -262,13 +273,26 @@ def down_dgrad(
     act: str,
     gated: bool,
     woi: bool,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(dH_NH, dwt_N)``: the pre-activation grad and (weight on the output) the
-    routing-weight grad of each row (fp32; zeros when ``woi``)."""
+    routing-weight grad of each row (fp32; zeros when ``woi``).
+
+    ``out`` receives dH; it may be ``h_NH`` itself (every program reads its tile of h before it
+    writes the same tile of dH, and no other program touches that tile), which saves an
+    [N, H] buffer in the backward."""
     E, D, F = w_EDF.shape
     N, H = h_NH.shape
     g_TD = _rows_contig(g_TD)
-    dh = h_NH.new_empty(N, H)
+    if out is None:
+        dh = h_NH.new_empty(N, H)
+    else:
+        if out.shape != h_NH.shape or out.dtype != h_NH.dtype or out.stride() != h_NH.stride():
+            raise ValueError(
+                f"down_dgrad out must match h (shape {tuple(h_NH.shape)}, dtype {h_NH.dtype}, "
+                f"strides {h_NH.stride()}); got {tuple(out.shape)}, {out.dtype}, {out.stride()}"
+            )
+        dh = out
     if N == 0:
         return dh, torch.zeros(0, device=g_TD.device, dtype=torch.float32)
     cfg = _gemm_config(N, E, F, "dgrad", g_TD.dtype)

@@ -5,9 +5,11 @@ them, and ``fused_experts``: the ``fused`` entry of the ``triton`` backend.
 Forward (3 kernels):  up (gather x rows by token + GEMM + bias + activation; saves the
 pre-activation) -> down (grouped GEMM) -> combine (fixed-order weighted sum over k).
 Backward (5 kernels): down-dgrad (gather the output grad by token + GEMM, activation
-derivative and routing-weight grad in the epilogue) -> dW_down, dW_up (grouped GEMMs over each
+derivative and routing-weight grad in the epilogue; in eager mode it writes dH over the saved
+pre-activation, ``MOEKIT_TRITON_INPLACE_DGRAD``) -> dX rows (grouped GEMM) -> gather-sum over k
+(no scatter, no atomics; the rows buffer is freed here) -> dW_down, dW_up (grouped GEMMs over each
 expert's rows, gathering by token; optionally, ``MOEKIT_TRITON_DW``, torch's cuBLAS grouped
-GEMM over gathered copies, see ``launchers.dw_uses_grouped_mm``) -> dX rows (grouped GEMM) -> gather-sum over k (no scatter, no atomics). Everything is deterministic.
+GEMM over gathered copies, see ``launchers.dw_uses_grouped_mm``). Everything is deterministic.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 # the custom ops' signatures spell optional tensors as Optional[...]: the form torch.library's
 # schema inference has understood longest (torch 2.11 runs it on the GPU machine)
 # ruff: noqa: UP045
+import os
 from typing import Optional
 
 import torch
@@ -117,18 +120,43 @@ class FusedExperts(torch.autograd.Function):
         ctx.save_for_backward(x, w_up, w_down, b_up, b_down, topk_w, token_ids, counts, offsets,
                               inverse, roww, h, a)
         ctx.act, ctx.gated, ctx.woi = act, gated, woi
+        ctx.h_consumed = False
         return out
 
     @staticmethod
     def backward(ctx, g):
+        inplace = _inplace_dgrad()
+        if inplace and ctx.h_consumed:
+            raise RuntimeError(
+                "moekit's triton experts wrote this graph's pre-activation gradient over the saved "
+                "pre-activation in the first backward, so a second backward through the same graph "
+                "(retain_graph=True) cannot run; set MOEKIT_TRITON_INPLACE_DGRAD=0 to keep them apart "
+                "(one more [rows, 2F] buffer in the backward)"
+            )
         (x, w_up, w_down, b_up, b_down, topk_w, token_ids, counts, offsets, inverse, roww, h,
          a) = ctx.saved_tensors
         act, gated, woi = ctx.act, ctx.gated, ctx.woi
         need = ctx.needs_input_grad
         g = g.to(x.dtype).contiguous()
-        dh, dwt_N = down_dgrad_op(g, w_down, b_down, token_ids, roww, h, counts, offsets, act,
-                                  gated, woi)
+        if inplace:
+            # eager: dH overwrites h (nothing reads h after this kernel); the version bump makes
+            # any later use of the saved h fail loudly instead of reading gradients
+            dh, dwt_N = L.down_dgrad(g, w_down, b_down, token_ids, roww, h, counts, offsets, act,
+                                     gated, woi, out=h)
+            torch.autograd.graph.increment_version(h)
+            ctx.h_consumed = True
+        else:
+            dh, dwt_N = down_dgrad_op(g, w_down, b_down, token_ids, roww, h, counts, offsets, act,
+                                      gated, woi)
         dw_down = db_down = dw_up = db_up = dx = dtopk = None
+        # dX first: its [rows, D] buffer is freed before the weight grads are allocated, which
+        # keeps the backward's peak at max(rows buffer, weight grads), not their sum
+        if need[0] or (woi and need[5]):
+            dx_rows = rows_gemm_op(dh, w_up.transpose(1, 2), None, counts, offsets)
+            dx, dot = combine_op(dx_rows, inverse, topk_w if woi else None, x if woi else None)
+            del dx_rows
+            if woi:
+                dtopk = dot
         cublas = L.dw_uses_grouped_mm(h.shape[0], counts.shape[0], x.shape[1], a.shape[1],
                                       x.dtype, x.device)
         if need[2] or need[4]:
@@ -141,11 +169,6 @@ class FusedExperts(torch.autograd.Function):
                                           counts, offsets, b_up is not None, cublas)
             if b_up is None:
                 db_up = None
-        if need[0] or (woi and need[5]):
-            dx_rows = rows_gemm_op(dh, w_up.transpose(1, 2), None, counts, offsets)
-            dx, dot = combine_op(dx_rows, inverse, topk_w if woi else None, x if woi else None)
-            if woi:
-                dtopk = dot
         if need[5] and not woi:
             N = dwt_N.shape[0]
             idx = torch.where(inverse < 0, N, inverse)
@@ -161,6 +184,12 @@ class FusedExperts(torch.autograd.Function):
                 dw_down if need[2] else None, db_up if need[3] else None,
                 db_down if need[4] else None, dtopk if need[5] else None,
                 None, None, None, None, None, None, None, None)
+
+
+def _inplace_dgrad() -> bool:
+    """Whether the backward writes dH over the saved pre-activation (``MOEKIT_TRITON_INPLACE_DGRAD``,
+    default 1): eager only; under torch.compile the functional op keeps the graph pure."""
+    return os.environ.get("MOEKIT_TRITON_INPLACE_DGRAD", "1") != "0" and not torch.compiler.is_compiling()
 
 
 def _needs_grad(*ts) -> bool:
