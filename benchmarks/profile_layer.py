@@ -23,7 +23,6 @@ from moekit.benchmark import SHAPES, _graph_ms, _time_ms
 from moekit.ops import moe_experts
 from moekit.plan import make_plan
 
-
 DEV = torch.device("cuda")
 DTYPE = torch.bfloat16
 
@@ -144,7 +143,7 @@ def profile_decode(shape, rep_ms, log, sweep=()):
         wts = torch.rand(T, K, device=DEV, dtype=DTYPE)
         plan = make_plan(ids, E)
 
-        def f():
+        def f(x=x, ids=ids, wts=wts, plan=plan):
             return moe_experts(x, w1, w2, ids, wts, activation="silu", backend="triton", plan=plan)
 
         with torch.no_grad():
@@ -223,8 +222,8 @@ def main() -> int:
 
         DEV, DTYPE = torch.device("cpu"), torch.float32
         by_name = {s.name: s for s in CPU_SHAPES}
-        by_name["qwen3-30b-a3b"] = by_name[[n for n in by_name if "layer" not in n][0]]
-        a.shape = [n for n in by_name if "layer" in n][0]
+        by_name["qwen3-30b-a3b"] = by_name[next(n for n in by_name if "layer" not in n)]
+        a.shape = next(n for n in by_name if "layer" in n)
     parts = []
     if not a.no_layer:
         parts.append(profile_layer(by_name[a.shape], a.rep_ms, a.compile, print))

@@ -184,7 +184,9 @@ else:
             (ops.rows_gemm_op, (torch.randn(20, 8), w2, b2, *pargs)),
             (ops.combine_op, (torch.randn(20, 16), plan.inverse_TK, wts, x)),
             (ops.down_dgrad_op, (x, w2, b2, plan.token_ids_N, roww, torch.randn(20, 16), *pargs,
-                                 "silu", True, False)),
+                                 "silu", True, False, True)),
+            (ops.down_dgrad_op, (x, w2, b2, plan.token_ids_N, roww, torch.randn(20, 16), *pargs,
+                                 "silu", True, False, False)),
             (ops.weight_grad_op, (x, plan.token_ids_N, torch.randn(20, 8), None, roww, True, *pargs,
                                   True)),
         ]
@@ -248,3 +250,37 @@ else:
                 second = torch.autograd.grad(y, [x, w1, w2, wts], gy.float())
                 for a, b in zip(first, second):
                     assert torch.equal(a, b)
+
+    @pytest.mark.parametrize("act,gated,bias,woi", [("silu", True, True, False), ("relu2", False, False, True),
+                                                   ("gpt_oss", True, True, False)])
+    def test_recomputed_activation(monkeypatch, act, gated, bias, woi):
+        """MOEKIT_TRITON_RECOMPUTE_ACT=1: the forward keeps only h and the dgrad kernel
+        recomputes act(h) for dW_down; every grad still matches the float64 loop."""
+        from moekit.ops.triton import launchers
+
+        monkeypatch.setenv("MOEKIT_TRITON_RECOMPUTE_ACT", "1")
+        assert launchers.recompute_activation(False)
+        ts, ids, gy = _inputs(23, 24, 20, 5, 2, gated, bias=bias, seed=31,
+                              scale=6.0 if act == "gpt_oss" else 1.0)
+        _check_fp32(ts, ids, gy, act, woi, bias)
+
+    def test_recompute_setting_is_checked(monkeypatch):
+        from moekit.ops.triton import launchers
+
+        monkeypatch.setenv("MOEKIT_TRITON_RECOMPUTE_ACT", "sometimes")
+        with pytest.raises(ValueError, match="allowed: 'auto', '0', '1'"):
+            launchers.recompute_activation(True)
+        monkeypatch.setenv("MOEKIT_TRITON_RECOMPUTE_ACT", "auto")
+        assert launchers.recompute_activation(True) and not launchers.recompute_activation(False)
+
+    def test_zero_empty_experts_kernel_strides_over_large_experts():
+        """Only experts without rows are zeroed, all of their elements, also when an expert has
+        more elements than the fixed grid covers in one pass."""
+        from moekit.ops.triton import kernels
+
+        dw = torch.randn(3, 40, 50)
+        before = dw.clone()
+        counts = torch.tensor([0, 5, 0], dtype=torch.int32)
+        kernels.zero_empty_experts_kernel[(4, 3)](dw, counts, 2000, BLOCK=16)  # 4*16 per pass
+        assert torch.count_nonzero(dw[0]) == 0 and torch.count_nonzero(dw[2]) == 0
+        assert torch.equal(dw[1], before[1])

@@ -24,13 +24,13 @@ import torch
 from .plan import count_per_expert
 
 __all__ = [
-    "switch_aux_loss",
-    "sequence_aux_loss",
-    "z_loss",
     "attach_aux_loss",
+    "count_tokens_per_expert",
     "expert_bias_update",
     "load_stats",
-    "count_tokens_per_expert",
+    "sequence_aux_loss",
+    "switch_aux_loss",
+    "z_loss",
 ]
 
 

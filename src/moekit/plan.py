@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RoutingPlan", "make_plan", "capacity_for", "count_per_expert", "DROP_POLICIES"]
+__all__ = ["DROP_POLICIES", "RoutingPlan", "capacity_for", "count_per_expert", "make_plan"]
 
 DROP_POLICIES = ("position", "weight")
 _INT32_MAX = 2**31 - 1
@@ -71,7 +71,7 @@ def count_per_expert(ids: torch.Tensor, num_experts: int, weights: torch.Tensor 
 
 def capacity_for(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
     """Rows each expert may keep: ``ceil(capacity_factor * T * K / E)``."""
-    return int(math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
 
 
 def make_plan(

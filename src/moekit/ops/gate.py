@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["fp32_gate_logits", "fp32_gate_applies"]
+__all__ = ["fp32_gate_applies", "fp32_gate_logits"]
 
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # torch.mm(a, b, out_dtype=...): CUDA only
 

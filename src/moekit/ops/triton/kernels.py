@@ -304,17 +304,19 @@ def combine_kernel(
 # ----------------------------------------------------------------------------- backward: down dgrad + activation
 @triton.jit
 def down_dgrad_kernel(
-    G, W, B2, TOK, ROWW, HPRE, DH, DWT,
+    G, W, B2, TOK, ROWW, HPRE, DH, A_OUT, DWT,
     COUNTS, OFFSETS,
     E, D, F, num_pid_m, num_pid_n,
-    stride_gt, stride_we, stride_wd, stride_wf, stride_be, stride_hn, stride_dhn,
+    stride_gt, stride_we, stride_wd, stride_wf, stride_be, stride_hn, stride_dhn, stride_an,
     GATED: tl.constexpr, ACT: tl.constexpr, WOI: tl.constexpr, HAS_B2: tl.constexpr,
-    E_P2: tl.constexpr, PREC: tl.constexpr,
+    STORE_A: tl.constexpr, E_P2: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """``G = gout[tok] @ down[e]`` (rows gathered by token, no permuted copy of the output
     grad), then the epilogue: ``dA = w_row * G`` (``G`` when the weight is on the input), the
-    activation's derivative from the saved pre-activation -> ``dH`` (gate and up columns), and,
+    activation's derivative from the saved pre-activation -> ``dH`` (gate and up columns),
+    with ``STORE_A`` the activation itself recomputed from it -> ``A_OUT`` (when the forward
+    did not keep it), and,
     when the weight is on the output, the routing-weight gradient's partial
     ``<G, act(h)>`` over this column block (+ ``<gout, b_down[e]>`` in block 0) into
     ``DWT[row, pid_n]``."""
@@ -353,6 +355,9 @@ def down_dgrad_kernel(
     else:
         a, dact = _unary_fwd_bwd(hg, ACT)
         tl.store(dh_ptrs, (da * dact).to(DH.dtype.element_ty), mask=out_mask)
+    if STORE_A:
+        tl.store(A_OUT + rows64[:, None] * stride_an + cols[None, :],
+                 a.to(A_OUT.dtype.element_ty), mask=out_mask)
     if not WOI:
         part = tl.sum(tl.where(out_mask, acc * a, 0.0), axis=1)
         if HAS_B2:  # noqa: SIM102 - a constexpr branch around a run-time one
@@ -458,10 +463,14 @@ def bias_grad_kernel(
 @triton.jit
 def zero_empty_experts_kernel(DW, COUNTS, per_expert, BLOCK: tl.constexpr):
     """``DW[e] = 0`` for the experts with no rows (and nothing else is touched): after a
-    library grouped GEMM that may leave the K=0 groups unwritten."""
+    library grouped GEMM that may leave the K=0 groups unwritten. A small fixed grid per
+    expert strides over its elements, so that the common case (no empty expert) costs a few
+    hundred programs that exit at once, not one per block of dW."""
     e = tl.program_id(1)
     if tl.load(COUNTS + e) != 0:
         return
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     zero = tl.zeros((BLOCK,), dtype=DW.dtype.element_ty)
-    tl.store(DW + e.to(tl.int64) * per_expert + offs, zero, mask=offs < per_expert)
+    base = DW + e.to(tl.int64) * per_expert
+    for start in range(tl.program_id(0) * BLOCK, per_expert, tl.num_programs(0) * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        tl.store(base + offs, zero, mask=offs < per_expert)

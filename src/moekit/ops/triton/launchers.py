@@ -27,7 +27,9 @@ __all__ = [
     "combine",
     "down_dgrad",
     "dw_uses_grouped_mm",
+    "grouped_mm",
     "interpreting",
+    "recompute_activation",
     "rows_gemm",
     "up_forward",
     "weight_grad",
@@ -273,10 +275,12 @@ def down_dgrad(
     act: str,
     gated: bool,
     woi: bool,
+    store_a: bool = True,
     out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(dH_NH, dwt_N)``: the pre-activation grad and (weight on the output) the
-    routing-weight grad of each row (fp32; zeros when ``woi``).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(dH_NH, a_NF, dwt_N)``: the pre-activation grad, the activation recomputed
+    from ``h`` (for the down projection's weight grad; empty unless ``store_a``) and (weight on
+    the output) the routing-weight grad of each row (fp32; zeros when ``woi``).
 
     ``out`` receives dH; it may be ``h_NH`` itself (every program reads its tile of h before it
     writes the same tile of dH, and no other program touches that tile), which saves an
@@ -293,26 +297,27 @@ def down_dgrad(
                 f"strides {h_NH.stride()}); got {tuple(out.shape)}, {out.dtype}, {out.stride()}"
             )
         dh = out
+    a = h_NH.new_empty(N if store_a else 0, F)
     if N == 0:
-        return dh, torch.zeros(0, device=g_TD.device, dtype=torch.float32)
+        return dh, a, torch.zeros(0, device=g_TD.device, dtype=torch.float32)
     cfg = _gemm_config(N, E, F, "dgrad", g_TD.dtype)
     num_pid_m = _max_tiles(N, E, cfg.BLOCK_M)
     num_pid_n = triton.cdiv(F, cfg.BLOCK_N)
     parts = torch.empty(N, num_pid_n, device=g_TD.device, dtype=torch.float32)
     grid = (num_pid_m * num_pid_n,)
     K.down_dgrad_kernel[grid](
-        g_TD, w_EDF, b_ED if b_ED is not None else g_TD, token_ids_N, roww_N, h_NH, dh, parts,
+        g_TD, w_EDF, b_ED if b_ED is not None else g_TD, token_ids_N, roww_N, h_NH, dh, a, parts,
         counts_E, offsets_E,
         E, D, F, num_pid_m, num_pid_n,
         g_TD.stride(0), w_EDF.stride(0), w_EDF.stride(1), w_EDF.stride(2),
-        b_ED.stride(0) if b_ED is not None else 0, h_NH.stride(0), dh.stride(0),
-        GATED=gated, ACT=K.ACT_CODES[act], WOI=woi, HAS_B2=b_ED is not None,
+        b_ED.stride(0) if b_ED is not None else 0, h_NH.stride(0), dh.stride(0), a.stride(0),
+        GATED=gated, ACT=K.ACT_CODES[act], WOI=woi, HAS_B2=b_ED is not None, STORE_A=store_a,
         E_P2=_e_p2(E), PREC=_prec(g_TD.dtype),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     dwt = torch.zeros(N, device=g_TD.device, dtype=torch.float32) if woi else parts.sum(-1)
-    return dh, dwt
+    return dh, a, dwt
 
 
 _grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -320,8 +325,9 @@ _grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch,
 
 def dw_uses_grouped_mm(n_rows: int, n_experts: int, dim: int, hidden: int, dtype, device) -> bool:
     """Whether the weight grads run as torch grouped_mm (cuBLAS) GEMMs over gathered copies
-    instead of ``dw_kernel``: ``MOEKIT_TRITON_DW`` = ``auto`` (the default) | ``triton`` |
-    ``grouped_mm``.
+    instead of ``dw_kernel`` (and the input grad's rows ``dH @ W_up`` by :func:`grouped_mm`
+    instead of ``rows_gemm_kernel``): ``MOEKIT_TRITON_DW`` = ``auto`` (the default) |
+    ``triton`` | ``grouped_mm``.
 
     ``auto`` uses cuBLAS on a Hopper GPU in bf16 for large experts (``F >= 2048``: GPT-OSS,
     Mixtral, DeepSeek), where cuBLAS's grouped GEMM is faster than ``dw_kernel`` (about 330
@@ -339,10 +345,36 @@ def dw_uses_grouped_mm(n_rows: int, n_experts: int, dim: int, hidden: int, dtype
             and hidden >= 2048 and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
+def recompute_activation(use_grouped_mm: bool) -> bool:
+    """Whether the forward drops the activated rows ``a`` (keeping only the pre-activation ``h``)
+    and the backward's dgrad kernel recomputes them: ``MOEKIT_TRITON_RECOMPUTE_ACT`` = ``auto``
+    (the default: where the weight grads run on cuBLAS, i.e. large experts) | ``1`` | ``0``.
+
+    Recomputing saves an [N, F] buffer from the forward to the end of the backward (a third of
+    the saved activations) but stores it from the dgrad epilogue, which slows that kernel (H100,
+    qwen3 shape: 2.36 vs 1.69 ms per call). With large experts the memory matters more (it is
+    what keeps the peak at ScatterMoE's there) and the time less."""
+    mode = os.environ.get("MOEKIT_TRITON_RECOMPUTE_ACT", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"MOEKIT_TRITON_RECOMPUTE_ACT={mode!r}; allowed: 'auto', '0', '1'")
+    return use_grouped_mm if mode == "auto" else mode == "1"
+
+
+def grouped_mm(a_NI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """``y[rows of e] = a[rows of e] @ w[e]`` (``[N, O]``) by torch's grouped GEMM (cuBLAS on a
+    GPU), for rows sorted by expert; used where :func:`dw_uses_grouped_mm` says so."""
+    if a_NI.shape[0] == 0:
+        return a_NI.new_empty(0, w_EIO.shape[2])
+    return _grouped_mm(_rows_contig(a_NI), w_EIO, offs=offsets_E)
+
+
 def _gather_rows(src: torch.Tensor, tok: torch.Tensor | None, roww_N: torch.Tensor | None):
     m = src if tok is None else src.index_select(0, tok)
     if roww_N is not None:
-        m = (m.float() * roww_N[:, None]).to(src.dtype)
+        # in place on our own copy: computed in fp32 and rounded once, with no fp32 [N, D]
+        # temporaries (two of them cost 1.4 GiB of peak memory at GPT-OSS's shape)
+        m = m.clone() if tok is None else m
+        m.mul_(roww_N[:, None])
     return m.contiguous()
 
 
@@ -384,8 +416,10 @@ def weight_grad(
             # experts without rows: a library may leave their K=0 groups unwritten. Zero just
             # those (a full masked_fill over dW cost 2 ms and a dW-sized copy at Mixtral's shape)
             per_e = O * I
-            block = 1024
-            K.zero_empty_experts_kernel[(triton.cdiv(per_e, block), E)](
+            if per_e >= 2**31:
+                raise ValueError(f"one expert's weight grad has {per_e} elements; at most 2**31 - 1 are supported")
+            block = 16 if interpreting() else 1024
+            K.zero_empty_experts_kernel[(min(triton.cdiv(per_e, block), 64), E)](
                 dw, counts_E, per_e, BLOCK=block, num_warps=4)
     else:
         dw = _dw_triton(l_src, l_tok_arg, l_tok is not None, r_src, r_tok, roww_N, scale_left,

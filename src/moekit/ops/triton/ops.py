@@ -6,7 +6,8 @@ Forward (3 kernels):  up (gather x rows by token + GEMM + bias + activation; sav
 pre-activation) -> down (grouped GEMM) -> combine (fixed-order weighted sum over k).
 Backward (5 kernels): down-dgrad (gather the output grad by token + GEMM, activation
 derivative and routing-weight grad in the epilogue; in eager mode it writes dH over the saved
-pre-activation, ``MOEKIT_TRITON_INPLACE_DGRAD``) -> dX rows (grouped GEMM) -> gather-sum over k
+pre-activation, ``MOEKIT_TRITON_INPLACE_DGRAD``; for large experts it also recomputes the
+activation the forward then does not keep, ``launchers.recompute_activation``) -> dX rows (grouped GEMM) -> gather-sum over k
 (no scatter, no atomics; the rows buffer is freed here) -> dW_down, dW_up (grouped GEMMs over each
 expert's rows, gathering by token; optionally, ``MOEKIT_TRITON_DW``, torch's cuBLAS grouped
 GEMM over gathered copies, see ``launchers.dw_uses_grouped_mm``). Everything is deterministic.
@@ -79,14 +80,16 @@ def _(y, inverse, weights, dot_with):
 def down_dgrad_op(
     g: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], token_ids: torch.Tensor,
     roww: torch.Tensor, h: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor,
-    act: str, gated: bool, woi: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return L.down_dgrad(g, w, b, token_ids, roww, h, counts, offsets, act, gated, woi)
+    act: str, gated: bool, woi: bool, store_a: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return L.down_dgrad(g, w, b, token_ids, roww, h, counts, offsets, act, gated, woi, store_a)
 
 
 @down_dgrad_op.register_fake
-def _(g, w, b, token_ids, roww, h, counts, offsets, act, gated, woi):
-    return h.new_empty(h.shape), h.new_empty(h.shape[0], dtype=torch.float32)
+def _(g, w, b, token_ids, roww, h, counts, offsets, act, gated, woi, store_a):
+    N, F = h.shape[0], w.shape[2]
+    return (h.new_empty(h.shape), h.new_empty(N if store_a else 0, F),
+            h.new_empty(N, dtype=torch.float32))
 
 
 @torch.library.custom_op(f"{_NS}::weight_grad", mutates_args=())
@@ -117,8 +120,12 @@ class FusedExperts(torch.autograd.Function):
         h, a = up_op(x, w_up, b_up, token_ids, roww if woi else None, counts, offsets, act, gated, True)
         y = rows_gemm_op(a, w_down, b_down, counts, offsets)
         out, _ = combine_op(y, inverse, None if woi else topk_w, None)
+        cublas = L.dw_uses_grouped_mm(h.shape[0], counts.shape[0], x.shape[1], a.shape[1],
+                                      x.dtype, x.device)
+        recompute = L.recompute_activation(cublas)
         ctx.save_for_backward(x, w_up, w_down, b_up, b_down, topk_w, token_ids, counts, offsets,
-                              inverse, roww, h, a)
+                              inverse, roww, h, None if recompute else a)
+        ctx.cublas, ctx.recompute = cublas, recompute
         ctx.act, ctx.gated, ctx.woi = act, gated, woi
         ctx.h_consumed = False
         return out
@@ -134,36 +141,41 @@ class FusedExperts(torch.autograd.Function):
                 "(one more [rows, 2F] buffer in the backward)"
             )
         (x, w_up, w_down, b_up, b_down, topk_w, token_ids, counts, offsets, inverse, roww, h,
-         a) = ctx.saved_tensors
+         a_saved) = ctx.saved_tensors
+        cublas, recompute = ctx.cublas, ctx.recompute
         act, gated, woi = ctx.act, ctx.gated, ctx.woi
         need = ctx.needs_input_grad
         g = g.to(x.dtype).contiguous()
         if inplace:
             # eager: dH overwrites h (nothing reads h after this kernel); the version bump makes
             # any later use of the saved h fail loudly instead of reading gradients
-            dh, dwt_N = L.down_dgrad(g, w_down, b_down, token_ids, roww, h, counts, offsets, act,
-                                     gated, woi, out=h)
+            dh, a, dwt_N = L.down_dgrad(g, w_down, b_down, token_ids, roww, h, counts, offsets,
+                                        act, gated, woi, recompute, out=h)
             torch.autograd.graph.increment_version(h)
             ctx.h_consumed = True
         else:
-            dh, dwt_N = down_dgrad_op(g, w_down, b_down, token_ids, roww, h, counts, offsets, act,
-                                      gated, woi)
+            dh, a, dwt_N = down_dgrad_op(g, w_down, b_down, token_ids, roww, h, counts, offsets,
+                                         act, gated, woi, recompute)
+        if not recompute:
+            a = a_saved
         dw_down = db_down = dw_up = db_up = dx = dtopk = None
-        # dX first: its [rows, D] buffer is freed before the weight grads are allocated, which
-        # keeps the backward's peak at max(rows buffer, weight grads), not their sum
+        # memory order: dX first (its [rows, D] buffer is freed before the weight grads exist),
+        # then dW_down (the last use of a recomputed activation, freed before dW_up)
         if need[0] or (woi and need[5]):
-            dx_rows = rows_gemm_op(dh, w_up.transpose(1, 2), None, counts, offsets)
+            if cublas:  # large experts: cuBLAS's grouped GEMM (dH rows are already in order)
+                dx_rows = L.grouped_mm(dh, w_up, offsets)
+            else:
+                dx_rows = rows_gemm_op(dh, w_up.transpose(1, 2), None, counts, offsets)
             dx, dot = combine_op(dx_rows, inverse, topk_w if woi else None, x if woi else None)
             del dx_rows
             if woi:
                 dtopk = dot
-        cublas = L.dw_uses_grouped_mm(h.shape[0], counts.shape[0], x.shape[1], a.shape[1],
-                                      x.dtype, x.device)
         if need[2] or need[4]:
             dw_down, db_down = weight_grad_op(g, token_ids, a, None, None if woi else roww, True,
                                               counts, offsets, b_down is not None, cublas)
             if b_down is None:
                 db_down = None
+        del a, a_saved
         if need[1] or need[3]:
             dw_up, db_up = weight_grad_op(dh, None, x, token_ids, roww if woi else None, False,
                                           counts, offsets, b_up is not None, cublas)
