@@ -128,15 +128,12 @@ def profile_layer(shape, rep_ms, do_compile, log):
     return "\n".join(lines)
 
 
-def profile_decode(shape, rep_ms, log, sweep=()):
-    from torch.profiler import profile
-
-    lines = [f"## decode at {shape.name} (T, graph ms, kernels)"]
-    if sweep:
-        lines.append(_decode_sweep(shape, rep_ms, sweep))
+def _decode_calls(shape):
+    """``{T: (call, ids)}`` for T = 1, 8, 64: the triton experts forward with the plan given."""
     E, D, F, K = shape.E, shape.D, shape.F, shape.K
     w1 = torch.randn(E, 2 * F, D, device=DEV, dtype=DTYPE) * D ** -0.5
     w2 = torch.randn(E, D, F, device=DEV, dtype=DTYPE) * F ** -0.5
+    calls = {}
     for T in (1, 8, 64):
         x = torch.randn(T, D, device=DEV, dtype=DTYPE)
         ids = torch.randn(T, E, device=DEV).topk(K, dim=-1).indices
@@ -144,61 +141,61 @@ def profile_decode(shape, rep_ms, log, sweep=()):
         plan = make_plan(ids, E)
 
         def f(x=x, ids=ids, wts=wts, plan=plan):
-            return moe_experts(x, w1, w2, ids, wts, activation="silu", backend="triton", plan=plan)
+            with torch.no_grad():
+                return moe_experts(x, w1, w2, ids, wts, activation="silu", backend="triton", plan=plan)
 
-        with torch.no_grad():
-            gms = _graph_ms(f, DEV, rep_ms) or _time_ms(f, DEV, rep_ms=rep_ms)
-            f()
+        calls[T] = (f, ids)
+    return calls
+
+
+def _graph_or_plain_ms(f, rep_ms) -> float:
+    f()
+    return _graph_ms(f, DEV, rep_ms) or _time_ms(f, DEV, rep_ms=rep_ms)
+
+
+def profile_decode(shape, rep_ms, log, sweep=()):
+    from torch.profiler import profile
+
+    calls = _decode_calls(shape)
+    lines = [f"## decode at {shape.name} (T, graph ms, kernels)"]
+    if sweep:
+        lines.append(_decode_sweep(calls, rep_ms, sweep))
+    for T, (f, ids) in calls.items():
+        gms = _graph_or_plain_ms(f, rep_ms)
+        _sync()
+        with profile(activities=_acts()) as prof:
+            for _ in range(20):
+                f()
             _sync()
-            with profile(activities=_acts()) as prof:
-                for _ in range(20):
-                    f()
-                _sync()
         n = int(torch.unique(ids).numel())
-        gb = n * 3 * F * D * 2 / 1e9
+        gb = n * 3 * shape.F * shape.D * 2 / 1e9
         lines.append(f"T={T}: {n} experts, {gb * 1e3:.1f} MB, graph {gms * 1e3:.1f} us "
                      f"= {gb / (gms / 1e3):.0f} GB/s")
         for e in prof.key_averages():
-            if e.device_type == torch.autograd.DeviceType.CUDA or getattr(e, "self_device_time_total", 0):
-                us = e.self_device_time_total / max(1, e.count)
-                if us > 0:
-                    lines.append(f"    {e.key[:60]:60s} {us:8.2f} us x{e.count // 20}")
+            us = getattr(e, "self_device_time_total", 0) / max(1, e.count)
+            if us > 0:
+                lines.append(f"    {e.key[:60]:60s} {us:8.2f} us x{e.count // 20}")
     return "\n".join(lines)
 
 
-def _decode_sweep(shape, rep_ms, sweep) -> str:
-    """CUDA-graph time of the decode experts call at T = 1, 8, 64 under each ``VAR=VALUE``
-    (``;``-separated for several) environment setting (launch-config overrides)."""
+def _decode_sweep(calls, rep_ms, sweep) -> str:
+    """CUDA-graph time of the decode calls under each ``VAR=VALUE`` (``;``-separated for
+    several) environment setting (launch-config overrides)."""
     import os
 
-    E, D, F, K = shape.E, shape.D, shape.F, shape.K
-    w1 = torch.randn(E, 2 * F, D, device=DEV, dtype=DTYPE) * D ** -0.5
-    w2 = torch.randn(E, D, F, device=DEV, dtype=DTYPE) * F ** -0.5
-    out = ["### decode sweep: graph us at T=1, 8, 64"]
-    cases = []
-    for T in (1, 8, 64):
-        x = torch.randn(T, D, device=DEV, dtype=DTYPE)
-        ids = torch.randn(T, E, device=DEV).topk(K, dim=-1).indices
-        wts = torch.rand(T, K, device=DEV, dtype=DTYPE)
-        cases.append((x, ids, wts, make_plan(ids, E)))
-    for setting in ("",) + tuple(sweep):
+    out = ["### decode sweep: graph us at T=" + ", ".join(str(t) for t in calls)]
+    for setting in ("", *sweep):
         pairs = [kv.split("=", 1) for kv in setting.split(";") if kv]
         old = {k: os.environ.get(k) for k, _ in pairs}
         os.environ.update(dict(pairs))
-        us = []
-        for x, ids, wts, plan in cases:
-            def f(x=x, ids=ids, wts=wts, plan=plan):
-                return moe_experts(x, w1, w2, ids, wts, activation="silu", backend="triton", plan=plan)
-
-            with torch.no_grad():
-                f()
-                t = _graph_ms(f, DEV, rep_ms) or _time_ms(f, DEV, rep_ms=rep_ms)
-            us.append(t * 1e3)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        try:
+            us = [_graph_or_plain_ms(f, rep_ms) * 1e3 for f, _ in calls.values()]
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         out.append(f"{setting or 'default':70s} " + " ".join(f"{u:8.1f}" for u in us))
     return "\n".join(out)
 

@@ -59,7 +59,9 @@ class RoutingPlan:
         return self.capacity is None
 
 
-def count_per_expert(ids: torch.Tensor, num_experts: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+def count_per_expert(
+    ids: torch.Tensor, num_experts: int, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """``[E]`` occurrences of each expert id in ``ids`` (int64), or the sum of ``weights`` per id
     (their dtype). Unlike ``torch.bincount`` on CUDA this never syncs with the host (bincount
     reads the largest id back to size its output) and is deterministic for integer counts."""

@@ -62,7 +62,9 @@ def fp32_gate_applies(x_TD: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.dtype == torch.bfloat16)
 
 
-def fp32_gate_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor, bias_E: torch.Tensor | None = None) -> torch.Tensor:
+def fp32_gate_logits(
+    x_TD: torch.Tensor, weight_ED: torch.Tensor, bias_E: torch.Tensor | None = None
+) -> torch.Tensor:
     """fp32 ``x @ W.T + b`` for bf16 ``x``/``W`` (see the module docstring); differentiable in
     all three (the bias grad is summed in fp32)."""
     return _Fp32Gate.apply(x_TD, weight_ED, bias_E)

@@ -7,10 +7,11 @@ pre-activation) -> down (grouped GEMM) -> combine (fixed-order weighted sum over
 Backward (5 kernels): down-dgrad (gather the output grad by token + GEMM, activation
 derivative and routing-weight grad in the epilogue; in eager mode it writes dH over the saved
 pre-activation, ``MOEKIT_TRITON_INPLACE_DGRAD``; for large experts it also recomputes the
-activation the forward then does not keep, ``launchers.recompute_activation``) -> dX rows (grouped GEMM) -> gather-sum over k
-(no scatter, no atomics; the rows buffer is freed here) -> dW_down, dW_up (grouped GEMMs over each
-expert's rows, gathering by token; optionally, ``MOEKIT_TRITON_DW``, torch's cuBLAS grouped
-GEMM over gathered copies, see ``launchers.dw_uses_grouped_mm``). Everything is deterministic.
+activation, which the forward then does not keep, ``launchers.recompute_activation``) -> dX
+rows (grouped GEMM) -> gather-sum over k (no scatter, no atomics; the rows buffer is freed
+here) -> dW_down, dW_up (grouped GEMMs over each expert's rows, gathering by token; for large
+experts, ``MOEKIT_TRITON_DW``, torch's cuBLAS grouped GEMM over gathered copies, see
+``launchers.dw_uses_grouped_mm``). Everything is deterministic.
 """
 
 from __future__ import annotations
