@@ -182,6 +182,38 @@ def scenarios_2(rank):
     zero_grads(moe, ref)
     xs, gs, ls = inputs(8, [3, 7], moe.dim, moe.num_experts, skewed_logits)
     compare(ref, moe, xs, gs, ls, rank, tag="after-step")
+    # rebalance with the optimizer: Adam's moments move with their experts (a new replica
+    # copies its source's), so training continues exactly as the single-process layer's
+    moe, ref = scenario({}, dict(E=4, K=2, bias=True), [6, 6], logits_fn=skewed_logits, tag="adam-0")
+    opt = torch.optim.Adam(moe.parameters(), lr=0.05)
+    opt_ref = torch.optim.Adam(ref.parameters(), lr=0.05)
+    for it in range(2):
+        opt.step()
+        opt_ref.step()
+        zero_grads(moe, ref)
+        xs, gs, ls = inputs(20 + it, [5, 7], moe.dim, moe.num_experts, skewed_logits)
+        compare(ref, moe, xs, gs, ls, rank, tag=f"adam-{it + 1}")
+    opt.step()
+    opt_ref.step()
+    zero_grads(moe, ref)
+    old_params = set(map(id, moe.experts.parameters()))
+    rebalance(moe, num_redundant=2, optimizer=opt)
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not (old_params & held) and all(id(p) in held for p in moe.experts.parameters())
+    for it in range(3):
+        xs, gs, ls = inputs(30 + it, [6, 5], moe.dim, moe.num_experts, skewed_logits)
+        compare(ref, moe, xs, gs, ls, rank, tag=f"adam-rebalanced-{it}")
+        opt.step()
+        opt_ref.step()
+        zero_grads(moe, ref)
+    # state it cannot move is refused before anything moves
+    opt.state[moe.experts.down_proj]["odd"] = torch.zeros(3)
+    try:
+        rebalance(moe, optimizer=opt)
+    except ValueError as exc:
+        assert "'odd'" in str(exc), exc
+    else:
+        raise AssertionError("rebalance moved an optimizer state it cannot move")
     # inputs that need no grad on one rank: that rank still joins the backward exchanges
     moe = make_moe(5, E=4, K=2, bias=True)
     ref = copy.deepcopy(moe)
