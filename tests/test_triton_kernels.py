@@ -284,3 +284,25 @@ else:
         kernels.zero_empty_experts_kernel[(4, 3)](dw, counts, 2000, BLOCK=16)  # 4*16 per pass
         assert torch.count_nonzero(dw[0]) == 0 and torch.count_nonzero(dw[2]) == 0
         assert torch.equal(dw[1], before[1])
+
+    @pytest.mark.parametrize("recompute", ["0", "1"])
+    def test_activation_checkpointing(monkeypatch, recompute):
+        """Under torch.utils.checkpoint (non-reentrant: the forward is recomputed in the
+        backward and its saved tensors are the recomputed ones, which the in-place dgrad then
+        overwrites) every grad equals the plain triton run's."""
+        from torch.utils.checkpoint import checkpoint
+
+        monkeypatch.setenv("MOEKIT_TRITON_RECOMPUTE_ACT", recompute)
+        ts, ids, gy = _inputs(19, 16, 12, 4, 2, True, bias=True, seed=41)
+
+        def f(x, w1, w2, b1, b2, wts):
+            return moe_experts(x, w1, w2, ids, wts, activation="silu", gate_up_proj_bias=b1,
+                               down_proj_bias=b2, backend="triton")
+
+        grads = []
+        for use_ckpt in (False, True):
+            leaves = [t.float().requires_grad_(True) for t in ts]
+            y = checkpoint(f, *leaves, use_reentrant=False) if use_ckpt else f(*leaves)
+            grads.append(torch.autograd.grad(y, leaves, gy.float()))
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -437,7 +437,9 @@ def _meta(dev, dtype, ceil) -> dict:
             "dtype": str(dtype).replace("torch.", ""), "ceilings": ceil, "versions": _versions(),
             "cpu_smoke_test": dev.type != "cuda",
             "flops": "forward 6*T*K*D*F, forward+backward 18*T*K*D*F",
-            "peak_mem": "max allocated during one forward+backward, minus what was allocated before"}
+            "peak_mem": "max allocated during one forward+backward, minus what was allocated before",
+            "saved_mem": "allocated after a training forward (output + tensors saved for backward), "
+                         "minus what was allocated before"}
 
 
 def _one(shape, impl, dev, dtype, inputs, ref, g_full, rep_ms, log) -> dict:
@@ -489,7 +491,24 @@ def _bench_experts_g(shape, impl, dev, dtype, inputs, ref, g_full, *, rep_ms):
     row["grad_rel_err"] = _rel(grads[0][:s].float(), ref["dx"])
     del grads
     _time_fwd_bwd(row, fb, shape, dev, rep_ms)
+    row["saved_mem_gib"] = _saved_mem_gib(
+        lambda: f(leaves[0], leaves[1], leaves[2], ids, leaves[3]), dev)
     return row
+
+
+def _saved_mem_gib(fwd, device) -> float | None:
+    """Memory a training forward leaves allocated for its backward (its output and the
+    tensors autograd saved), in GiB: what each MoE layer of a model holds until its backward."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(device)
+    out = fwd()
+    _sync(device)
+    saved = (torch.cuda.memory_allocated(device) - base) / 2**30
+    del out
+    return saved
 
 
 def _profile(shape, impl, dev, dtype, inputs, g_full) -> str:
@@ -527,7 +546,8 @@ def _fmt(r: dict) -> str:
                  f" plan-given-graph {f(r.get('fwd_ms_plan_given_graph'), '.3f')} ms)")
     return (f"{r['shape']:<24} {r['impl']:<34} fwd {f(r['fwd_ms'], '8.3f')} ms  fwd+bwd "
             f"{f(r.get('fwd_bwd_ms'), '8.3f')} ms  {f(r.get('fwd_bwd_tflops'), '6.1f')} TF/s  mem "
-            f"{f(r.get('peak_mem_gib'), '6.2f')} GiB  err {f(r.get('rel_err'), '.1e')}" + extra)
+            f"{f(r.get('peak_mem_gib'), '6.2f')} GiB  saved {f(r.get('saved_mem_gib'), '5.2f')} GiB  "
+            f"err {f(r.get('rel_err'), '.1e')}" + extra)
 
 
 def table_text(rows: list[dict], meta: dict) -> str:
