@@ -154,6 +154,23 @@ def _row_tile(num_pid_m, num_pid_n, COUNTS, OFFSETS, E, n_cols, E_P2: tl.constex
     return e, rows.to(tl.int64), rows < row_end, cols, cols < n_cols
 
 
+@triton.jit
+def _rows_mainloop(a_ptrs, w_ptrs, mask_m, mask_n, n_k, w_step, PREC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``acc[BLOCK_M, BLOCK_N] = sum over k of A[:, k] W[k, :]`` (fp32), walking ``a_ptrs``
+    (row tile, contiguous in k) and ``w_ptrs`` (``w_step`` per k block) over ``n_k``."""
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, n_k, BLOCK_K):
+        mk = (k0 + ks) < n_k
+        at = tl.load(a_ptrs, mask=mask_m[:, None] & mk[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(at, wt, acc, input_precision=PREC)
+        a_ptrs += BLOCK_K
+        w_ptrs += w_step
+    return acc
+
+
 # ----------------------------------------------------------------------------- forward: up
 @triton.jit
 def up_kernel(
@@ -242,14 +259,8 @@ def rows_gemm_kernel(
     e64 = e.to(tl.int64)
     a_ptrs = A + rows64[:, None] * stride_an + ks[None, :]
     w_ptrs = W + e64 * stride_we + cols[None, :].to(tl.int64) * stride_wo + ks[:, None] * stride_wi
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, I, BLOCK_K):
-        mk = (k0 + ks) < I
-        at = tl.load(a_ptrs, mask=mask_m[:, None] & mk[None, :], other=0.0)
-        wt = tl.load(w_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(at, wt, acc, input_precision=PREC)
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K * stride_wi
+    acc = _rows_mainloop(a_ptrs, w_ptrs, mask_m, mask_n, I, BLOCK_K * stride_wi, PREC,
+                         BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
         b = tl.load(B + e64 * stride_be + cols, mask=mask_n, other=0.0).to(tl.float32)
         acc = acc + b[None, :]
@@ -330,14 +341,8 @@ def down_dgrad_kernel(
     e64 = e.to(tl.int64)
     g_ptrs = G + tok[:, None] * stride_gt + ks[None, :]
     w_ptrs = W + e64 * stride_we + ks[:, None].to(tl.int64) * stride_wd + cols[None, :] * stride_wf
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        mk = (k0 + ks) < D
-        gt = tl.load(g_ptrs, mask=mask_m[:, None] & mk[None, :], other=0.0)
-        wt = tl.load(w_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(gt, wt, acc, input_precision=PREC)
-        g_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K * stride_wd
+    acc = _rows_mainloop(g_ptrs, w_ptrs, mask_m, mask_n, D, BLOCK_K * stride_wd, PREC,
+                         BLOCK_M, BLOCK_N, BLOCK_K)
     out_mask = mask_m[:, None] & mask_n[None, :]
     h_ptrs = HPRE + rows64[:, None] * stride_hn + cols[None, :]
     hg = tl.load(h_ptrs, mask=out_mask, other=0.0).to(tl.float32)
