@@ -378,6 +378,15 @@ def down_dgrad_kernel(
         tl.store(DWT + rows64 * num_pid_n + pid_n, part, mask=mask_m)
 
 
+@triton.jit
+def _source_rows(TOK, rows64, mask, GATHER: tl.constexpr):
+    """Rows to read for sorted rows ``rows64``: the rows themselves, or (``GATHER``) their
+    tokens ``TOK[rows]`` (int64)."""
+    if GATHER:
+        return tl.load(TOK + rows64, mask=mask, other=0).to(tl.int64)
+    return rows64
+
+
 # ----------------------------------------------------------------------------- backward: weight grads
 @triton.jit
 def dw_kernel(
@@ -413,14 +422,8 @@ def dw_kernel(
         rows = r0 + ks
         mr = rows < end
         rows64 = rows.to(tl.int64)
-        if L_GATHER:
-            lrow = tl.load(LTOK + rows64, mask=mr, other=0).to(tl.int64)
-        else:
-            lrow = rows64
-        if R_GATHER:
-            rrow = tl.load(RTOK + rows64, mask=mr, other=0).to(tl.int64)
-        else:
-            rrow = rows64
+        lrow = _source_rows(LTOK, rows64, mr, L_GATHER)
+        rrow = _source_rows(RTOK, rows64, mr, R_GATHER)
         lt = tl.load(L + lrow[:, None] * stride_l + os_[None, :], mask=mr[:, None] & mask_o[None, :], other=0.0)
         rt = tl.load(R + rrow[:, None] * stride_r + is_[None, :], mask=mr[:, None] & mask_i[None, :], other=0.0)
         if L_SCALE or R_SCALE:
@@ -453,10 +456,7 @@ def bias_grad_kernel(
         rows = r0 + rs
         mr = rows < end
         rows64 = rows.to(tl.int64)
-        if L_GATHER:
-            lrow = tl.load(LTOK + rows64, mask=mr, other=0).to(tl.int64)
-        else:
-            lrow = rows64
+        lrow = _source_rows(LTOK, rows64, mr, L_GATHER)
         lt = tl.load(L + lrow[:, None] * stride_l + os_[None, :], mask=mr[:, None] & mask_o[None, :],
                      other=0.0).to(tl.float32)
         if L_SCALE:
