@@ -5,8 +5,8 @@ them, and ``fused_experts``: the ``fused`` entry of the ``triton`` backend.
 Forward (3 kernels):  up (gather x rows by token + GEMM + bias + activation; saves the
 pre-activation) -> down (grouped GEMM) -> combine (fixed-order weighted sum over k).
 Backward (5 kernels): down-dgrad (gather the output grad by token + GEMM, activation
-derivative and routing-weight grad in the epilogue; in eager mode it writes dH over the saved
-pre-activation, ``MOEKIT_TRITON_INPLACE_DGRAD``; for large experts it also recomputes the
+derivative and routing-weight grad in the epilogue; in eager mode, unless the graph is
+retained, it writes dH over the saved pre-activation; for large experts it also recomputes the
 activation, which the forward then does not keep, ``launchers.recompute_activation``) -> dX
 rows (grouped GEMM) -> gather-sum over k (no scatter, no atomics; the rows buffer is freed
 here) -> dW_down, dW_up (grouped GEMMs over each expert's rows, gathering by token; for large
@@ -128,19 +128,11 @@ class FusedExperts(torch.autograd.Function):
                               inverse, roww, h, None if recompute else a)
         ctx.cublas, ctx.recompute = cublas, recompute
         ctx.act, ctx.gated, ctx.woi = act, gated, woi
-        ctx.h_consumed = False
         return out
 
     @staticmethod
     def backward(ctx, g):
         inplace = _inplace_dgrad()
-        if inplace and ctx.h_consumed:
-            raise RuntimeError(
-                "moekit's triton experts wrote this graph's pre-activation gradient over the saved "
-                "pre-activation in the first backward, so a second backward through the same graph "
-                "(retain_graph=True) cannot run; set MOEKIT_TRITON_INPLACE_DGRAD=0 to keep them apart "
-                "(one more [rows, 2F] buffer in the backward)"
-            )
         (x, w_up, w_down, b_up, b_down, topk_w, token_ids, counts, offsets, inverse, roww, h,
          a_saved) = ctx.saved_tensors
         cublas, recompute = ctx.cublas, ctx.recompute
@@ -148,12 +140,11 @@ class FusedExperts(torch.autograd.Function):
         need = ctx.needs_input_grad
         g = g.to(x.dtype).contiguous()
         if inplace:
-            # eager: dH overwrites h (nothing reads h after this kernel); the version bump makes
-            # any later use of the saved h fail loudly instead of reading gradients
+            # dH overwrites h (nothing reads h after this kernel, and the graph is freed after
+            # this backward); the version bump makes any stray later use fail loudly
             dh, a, dwt_N = L.down_dgrad(g, w_down, b_down, token_ids, roww, h, counts, offsets,
                                         act, gated, woi, recompute, out=h)
             torch.autograd.graph.increment_version(h)
-            ctx.h_consumed = True
         else:
             dh, a, dwt_N = down_dgrad_op(g, w_down, b_down, token_ids, roww, h, counts, offsets,
                                          act, gated, woi, recompute)
@@ -200,9 +191,14 @@ class FusedExperts(torch.autograd.Function):
 
 
 def _inplace_dgrad() -> bool:
-    """Whether the backward writes dH over the saved pre-activation (``MOEKIT_TRITON_INPLACE_DGRAD``,
-    default 1): eager only; under torch.compile the functional op keeps the graph pure."""
-    return os.environ.get("MOEKIT_TRITON_INPLACE_DGRAD", "1") != "0" and not torch.compiler.is_compiling()
+    """Whether this backward writes dH over the saved pre-activation: in eager mode, when the
+    graph is freed after it (not ``retain_graph=True``, which another backward will read h
+    from), unless ``MOEKIT_TRITON_INPLACE_DGRAD=0``. Under torch.compile the functional op
+    keeps the graph pure."""
+    if os.environ.get("MOEKIT_TRITON_INPLACE_DGRAD", "1") == "0" or torch.compiler.is_compiling():
+        return False
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return keep_graph is not None and not keep_graph()
 
 
 def _needs_grad(*ts) -> bool:
