@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from moekit import presets
-from moekit.benchmark import SHAPES, _graph_ms, _time_ms
+from moekit.benchmark import SHAPES, _graph_ms, _time_ms, layer_config
 from moekit.ops import moe_experts
 from moekit.plan import make_plan
 
@@ -39,12 +38,7 @@ def _acts():
 
 
 def _layer(shape, *, backend="triton", **cfg_overrides):
-    cfg = presets.deepseek_v3() if shape.name.startswith("deepseek") else presets.qwen3_30b_a3b()
-    cfg.num_experts, cfg.dim, cfg.hidden_dim = shape.E, shape.D, shape.F
-    cfg.router.top_k = shape.K
-    if getattr(cfg.router, "num_expert_groups", None):
-        cfg.router.num_expert_groups = min(cfg.router.num_expert_groups, shape.E)
-    cfg.experts.backend = backend
+    cfg = layer_config(shape, backend)
     for k, v in cfg_overrides.items():
         target = cfg.router if k.startswith("router.") else cfg
         setattr(target, k.split(".")[-1], v)

@@ -272,24 +272,25 @@ def _reference(shape: Shape, inputs, slice_tokens: int):
     return {"slice": s, "y": y.detach(), "y_leaf": leaves[0], "y_out": y}
 
 
-def _bench_layer(shape: Shape, backend: str, device, dtype, *, rep_ms):
+def layer_config(shape: Shape, backend: str, *, small_groups: bool = False):
+    """The MoE.Config of a layer row: DeepSeek-V3's routing (with its shared expert) for the
+    deepseek shapes, Qwen3's otherwise, resized to ``shape`` and run on ``backend``;
+    ``small_groups`` shrinks DeepSeek's expert groups to 4 (2 kept) for tiny CPU shapes."""
     from . import presets
 
-    if shape.name.startswith("deepseek"):
-        cfg = presets.deepseek_v3()
-    else:
-        cfg = presets.qwen3_30b_a3b()
-    cfg.num_experts = shape.E
+    cfg = presets.deepseek_v3() if shape.name.startswith("deepseek") else presets.qwen3_30b_a3b()
+    cfg.num_experts, cfg.dim, cfg.hidden_dim = shape.E, shape.D, shape.F
     cfg.experts.backend = backend
+    cfg.router.top_k = shape.K
     if getattr(cfg.router, "num_expert_groups", None):
         cfg.router.num_expert_groups = min(cfg.router.num_expert_groups, shape.E)
-    cfg.router.top_k = shape.K
-    cfg.dim, cfg.hidden_dim = shape.D, shape.F
-    if device.type == "cpu":
-        cfg.num_experts = shape.E
-        if getattr(cfg.router, "num_expert_groups", None):
-            cfg.router.num_expert_groups = 4
-            cfg.router.num_limited_groups = 2
+        if small_groups:
+            cfg.router.num_expert_groups, cfg.router.num_limited_groups = 4, 2
+    return cfg
+
+
+def _bench_layer(shape: Shape, backend: str, device, dtype, *, rep_ms):
+    cfg = layer_config(shape, backend, small_groups=device.type == "cpu")
     moe = cfg.build().to(device=device, dtype=dtype)
     x = torch.randn(shape.T, shape.D, device=device, dtype=dtype, requires_grad=True)
     g = torch.randn_like(x)
