@@ -55,6 +55,25 @@ def test_switch_aux_loss(mask, score_func):
         assert (s1.grad[~m] == 0).all()
 
 
+@pytest.mark.parametrize("mask", MASKS)
+def test_switch_aux_loss_with_given_counts(mask):
+    """The counts the MoE layer already has give the same loss and gradient; a wrong shape is
+    refused."""
+    logits, scores, ids = routed()
+    m = make_mask(mask, (14,))
+    s1 = scores.clone().requires_grad_(True)
+    s2 = scores.clone().requires_grad_(True)
+    counts = balance.count_tokens_per_expert(ids, scores.shape[1], m)
+    a = balance.switch_aux_loss(s1, ids, m, counts)
+    b = switch_aux_ref(s2, ids, m)
+    assert_close(a, b, 1e-6)
+    a.backward()
+    b.backward()
+    assert_close(s1.grad, s2.grad, 1e-6)
+    with pytest.raises(ValueError, match="one count per expert"):
+        balance.switch_aux_loss(scores, ids, m, counts[:-1])
+
+
 def test_switch_aux_loss_padding_does_not_count():
     logits, scores, ids = routed()
     m = make_mask("some", (14,))

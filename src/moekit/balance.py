@@ -60,13 +60,25 @@ def count_tokens_per_expert(
 
 
 def switch_aux_loss(
-    scores_TE: torch.Tensor, topk_ids_TK: torch.Tensor, token_mask_T: torch.Tensor | None = None
+    scores_TE: torch.Tensor,
+    topk_ids_TK: torch.Tensor,
+    token_mask_T: torch.Tensor | None = None,
+    tokens_per_expert_E: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """``tokens_per_expert_E``: :func:`count_tokens_per_expert` of the same ids and mask when the
+    caller has it already (the MoE layer counts them for its load statistics); else counted here."""
     T, E = scores_TE.shape
     K = topk_ids_TK.shape[1]
     m = _mask_T(token_mask_T, T, scores_TE.device)
     n = m.sum().clamp(min=1.0)
-    f = count_tokens_per_expert(topk_ids_TK, E, token_mask_T) / (n * K)
+    if tokens_per_expert_E is None:
+        tokens_per_expert_E = count_tokens_per_expert(topk_ids_TK, E, token_mask_T)
+    elif tokens_per_expert_E.shape != (E,):
+        raise ValueError(
+            f"tokens_per_expert_E has shape {tuple(tokens_per_expert_E.shape)}; expected ({E},), "
+            "one count per expert"
+        )
+    f = tokens_per_expert_E.float() / (n * K)
     P = (_normalised(scores_TE) * m.unsqueeze(1)).sum(0) / n
     return E * (f * P).sum()
 

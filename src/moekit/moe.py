@@ -149,28 +149,35 @@ class MoE(Module):
         self.last_router_output = r
         mask_T = None if token_mask is None else token_mask.reshape(-1)
 
-        if not _in_backward():
+        # routed slots per expert: for the load statistics (not counted again when activation
+        # checkpointing recomputes the forward) and the load-balance loss, counted once
+        count_stats = not _in_backward()
+        load_E = None
+        if count_stats or self._switch_loss_on():
             with torch.no_grad():
-                self.tokens_per_expert += balance.count_tokens_per_expert(
-                    r.topk_ids, self.num_experts, mask_T
-                ).to(self.tokens_per_expert.device, torch.int64)
+                load_E = balance.count_tokens_per_expert(r.topk_ids, self.num_experts, mask_T)
+        if count_stats:
+            self.tokens_per_expert += load_E.to(self.tokens_per_expert.device, torch.int64)
 
         y_TD = self.experts(x_TD, r.topk_ids, r.topk_weights)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         if T > 0:
-            y_TD = self._attach_losses(y_TD, r, mask_T, shape)
+            y_TD = self._attach_losses(y_TD, r, mask_T, shape, load_E)
         else:
             self.aux_losses = {}
         return y_TD.reshape(shape)
 
-    def _attach_losses(self, y_TD, r: RouterOutput, mask_T, shape) -> torch.Tensor:
+    def _switch_loss_on(self) -> bool:
+        return self.training and self.config.load_balance_coeff > 0
+
+    def _attach_losses(self, y_TD, r: RouterOutput, mask_T, shape, load_E) -> torch.Tensor:
         cfg = self.config
         losses: dict[str, torch.Tensor] = {}
         if self.training:
-            if cfg.load_balance_coeff > 0:
+            if self._switch_loss_on():
                 losses["load_balance"] = cfg.load_balance_coeff * balance.switch_aux_loss(
-                    r.scores, r.topk_ids, mask_T
+                    r.scores, r.topk_ids, mask_T, load_E
                 )
             if cfg.seq_aux_loss_coeff > 0:
                 B, S = (shape[0], shape[1]) if len(shape) == 3 else (1, shape[0])
