@@ -143,8 +143,10 @@ def _decode_calls(shape):
 
 
 def _graph_or_plain_ms(f, rep_ms) -> float:
+    """CUDA-graph replay time, else (not capturable) the plain time as a negative number."""
     f()
-    return _graph_ms(f, DEV, rep_ms) or _time_ms(f, DEV, rep_ms=rep_ms)
+    g = _graph_ms(f, DEV, rep_ms)
+    return g if g is not None else -_time_ms(f, DEV, rep_ms=rep_ms)
 
 
 def profile_decode(shape, rep_ms, log, sweep=()):
@@ -156,6 +158,7 @@ def profile_decode(shape, rep_ms, log, sweep=()):
         lines.append(_decode_sweep(calls, rep_ms, sweep))
     for T, (f, ids) in calls.items():
         gms = _graph_or_plain_ms(f, rep_ms)
+        how, gms = ("graph" if gms > 0 else "plain (not capturable)"), abs(gms)
         _sync()
         with profile(activities=_acts()) as prof:
             for _ in range(20):
@@ -163,7 +166,7 @@ def profile_decode(shape, rep_ms, log, sweep=()):
             _sync()
         n = int(torch.unique(ids).numel())
         gb = n * 3 * shape.F * shape.D * 2 / 1e9
-        lines.append(f"T={T}: {n} experts, {gb * 1e3:.1f} MB, graph {gms * 1e3:.1f} us "
+        lines.append(f"T={T}: {n} experts, {gb * 1e3:.1f} MB, {how} {gms * 1e3:.1f} us "
                      f"= {gb / (gms / 1e3):.0f} GB/s")
         for e in prof.key_averages():
             us = getattr(e, "self_device_time_total", 0) / max(1, e.count)
@@ -184,13 +187,17 @@ def _decode_sweep(calls, rep_ms, sweep) -> str:
         os.environ.update(dict(pairs))
         try:
             us = [_graph_or_plain_ms(f, rep_ms) * 1e3 for f, _ in calls.values()]
+        except Exception as exc:  # noqa: BLE001 - a config that does not compile or launch: report it, go on
+            out.append(f"{setting:70s} error: {exc!r}"[:300])
+            continue
         finally:
             for k, v in old.items():
                 if v is None:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-        out.append(f"{setting or 'default':70s} " + " ".join(f"{u:8.1f}" for u in us))
+        out.append(f"{setting or 'default':70s} " + " ".join(f"{u:8.1f}" for u in us)
+                   + ("  (negative: no CUDA graph, plain time)" if min(us) < 0 else ""))
     return "\n".join(out)
 
 

@@ -77,3 +77,11 @@ def test_main_cli(tmp_path):
                            "moekit-loop", "--rep-ms", "2"]) == 0
     data = json.loads((tmp_path / "cpu.json").read_text())
     assert [r["impl"] for r in data["rows"]] == ["moekit-loop"]
+
+
+def test_sweep_settings_parse():
+    from moekit.benchmark import _sweep_setting
+
+    assert _sweep_setting("128,256,64,8,3") == ("MOEKIT_TRITON_CONFIG", "128,256,64,8,3")
+    assert _sweep_setting("dw:128,128,64,8,5") == ("MOEKIT_TRITON_DW_CONFIG", "128,128,64,8,5")
+    assert _sweep_setting("MOEKIT_TRITON_PDL=0") == ("MOEKIT_TRITON_PDL", "0")

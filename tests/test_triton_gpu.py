@@ -112,3 +112,57 @@ def test_compile_fullgraph():
     ge = torch.autograd.grad(y_e, [x, w1, w2, b1, b2, wts], g)
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("pdl", ["0", "1"])
+@pytest.mark.parametrize("T,bias,woi", [(1, False, False), (1, True, False), (3, True, True)])
+def test_decode_fused_down_combine(monkeypatch, pdl, T, bias, woi):
+    """Inference at decode sizes (down + combine in one kernel, optionally launched as a
+    programmatic dependent of the up kernel) under the tolerance rule, and bit-identical when
+    replayed from a CUDA graph."""
+    from moekit.plan import make_plan
+
+    monkeypatch.setenv("MOEKIT_TRITON_FUSED_DECODE_T", "4")
+    monkeypatch.setenv("MOEKIT_TRITON_PDL", pdl)
+    ids, f32, low = _inputs(T, 2048, 768, 128, 8, True, torch.bfloat16, bias, seed=T + 7)
+
+    def fwd(backend, ts, plan=None):
+        x, w1, w2, b1, b2, wts = ts
+        with torch.no_grad():
+            return moe_experts(x, w1, w2, ids, wts, activation="silu", gate_up_proj_bias=b1,
+                               down_proj_bias=b2, backend=backend, weight_on_input=woi, plan=plan)
+
+    truth, plain, fast = fwd("loop", f32), fwd("grouped_mm", low), fwd("triton", low)
+    e_a, e_p, s = _err(fast, truth), _err(plain, truth), _scale(truth)
+    assert e_a <= 2 * e_p + 2e-3 * s, f"triton err {e_a:.3e} > 2 * plain {e_p:.3e} + atol"
+    plan = make_plan(ids, 128)
+    fwd("triton", low, plan)  # compiled before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fwd("triton", low, plan)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, fast)
+
+
+@pytest.mark.parametrize("T,K,E", [(1, 8, 128), (8, 8, 128), (64, 8, 128), (128, 8, 256), (5, 4, 32)])
+def test_small_plan_on_cuda(monkeypatch, T, K, E):
+    """make_plan on CUDA at decode sizes (one launch) equals the torch-op plan field by field."""
+    import moekit.plan as plan_mod
+
+    ids = torch.randn(T, E, device="cuda").topk(K, dim=-1).indices
+    assert plan_mod._SMALL_PLAN is not None
+    fast = plan_mod.make_plan(ids, E)
+    monkeypatch.setattr(plan_mod, "_SMALL_PLAN", None)
+    ref = plan_mod.make_plan(ids, E)
+    for f in ("sorted_slots_N", "token_ids_N", "expert_ids_N", "counts_E", "offsets_E",
+              "inverse_TK", "num_dropped"):
+        a, b = getattr(fast, f), getattr(ref, f)
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3]], ids=["qwen3", "gpt_oss", "woi"])
+def test_split_dgrad_bf16(monkeypatch, case):
+    """MOEKIT_TRITON_DGRAD=split under the same tolerance rule as the fused dgrad."""
+    monkeypatch.setenv("MOEKIT_TRITON_DGRAD", "split")
+    test_bf16_tolerance_rule(case, torch.bfloat16)

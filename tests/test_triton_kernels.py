@@ -183,10 +183,13 @@ else:
             (ops.up_op, (x, w1, b1, plan.token_ids_N, None, *pargs, "silu", True, True)),
             (ops.rows_gemm_op, (torch.randn(20, 8), w2, b2, *pargs)),
             (ops.combine_op, (torch.randn(20, 16), plan.inverse_TK, wts, x)),
+            (ops.down_combine_op, (torch.randn(20, 8), w2, b2, plan.inverse_TK, plan.expert_ids_N, wts)),
             (ops.down_dgrad_op, (x, w2, b2, plan.token_ids_N, roww, torch.randn(20, 16), *pargs,
                                  "silu", True, False, True)),
             (ops.down_dgrad_op, (x, w2, b2, plan.token_ids_N, roww, torch.randn(20, 16), *pargs,
                                  "silu", True, False, False)),
+            (ops.down_dgrad_op, (x, w2, b2, plan.token_ids_N, roww, torch.randn(20, 16), *pargs,
+                                 "silu", True, False, True, plan.expert_ids_N)),
             (ops.weight_grad_op, (x, plan.token_ids_N, torch.randn(20, 8), None, roww, True, *pargs,
                                   True)),
         ]
@@ -200,9 +203,11 @@ else:
             for r, f in zip(real, fake):
                 assert tuple(r.shape) == tuple(f.shape) and r.dtype == f.dtype, op
 
-    def test_compile_fullgraph_traces():
+    @pytest.mark.parametrize("dgrad", ["fused", "split"])
+    def test_compile_fullgraph_traces(monkeypatch, dgrad):
         """torch.compile(fullgraph=True) traces moe_experts through the custom ops (aot_eager:
-        the kernels still run in the interpreter)."""
+        the kernels still run in the interpreter), with either dgrad."""
+        monkeypatch.setenv("MOEKIT_TRITON_DGRAD", dgrad)
         ts, ids, gy = _inputs(12, 16, 8, 4, 2, True, bias=True, seed=5)
         x, w1, w2, b1, b2, wts = [t.float().requires_grad_(True) for t in ts]
 
@@ -313,3 +318,106 @@ else:
             grads.append(torch.autograd.grad(y, leaves, gy.float()))
         for a, b in zip(*grads):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    @pytest.mark.parametrize("T,K,bias,woi,dropped", [
+        (1, 2, True, False, False),  # decode: one token
+        (3, 3, True, False, False),  # several tokens, K not a power of two
+        (2, 3, False, True, False),  # weight on the input
+        (5, 2, True, False, True),  # capacity drops: dropped slots add nothing
+    ])
+    def test_fused_decode_down_combine(monkeypatch, T, K, bias, woi, dropped):
+        """Inference at few tokens runs down + combine as one kernel (counted): the output
+        matches the float64 loop in fp32, and the unfused kernels' output."""
+        from moekit.ops.triton import launchers
+
+        calls = []
+        real = launchers.down_combine
+        monkeypatch.setattr(launchers, "down_combine", lambda *a: calls.append(1) or real(*a))
+        ts, ids, _ = _inputs(T, 40, 24, 6, K, True, bias=bias, seed=50 + T)
+        plan = make_plan(ids, 6, capacity_factor=0.5) if dropped else None
+        if dropped:
+            assert int(plan.num_dropped) > 0
+        x, w1, w2, b1, b2, wts = [None if t is None else t for t in ts]
+
+        def run(dtype):
+            c = [None if t is None else t.to(dtype) for t in (x, w1, w2, b1, b2, wts)]
+            return moe_experts(c[0], c[1], c[2], ids, c[5], activation="silu", gate_up_proj_bias=c[3],
+                               down_proj_bias=c[4], backend="triton" if dtype != torch.float64 else "loop",
+                               weight_on_input=woi, plan=plan)
+
+        truth = run(torch.float64)
+        monkeypatch.setenv("MOEKIT_TRITON_FUSED_DECODE_T", "0")
+        unfused = run(torch.float32)
+        assert not calls
+        monkeypatch.setenv("MOEKIT_TRITON_FUSED_DECODE_T", "8")
+        fused = run(torch.float32)
+        assert calls == [1]
+        s = max(1.0, truth.abs().max().item())
+        assert (fused.double() - truth).abs().max().item() <= 2e-5 * s
+        torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5 * s)
+
+    def test_fused_decode_setting_is_checked(monkeypatch):
+        from moekit.ops.triton import launchers
+
+        monkeypatch.setenv("MOEKIT_TRITON_FUSED_DECODE_T", "-1")
+        with pytest.raises(ValueError, match="non-negative integer"):
+            launchers.fused_decode_tokens()
+        monkeypatch.setenv("MOEKIT_TRITON_PDL", "yes")
+        with pytest.raises(ValueError, match="0 or 1"):
+            launchers.use_pdl(torch.device("cpu"))
+
+    @pytest.mark.parametrize("T,K,E,dups", [(1, 8, 128, False), (3, 2, 5, True), (64, 8, 128, False),
+                                            (128, 8, 300, True), (7, 1, 4, True), (5, 3, 1, True)])
+    def test_small_plan_equals_make_plan(T, K, E, dups):
+        """The one-launch decode plan equals make_plan's torch plan field by field (ids with
+        repeats too: the sort is stable either way)."""
+        from moekit.ops.triton import launchers
+
+        g = torch.Generator().manual_seed(T * 1000 + K * 10 + E)
+        if dups:
+            ids = torch.randint(0, E, (T, K), generator=g)
+        else:
+            ids = torch.randn(T, E, generator=g).topk(K, dim=-1).indices
+        for dtype in (torch.int64, torch.int32):
+            fast = launchers.small_plan(ids.to(dtype), E)
+            ref = make_plan(ids.to(dtype), E)
+            for f in ("sorted_slots_N", "token_ids_N", "expert_ids_N", "counts_E", "offsets_E",
+                      "inverse_TK", "num_dropped"):
+                a, b = getattr(fast, f), getattr(ref, f)
+                assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f
+            assert (fast.num_tokens, fast.top_k, fast.num_experts, fast.capacity) == (T, K, E, None)
+
+    def test_small_plan_rejects_bad_ids_and_sizes():
+        from moekit.ops.triton import launchers
+
+        with pytest.raises(RuntimeError, match="out of"):
+            launchers.small_plan(torch.tensor([[0, 4]]), 4)
+        with pytest.raises(RuntimeError, match="out of"):
+            launchers.small_plan(torch.tensor([[-1, 2]]), 4)
+        with pytest.raises(ValueError, match="slots"):
+            launchers.small_plan(torch.zeros(200, 8, dtype=torch.int64), 4)
+
+    @pytest.mark.parametrize("act,gated,bias,woi", [("silu", True, True, False), ("relu2", False, False, True),
+                                                   ("gpt_oss", True, True, False), ("gelu", False, True, False)])
+    @pytest.mark.parametrize("recompute", ["0", "1"])
+    def test_split_dgrad(monkeypatch, act, gated, bias, woi, recompute):
+        """MOEKIT_TRITON_DGRAD=split (gather GEMM, then the activation backward over whole rows):
+        every grad matches the float64 loop, with and without the recomputed activation."""
+        monkeypatch.setenv("MOEKIT_TRITON_DGRAD", "split")
+        monkeypatch.setenv("MOEKIT_TRITON_RECOMPUTE_ACT", recompute)
+        ts, ids, gy = _inputs(23, 24, 20, 5, 2, gated, bias=bias, seed=71,
+                              scale=6.0 if act == "gpt_oss" else 1.0)
+        ids[ids == 1] = 3  # an expert without rows
+        _check_fp32(ts, ids, gy, act, woi, bias)
+
+    def test_dgrad_setting_is_checked(monkeypatch):
+        from moekit.ops.triton import launchers
+
+        monkeypatch.setenv("MOEKIT_TRITON_DGRAD", "both")
+        with pytest.raises(ValueError, match="'auto', 'fused' or 'split'"):
+            launchers.dgrad_split(768)
+        monkeypatch.setenv("MOEKIT_TRITON_DGRAD", "auto")
+        assert launchers.dgrad_split(768) and launchers.dgrad_split(14336)
+        assert not launchers.dgrad_split(2880)
+        monkeypatch.setenv("MOEKIT_TRITON_DGRAD", "fused")
+        assert not launchers.dgrad_split(768)

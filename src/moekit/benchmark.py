@@ -340,6 +340,17 @@ def _default_impls(device, shape: Shape) -> list[str]:
     return impls
 
 
+def _sweep_setting(part: str) -> tuple[str, str]:
+    """One ``--sweep`` setting: ``BM,BN,BK,warps,stages`` (row GEMMs), ``dw:BO,BI,BK,warps,stages``
+    (weight grads) or ``VAR=VALUE`` (any environment setting)."""
+    if part.startswith("dw:"):
+        return "MOEKIT_TRITON_DW_CONFIG", part[3:]
+    if "=" in part:
+        var, val = part.split("=", 1)
+        return var, val
+    return "MOEKIT_TRITON_CONFIG", part
+
+
 def run(
     out_dir: str | os.PathLike = "benchmarks/results",
     *,
@@ -358,7 +369,8 @@ def run(
 
     ``shapes``/``impls`` filter by name (default: all shapes and the impls that make sense on
     this device). Without a GPU it runs ``CPU_SHAPES`` in fp32 and says so. ``sweep`` is a
-    list of ``"BM,BN,BK,warps,stages"`` triton configs to time at the first training shape.
+    list of settings to time moekit-triton under at the first training shape (see
+    ``_sweep_setting``; several joined by ``;``).
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type != "cuda":
@@ -402,22 +414,20 @@ def run(
             rows.append(r)
         if sweep and shape.kind == "train" and shape.name in (sweep_shapes or [todo[0].name]):
             for cfg in sweep:
-                var = "MOEKIT_TRITON_CONFIG"
-                if cfg.startswith("dw:"):
-                    var, cfg = "MOEKIT_TRITON_DW_CONFIG", cfg[3:]
-                elif "=" in cfg:
-                    var, cfg = cfg.split("=", 1)
-                old = os.environ.get(var)
-                os.environ[var] = cfg
-                r = _one(shape, "moekit-triton", dev, dtype, inputs, ref, g_full, rep_ms, log)
-                tag = {"MOEKIT_TRITON_CONFIG": "", "MOEKIT_TRITON_DW_CONFIG": "dw:"}.get(var, var + "=")
-                r["impl"] = f"moekit-triton[{tag}{cfg}]"
+                settings = dict(_sweep_setting(part) for part in cfg.split(";") if part)
+                old = {var: os.environ.get(var) for var in settings}
+                os.environ.update(settings)
+                try:
+                    r = _one(shape, "moekit-triton", dev, dtype, inputs, ref, g_full, rep_ms, log)
+                finally:
+                    for var, v in old.items():
+                        if v is None:
+                            os.environ.pop(var, None)
+                        else:
+                            os.environ[var] = v
+                r["impl"] = f"moekit-triton[{cfg}]"
                 r["sweep"] = True
                 rows.append(r)
-                if old is None:
-                    os.environ.pop(var, None)
-                else:
-                    os.environ[var] = old
         if profile and shape.name in profile and dev.type == "cuda":
             prof_txt.append(_profile(shape, "moekit-triton", dev, dtype, inputs, g_full))
             log(prof_txt[-1])
@@ -638,8 +648,9 @@ def main(argv: list[str] | None = None, *, default_out: str = "benchmarks/result
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--rep-ms", type=int, default=100, help="timing budget per measurement")
     p.add_argument("--sweep", nargs="*", default=None,
-                   help="triton configs 'BM,BN,BK,warps,stages' (row GEMMs) or 'dw:BO,BI,BK,warps,stages' "
-                        "(weight grads) to time at the first training shape")
+                   help="settings to time moekit-triton under at the first training shape: triton configs "
+                        "'BM,BN,BK,warps,stages' (row GEMMs), 'dw:BO,BI,BK,warps,stages' (weight grads) or "
+                        "VAR=VALUE, several joined by ';'")
     p.add_argument("--sweep-shapes", nargs="*", default=None, help="shapes for --sweep (default: first)")
     p.add_argument("--profile", nargs="*", default=None, help="shapes to profile moekit-triton at")
     p.add_argument("--peers", default=None, help="folder to put on sys.path (e.g. .peers for scattermoe)")

@@ -18,7 +18,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DROP_POLICIES", "RoutingPlan", "capacity_for", "count_per_expert", "make_plan"]
+__all__ = [
+    "DROP_POLICIES",
+    "RoutingPlan",
+    "capacity_for",
+    "count_per_expert",
+    "make_plan",
+    "register_small_plan_builder",
+]
 
 DROP_POLICIES = ("position", "weight")
 _INT32_MAX = 2**31 - 1
@@ -71,6 +78,19 @@ def count_per_expert(
     return out.scatter_add_(0, ids, src)
 
 
+# (builder, max_slots): a one-launch builder of small dropless plans on CUDA, registered by a
+# backend that has one (the triton backend); see register_small_plan_builder
+_SMALL_PLAN: tuple | None = None
+
+
+def register_small_plan_builder(builder, max_slots: int) -> None:
+    """Let ``make_plan`` build dropless plans of at most ``max_slots`` slots (T*K) on CUDA with
+    ``builder(topk_ids_TK, num_experts) -> RoutingPlan`` (the same plan, bit for bit). At decode
+    sizes the plan's dozen small torch ops cost more host time than the experts' kernels."""
+    global _SMALL_PLAN
+    _SMALL_PLAN = (builder, int(max_slots))
+
+
 def capacity_for(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
     """Rows each expert may keep: ``ceil(capacity_factor * T * K / E)``."""
     return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
@@ -109,6 +129,10 @@ def make_plan(
             "split the batch into chunks of fewer tokens"
         )
     device = topk_ids_TK.device
+    if (_SMALL_PLAN is not None and capacity_factor is None and pad_to_multiple == 1
+            and 0 < T * K <= _SMALL_PLAN[1] and device.type == "cuda"
+            and not torch.compiler.is_compiling()):
+        return _SMALL_PLAN[0](topk_ids_TK, num_experts)
     flat = topk_ids_TK.reshape(-1).to(torch.int64)
     if flat.numel() > 0 and not torch.compiler.is_compiling():
         if flat.device.type == "cpu":

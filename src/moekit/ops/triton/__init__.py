@@ -22,7 +22,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 import torch
 
+from ...plan import register_small_plan_builder
 from ..api import Backend, register_backend
+from .launchers import SMALL_PLAN_MAX_SLOTS, small_plan
 from .ops import FusedExperts, fused_experts
 
 __all__ = ["FusedExperts", "fused_experts", "triton_available"]
@@ -50,3 +52,5 @@ register_backend(
         ),
     )
 )
+# decode-sized plans on CUDA in one launch (make_plan falls back to torch ops elsewhere)
+register_small_plan_builder(small_plan, SMALL_PLAN_MAX_SLOTS)

@@ -14,7 +14,8 @@ All row/token offsets are widened to int64 before they are multiplied by strides
 pass 2**31 at real shapes.
 
 Activation codes (``ACT``): 0 silu, 1 gelu (erf), 2 gelu_tanh, 3 gpt_oss (gated only),
-4 relu2 (non-gated only in moekit, but the code is generic).
+4 relu2 (non-gated only in moekit, but the code is generic), 5 identity (forward only: the
+up kernel as a plain gather GEMM).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "gpt_oss": 3, "relu2": 4}
+ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "gpt_oss": 3, "relu2": 4, "identity": 5}
 GPT_OSS_ALPHA = 1.702
 GPT_OSS_LIMIT = 7.0
 
@@ -49,6 +50,8 @@ def _unary_fwd(h, ACT: tl.constexpr):
     elif ACT == 2:
         inner = 0.7978845608028654 * (h + 0.044715 * h * h * h)
         out = 0.5 * h * (1.0 + _tanh(inner))
+    elif ACT == 5:  # identity: the up kernel as a plain gather GEMM
+        out = h
     else:  # relu2
         r = tl.maximum(h, 0.0)
         out = r * r
@@ -182,13 +185,17 @@ def up_kernel(
     GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, WOI: tl.constexpr,
     STORE_H: tl.constexpr, E_P2: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """``h = x[tok] @ W[e].T (* w_row if WOI) + b``; stores h (pre-activation) and act(h).
 
     Gated: the program computes gate columns ``n`` and up columns ``F + n`` together, so the
     GLU is applied in the epilogue. The token gather happens in the prologue (``x[tok]``):
-    no permuted copy of x exists.
+    no permuted copy of x exists. ``PDL``: let the next kernel (launched as a programmatic
+    dependent, ``down_combine_kernel``) start while this one runs.
     """
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     e, rows64, mask_m, cols, mask_n = _row_tile(num_pid_m, tl.cdiv(F, BLOCK_N), COUNTS, OFFSETS, E, F,
                                                 E_P2, BLOCK_M, BLOCK_N, GROUP_M)
     if e >= E:
@@ -312,6 +319,60 @@ def combine_kernel(
              mask=mask_t[:, None] & mask_d[None, :])
 
 
+# ----------------------------------------------------------------------------- decode: down + combine
+@triton.jit
+def down_combine_kernel(
+    A, W, B, INV, EIDS, WTS, OUT,
+    Dm, F, num_pid_d,
+    stride_an, stride_we, stride_wd, stride_wf, stride_be, stride_ot,
+    K: tl.constexpr, K_P2: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PDL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    """Decode: ``out[t] = sum_k w[t,k] * (a[inv[t,k]] @ down[e_k].T + b[e_k])`` for one token
+    and one block of output columns, the down projection and the combine in one kernel (no
+    [N, D] rows buffer, one launch less). The program's ``K * BLOCK_D`` weight rows (slot k,
+    column d) are streamed together as one ``[K * BLOCK_D, BLOCK_F]`` tile per step, the next
+    step's tiles requested before the current ones are used, so that enough bytes are in flight
+    to stream the weights with about one program per SM; the per-slot sums are added in a
+    fixed order (deterministic). Each token reads its own experts' weights: the path for very
+    few tokens. ``PDL``: launched as a programmatic dependent of the up kernel; the routing
+    and the first weight tile are read before waiting for it (only ``A`` is its output)."""
+    pid = tl.program_id(0)
+    t64 = (pid // num_pid_d).to(tl.int64)
+    js = tl.arange(0, K_P2 * BLOCK_D)  # row j = slot k, column d
+    k_j = js // BLOCK_D
+    d_j = (pid % num_pid_d) * BLOCK_D + js % BLOCK_D
+    r_j = tl.load(INV + t64 * K + k_j, mask=k_j < K, other=-1)
+    ok = (r_j >= 0) & (d_j < Dm)
+    r64 = tl.where(r_j >= 0, r_j, 0).to(tl.int64)
+    e64 = tl.load(EIDS + r64, mask=ok, other=0).to(tl.int64)
+    fs = tl.arange(0, BLOCK_F)
+    w_ptrs = W + (e64 * stride_we + d_j.to(tl.int64) * stride_wd)[:, None] + fs[None, :] * stride_wf
+    a_ptrs = A + r64[:, None] * stride_an + fs[None, :]
+    acc = tl.zeros((K_P2 * BLOCK_D,), dtype=tl.float32)
+    wt = tl.load(w_ptrs, mask=ok[:, None] & (fs < F)[None, :], other=0.0)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    at = tl.load(a_ptrs, mask=ok[:, None] & (fs < F)[None, :], other=0.0)
+    for f0 in range(0, F, BLOCK_F):
+        # the next step's tiles are requested before this step's are used
+        mf = (f0 + BLOCK_F + fs) < F
+        w_ptrs += BLOCK_F * stride_wf
+        a_ptrs += BLOCK_F
+        w_nxt = tl.load(w_ptrs, mask=ok[:, None] & mf[None, :], other=0.0)
+        a_nxt = tl.load(a_ptrs, mask=ok[:, None] & mf[None, :], other=0.0)
+        acc += tl.sum(wt.to(tl.float32) * at.to(tl.float32), axis=1)
+        wt = w_nxt
+        at = a_nxt
+    if HAS_BIAS:
+        acc += tl.load(B + e64 * stride_be + d_j, mask=ok, other=0.0).to(tl.float32)
+    if HAS_W:
+        acc = acc * tl.load(WTS + t64 * K + k_j, mask=ok, other=0.0).to(tl.float32)
+    out = tl.sum(tl.reshape(acc, (K_P2, BLOCK_D)), axis=0)
+    ds = (pid % num_pid_d) * BLOCK_D + tl.arange(0, BLOCK_D)
+    tl.store(OUT + t64 * stride_ot + ds, out.to(OUT.dtype.element_ty), mask=ds < Dm)
+
+
 # ----------------------------------------------------------------------------- backward: down dgrad + activation
 @triton.jit
 def down_dgrad_kernel(
@@ -376,6 +437,64 @@ def down_dgrad_kernel(
                     bacc += tl.sum(gt * bt[None, :], axis=1)
                 part += bacc
         tl.store(DWT + rows64 * num_pid_n + pid_n, part, mask=mask_m)
+
+
+@triton.jit
+def act_bwd_kernel(
+    G, HPRE, DH, A_OUT, ROWW, DWT, GOUT, TOK, EXP, B2,
+    N, F, D,
+    stride_g, stride_hn, stride_dhn, stride_an, stride_gt, stride_be,
+    GATED: tl.constexpr, ACT: tl.constexpr, WOI: tl.constexpr, HAS_B2: tl.constexpr,
+    STORE_A: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``down_dgrad_kernel``'s epilogue as a pass of its own over whole rows, after the GEMM
+    ``G = gout[tok] @ down[e]`` ran as a plain gather GEMM (``up_kernel`` with the identity):
+    ``dA = w_row * G`` (``G`` when the weight is on the input), the activation's derivative
+    from the saved pre-activation -> ``dH`` (may be ``HPRE`` itself: each program reads a
+    tile before it writes it), with ``STORE_A`` the activation -> ``A_OUT``, and (weight on the
+    output) the routing-weight grad ``<G, act(h)> (+ <gout, b_down[e]>)`` of each row, whole
+    (a program owns its rows' full width, so there are no partials)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = rows < N
+    rows64 = rows.to(tl.int64)
+    if not WOI:
+        rw = tl.load(ROWW + rows64, mask=mask_r, other=0.0)
+    part = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for f0 in range(0, F, BLOCK_F):
+        fs = f0 + tl.arange(0, BLOCK_F)
+        m2 = mask_r[:, None] & (fs < F)[None, :]
+        acc = tl.load(G + rows64[:, None] * stride_g + fs[None, :], mask=m2, other=0.0).to(tl.float32)
+        h_ptrs = HPRE + rows64[:, None] * stride_hn + fs[None, :]
+        hg = tl.load(h_ptrs, mask=m2, other=0.0).to(tl.float32)
+        if WOI:
+            da = acc
+        else:
+            da = acc * rw[:, None]
+        dh_ptrs = DH + rows64[:, None] * stride_dhn + fs[None, :]
+        if GATED:
+            hu = tl.load(h_ptrs + F, mask=m2, other=0.0).to(tl.float32)
+            a, dg, du = _glu_fwd_bwd(hg, hu, da, ACT)
+            tl.store(dh_ptrs, dg.to(DH.dtype.element_ty), mask=m2)
+            tl.store(dh_ptrs + F, du.to(DH.dtype.element_ty), mask=m2)
+        else:
+            a, dact = _unary_fwd_bwd(hg, ACT)
+            tl.store(dh_ptrs, (da * dact).to(DH.dtype.element_ty), mask=m2)
+        if STORE_A:
+            tl.store(A_OUT + rows64[:, None] * stride_an + fs[None, :], a.to(A_OUT.dtype.element_ty),
+                     mask=m2)
+        if not WOI:
+            part += tl.sum(tl.where(m2, acc * a, 0.0), axis=1)
+    if not WOI:
+        if HAS_B2:
+            tok = tl.load(TOK + rows64, mask=mask_r, other=0).to(tl.int64)
+            e64 = tl.load(EXP + rows64, mask=mask_r, other=0).to(tl.int64)
+            for d0 in range(0, D, BLOCK_D):
+                ds = d0 + tl.arange(0, BLOCK_D)
+                md = mask_r[:, None] & (ds < D)[None, :]
+                gt = tl.load(GOUT + tok[:, None] * stride_gt + ds[None, :], mask=md, other=0.0)
+                bt = tl.load(B2 + e64[:, None] * stride_be + ds[None, :], mask=md, other=0.0)
+                part += tl.sum(gt.to(tl.float32) * bt.to(tl.float32), axis=1)
+        tl.store(DWT + rows64, part, mask=mask_r)
 
 
 @triton.jit
@@ -479,3 +598,47 @@ def zero_empty_experts_kernel(DW, COUNTS, per_expert, BLOCK: tl.constexpr):
     for start in range(tl.program_id(0) * BLOCK, per_expert, tl.num_programs(0) * BLOCK):
         offs = start + tl.arange(0, BLOCK)
         tl.store(base + offs, zero, mask=offs < per_expert)
+
+
+# ----------------------------------------------------------------------------- decode: the routing plan
+@triton.jit
+def small_plan_kernel(
+    IDS, COUNTS, OFFSETS, SORTED, TOKS, EXPS, INV, DROPPED, VALID,
+    n, E, K,
+    BLOCK: tl.constexpr, CHUNK: tl.constexpr, E_CHUNK: tl.constexpr,
+):
+    """A dropless RoutingPlan of ``n = T*K <= BLOCK`` slots in one program (decode sizes, where
+    the plan's dozen small torch ops cost more host time than the experts' kernels).
+
+    Slot ``i``'s row is the number of slots with a smaller expert id plus the earlier slots
+    with the same id: a stable counting sort by comparisons (``n * n`` of them, in chunks),
+    identical to ``make_plan``'s stable sort. Ids outside ``[0, E)`` clear ``VALID`` (the
+    caller asserts it) and are left out of every output, so nothing is written out of bounds."""
+    i = tl.arange(0, BLOCK)
+    mi = i < n
+    ids64 = tl.load(IDS + i, mask=mi, other=0).to(tl.int64)
+    ok = (ids64 >= 0) & (ids64 < E)
+    ids = ids64.to(tl.int32)
+    tl.store(VALID, (tl.sum((mi & ~ok).to(tl.int32), 0) == 0).to(tl.int32))
+    tl.store(DROPPED, tl.zeros((), dtype=tl.int64))
+    key = tl.where(mi & ok, ids, E)  # invalid and padding slots sort last
+    row = tl.zeros((BLOCK,), dtype=tl.int32)
+    for j0 in range(0, n, CHUNK):
+        j = j0 + tl.arange(0, CHUNK)
+        idj = tl.load(IDS + j, mask=j < n, other=0).to(tl.int64)
+        kj = tl.where((j < n) & (idj >= 0) & (idj < E), idj, E).to(tl.int32)
+        before = (kj[None, :] < key[:, None]) | ((kj[None, :] == key[:, None]) & (j[None, :] < i[:, None]))
+        row += tl.sum(before.to(tl.int32), 1)
+    keep = mi & ok
+    row64 = row.to(tl.int64)
+    tl.store(INV + i, tl.where(keep, row64, -1), mask=mi)
+    tl.store(SORTED + row64, i.to(tl.int64), mask=keep)
+    tl.store(TOKS + row64, (i // K).to(tl.int64), mask=keep)
+    tl.store(EXPS + row64, ids64, mask=keep)
+    total = 0
+    for e0 in range(0, E, E_CHUNK):
+        es = e0 + tl.arange(0, E_CHUNK)
+        c = tl.sum(((key[None, :] == es[:, None]) & keep[None, :]).to(tl.int32), 1)
+        tl.store(COUNTS + es, c, mask=es < E)
+        tl.store(OFFSETS + es, tl.cumsum(c, 0) + total, mask=es < E)
+        total += tl.sum(c, 0)

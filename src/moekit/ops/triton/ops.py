@@ -3,7 +3,8 @@
 them, and ``fused_experts``: the ``fused`` entry of the ``triton`` backend.
 
 Forward (3 kernels):  up (gather x rows by token + GEMM + bias + activation; saves the
-pre-activation) -> down (grouped GEMM) -> combine (fixed-order weighted sum over k).
+pre-activation) -> down (grouped GEMM) -> combine (fixed-order weighted sum over k); at decode
+(inference, ``launchers.fused_decode_tokens`` tokens or fewer) down and combine are one kernel.
 Backward (5 kernels): down-dgrad (gather the output grad by token + GEMM, activation
 derivative and routing-weight grad in the epilogue; in eager mode, unless the graph is
 retained, it writes dH over the saved pre-activation; for large experts it also recomputes the
@@ -37,13 +38,13 @@ _NS = "moekit_triton"
 def up_op(
     x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], token_ids: torch.Tensor,
     roww: Optional[torch.Tensor], counts: torch.Tensor, offsets: torch.Tensor,
-    act: str, gated: bool, store_h: bool,
+    act: str, gated: bool, store_h: bool, pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return L.up_forward(x, w, b, token_ids, roww, counts, offsets, act, gated, store_h)
+    return L.up_forward(x, w, b, token_ids, roww, counts, offsets, act, gated, store_h, pdl)
 
 
 @up_op.register_fake
-def _(x, w, b, token_ids, roww, counts, offsets, act, gated, store_h):
+def _(x, w, b, token_ids, roww, counts, offsets, act, gated, store_h, pdl=False):
     N, H = token_ids.shape[0], w.shape[1]
     F = H // 2 if gated else H
     return x.new_empty((N, H) if store_h else (0, H)), x.new_empty(N, F)
@@ -77,17 +78,31 @@ def _(y, inverse, weights, dot_with):
     return y.new_empty(T, y.shape[1]), dot
 
 
+@torch.library.custom_op(f"{_NS}::down_combine", mutates_args=())
+def down_combine_op(
+    a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], inverse: torch.Tensor,
+    expert_ids: torch.Tensor, weights: Optional[torch.Tensor], pdl: bool = False,
+) -> torch.Tensor:
+    return L.down_combine(a, w, b, inverse, expert_ids, weights, pdl)
+
+
+@down_combine_op.register_fake
+def _(a, w, b, inverse, expert_ids, weights, pdl=False):
+    return a.new_empty(inverse.shape[0], w.shape[1])
+
+
 @torch.library.custom_op(f"{_NS}::down_dgrad", mutates_args=())
 def down_dgrad_op(
     g: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], token_ids: torch.Tensor,
     roww: torch.Tensor, h: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor,
-    act: str, gated: bool, woi: bool, store_a: bool,
+    act: str, gated: bool, woi: bool, store_a: bool, expert_ids: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return L.down_dgrad(g, w, b, token_ids, roww, h, counts, offsets, act, gated, woi, store_a)
+    return L.down_dgrad(g, w, b, token_ids, roww, h, counts, offsets, act, gated, woi, store_a,
+                        expert_ids_N=expert_ids)
 
 
 @down_dgrad_op.register_fake
-def _(g, w, b, token_ids, roww, h, counts, offsets, act, gated, woi, store_a):
+def _(g, w, b, token_ids, roww, h, counts, offsets, act, gated, woi, store_a, expert_ids=None):
     N, F = h.shape[0], w.shape[2]
     return (h.new_empty(h.shape), h.new_empty(N if store_a else 0, F),
             h.new_empty(N, dtype=torch.float32))
@@ -116,7 +131,7 @@ def _(l_src, l_tok, r_src, r_tok, roww, scale_left, counts, offsets, with_bias, 
 class FusedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_up, w_down, b_up, b_down, topk_w, token_ids, sorted_slots, counts,
-                offsets, inverse, act, gated, woi):
+                offsets, inverse, expert_ids, act, gated, woi):
         roww = topk_w.reshape(-1).to(torch.float32).index_select(0, sorted_slots)
         h, a = up_op(x, w_up, b_up, token_ids, roww if woi else None, counts, offsets, act, gated, True)
         y = rows_gemm_op(a, w_down, b_down, counts, offsets)
@@ -125,7 +140,7 @@ class FusedExperts(torch.autograd.Function):
                                       x.dtype, x.device)
         recompute = L.recompute_activation(cublas)
         ctx.save_for_backward(x, w_up, w_down, b_up, b_down, topk_w, token_ids, counts, offsets,
-                              inverse, roww, h, None if recompute else a)
+                              inverse, expert_ids, roww, h, None if recompute else a)
         ctx.cublas, ctx.recompute = cublas, recompute
         ctx.act, ctx.gated, ctx.woi = act, gated, woi
         return out
@@ -133,8 +148,8 @@ class FusedExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         inplace = _inplace_dgrad()
-        (x, w_up, w_down, b_up, b_down, topk_w, token_ids, counts, offsets, inverse, roww, h,
-         a_saved) = ctx.saved_tensors
+        (x, w_up, w_down, b_up, b_down, topk_w, token_ids, counts, offsets, inverse, expert_ids,
+         roww, h, a_saved) = ctx.saved_tensors
         cublas, recompute = ctx.cublas, ctx.recompute
         act, gated, woi = ctx.act, ctx.gated, ctx.woi
         need = ctx.needs_input_grad
@@ -143,11 +158,11 @@ class FusedExperts(torch.autograd.Function):
             # dH overwrites h (nothing reads h after this kernel, and the graph is freed after
             # this backward); the version bump makes any stray later use fail loudly
             dh, a, dwt_N = L.down_dgrad(g, w_down, b_down, token_ids, roww, h, counts, offsets,
-                                        act, gated, woi, recompute, out=h)
+                                        act, gated, woi, recompute, out=h, expert_ids_N=expert_ids)
             torch.autograd.graph.increment_version(h)
         else:
             dh, a, dwt_N = down_dgrad_op(g, w_down, b_down, token_ids, roww, h, counts, offsets,
-                                         act, gated, woi, recompute)
+                                         act, gated, woi, recompute, expert_ids)
         if not recompute:
             a = a_saved
         dw_down = db_down = dw_up = db_up = dx = dtopk = None
@@ -187,7 +202,7 @@ class FusedExperts(torch.autograd.Function):
         return (dx if need[0] else None, dw_up if need[1] else None,
                 dw_down if need[2] else None, db_up if need[3] else None,
                 db_down if need[4] else None, dtopk if need[5] else None,
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
 def _inplace_dgrad() -> bool:
@@ -224,14 +239,21 @@ def fused_experts(
     if _needs_grad(*args):
         return FusedExperts.apply(
             *args, plan.token_ids_N, plan.sorted_slots_N, plan.counts_E, plan.offsets_E,
-            plan.inverse_TK, activation, gated, weight_on_input,
+            plan.inverse_TK, plan.expert_ids_N, activation, gated, weight_on_input,
         )
-    # inference: no pre-activation is stored
+    # inference: no pre-activation is stored; for a token or so (decode) the down projection
+    # and the combine are one kernel
     roww = None
     if weight_on_input:
         roww = topk_weights_TK.reshape(-1).to(torch.float32).index_select(0, plan.sorted_slots_N)
+    combine_w = None if weight_on_input else topk_weights_TK
+    fuse = x_TD.shape[0] <= L.fused_decode_tokens()
+    pdl = fuse and L.use_pdl(x_TD.device)
     _, a = up_op(x_TD, gate_up_proj, gate_up_proj_bias, plan.token_ids_N, roww, plan.counts_E,
-                 plan.offsets_E, activation, gated, False)
+                 plan.offsets_E, activation, gated, False, pdl)
+    if fuse:
+        return down_combine_op(a, down_proj, down_proj_bias, plan.inverse_TK, plan.expert_ids_N,
+                               combine_w, pdl)
     y = rows_gemm_op(a, down_proj, down_proj_bias, plan.counts_E, plan.offsets_E)
-    out, _ = combine_op(y, plan.inverse_TK, None if weight_on_input else topk_weights_TK, None)
+    out, _ = combine_op(y, plan.inverse_TK, combine_w, None)
     return out
