@@ -421,3 +421,16 @@ else:
         assert not launchers.dgrad_split(2880)
         monkeypatch.setenv("MOEKIT_TRITON_DGRAD", "fused")
         assert not launchers.dgrad_split(768)
+
+    @pytest.mark.parametrize("bias", [False, True])
+    def test_saved_row_indices(bias):
+        """The forward keeps one [N] int64 row vector (the tokens), plus the rows' experts only
+        when the down bias needs them (the split dgrad's routing-weight-grad term)."""
+        ts, ids, _ = _inputs(10, 16, 8, 4, 2, True, bias=bias, seed=81)
+        leaves = [None if t is None else t.float().requires_grad_(True) for t in ts]
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            moe_experts(leaves[0], leaves[1], leaves[2], ids, leaves[5], activation="silu",
+                        gate_up_proj_bias=leaves[3], down_proj_bias=leaves[4], backend="triton")
+        rows = [t for t in saved if t.dtype == torch.int64 and t.shape == (20,)]
+        assert len(rows) == (2 if bias else 1)

@@ -5,10 +5,11 @@ them, and ``fused_experts``: the ``fused`` entry of the ``triton`` backend.
 Forward (3 kernels):  up (gather x rows by token + GEMM + bias + activation; saves the
 pre-activation) -> down (grouped GEMM) -> combine (fixed-order weighted sum over k); at decode
 (inference, ``launchers.fused_decode_tokens`` tokens or fewer) down and combine are one kernel.
-Backward (5 kernels): down-dgrad (gather the output grad by token + GEMM, activation
+Backward (5-6 kernels): down-dgrad (gather the output grad by token + GEMM, activation
 derivative and routing-weight grad in the epilogue; in eager mode, unless the graph is
 retained, it writes dH over the saved pre-activation; for large experts it also recomputes the
-activation, which the forward then does not keep, ``launchers.recompute_activation``) -> dX
+activation, which the forward then does not keep, ``launchers.recompute_activation``; where
+``launchers.dgrad_split``, as two kernels: the gather GEMM, then the epilogue row-wise) -> dX
 rows (grouped GEMM) -> gather-sum over k (no scatter, no atomics; the rows buffer is freed
 here) -> dW_down, dW_up (grouped GEMMs over each expert's rows, gathering by token; for large
 experts, ``MOEKIT_TRITON_DW``, torch's cuBLAS grouped GEMM over gathered copies, see
@@ -139,8 +140,12 @@ class FusedExperts(torch.autograd.Function):
         cublas = L.dw_uses_grouped_mm(h.shape[0], counts.shape[0], x.shape[1], a.shape[1],
                                       x.dtype, x.device)
         recompute = L.recompute_activation(cublas)
+        # the rows' experts are read only for the down bias's routing-weight-grad term of the
+        # split dgrad: not kept otherwise (an [N] int64 vector held to the end of the backward)
+        keep_eids = b_down is not None and not woi
         ctx.save_for_backward(x, w_up, w_down, b_up, b_down, topk_w, token_ids, counts, offsets,
-                              inverse, expert_ids, roww, h, None if recompute else a)
+                              inverse, expert_ids if keep_eids else None, roww, h,
+                              None if recompute else a)
         ctx.cublas, ctx.recompute = cublas, recompute
         ctx.act, ctx.gated, ctx.woi = act, gated, woi
         return out
