@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from moekit.benchmark import SHAPES, _graph_ms, _time_ms, layer_config
+from moekit.benchmark import SHAPES, _graph_ms, _time_ms, layer_config, sweep_env
 from moekit.ops import moe_experts
 from moekit.plan import make_plan
 
@@ -176,26 +176,16 @@ def profile_decode(shape, rep_ms, log, sweep=()):
 
 
 def _decode_sweep(calls, rep_ms, sweep) -> str:
-    """CUDA-graph time of the decode calls under each ``VAR=VALUE`` (``;``-separated for
-    several) environment setting (launch-config overrides)."""
-    import os
-
+    """CUDA-graph time of the decode calls under each sweep entry (``VAR=VALUE``, several joined
+    by ``;``; see ``moekit.benchmark.sweep_env``)."""
     out = ["### decode sweep: graph us at T=" + ", ".join(str(t) for t in calls)]
     for setting in ("", *sweep):
-        pairs = [kv.split("=", 1) for kv in setting.split(";") if kv]
-        old = {k: os.environ.get(k) for k, _ in pairs}
-        os.environ.update(dict(pairs))
         try:
-            us = [_graph_or_plain_ms(f, rep_ms) * 1e3 for f, _ in calls.values()]
+            with sweep_env(setting):
+                us = [_graph_or_plain_ms(f, rep_ms) * 1e3 for f, _ in calls.values()]
         except Exception as exc:  # noqa: BLE001 - a config that does not compile or launch: report it, go on
             out.append(f"{setting:70s} error: {exc!r}"[:300])
             continue
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         out.append(f"{setting or 'default':70s} " + " ".join(f"{u:8.1f}" for u in us)
                    + ("  (negative: no CUDA graph, plain time)" if min(us) < 0 else ""))
     return "\n".join(out)

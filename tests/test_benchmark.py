@@ -85,3 +85,16 @@ def test_sweep_settings_parse():
     assert _sweep_setting("128,256,64,8,3") == ("MOEKIT_TRITON_CONFIG", "128,256,64,8,3")
     assert _sweep_setting("dw:128,128,64,8,5") == ("MOEKIT_TRITON_DW_CONFIG", "128,128,64,8,5")
     assert _sweep_setting("MOEKIT_TRITON_PDL=0") == ("MOEKIT_TRITON_PDL", "0")
+
+
+def test_sweep_env_restores(monkeypatch):
+    import os
+
+    from moekit.benchmark import sweep_env
+
+    monkeypatch.setenv("MOEKIT_TRITON_PDL", "1")
+    monkeypatch.delenv("MOEKIT_TRITON_DW_CONFIG", raising=False)
+    with sweep_env("MOEKIT_TRITON_PDL=0;dw:64,64,32,4,3"):
+        assert os.environ["MOEKIT_TRITON_PDL"] == "0"
+        assert os.environ["MOEKIT_TRITON_DW_CONFIG"] == "64,64,32,4,3"
+    assert os.environ["MOEKIT_TRITON_PDL"] == "1" and "MOEKIT_TRITON_DW_CONFIG" not in os.environ

@@ -21,6 +21,7 @@ same for dx. Without a GPU it runs tiny CPU shapes (and says so): a smoke test, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -340,6 +341,23 @@ def _default_impls(device, shape: Shape) -> list[str]:
     return impls
 
 
+@contextlib.contextmanager
+def sweep_env(spec: str):
+    """Apply one sweep entry (settings joined by ``;``, each as ``_sweep_setting`` reads it) to
+    the environment for the duration of the block, then restore what was there."""
+    settings = dict(_sweep_setting(part) for part in spec.split(";") if part)
+    old = {var: os.environ.get(var) for var in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for var, v in old.items():
+            if v is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = v
+
+
 def _sweep_setting(part: str) -> tuple[str, str]:
     """One ``--sweep`` setting: ``BM,BN,BK,warps,stages`` (row GEMMs), ``dw:BO,BI,BK,warps,stages``
     (weight grads) or ``VAR=VALUE`` (any environment setting)."""
@@ -414,17 +432,8 @@ def run(
             rows.append(r)
         if sweep and shape.kind == "train" and shape.name in (sweep_shapes or [todo[0].name]):
             for cfg in sweep:
-                settings = dict(_sweep_setting(part) for part in cfg.split(";") if part)
-                old = {var: os.environ.get(var) for var in settings}
-                os.environ.update(settings)
-                try:
+                with sweep_env(cfg):
                     r = _one(shape, "moekit-triton", dev, dtype, inputs, ref, g_full, rep_ms, log)
-                finally:
-                    for var, v in old.items():
-                        if v is None:
-                            os.environ.pop(var, None)
-                        else:
-                            os.environ[var] = v
                 r["impl"] = f"moekit-triton[{cfg}]"
                 r["sweep"] = True
                 rows.append(r)

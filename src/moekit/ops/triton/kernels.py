@@ -375,6 +375,38 @@ def down_combine_kernel(
 
 # ----------------------------------------------------------------------------- backward: down dgrad + activation
 @triton.jit
+def _act_bwd_tile(acc, ROWW, HPRE, DH, A_OUT, rows64, cols, mask_rows, mask, F,
+                  stride_hn, stride_dhn, stride_an, GATED: tl.constexpr, ACT: tl.constexpr,
+                  WOI: tl.constexpr, STORE_A: tl.constexpr):
+    """The dgrad epilogue on the tile (``rows64`` x ``cols``) of ``G`` (fp32 ``acc``):
+    ``dA = w_row * G`` (``G`` when the weight is on the input), the activation's derivative
+    from the pre-activation ``HPRE`` -> ``DH`` (gate and up columns ``F`` apart; the tile of h
+    is read before dH is written, so ``DH`` may be ``HPRE``), with ``STORE_A`` the activation
+    -> ``A_OUT``. Returns the activation (fp32). (Addresses are formed where they are used:
+    pointer tiles made up front stay live through the epilogue and cost registers.)"""
+    h_ptrs = HPRE + rows64[:, None] * stride_hn + cols[None, :]
+    hg = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if WOI:
+        da = acc
+    else:
+        rw = tl.load(ROWW + rows64, mask=mask_rows, other=0.0)
+        da = acc * rw[:, None]
+    dh_ptrs = DH + rows64[:, None] * stride_dhn + cols[None, :]
+    if GATED:
+        hu = tl.load(h_ptrs + F, mask=mask, other=0.0).to(tl.float32)
+        a, dg, du = _glu_fwd_bwd(hg, hu, da, ACT)
+        tl.store(dh_ptrs, dg.to(DH.dtype.element_ty), mask=mask)
+        tl.store(dh_ptrs + F, du.to(DH.dtype.element_ty), mask=mask)
+    else:
+        a, dact = _unary_fwd_bwd(hg, ACT)
+        tl.store(dh_ptrs, (da * dact).to(DH.dtype.element_ty), mask=mask)
+    if STORE_A:
+        tl.store(A_OUT + rows64[:, None] * stride_an + cols[None, :],
+                 a.to(A_OUT.dtype.element_ty), mask=mask)
+    return a
+
+
+@triton.jit
 def down_dgrad_kernel(
     G, W, B2, TOK, ROWW, HPRE, DH, A_OUT, DWT,
     COUNTS, OFFSETS,
@@ -405,25 +437,8 @@ def down_dgrad_kernel(
     acc = _rows_mainloop(g_ptrs, w_ptrs, mask_m, mask_n, D, BLOCK_K * stride_wd, PREC,
                          BLOCK_M, BLOCK_N, BLOCK_K)
     out_mask = mask_m[:, None] & mask_n[None, :]
-    h_ptrs = HPRE + rows64[:, None] * stride_hn + cols[None, :]
-    hg = tl.load(h_ptrs, mask=out_mask, other=0.0).to(tl.float32)
-    if WOI:
-        da = acc
-    else:
-        rw = tl.load(ROWW + rows64, mask=mask_m, other=0.0)
-        da = acc * rw[:, None]
-    dh_ptrs = DH + rows64[:, None] * stride_dhn + cols[None, :]
-    if GATED:
-        hu = tl.load(h_ptrs + F, mask=out_mask, other=0.0).to(tl.float32)
-        a, dg, du = _glu_fwd_bwd(hg, hu, da, ACT)
-        tl.store(dh_ptrs, dg.to(DH.dtype.element_ty), mask=out_mask)
-        tl.store(dh_ptrs + F, du.to(DH.dtype.element_ty), mask=out_mask)
-    else:
-        a, dact = _unary_fwd_bwd(hg, ACT)
-        tl.store(dh_ptrs, (da * dact).to(DH.dtype.element_ty), mask=out_mask)
-    if STORE_A:
-        tl.store(A_OUT + rows64[:, None] * stride_an + cols[None, :],
-                 a.to(A_OUT.dtype.element_ty), mask=out_mask)
+    a = _act_bwd_tile(acc, ROWW, HPRE, DH, A_OUT, rows64, cols, mask_m, out_mask, F,
+                      stride_hn, stride_dhn, stride_an, GATED, ACT, WOI, STORE_A)
     if not WOI:
         part = tl.sum(tl.where(out_mask, acc * a, 0.0), axis=1)
         if HAS_B2:  # noqa: SIM102 - a constexpr branch around a run-time one
@@ -457,31 +472,13 @@ def act_bwd_kernel(
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = rows < N
     rows64 = rows.to(tl.int64)
-    if not WOI:
-        rw = tl.load(ROWW + rows64, mask=mask_r, other=0.0)
     part = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for f0 in range(0, F, BLOCK_F):
         fs = f0 + tl.arange(0, BLOCK_F)
         m2 = mask_r[:, None] & (fs < F)[None, :]
         acc = tl.load(G + rows64[:, None] * stride_g + fs[None, :], mask=m2, other=0.0).to(tl.float32)
-        h_ptrs = HPRE + rows64[:, None] * stride_hn + fs[None, :]
-        hg = tl.load(h_ptrs, mask=m2, other=0.0).to(tl.float32)
-        if WOI:
-            da = acc
-        else:
-            da = acc * rw[:, None]
-        dh_ptrs = DH + rows64[:, None] * stride_dhn + fs[None, :]
-        if GATED:
-            hu = tl.load(h_ptrs + F, mask=m2, other=0.0).to(tl.float32)
-            a, dg, du = _glu_fwd_bwd(hg, hu, da, ACT)
-            tl.store(dh_ptrs, dg.to(DH.dtype.element_ty), mask=m2)
-            tl.store(dh_ptrs + F, du.to(DH.dtype.element_ty), mask=m2)
-        else:
-            a, dact = _unary_fwd_bwd(hg, ACT)
-            tl.store(dh_ptrs, (da * dact).to(DH.dtype.element_ty), mask=m2)
-        if STORE_A:
-            tl.store(A_OUT + rows64[:, None] * stride_an + fs[None, :], a.to(A_OUT.dtype.element_ty),
-                     mask=m2)
+        a = _act_bwd_tile(acc, ROWW, HPRE, DH, A_OUT, rows64, fs, mask_r, m2, F,
+                          stride_hn, stride_dhn, stride_an, GATED, ACT, WOI, STORE_A)
         if not WOI:
             part += tl.sum(tl.where(m2, acc * a, 0.0), axis=1)
     if not WOI:
