@@ -40,6 +40,18 @@ if not INTERP:
         )
         assert r.returncode == 0, f"interpreter suite failed:\n{r.stdout[-6000:]}\n{r.stderr[-3000:]}"
 
+    def test_launch_config_overrides_are_checked(monkeypatch):
+        from moekit.ops.triton import launchers
+
+        monkeypatch.setenv("MOEKIT_TRITON_DW_CONFIG", "128,128,64")
+        with pytest.raises(ValueError, match=r"MOEKIT_TRITON_DW_CONFIG='128,128,64': expected 5 positive"):
+            launchers._override("MOEKIT_TRITON_DW_CONFIG")
+        monkeypatch.setenv("MOEKIT_TRITON_DOWN_COMBINE_CONFIG", "4,x,4,1")
+        with pytest.raises(ValueError, match="BD,BF,warps,stages"):
+            launchers._env_ints("MOEKIT_TRITON_DOWN_COMBINE_CONFIG", "BD,BF,warps,stages")
+        monkeypatch.setenv("MOEKIT_TRITON_DOWN_COMBINE_CONFIG", "4,64,4,1")
+        assert launchers._env_ints("MOEKIT_TRITON_DOWN_COMBINE_CONFIG", "BD,BF,warps,stages") == (4, 64, 4, 1)
+
     def test_backend_not_available_on_cpu_without_interpreter(monkeypatch):
         from moekit.ops import available_backends
         from moekit.ops.triton import triton_available

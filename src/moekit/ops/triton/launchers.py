@@ -66,12 +66,21 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _override(var: str) -> GemmConfig | None:
+def _env_ints(var: str, names: str) -> tuple[int, ...] | None:
+    """The comma-separated integers of a launch-config override (``names`` says which), or None
+    when the variable is unset."""
     s = os.environ.get(var)
     if not s:
         return None
-    bm, bn, bk, w, st = (int(v) for v in s.split(","))
-    return GemmConfig(bm, bn, bk, w, st)
+    parts = s.split(",")
+    if len(parts) != len(names.split(",")) or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"{var}={s!r}: expected {len(names.split(','))} positive integers {names!r}")
+    return tuple(int(p) for p in parts)
+
+
+def _override(var: str) -> GemmConfig | None:
+    v = _env_ints(var, "BM,BN,BK,warps,stages")
+    return None if v is None else GemmConfig(*v)
 
 
 def _gemm_config(n_rows: int, n_experts: int, out_cols: int, kind: str, dtype) -> GemmConfig:
@@ -269,6 +278,11 @@ def combine(
     return out, dot
 
 
+# programmatic dependent launch needs a Triton with grid-dependency control (newer than the
+# oldest one moekit supports)
+_HAS_PDL = hasattr(getattr(getattr(triton.language, "extra", None), "cuda", None), "gdc_wait")
+
+
 @functools.cache
 def _major_of(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
@@ -298,7 +312,7 @@ def use_pdl(device: torch.device) -> bool:
     v = os.environ.get("MOEKIT_TRITON_PDL", "1")
     if v not in ("0", "1"):
         raise ValueError(f"MOEKIT_TRITON_PDL must be 0 or 1, got {v!r}")
-    return (v == "1" and device.type == "cuda" and not interpreting()
+    return (v == "1" and device.type == "cuda" and not interpreting() and _HAS_PDL
             and _major(device) >= 9)
 
 
@@ -324,11 +338,11 @@ def down_combine(
     out = a_NF.new_empty(T, D)
     if T == 0 or D == 0:
         return out
-    o = os.environ.get("MOEKIT_TRITON_DOWN_COMBINE_CONFIG")
+    o = _env_ints("MOEKIT_TRITON_DOWN_COMBINE_CONFIG", "BD,BF,warps,stages")
     if interpreting():
         bd, bf, nw, ns = 16, 16, 4, 1
-    elif o:
-        bd, bf, nw, ns = (int(v) for v in o.split(","))
+    elif o is not None:
+        bd, bf, nw, ns = o
     else:
         bd, bf, nw, ns = 4, 64, 4, 1
     num_pid_d = triton.cdiv(D, bd)
