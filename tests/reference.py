@@ -315,3 +315,16 @@ def moe_ref(moe, x_TD, P, forced_ids=None, kept=None):
             activation=s.config.activation,
         )
     return y, ids
+
+
+# ----------------------------------------------------------------------------- layouts
+def interleave_gate_up(t: torch.Tensor) -> torch.Tensor:
+    """``[E, 2F, ...]`` with the gate rows first -> gate and up rows alternating (GPT-OSS)."""
+    f = t.shape[1] // 2
+    return torch.stack([t[:, :f], t[:, f:]], dim=2).reshape(t.shape)
+
+
+def deinterleave_gate_up(t: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`interleave_gate_up`."""
+    v = t.reshape(t.shape[0], t.shape[1] // 2, 2, *t.shape[2:])
+    return torch.cat([v[:, :, 0], v[:, :, 1]], dim=1)

@@ -480,3 +480,34 @@ def test_gpt_oss_custom_glu_limit_via_experts_implementation():
     _tol_close(fast(ids).logits, want, "gpt_oss limit=0.5 logits")
     with pytest.raises(mh.PatchError, match="swiglu_limit"):
         mh.patch(copy.deepcopy(ref))
+
+
+def test_gpt_oss_experts_implementation_takes_the_fused_path(monkeypatch):
+    """GPT-OSS at the released alpha/limit runs through moe_experts (interleaved gate/up read in
+    place, no staged path) with the original's logits and gradients."""
+    from moekit.hf import experts_impl
+    from moekit.ops import api
+
+    calls = []
+    real = api.moe_experts
+
+    def spy(*a, **k):
+        calls.append(k.get("gate_up_interleaved"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(api, "moe_experts", spy)
+    ref = _build(_cfg("gpt_oss"))
+    ref.set_experts_implementation("eager")
+    ids = _ids()
+    want = ref(ids)
+    (want.logits.square().mean()).backward()
+    fast = copy.deepcopy(ref)
+    fast.zero_grad(set_to_none=True)
+    fast.set_experts_implementation("moekit")
+    got = fast(ids)
+    assert calls and all(c is True for c in calls), calls
+    _tol_close(got.logits, want.logits, "gpt_oss experts_implementation logits")
+    (got.logits.square().mean()).backward()
+    _check_grads(fast, ref)
+    assert experts_impl._has_gpt_oss_gate(
+        next(m for m in fast.modules() if type(m).__name__ == "GptOssExperts"))

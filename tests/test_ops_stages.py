@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import activate, assert_close, interleave_gate_up, moe_experts_ref
 
 from moekit.ops import expert_down, expert_up, moe_experts, permute, row_weights, unpermute
 from moekit.plan import make_plan
-from reference import activate, assert_close, moe_experts_ref
 
 BACKENDS = ["loop", "grouped_mm"]
 
@@ -173,3 +173,34 @@ def test_moe_experts_rejects_plan_of_other_shape():
     plan = make_plan(ids[:5], 4)
     with pytest.raises(ValueError, match="plan"):
         moe_experts(x, wu, wd, ids, w, plan=plan)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["gpt_oss", "silu"])
+def test_interleaved_gate_up_equals_concatenated(backend, activation):
+    """gate_up_interleaved=True on interleaved weights computes what the concatenated layout
+    does, and the weight/bias grads come back interleaved."""
+    x, wu, wd, bu, bd, ids, w = case(T=12, D=10, F=6, E=4, K=2, seed=3)
+    x = x * 4  # exercise GPT-OSS's clamps
+    dt = torch.float64 if backend == "loop" else torch.float32
+    ref_leaves = [t.to(dt).requires_grad_(True) for t in (x, wu, wd, bu, bd, w)]
+    y_ref = moe_experts(ref_leaves[0], ref_leaves[1], ref_leaves[2], ids, ref_leaves[5],
+                        activation=activation, gate_up_proj_bias=ref_leaves[3],
+                        down_proj_bias=ref_leaves[4], backend=backend)
+    leaves = [t.to(dt).requires_grad_(True) for t in
+              (x, interleave_gate_up(wu), wd, interleave_gate_up(bu), bd, w)]
+    y = moe_experts(leaves[0], leaves[1], leaves[2], ids, leaves[5], activation=activation,
+                    gate_up_proj_bias=leaves[3], down_proj_bias=leaves[4], backend=backend,
+                    gate_up_interleaved=True)
+    assert_close(y, y_ref)
+    gy = torch.randn(y.shape, dtype=y.dtype)
+    g_ref = torch.autograd.grad(y_ref, ref_leaves, gy)
+    g = torch.autograd.grad(y, leaves, gy)
+    for i, (a, b) in enumerate(zip(g, g_ref)):
+        assert_close(a, interleave_gate_up(b) if i in (1, 3) else b)
+
+
+def test_interleaved_needs_gated():
+    x, wu, wd, _, _, ids, w = case(gated=False)
+    with pytest.raises(ValueError, match="needs gated experts"):
+        moe_experts(x, wu, wd, ids, w, activation="relu2", gate_up_interleaved=True, backend="loop")

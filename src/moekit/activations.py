@@ -71,11 +71,17 @@ class Activation:
             return self.glu(gate, up)
         return self.unary(gate) * up
 
-    def __call__(self, h: torch.Tensor, gated: bool) -> torch.Tensor:
-        """Apply to the up projection's output ``h`` ([..., 2F] if gated, else [..., F])."""
+    def __call__(self, h: torch.Tensor, gated: bool, interleaved: bool = False) -> torch.Tensor:
+        """Apply to the up projection's output ``h`` ([..., 2F] if gated, else [..., F]); gated
+        columns are ``[gate | up]``, or with ``interleaved`` alternate ``gate0, up0, gate1, ...``
+        (GPT-OSS's layout)."""
         if gated:
+            if interleaved:
+                return self.gated(h[..., 0::2], h[..., 1::2])
             f = h.shape[-1] // 2
             return self.gated(h[..., :f], h[..., f:])
+        if interleaved:
+            raise ValueError("interleaved gate/up columns need a gated activation")
         return self.unary(h)
 
 

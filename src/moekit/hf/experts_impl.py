@@ -11,16 +11,21 @@ Layouts are honoured with views, never copies at call time:
 * concatenated ``gate_up_proj [E, 2F, D]`` / ``down_proj [E, D, F]``: passed as they are to
   :func:`moekit.ops.moe_experts`;
 * transposed ``[E, D, 2F]`` / ``[E, F, D]``: passed as ``.transpose(1, 2)`` views;
-* interleaved gate/up columns (GPT-OSS), a family's own ``_apply_gate`` (GPT-OSS's clamped
-  GLU with its configured ``alpha``/``limit``), an activation moekit has no name for, or a
-  post-expert norm: the staged path (moekit's routing plan, permute, the backend's grouped
-  linear layers, unpermute) with the module's own gate / activation / norm in the middle.
+* GPT-OSS's gate (its clamped GLU on alternating gate/up columns) at moekit's ``alpha`` and
+  ``limit`` (1.702, 7.0: every released GPT-OSS): the weights as they are, with
+  ``gate_up_interleaved=True`` and the ``gpt_oss`` activation (the fused kernels read the
+  interleaved rows in place);
+* a family's own ``_apply_gate`` otherwise (e.g. GPT-OSS with another ``swiglu_limit``), an
+  activation moekit has no name for, or a post-expert norm: the staged path (moekit's routing
+  plan, permute, the backend's grouped linear layers, unpermute) with the module's own gate /
+  activation / norm in the middle.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..activations import GPT_OSS_ALPHA, GPT_OSS_LIMIT
 from ..ops import api as _api
 from ..ops import permute, unpermute
 from ..plan import make_plan
@@ -73,6 +78,21 @@ def _has_default_gate(module) -> bool:
     except ImportError:  # pragma: no cover - every transformers>=5 has it
         return False
     return getattr(type(module), "_apply_gate", None) is _default_apply_gate
+
+
+def _has_gpt_oss_gate(module) -> bool:
+    """Whether the module's gate is GPT-OSS's clamped GLU with the constants moekit's
+    ``gpt_oss`` activation uses."""
+    try:
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+    except ImportError:  # pragma: no cover - every transformers>=5 has it
+        return False
+    if getattr(type(module), "_apply_gate", None) is not GptOssExperts._apply_gate:
+        return False
+    alpha, limit = getattr(module, "alpha", None), getattr(module, "limit", None)
+    return alpha is not None and limit is not None and (
+        float(alpha) == GPT_OSS_ALPHA and float(limit) == GPT_OSS_LIMIT
+    )
 
 
 def _module_layout(module):
@@ -129,10 +149,15 @@ def moekit_experts_forward(
         if getattr(self, "has_post_expert_norm", False)
         else None
     )
+    # GPT-OSS's gate slices the up projection's columns alternately (gate ::2, up 1::2),
+    # whatever the layout flag says: that is moekit's gpt_oss activation on interleaved rows
+    gpt_oss = has_gate and not default_gate and post_norm is None and _has_gpt_oss_gate(self)
+    if gpt_oss:
+        act_name = "gpt_oss"
     fast = (
         act_name is not None
         and post_norm is None
-        and (not has_gate or (concatenated and default_gate))
+        and (not has_gate or (concatenated and default_gate) or gpt_oss)
     )
     if fast:
         y = _api.moe_experts(
@@ -145,6 +170,7 @@ def moekit_experts_forward(
             gate_up_proj_bias=b_up,
             down_proj_bias=b_down,
             backend=backend,
+            gate_up_interleaved=gpt_oss,
         )
         return y.to(out_dtype)
 

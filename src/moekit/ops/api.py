@@ -138,11 +138,13 @@ def expert_up(
     gated: bool = True,
     bias_EH: torch.Tensor | None = None,
     backend: str | Backend = "auto",
+    interleaved: bool = False,
 ) -> torch.Tensor:
-    """Up projection (``H = 2F`` when gated, else ``F``) and the activation: ``[N, F]``."""
+    """Up projection (``H = 2F`` when gated, else ``F``) and the activation: ``[N, F]``
+    (``interleaved``: gate and up rows of ``w_up_EHD`` alternate, as in GPT-OSS)."""
     b = staged_backend(backend, x_ND.device, x_ND.dtype)
     h_NH = b.grouped_linear(x_ND, w_up_EHD, plan, bias_EH)
-    return get_activation(activation)(h_NH, gated)
+    return get_activation(activation)(h_NH, gated, interleaved)
 
 
 def expert_down(
@@ -212,10 +214,12 @@ def moe_experts(
     backend: str = "auto",
     weight_on_input: bool = False,
     plan: RoutingPlan | None = None,
+    gate_up_interleaved: bool = False,
 ) -> torch.Tensor:
     """Routed experts, functional: ``y[t] = sum_k w[t,k] * expert_{ids[t,k]}(x[t])``.
 
-    ``gate_up_proj`` is ``[E, 2F, D]`` (gate rows first) for gated activations, or the up
+    ``gate_up_proj`` is ``[E, 2F, D]`` (gate rows first; with ``gate_up_interleaved`` gate and
+    up rows alternate, GPT-OSS's layout, and so does the bias) for gated activations, or the up
     projection ``[E, F, D]`` for non-gated ones (told apart by ``down_proj``'s ``F``);
     ``down_proj`` is ``[E, D, F]``. The down bias is added per routed row, so it is weighted
     by the routing weight. With ``weight_on_input`` the weight scales the expert's input row
@@ -227,6 +231,8 @@ def moe_experts(
     act = get_activation(activation)
     if not gated and not act.supports_plain:
         raise ValueError(f"activation={activation!r} is gated only; pass gate_up_proj [E, 2F, D]")
+    if gate_up_interleaved and not gated:
+        raise ValueError("gate_up_interleaved=True needs gated experts (gate_up_proj [E, 2F, D])")
     b = resolve_backend(backend, x_TD.device, x_TD.dtype)
     if plan is None:
         plan = make_plan(topk_ids, gate_up_proj.shape[0])
@@ -239,12 +245,12 @@ def moe_experts(
         return b.fused(
             x_TD, gate_up_proj, down_proj, plan, topk_weights, activation=act.name, gated=gated,
             gate_up_proj_bias=gate_up_proj_bias, down_proj_bias=down_proj_bias,
-            weight_on_input=weight_on_input,
+            weight_on_input=weight_on_input, gate_up_interleaved=gate_up_interleaved,
         )
     x_ND = permute(x_TD, plan, topk_weights if weight_on_input else None)
     h_NF = expert_up(
         x_ND, gate_up_proj, plan, activation=act.name, gated=gated, bias_EH=gate_up_proj_bias,
-        backend=b,
+        backend=b, interleaved=gate_up_interleaved,
     )
     y_ND = expert_down(h_NF, down_proj, plan, bias_ED=down_proj_bias, backend=b)
     return unpermute(y_ND, plan, None if weight_on_input else topk_weights)

@@ -114,6 +114,16 @@ def _glu_fwd_bwd(g, u, dout, ACT: tl.constexpr):
     return out, dg, du
 
 
+@triton.jit
+def _gate_up_cols(cols, F, INTERLEAVED: tl.constexpr):
+    """Columns of H (= rows of the up weight, of its bias, of h and dH) holding gate columns
+    ``cols``, and the offset from each to its up column: ``[gate | up]`` (``cols``, ``F``) or,
+    interleaved as in GPT-OSS, ``gate0, up0, gate1, ...`` (``2 * cols``, 1)."""
+    if INTERLEAVED:
+        return 2 * cols, 1
+    return cols, F
+
+
 # ----------------------------------------------------------------------------- tile schedule
 @triton.jit
 def _find_tile(pid_m, COUNTS, OFFSETS, E, E_P2: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -185,14 +195,15 @@ def up_kernel(
     GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, WOI: tl.constexpr,
     STORE_H: tl.constexpr, E_P2: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, INTERLEAVED: tl.constexpr = False,
 ):
     """``h = x[tok] @ W[e].T (* w_row if WOI) + b``; stores h (pre-activation) and act(h).
 
     Gated: the program computes gate columns ``n`` and up columns ``F + n`` together, so the
     GLU is applied in the epilogue. The token gather happens in the prologue (``x[tok]``):
     no permuted copy of x exists. ``PDL``: let the next kernel (launched as a programmatic
-    dependent, ``down_combine_kernel``) start while this one runs.
+    dependent, ``down_combine_kernel``) start while this one runs. ``INTERLEAVED``: gate and up
+    rows of W (and of the bias, and columns of h) alternate (``_gate_up_cols``).
     """
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
@@ -204,10 +215,11 @@ def up_kernel(
     ks = tl.arange(0, BLOCK_K)
     e64 = e.to(tl.int64)
     x_ptrs = X + tok[:, None] * stride_xt + ks[None, :]
-    wg_ptrs = W + e64 * stride_we + cols[None, :].to(tl.int64) * stride_wh + ks[:, None] * stride_wd
+    hcols, up_off = _gate_up_cols(cols, F, INTERLEAVED)
+    wg_ptrs = W + e64 * stride_we + hcols[None, :].to(tl.int64) * stride_wh + ks[:, None] * stride_wd
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GATED:
-        wu_ptrs = wg_ptrs + F * stride_wh
+        wu_ptrs = wg_ptrs + up_off * stride_wh
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         mk = (k0 + ks) < D
@@ -226,17 +238,17 @@ def up_kernel(
         if GATED:
             acc_u = acc_u * rw[:, None]
     if HAS_BIAS:
-        bg = tl.load(B + e64 * stride_be + cols, mask=mask_n, other=0.0).to(tl.float32)
+        bg = tl.load(B + e64 * stride_be + hcols, mask=mask_n, other=0.0).to(tl.float32)
         acc_g = acc_g + bg[None, :]
         if GATED:
-            bu = tl.load(B + e64 * stride_be + F + cols, mask=mask_n, other=0.0).to(tl.float32)
+            bu = tl.load(B + e64 * stride_be + up_off + hcols, mask=mask_n, other=0.0).to(tl.float32)
             acc_u = acc_u + bu[None, :]
     out_mask = mask_m[:, None] & mask_n[None, :]
     if STORE_H:
-        h_ptrs = H_OUT + rows64[:, None] * stride_hn + cols[None, :]
+        h_ptrs = H_OUT + rows64[:, None] * stride_hn + hcols[None, :]
         tl.store(h_ptrs, acc_g.to(H_OUT.dtype.element_ty), mask=out_mask)
         if GATED:
-            tl.store(h_ptrs + F, acc_u.to(H_OUT.dtype.element_ty), mask=out_mask)
+            tl.store(h_ptrs + up_off, acc_u.to(H_OUT.dtype.element_ty), mask=out_mask)
     if GATED:
         act = _glu_fwd(acc_g, acc_u, ACT)
     else:
@@ -377,26 +389,27 @@ def down_combine_kernel(
 @triton.jit
 def _act_bwd_tile(acc, ROWW, HPRE, DH, A_OUT, rows64, cols, mask_rows, mask, F,
                   stride_hn, stride_dhn, stride_an, GATED: tl.constexpr, ACT: tl.constexpr,
-                  WOI: tl.constexpr, STORE_A: tl.constexpr):
+                  WOI: tl.constexpr, STORE_A: tl.constexpr, INTERLEAVED: tl.constexpr):
     """The dgrad epilogue on the tile (``rows64`` x ``cols``) of ``G`` (fp32 ``acc``):
     ``dA = w_row * G`` (``G`` when the weight is on the input), the activation's derivative
     from the pre-activation ``HPRE`` -> ``DH`` (gate and up columns ``F`` apart; the tile of h
     is read before dH is written, so ``DH`` may be ``HPRE``), with ``STORE_A`` the activation
     -> ``A_OUT``. Returns the activation (fp32). (Addresses are formed where they are used:
     pointer tiles made up front stay live through the epilogue and cost registers.)"""
-    h_ptrs = HPRE + rows64[:, None] * stride_hn + cols[None, :]
+    hcols, up_off = _gate_up_cols(cols, F, INTERLEAVED)
+    h_ptrs = HPRE + rows64[:, None] * stride_hn + hcols[None, :]
     hg = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
     if WOI:
         da = acc
     else:
         rw = tl.load(ROWW + rows64, mask=mask_rows, other=0.0)
         da = acc * rw[:, None]
-    dh_ptrs = DH + rows64[:, None] * stride_dhn + cols[None, :]
+    dh_ptrs = DH + rows64[:, None] * stride_dhn + hcols[None, :]
     if GATED:
-        hu = tl.load(h_ptrs + F, mask=mask, other=0.0).to(tl.float32)
+        hu = tl.load(h_ptrs + up_off, mask=mask, other=0.0).to(tl.float32)
         a, dg, du = _glu_fwd_bwd(hg, hu, da, ACT)
         tl.store(dh_ptrs, dg.to(DH.dtype.element_ty), mask=mask)
-        tl.store(dh_ptrs + F, du.to(DH.dtype.element_ty), mask=mask)
+        tl.store(dh_ptrs + up_off, du.to(DH.dtype.element_ty), mask=mask)
     else:
         a, dact = _unary_fwd_bwd(hg, ACT)
         tl.store(dh_ptrs, (da * dact).to(DH.dtype.element_ty), mask=mask)
@@ -415,6 +428,7 @@ def down_dgrad_kernel(
     GATED: tl.constexpr, ACT: tl.constexpr, WOI: tl.constexpr, HAS_B2: tl.constexpr,
     STORE_A: tl.constexpr, E_P2: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    INTERLEAVED: tl.constexpr = False,
 ):
     """``G = gout[tok] @ down[e]`` (rows gathered by token, no permuted copy of the output
     grad), then the epilogue: ``dA = w_row * G`` (``G`` when the weight is on the input), the
@@ -438,7 +452,7 @@ def down_dgrad_kernel(
                          BLOCK_M, BLOCK_N, BLOCK_K)
     out_mask = mask_m[:, None] & mask_n[None, :]
     a = _act_bwd_tile(acc, ROWW, HPRE, DH, A_OUT, rows64, cols, mask_m, out_mask, F,
-                      stride_hn, stride_dhn, stride_an, GATED, ACT, WOI, STORE_A)
+                      stride_hn, stride_dhn, stride_an, GATED, ACT, WOI, STORE_A, INTERLEAVED)
     if not WOI:
         part = tl.sum(tl.where(out_mask, acc * a, 0.0), axis=1)
         if HAS_B2:  # noqa: SIM102 - a constexpr branch around a run-time one
@@ -461,6 +475,7 @@ def act_bwd_kernel(
     stride_g, stride_hn, stride_dhn, stride_an, stride_gt, stride_be,
     GATED: tl.constexpr, ACT: tl.constexpr, WOI: tl.constexpr, HAS_B2: tl.constexpr,
     STORE_A: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+    INTERLEAVED: tl.constexpr = False,
 ):
     """``down_dgrad_kernel``'s epilogue as a pass of its own over whole rows, after the GEMM
     ``G = gout[tok] @ down[e]`` ran as a plain gather GEMM (``up_kernel`` with the identity):
@@ -478,7 +493,7 @@ def act_bwd_kernel(
         m2 = mask_r[:, None] & (fs < F)[None, :]
         acc = tl.load(G + rows64[:, None] * stride_g + fs[None, :], mask=m2, other=0.0).to(tl.float32)
         a = _act_bwd_tile(acc, ROWW, HPRE, DH, A_OUT, rows64, fs, mask_r, m2, F,
-                          stride_hn, stride_dhn, stride_an, GATED, ACT, WOI, STORE_A)
+                          stride_hn, stride_dhn, stride_an, GATED, ACT, WOI, STORE_A, INTERLEAVED)
         if not WOI:
             part += tl.sum(tl.where(m2, acc * a, 0.0), axis=1)
     if not WOI:

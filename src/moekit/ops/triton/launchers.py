@@ -164,10 +164,13 @@ def up_forward(
     gated: bool,
     store_h: bool = True,
     pdl: bool = False,
+    interleaved: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Up projection with the token gather in its prologue and the activation in its epilogue:
     returns ``(h_NH pre-activation, a_NF activated)`` (``h`` is empty when ``store_h`` is False).
-    ``pdl``: the next kernel is :func:`down_combine` launched as its programmatic dependent."""
+    ``pdl``: the next kernel is :func:`down_combine` launched as its programmatic dependent.
+    ``interleaved``: gate and up rows of ``w_EHD`` (and of the bias) alternate; ``h`` keeps
+    that order."""
     _check("x", x_TD, 2)
     _check("gate_up_proj", w_EHD, 3, x_TD.dtype, x_TD.device)
     if x_TD.dtype not in _DTYPES:
@@ -194,7 +197,7 @@ def up_forward(
         GATED=gated, ACT=K.ACT_CODES[act], HAS_BIAS=b_EH is not None, WOI=roww_N is not None,
         STORE_H=store_h, E_P2=_e_p2(E), PREC=_prec(x_TD.dtype),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-        PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PDL=pdl, INTERLEAVED=interleaved, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return h, a
 
@@ -376,6 +379,7 @@ def down_dgrad(
     store_a: bool = True,
     out: torch.Tensor | None = None,
     expert_ids_N: torch.Tensor | None = None,
+    interleaved: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dH_NH, a_NF, dwt_N)``: the pre-activation grad, the activation recomputed
     from ``h`` (for the down projection's weight grad; empty unless ``store_a``) and (weight on
@@ -384,10 +388,11 @@ def down_dgrad(
     ``out`` receives dH; it may be ``h_NH`` itself (every program reads its tile of h before it
     writes the same tile of dH, and no other program touches that tile), which saves an
     [N, H] buffer in the backward. With :func:`dgrad_split` the GEMM and the epilogue run as two
-    kernels (``expert_ids_N`` is then needed for the down bias's term)."""
+    kernels (``expert_ids_N`` is then needed for the down bias's term). ``interleaved``: h and
+    dH hold gate and up columns alternately (``up_forward``'s layout)."""
     if dgrad_split(w_EDF.shape[2]):
         return _down_dgrad_split(g_TD, w_EDF, b_ED, token_ids_N, roww_N, h_NH, counts_E, offsets_E,
-                                 act, gated, woi, store_a, out, expert_ids_N)
+                                 act, gated, woi, store_a, out, expert_ids_N, interleaved)
     E, D, F = w_EDF.shape
     N, H = h_NH.shape
     g_TD = _rows_contig(g_TD)
@@ -417,7 +422,7 @@ def down_dgrad(
         GATED=gated, ACT=K.ACT_CODES[act], WOI=woi, HAS_B2=b_ED is not None, STORE_A=store_a,
         E_P2=_e_p2(E), PREC=_prec(g_TD.dtype),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        INTERLEAVED=interleaved, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     dwt = torch.zeros(N, device=g_TD.device, dtype=torch.float32) if woi else parts.sum(-1)
     return dh, a, dwt
@@ -440,7 +445,7 @@ def dgrad_split(hidden: int) -> bool:
 
 
 def _down_dgrad_split(g_TD, w_EDF, b_ED, token_ids_N, roww_N, h_NH, counts_E, offsets_E, act, gated,
-                      woi, store_a, out, expert_ids_N):
+                      woi, store_a, out, expert_ids_N, interleaved):
     _, D, F = w_EDF.shape
     N, H = h_NH.shape
     if b_ED is not None and not woi and expert_ids_N is None:
@@ -471,7 +476,7 @@ def _down_dgrad_split(g_TD, w_EDF, b_ED, token_ids_N, roww_N, h_NH, counts_E, of
         G.stride(0), h_NH.stride(0), dh.stride(0), a.stride(0), g_TD.stride(0),
         b_ED.stride(0) if has_b2 else 0,
         GATED=gated, ACT=K.ACT_CODES[act], WOI=woi, HAS_B2=has_b2, STORE_A=store_a,
-        BLOCK_R=br, BLOCK_F=bf, BLOCK_D=bd, num_warps=4,
+        BLOCK_R=br, BLOCK_F=bf, BLOCK_D=bd, INTERLEAVED=interleaved, num_warps=4,
     )
     return dh, a, dwt
 

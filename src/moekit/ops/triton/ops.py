@@ -39,13 +39,14 @@ _NS = "moekit_triton"
 def up_op(
     x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], token_ids: torch.Tensor,
     roww: Optional[torch.Tensor], counts: torch.Tensor, offsets: torch.Tensor,
-    act: str, gated: bool, store_h: bool, pdl: bool = False,
+    act: str, gated: bool, store_h: bool, pdl: bool = False, interleaved: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return L.up_forward(x, w, b, token_ids, roww, counts, offsets, act, gated, store_h, pdl)
+    return L.up_forward(x, w, b, token_ids, roww, counts, offsets, act, gated, store_h, pdl,
+                        interleaved)
 
 
 @up_op.register_fake
-def _(x, w, b, token_ids, roww, counts, offsets, act, gated, store_h, pdl=False):
+def _(x, w, b, token_ids, roww, counts, offsets, act, gated, store_h, pdl=False, interleaved=False):
     N, H = token_ids.shape[0], w.shape[1]
     F = H // 2 if gated else H
     return x.new_empty((N, H) if store_h else (0, H)), x.new_empty(N, F)
@@ -97,13 +98,15 @@ def down_dgrad_op(
     g: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], token_ids: torch.Tensor,
     roww: torch.Tensor, h: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor,
     act: str, gated: bool, woi: bool, store_a: bool, expert_ids: Optional[torch.Tensor] = None,
+    interleaved: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return L.down_dgrad(g, w, b, token_ids, roww, h, counts, offsets, act, gated, woi, store_a,
-                        expert_ids_N=expert_ids)
+                        expert_ids_N=expert_ids, interleaved=interleaved)
 
 
 @down_dgrad_op.register_fake
-def _(g, w, b, token_ids, roww, h, counts, offsets, act, gated, woi, store_a, expert_ids=None):
+def _(g, w, b, token_ids, roww, h, counts, offsets, act, gated, woi, store_a, expert_ids=None,
+      interleaved=False):
     N, F = h.shape[0], w.shape[2]
     return (h.new_empty(h.shape), h.new_empty(N if store_a else 0, F),
             h.new_empty(N, dtype=torch.float32))
@@ -132,9 +135,10 @@ def _(l_src, l_tok, r_src, r_tok, roww, scale_left, counts, offsets, with_bias, 
 class FusedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_up, w_down, b_up, b_down, topk_w, token_ids, sorted_slots, counts,
-                offsets, inverse, expert_ids, act, gated, woi):
+                offsets, inverse, expert_ids, act, gated, woi, interleaved):
         roww = topk_w.reshape(-1).to(torch.float32).index_select(0, sorted_slots)
-        h, a = up_op(x, w_up, b_up, token_ids, roww if woi else None, counts, offsets, act, gated, True)
+        h, a = up_op(x, w_up, b_up, token_ids, roww if woi else None, counts, offsets, act, gated,
+                     True, False, interleaved)
         y = rows_gemm_op(a, w_down, b_down, counts, offsets)
         out, _ = combine_op(y, inverse, None if woi else topk_w, None)
         cublas = L.dw_uses_grouped_mm(h.shape[0], counts.shape[0], x.shape[1], a.shape[1],
@@ -147,7 +151,7 @@ class FusedExperts(torch.autograd.Function):
                               inverse, expert_ids if keep_eids else None, roww, h,
                               None if recompute else a)
         ctx.cublas, ctx.recompute = cublas, recompute
-        ctx.act, ctx.gated, ctx.woi = act, gated, woi
+        ctx.act, ctx.gated, ctx.woi, ctx.interleaved = act, gated, woi, interleaved
         return out
 
     @staticmethod
@@ -156,18 +160,19 @@ class FusedExperts(torch.autograd.Function):
         (x, w_up, w_down, b_up, b_down, topk_w, token_ids, counts, offsets, inverse, expert_ids,
          roww, h, a_saved) = ctx.saved_tensors
         cublas, recompute = ctx.cublas, ctx.recompute
-        act, gated, woi = ctx.act, ctx.gated, ctx.woi
+        act, gated, woi, interleaved = ctx.act, ctx.gated, ctx.woi, ctx.interleaved
         need = ctx.needs_input_grad
         g = g.to(x.dtype).contiguous()
         if inplace:
             # dH overwrites h (nothing reads h after this kernel, and the graph is freed after
             # this backward); the version bump makes any stray later use fail loudly
             dh, a, dwt_N = L.down_dgrad(g, w_down, b_down, token_ids, roww, h, counts, offsets,
-                                        act, gated, woi, recompute, out=h, expert_ids_N=expert_ids)
+                                        act, gated, woi, recompute, out=h, expert_ids_N=expert_ids,
+                                        interleaved=interleaved)
             torch.autograd.graph.increment_version(h)
         else:
             dh, a, dwt_N = down_dgrad_op(g, w_down, b_down, token_ids, roww, h, counts, offsets,
-                                         act, gated, woi, recompute, expert_ids)
+                                         act, gated, woi, recompute, expert_ids, interleaved)
         if not recompute:
             a = a_saved
         dw_down = db_down = dw_up = db_up = dx = dtopk = None
@@ -207,7 +212,7 @@ class FusedExperts(torch.autograd.Function):
         return (dx if need[0] else None, dw_up if need[1] else None,
                 dw_down if need[2] else None, db_up if need[3] else None,
                 db_down if need[4] else None, dtopk if need[5] else None,
-                None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None)
 
 
 def _inplace_dgrad() -> bool:
@@ -237,6 +242,7 @@ def fused_experts(
     gate_up_proj_bias: torch.Tensor | None = None,
     down_proj_bias: torch.Tensor | None = None,
     weight_on_input: bool = False,
+    gate_up_interleaved: bool = False,
 ) -> torch.Tensor:
     """The whole routed-experts computation in the fused Triton kernels (``moe_experts``'s
     ``fused`` entry); differentiable in x, both weights, both biases and the routing weights."""
@@ -245,6 +251,7 @@ def fused_experts(
         return FusedExperts.apply(
             *args, plan.token_ids_N, plan.sorted_slots_N, plan.counts_E, plan.offsets_E,
             plan.inverse_TK, plan.expert_ids_N, activation, gated, weight_on_input,
+            gate_up_interleaved,
         )
     # inference: no pre-activation is stored; for a token or so (decode) the down projection
     # and the combine are one kernel
@@ -255,7 +262,7 @@ def fused_experts(
     fuse = x_TD.shape[0] <= L.fused_decode_tokens()
     pdl = fuse and L.use_pdl(x_TD.device)
     _, a = up_op(x_TD, gate_up_proj, gate_up_proj_bias, plan.token_ids_N, roww, plan.counts_E,
-                 plan.offsets_E, activation, gated, False, pdl)
+                 plan.offsets_E, activation, gated, False, pdl, gate_up_interleaved)
     if fuse:
         return down_combine_op(a, down_proj, down_proj_bias, plan.inverse_TK, plan.expert_ids_N,
                                combine_w, pdl)
