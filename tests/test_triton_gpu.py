@@ -166,3 +166,29 @@ def test_split_dgrad_bf16(monkeypatch, case):
     """MOEKIT_TRITON_DGRAD=split under the same tolerance rule as the fused dgrad."""
     monkeypatch.setenv("MOEKIT_TRITON_DGRAD", "split")
     test_bf16_tolerance_rule(case, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dgrad", ["fused", "split"])
+def test_interleaved_gate_up_bf16(monkeypatch, dgrad):
+    """GPT-OSS's interleaved gate/up layout (bias, hot experts) under the tolerance rule."""
+    from reference import interleave_gate_up
+
+    monkeypatch.setenv("MOEKIT_TRITON_DGRAD", dgrad)
+    ids, f32, low = _inputs(2048, 1024, 512, 32, 4, True, torch.bfloat16, True, seed=17, skew=True)
+
+    def il(ts):
+        x, w1, w2, b1, b2, wts = ts
+        return [x, interleave_gate_up(w1), w2, interleave_gate_up(b1), b2, wts]
+
+    def run(backend, ts):
+        x, w1, w2, b1, b2, wts = [t.detach().clone().requires_grad_(True) for t in il(ts)]
+        y = moe_experts(x, w1, w2, ids, wts, activation="gpt_oss", gate_up_proj_bias=b1,
+                        down_proj_bias=b2, backend=backend, gate_up_interleaved=True)
+        g = torch.randn(y.shape, generator=torch.Generator(device="cpu").manual_seed(3)).cuda().to(y.dtype)
+        return [y.detach()] + list(torch.autograd.grad(y, [x, w1, w2, b1, b2, wts], g))
+
+    truth, plain, fast = run("loop", f32), run("grouped_mm", low), run("triton", low)
+    names = ["y", "dx", "dw_up", "dw_down", "db_up", "db_down", "dtopk"]
+    for name, a, p, t in zip(names, fast, plain, truth):
+        e_a, e_p, s = _err(a, t), _err(p, t), _scale(t)
+        assert e_a <= 2 * e_p + 2e-3 * s, f"{name}: triton err {e_a:.3e} > 2 * plain {e_p:.3e} + atol"
