@@ -392,8 +392,9 @@ def _act_bwd_tile(acc, ROWW, HPRE, DH, A_OUT, rows64, cols, mask_rows, mask, F,
                   WOI: tl.constexpr, STORE_A: tl.constexpr, INTERLEAVED: tl.constexpr):
     """The dgrad epilogue on the tile (``rows64`` x ``cols``) of ``G`` (fp32 ``acc``):
     ``dA = w_row * G`` (``G`` when the weight is on the input), the activation's derivative
-    from the pre-activation ``HPRE`` -> ``DH`` (gate and up columns ``F`` apart; the tile of h
-    is read before dH is written, so ``DH`` may be ``HPRE``), with ``STORE_A`` the activation
+    from the pre-activation ``HPRE`` -> ``DH`` (gate and up columns placed by
+    ``_gate_up_cols``; the tile of h is read before dH is written, so ``DH`` may be ``HPRE``),
+    with ``STORE_A`` the activation
     -> ``A_OUT``. Returns the activation (fp32). (Addresses are formed where they are used:
     pointer tiles made up front stay live through the epilogue and cost registers.)"""
     hcols, up_off = _gate_up_cols(cols, F, INTERLEAVED)
