@@ -25,6 +25,19 @@ def routed(T=14, E=6, K=2, seed=0, score_func="softmax"):
 MASKS = [None, "some", "none_real"]
 
 
+def same_loss_and_grad(loss_fn, ref_fn, scores):
+    """``loss_fn(scores)`` equals ``ref_fn(scores)`` in value and in its gradient (to 1e-6);
+    returns the gradient."""
+    s1 = scores.clone().requires_grad_(True)
+    s2 = scores.clone().requires_grad_(True)
+    loss, ref = loss_fn(s1), ref_fn(s2)
+    assert_close(loss, ref, 1e-6)
+    loss.backward()
+    ref.backward()
+    assert_close(s1.grad, s2.grad, 1e-6)
+    return s1.grad
+
+
 def make_mask(kind, shape, seed=1):
     if kind is None:
         return None
@@ -43,16 +56,10 @@ def make_mask(kind, shape, seed=1):
 def test_switch_aux_loss(mask, score_func):
     logits, scores, ids = routed(score_func=score_func)
     m = make_mask(mask, (14,))
-    s1 = scores.clone().requires_grad_(True)
-    s2 = scores.clone().requires_grad_(True)
-    loss = balance.switch_aux_loss(s1, ids, m)
-    ref = switch_aux_ref(s2, ids, m)
-    assert_close(loss, ref, 1e-6)
-    loss.backward()
-    ref.backward()
-    assert_close(s1.grad, s2.grad, 1e-6)
+    grad = same_loss_and_grad(lambda s: balance.switch_aux_loss(s, ids, m),
+                              lambda s: switch_aux_ref(s, ids, m), scores)
     if m is not None:  # padded tokens get no gradient
-        assert (s1.grad[~m] == 0).all()
+        assert (grad[~m] == 0).all()
 
 
 @pytest.mark.parametrize("mask", MASKS)
@@ -61,15 +68,9 @@ def test_switch_aux_loss_with_given_counts(mask):
     refused."""
     logits, scores, ids = routed()
     m = make_mask(mask, (14,))
-    s1 = scores.clone().requires_grad_(True)
-    s2 = scores.clone().requires_grad_(True)
     counts = balance.count_tokens_per_expert(ids, scores.shape[1], m)
-    a = balance.switch_aux_loss(s1, ids, m, counts)
-    b = switch_aux_ref(s2, ids, m)
-    assert_close(a, b, 1e-6)
-    a.backward()
-    b.backward()
-    assert_close(s1.grad, s2.grad, 1e-6)
+    same_loss_and_grad(lambda s: balance.switch_aux_loss(s, ids, m, counts),
+                       lambda s: switch_aux_ref(s, ids, m), scores)
     with pytest.raises(ValueError, match="one count per expert"):
         balance.switch_aux_loss(scores, ids, m, counts[:-1])
 
@@ -100,14 +101,8 @@ def test_sequence_aux_loss(mask):
         m[1] = False
     else:
         m = make_mask(mask, (B, S))
-    s1 = scores.clone().requires_grad_(True)
-    s2 = scores.clone().requires_grad_(True)
-    loss = balance.sequence_aux_loss(s1, ids, m)
-    ref = seq_aux_ref(s2, ids, m)
-    assert_close(loss, ref, 1e-6)
-    loss.backward()
-    ref.backward()
-    assert_close(s1.grad, s2.grad, 1e-6)
+    same_loss_and_grad(lambda s: balance.sequence_aux_loss(s, ids, m),
+                       lambda s: seq_aux_ref(s, ids, m), scores)
 
 
 @pytest.mark.parametrize("mask", MASKS)
