@@ -449,6 +449,49 @@ else:
         rows = [t for t in saved if t.dtype == torch.int64 and t.shape == (20,)]
         assert len(rows) == (2 if bias else 1)
 
+    def _gpt_oss_ref(x, w1, w2, b1, b2, ids, wts, alpha, limit):
+        """float64 GPT-OSS experts on interleaved ``w1 [E, 2F, D]``, written out per slot."""
+        h = torch.einsum("td,tkhd->tkh", x, w1[ids]) + b1[ids]
+        g, u = h[..., 0::2].clamp(max=limit), h[..., 1::2].clamp(-limit, limit)
+        a = (u + 1) * g * torch.sigmoid(alpha * g)
+        y = torch.einsum("tkf,tkdf->tkd", a, w2[ids]) + b2[ids]
+        return (y * wts[..., None]).sum(1)
+
+    @pytest.mark.parametrize("mode", ["fused", "split", "recompute", "inference"])
+    def test_transposed_weights_and_glu_constants(monkeypatch, mode):
+        """transformers' GPT-OSS layout: both weights stored ``(in, out)`` and passed as
+        transposed views, gate/up interleaved, with swiglu_alpha/limit other than GPT-OSS's.
+        The output and every grad equal the float64 reference, and the weights' grads come back
+        in the parameters' own (contiguous) layout."""
+        from moekit.ops.triton import fused_experts
+
+        monkeypatch.setenv("MOEKIT_TRITON_DGRAD", "split" if mode == "split" else "fused")
+        monkeypatch.setenv("MOEKIT_TRITON_RECOMPUTE_ACT", "1" if mode == "recompute" else "0")
+        T = 1 if mode == "inference" else 19
+        alpha, limit = 1.25, 3.0
+        ts, ids, gy = _inputs(T, 24, 20, 5, 2, True, bias=True, seed=93, scale=3.0)
+        x, w1, w2, b1, b2, wts = ts
+        w1, b1 = interleave_gate_up(w1), interleave_gate_up(b1)
+        params = [x, w1.transpose(1, 2).contiguous(), w2.transpose(1, 2).contiguous(), b1, b2, wts]
+        truth_leaves = [t.clone().requires_grad_(True) for t in params]
+        tx, tw1, tw2, tb1, tb2, twts = truth_leaves
+        truth = _gpt_oss_ref(tx, tw1.transpose(1, 2), tw2.transpose(1, 2), tb1, tb2, ids, twts,
+                             alpha, limit)
+        leaves = [t.float().requires_grad_(mode != "inference") for t in params]
+        fx, fw1, fw2, fb1, fb2, fwts = leaves
+        y = fused_experts(fx, fw1.transpose(1, 2), fw2.transpose(1, 2), make_plan(ids, 5), fwts,
+                          activation="gpt_oss", gated=True, gate_up_proj_bias=fb1,
+                          down_proj_bias=fb2, gate_up_interleaved=True, alpha=alpha, limit=limit)
+        assert _max_err(y.detach(), truth.detach()) <= 2e-5 * _scale(truth)
+        if mode == "inference":
+            return
+        got = torch.autograd.grad(y, leaves, gy.float())
+        want = torch.autograd.grad(truth, truth_leaves, gy)
+        for name, a, t in zip(["dx", "dw_up", "dw_down", "db_up", "db_down", "dtopk"], got, want):
+            err, s = _max_err(a, t), _scale(t)
+            assert err <= 2e-5 * s, f"{name}: max err {err:.3e}"
+        assert got[1].is_contiguous() and got[2].is_contiguous()
+
     @pytest.mark.parametrize("act", ["gpt_oss", "silu"])
     @pytest.mark.parametrize("mode", ["fused", "split", "recompute", "inference"])
     def test_interleaved_gate_up(monkeypatch, act, mode):

@@ -84,44 +84,34 @@ def _unary_fwd_bwd(h, ACT: tl.constexpr):
 
 
 @triton.jit
-def _glu_fwd(g, u, ACT: tl.constexpr):
+def _glu_fwd(g, u, ACT: tl.constexpr, ALPHA, LIMIT):
     if ACT == 3:
-        gc = tl.minimum(g, 7.0)
-        uc = tl.minimum(tl.maximum(u, -7.0), 7.0)
-        out = (uc + 1.0) * (gc * _sigmoid(1.702 * gc))
+        gc = tl.minimum(g, LIMIT)
+        uc = tl.minimum(tl.maximum(u, -LIMIT), LIMIT)
+        out = (uc + 1.0) * (gc * _sigmoid(ALPHA * gc))
     else:
         out = _unary_fwd(g, ACT) * u
     return out
 
 
 @triton.jit
-def _glu_fwd_bwd(g, u, dout, ACT: tl.constexpr):
+def _glu_fwd_bwd(g, u, dout, ACT: tl.constexpr, ALPHA, LIMIT):
     """(glu(g, u), d/dg, d/du) given the upstream gradient ``dout``."""
     if ACT == 3:
-        gc = tl.minimum(g, 7.0)
-        uc = tl.minimum(tl.maximum(u, -7.0), 7.0)
-        s = _sigmoid(1.702 * gc)
+        gc = tl.minimum(g, LIMIT)
+        uc = tl.minimum(tl.maximum(u, -LIMIT), LIMIT)
+        s = _sigmoid(ALPHA * gc)
         glu = gc * s
         out = (uc + 1.0) * glu
-        dglu = s + gc * 1.702 * s * (1.0 - s)
-        dg = tl.where(g <= 7.0, dout * (uc + 1.0) * dglu, 0.0)
-        du = tl.where((u >= -7.0) & (u <= 7.0), dout * glu, 0.0)
+        dglu = s + gc * ALPHA * s * (1.0 - s)
+        dg = tl.where(g <= LIMIT, dout * (uc + 1.0) * dglu, 0.0)
+        du = tl.where((u >= -LIMIT) & (u <= LIMIT), dout * glu, 0.0)
     else:
         a, da = _unary_fwd_bwd(g, ACT)
         out = a * u
         dg = dout * u * da
         du = dout * a
     return out, dg, du
-
-
-@triton.jit
-def _gate_up_cols(cols, F, INTERLEAVED: tl.constexpr):
-    """Columns of H (= rows of the up weight, of its bias, of h and dH) holding gate columns
-    ``cols``, and the offset from each to its up column: ``[gate | up]`` (``cols``, ``F``) or,
-    interleaved as in GPT-OSS, ``gate0, up0, gate1, ...`` (``2 * cols``, 1)."""
-    if INTERLEAVED:
-        return 2 * cols, 1
-    return cols, F
 
 
 # ----------------------------------------------------------------------------- tile schedule
@@ -186,6 +176,45 @@ def _rows_mainloop(a_ptrs, w_ptrs, mask_m, mask_n, n_k, w_step, PREC: tl.constex
 
 # ----------------------------------------------------------------------------- forward: up
 @triton.jit
+def _up_interleaved(X, W, B, TOK, ROWW, H_OUT, A_OUT, COUNTS, OFFSETS, E, D, F, num_pid_m,
+                    stride_xt, stride_we, stride_wh, stride_wd, stride_be, stride_hn, stride_an,
+                    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, WOI: tl.constexpr,
+                    STORE_H: tl.constexpr, E_P2: tl.constexpr, PREC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    GROUP_M: tl.constexpr, ALPHA, LIMIT):
+    """``up_kernel`` on interleaved gate/up rows (``gate0, up0, gate1, ...``, GPT-OSS): one
+    accumulator over ``2 * BLOCK_N`` consecutive rows of W (so the weight tile is read as one
+    contiguous block whether W is ``[E, 2F, D]`` or a transposed ``[E, D, 2F]`` view), h stored
+    as it comes out, and the gate and up columns taken apart in registers for the GLU."""
+    num_pid_n = tl.cdiv(F, BLOCK_N)
+    e, rows64, mask_m, hcols, mask_h = _row_tile(num_pid_m, num_pid_n, COUNTS, OFFSETS, E, 2 * F,
+                                                 E_P2, BLOCK_M, 2 * BLOCK_N, GROUP_M)
+    if e >= E:
+        return
+    _, pid_n = _swizzle(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
+    tok = tl.load(TOK + rows64, mask=mask_m, other=0).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+    e64 = e.to(tl.int64)
+    x_ptrs = X + tok[:, None] * stride_xt + ks[None, :]
+    w_ptrs = W + e64 * stride_we + hcols[None, :].to(tl.int64) * stride_wh + ks[:, None] * stride_wd
+    acc = _rows_mainloop(x_ptrs, w_ptrs, mask_m, mask_h, D, BLOCK_K * stride_wd, PREC,
+                         BLOCK_M, 2 * BLOCK_N, BLOCK_K)
+    if WOI:
+        rw = tl.load(ROWW + rows64, mask=mask_m, other=0.0)
+        acc = acc * rw[:, None]
+    if HAS_BIAS:
+        acc = acc + tl.load(B + e64 * stride_be + hcols, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+    if STORE_H:
+        tl.store(H_OUT + rows64[:, None] * stride_hn + hcols[None, :],
+                 acc.to(H_OUT.dtype.element_ty), mask=mask_m[:, None] & mask_h[None, :])
+    g, u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+    act = _glu_fwd(g, u, ACT, ALPHA, LIMIT)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(A_OUT + rows64[:, None] * stride_an + cols[None, :], act.to(A_OUT.dtype.element_ty),
+             mask=mask_m[:, None] & (cols < F)[None, :])
+
+
+@triton.jit
 def up_kernel(
     X, W, B, TOK, ROWW, H_OUT, A_OUT,
     COUNTS, OFFSETS,
@@ -195,7 +224,7 @@ def up_kernel(
     GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, WOI: tl.constexpr,
     STORE_H: tl.constexpr, E_P2: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PDL: tl.constexpr = False, INTERLEAVED: tl.constexpr = False,
+    PDL: tl.constexpr = False, INTERLEAVED: tl.constexpr = False, ALPHA=1.702, LIMIT=7.0,
 ):
     """``h = x[tok] @ W[e].T (* w_row if WOI) + b``; stores h (pre-activation) and act(h).
 
@@ -203,10 +232,17 @@ def up_kernel(
     GLU is applied in the epilogue. The token gather happens in the prologue (``x[tok]``):
     no permuted copy of x exists. ``PDL``: let the next kernel (launched as a programmatic
     dependent, ``down_combine_kernel``) start while this one runs. ``INTERLEAVED``: gate and up
-    rows of W (and of the bias, and columns of h) alternate (``_gate_up_cols``).
+    rows of W (and of the bias, and columns of h) alternate (``_up_interleaved``). ``ALPHA``,
+    ``LIMIT``: the clamped GLU's constants (``ACT == 3``).
     """
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
+    if INTERLEAVED:
+        _up_interleaved(X, W, B, TOK, ROWW, H_OUT, A_OUT, COUNTS, OFFSETS, E, D, F, num_pid_m,
+                        stride_xt, stride_we, stride_wh, stride_wd, stride_be, stride_hn,
+                        stride_an, ACT, HAS_BIAS, WOI, STORE_H, E_P2, PREC, BLOCK_M, BLOCK_N,
+                        BLOCK_K, GROUP_M, ALPHA, LIMIT)
+        return
     e, rows64, mask_m, cols, mask_n = _row_tile(num_pid_m, tl.cdiv(F, BLOCK_N), COUNTS, OFFSETS, E, F,
                                                 E_P2, BLOCK_M, BLOCK_N, GROUP_M)
     if e >= E:
@@ -215,11 +251,10 @@ def up_kernel(
     ks = tl.arange(0, BLOCK_K)
     e64 = e.to(tl.int64)
     x_ptrs = X + tok[:, None] * stride_xt + ks[None, :]
-    hcols, up_off = _gate_up_cols(cols, F, INTERLEAVED)
-    wg_ptrs = W + e64 * stride_we + hcols[None, :].to(tl.int64) * stride_wh + ks[:, None] * stride_wd
+    wg_ptrs = W + e64 * stride_we + cols[None, :].to(tl.int64) * stride_wh + ks[:, None] * stride_wd
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GATED:
-        wu_ptrs = wg_ptrs + up_off * stride_wh
+        wu_ptrs = wg_ptrs + F * stride_wh
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         mk = (k0 + ks) < D
@@ -238,19 +273,19 @@ def up_kernel(
         if GATED:
             acc_u = acc_u * rw[:, None]
     if HAS_BIAS:
-        bg = tl.load(B + e64 * stride_be + hcols, mask=mask_n, other=0.0).to(tl.float32)
+        bg = tl.load(B + e64 * stride_be + cols, mask=mask_n, other=0.0).to(tl.float32)
         acc_g = acc_g + bg[None, :]
         if GATED:
-            bu = tl.load(B + e64 * stride_be + up_off + hcols, mask=mask_n, other=0.0).to(tl.float32)
+            bu = tl.load(B + e64 * stride_be + F + cols, mask=mask_n, other=0.0).to(tl.float32)
             acc_u = acc_u + bu[None, :]
     out_mask = mask_m[:, None] & mask_n[None, :]
     if STORE_H:
-        h_ptrs = H_OUT + rows64[:, None] * stride_hn + hcols[None, :]
+        h_ptrs = H_OUT + rows64[:, None] * stride_hn + cols[None, :]
         tl.store(h_ptrs, acc_g.to(H_OUT.dtype.element_ty), mask=out_mask)
         if GATED:
-            tl.store(h_ptrs + up_off, acc_u.to(H_OUT.dtype.element_ty), mask=out_mask)
+            tl.store(h_ptrs + F, acc_u.to(H_OUT.dtype.element_ty), mask=out_mask)
     if GATED:
-        act = _glu_fwd(acc_g, acc_u, ACT)
+        act = _glu_fwd(acc_g, acc_u, ACT, ALPHA, LIMIT)
     else:
         act = _unary_fwd(acc_g, ACT)
     a_ptrs = A_OUT + rows64[:, None] * stride_an + cols[None, :]
@@ -387,37 +422,51 @@ def down_combine_kernel(
 
 # ----------------------------------------------------------------------------- backward: down dgrad + activation
 @triton.jit
-def _act_bwd_tile(acc, ROWW, HPRE, DH, A_OUT, rows64, cols, mask_rows, mask, F,
+def _act_bwd_tile(acc, ROWW, HPRE, DH, A_OUT, rows64, c0, mask_rows, F,
                   stride_hn, stride_dhn, stride_an, GATED: tl.constexpr, ACT: tl.constexpr,
-                  WOI: tl.constexpr, STORE_A: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """The dgrad epilogue on the tile (``rows64`` x ``cols``) of ``G`` (fp32 ``acc``):
-    ``dA = w_row * G`` (``G`` when the weight is on the input), the activation's derivative
-    from the pre-activation ``HPRE`` -> ``DH`` (gate and up columns placed by
-    ``_gate_up_cols``; the tile of h is read before dH is written, so ``DH`` may be ``HPRE``),
-    with ``STORE_A`` the activation
-    -> ``A_OUT``. Returns the activation (fp32). (Addresses are formed where they are used:
-    pointer tiles made up front stay live through the epilogue and cost registers.)"""
-    hcols, up_off = _gate_up_cols(cols, F, INTERLEAVED)
-    h_ptrs = HPRE + rows64[:, None] * stride_hn + hcols[None, :]
-    hg = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
+                  WOI: tl.constexpr, STORE_A: tl.constexpr, INTERLEAVED: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALPHA, LIMIT):
+    """The dgrad epilogue on the tile (``rows64`` x columns ``c0 .. c0 + BLOCK_N``) of ``G``
+    (fp32 ``acc``): ``dA = w_row * G`` (``G`` when the weight is on the input), the
+    activation's derivative from the pre-activation ``HPRE`` -> ``DH`` (gate columns ``c``
+    and up columns ``F + c``, or with ``INTERLEAVED`` the ``2 * BLOCK_N`` consecutive columns
+    from ``2 * c0``, read and written whole and taken apart in registers; the tile of h is
+    read before dH is written, so ``DH`` may be ``HPRE``), with ``STORE_A`` the activation
+    -> ``A_OUT``. Returns the activation (fp32) and the tile's mask. (Addresses are formed
+    where they are used: pointer tiles made up front stay live through the epilogue and cost
+    registers.)"""
+    cols = c0 + tl.arange(0, BLOCK_N)
+    mask = mask_rows[:, None] & (cols < F)[None, :]
     if WOI:
         da = acc
     else:
         rw = tl.load(ROWW + rows64, mask=mask_rows, other=0.0)
         da = acc * rw[:, None]
-    dh_ptrs = DH + rows64[:, None] * stride_dhn + hcols[None, :]
-    if GATED:
-        hu = tl.load(h_ptrs + up_off, mask=mask, other=0.0).to(tl.float32)
-        a, dg, du = _glu_fwd_bwd(hg, hu, da, ACT)
-        tl.store(dh_ptrs, dg.to(DH.dtype.element_ty), mask=mask)
-        tl.store(dh_ptrs + up_off, du.to(DH.dtype.element_ty), mask=mask)
+    if INTERLEAVED:
+        hcols = 2 * c0 + tl.arange(0, 2 * BLOCK_N)
+        mask_h = mask_rows[:, None] & (hcols < 2 * F)[None, :]
+        hv = tl.load(HPRE + rows64[:, None] * stride_hn + hcols[None, :], mask=mask_h, other=0.0)
+        hg, hu = tl.split(tl.reshape(hv.to(tl.float32), (BLOCK_M, BLOCK_N, 2)))
+        a, dg, du = _glu_fwd_bwd(hg, hu, da, ACT, ALPHA, LIMIT)
+        dh = tl.reshape(tl.join(dg, du), (BLOCK_M, 2 * BLOCK_N))
+        tl.store(DH + rows64[:, None] * stride_dhn + hcols[None, :], dh.to(DH.dtype.element_ty),
+                 mask=mask_h)
     else:
-        a, dact = _unary_fwd_bwd(hg, ACT)
-        tl.store(dh_ptrs, (da * dact).to(DH.dtype.element_ty), mask=mask)
+        h_ptrs = HPRE + rows64[:, None] * stride_hn + cols[None, :]
+        hg = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
+        dh_ptrs = DH + rows64[:, None] * stride_dhn + cols[None, :]
+        if GATED:
+            hu = tl.load(h_ptrs + F, mask=mask, other=0.0).to(tl.float32)
+            a, dg, du = _glu_fwd_bwd(hg, hu, da, ACT, ALPHA, LIMIT)
+            tl.store(dh_ptrs, dg.to(DH.dtype.element_ty), mask=mask)
+            tl.store(dh_ptrs + F, du.to(DH.dtype.element_ty), mask=mask)
+        else:
+            a, dact = _unary_fwd_bwd(hg, ACT)
+            tl.store(dh_ptrs, (da * dact).to(DH.dtype.element_ty), mask=mask)
     if STORE_A:
         tl.store(A_OUT + rows64[:, None] * stride_an + cols[None, :],
                  a.to(A_OUT.dtype.element_ty), mask=mask)
-    return a
+    return a, mask
 
 
 @triton.jit
@@ -429,7 +478,7 @@ def down_dgrad_kernel(
     GATED: tl.constexpr, ACT: tl.constexpr, WOI: tl.constexpr, HAS_B2: tl.constexpr,
     STORE_A: tl.constexpr, E_P2: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    INTERLEAVED: tl.constexpr = False,
+    INTERLEAVED: tl.constexpr = False, ALPHA=1.702, LIMIT=7.0,
 ):
     """``G = gout[tok] @ down[e]`` (rows gathered by token, no permuted copy of the output
     grad), then the epilogue: ``dA = w_row * G`` (``G`` when the weight is on the input), the
@@ -451,9 +500,9 @@ def down_dgrad_kernel(
     w_ptrs = W + e64 * stride_we + ks[:, None].to(tl.int64) * stride_wd + cols[None, :] * stride_wf
     acc = _rows_mainloop(g_ptrs, w_ptrs, mask_m, mask_n, D, BLOCK_K * stride_wd, PREC,
                          BLOCK_M, BLOCK_N, BLOCK_K)
-    out_mask = mask_m[:, None] & mask_n[None, :]
-    a = _act_bwd_tile(acc, ROWW, HPRE, DH, A_OUT, rows64, cols, mask_m, out_mask, F,
-                      stride_hn, stride_dhn, stride_an, GATED, ACT, WOI, STORE_A, INTERLEAVED)
+    a, out_mask = _act_bwd_tile(acc, ROWW, HPRE, DH, A_OUT, rows64, pid_n * BLOCK_N, mask_m, F,
+                                stride_hn, stride_dhn, stride_an, GATED, ACT, WOI, STORE_A,
+                                INTERLEAVED, BLOCK_M, BLOCK_N, ALPHA, LIMIT)
     if not WOI:
         part = tl.sum(tl.where(out_mask, acc * a, 0.0), axis=1)
         if HAS_B2:  # noqa: SIM102 - a constexpr branch around a run-time one
@@ -476,7 +525,7 @@ def act_bwd_kernel(
     stride_g, stride_hn, stride_dhn, stride_an, stride_gt, stride_be,
     GATED: tl.constexpr, ACT: tl.constexpr, WOI: tl.constexpr, HAS_B2: tl.constexpr,
     STORE_A: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
-    INTERLEAVED: tl.constexpr = False,
+    INTERLEAVED: tl.constexpr = False, ALPHA=1.702, LIMIT=7.0,
 ):
     """``down_dgrad_kernel``'s epilogue as a pass of its own over whole rows, after the GEMM
     ``G = gout[tok] @ down[e]`` ran as a plain gather GEMM (``up_kernel`` with the identity):
@@ -493,8 +542,9 @@ def act_bwd_kernel(
         fs = f0 + tl.arange(0, BLOCK_F)
         m2 = mask_r[:, None] & (fs < F)[None, :]
         acc = tl.load(G + rows64[:, None] * stride_g + fs[None, :], mask=m2, other=0.0).to(tl.float32)
-        a = _act_bwd_tile(acc, ROWW, HPRE, DH, A_OUT, rows64, fs, mask_r, m2, F,
-                          stride_hn, stride_dhn, stride_an, GATED, ACT, WOI, STORE_A, INTERLEAVED)
+        a, _ = _act_bwd_tile(acc, ROWW, HPRE, DH, A_OUT, rows64, f0, mask_r, F,
+                             stride_hn, stride_dhn, stride_an, GATED, ACT, WOI, STORE_A,
+                             INTERLEAVED, BLOCK_R, BLOCK_F, ALPHA, LIMIT)
         if not WOI:
             part += tl.sum(tl.where(m2, acc * a, 0.0), axis=1)
     if not WOI:
@@ -525,12 +575,13 @@ def dw_kernel(
     L, R, LTOK, RTOK, ROWW, DW,
     COUNTS, OFFSETS,
     O, I,
-    stride_l, stride_r, stride_we, stride_wo,
+    stride_l, stride_r, stride_we, stride_wo, stride_wi,
     L_GATHER: tl.constexpr, R_GATHER: tl.constexpr, L_SCALE: tl.constexpr, R_SCALE: tl.constexpr,
     PREC: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """``dW[e] = L[rows of e].T @ R[rows of e]`` (``[O, I]``).
+    """``dW[e] = L[rows of e].T @ R[rows of e]`` (``[O, I]``, at any strides: a weight stored
+    transposed gets its grad in its own layout).
 
     ``L``/``R`` rows are read directly (sorted row r) or gathered by token (``L[tok[r]]``),
     optionally scaled by the row's routing weight, so neither the permuted output grad nor the
@@ -565,7 +616,8 @@ def dw_kernel(
             if R_SCALE:
                 rt = (rt.to(tl.float32) * rw[:, None]).to(R.dtype.element_ty)
         acc = tl.dot(tl.trans(lt), rt, acc, input_precision=PREC)
-    dw_ptrs = DW + e64 * stride_we + os_[:, None].to(tl.int64) * stride_wo + is_[None, :]
+    dw_ptrs = (DW + e64 * stride_we + os_[:, None].to(tl.int64) * stride_wo
+               + is_[None, :].to(tl.int64) * stride_wi)
     tl.store(dw_ptrs, acc.to(DW.dtype.element_ty), mask=mask_o[:, None] & mask_i[None, :])
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from ...activations import GPT_OSS_ALPHA, GPT_OSS_LIMIT
 from ...plan import RoutingPlan
 from . import kernels as K
 
@@ -165,12 +166,14 @@ def up_forward(
     store_h: bool = True,
     pdl: bool = False,
     interleaved: bool = False,
+    alpha: float = GPT_OSS_ALPHA,
+    limit: float = GPT_OSS_LIMIT,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Up projection with the token gather in its prologue and the activation in its epilogue:
     returns ``(h_NH pre-activation, a_NF activated)`` (``h`` is empty when ``store_h`` is False).
     ``pdl``: the next kernel is :func:`down_combine` launched as its programmatic dependent.
     ``interleaved``: gate and up rows of ``w_EHD`` (and of the bias) alternate; ``h`` keeps
-    that order."""
+    that order. ``alpha``, ``limit``: the ``gpt_oss`` activation's constants."""
     _check("x", x_TD, 2)
     _check("gate_up_proj", w_EHD, 3, x_TD.dtype, x_TD.device)
     if x_TD.dtype not in _DTYPES:
@@ -197,7 +200,8 @@ def up_forward(
         GATED=gated, ACT=K.ACT_CODES[act], HAS_BIAS=b_EH is not None, WOI=roww_N is not None,
         STORE_H=store_h, E_P2=_e_p2(E), PREC=_prec(x_TD.dtype),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-        PDL=pdl, INTERLEAVED=interleaved, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PDL=pdl, INTERLEAVED=interleaved, ALPHA=float(alpha), LIMIT=float(limit),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return h, a
 
@@ -380,6 +384,8 @@ def down_dgrad(
     out: torch.Tensor | None = None,
     expert_ids_N: torch.Tensor | None = None,
     interleaved: bool = False,
+    alpha: float = GPT_OSS_ALPHA,
+    limit: float = GPT_OSS_LIMIT,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dH_NH, a_NF, dwt_N)``: the pre-activation grad, the activation recomputed
     from ``h`` (for the down projection's weight grad; empty unless ``store_a``) and (weight on
@@ -392,7 +398,8 @@ def down_dgrad(
     dH hold gate and up columns alternately (``up_forward``'s layout)."""
     if dgrad_split(w_EDF.shape[2]):
         return _down_dgrad_split(g_TD, w_EDF, b_ED, token_ids_N, roww_N, h_NH, counts_E, offsets_E,
-                                 act, gated, woi, store_a, out, expert_ids_N, interleaved)
+                                 act, gated, woi, store_a, out, expert_ids_N, interleaved,
+                                 alpha, limit)
     E, D, F = w_EDF.shape
     N, H = h_NH.shape
     g_TD = _rows_contig(g_TD)
@@ -422,7 +429,8 @@ def down_dgrad(
         GATED=gated, ACT=K.ACT_CODES[act], WOI=woi, HAS_B2=b_ED is not None, STORE_A=store_a,
         E_P2=_e_p2(E), PREC=_prec(g_TD.dtype),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-        INTERLEAVED=interleaved, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        INTERLEAVED=interleaved, ALPHA=float(alpha), LIMIT=float(limit),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     dwt = torch.zeros(N, device=g_TD.device, dtype=torch.float32) if woi else parts.sum(-1)
     return dh, a, dwt
@@ -445,7 +453,7 @@ def dgrad_split(hidden: int) -> bool:
 
 
 def _down_dgrad_split(g_TD, w_EDF, b_ED, token_ids_N, roww_N, h_NH, counts_E, offsets_E, act, gated,
-                      woi, store_a, out, expert_ids_N, interleaved):
+                      woi, store_a, out, expert_ids_N, interleaved, alpha, limit):
     _, D, F = w_EDF.shape
     N, H = h_NH.shape
     if b_ED is not None and not woi and expert_ids_N is None:
@@ -476,7 +484,8 @@ def _down_dgrad_split(g_TD, w_EDF, b_ED, token_ids_N, roww_N, h_NH, counts_E, of
         G.stride(0), h_NH.stride(0), dh.stride(0), a.stride(0), g_TD.stride(0),
         b_ED.stride(0) if has_b2 else 0,
         GATED=gated, ACT=K.ACT_CODES[act], WOI=woi, HAS_B2=has_b2, STORE_A=store_a,
-        BLOCK_R=br, BLOCK_F=bf, BLOCK_D=bd, INTERLEAVED=interleaved, num_warps=4,
+        BLOCK_R=br, BLOCK_F=bf, BLOCK_D=bd, INTERLEAVED=interleaved, ALPHA=float(alpha),
+        LIMIT=float(limit), num_warps=4,
     )
     return dh, a, dwt
 
@@ -551,10 +560,14 @@ def weight_grad(
     out_dtype: torch.dtype,
     with_bias: bool,
     use_grouped_mm: bool = False,
+    transposed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``dW[e] = L[rows of e].T @ R[rows of e]`` ``[E, O, I]`` with rows of L/R read directly or
     gathered by token (``*_tok``), the routing weight applied to L or R; and ``dB[e] = sum L``.
-    ``use_grouped_mm``: materialise the gathered L and R and run torch's grouped GEMM."""
+    ``use_grouped_mm``: materialise the gathered L and R and run torch's grouped GEMM.
+    ``transposed``: dW is laid out as the transpose of a contiguous ``[E, I, O]`` (the layout
+    of a weight stored ``(in, out)``, as transformers' GPT-OSS experts are), so that it reaches
+    the parameter without a copy."""
     E = counts_E.shape[0]
     O, I = l_src.shape[1], r_src.shape[1]
     l_src, r_src = _rows_contig(l_src), _rows_contig(r_src)
@@ -562,17 +575,20 @@ def weight_grad(
     if E == 0 or O == 0 or I == 0:
         if db is not None:
             db.zero_()
-        return torch.zeros(E, O, I, device=l_src.device, dtype=out_dtype), db
+        return _new_dw(E, O, I, l_src.device, out_dtype, transposed).zero_(), db
     scale = roww_N is not None
     l_tok_arg = l_tok if l_tok is not None else counts_E
     if use_grouped_mm:
         n = l_tok.shape[0] if l_tok is not None else (r_tok.shape[0] if r_tok is not None else l_src.shape[0])
         if n == 0:
-            dw = torch.zeros(E, O, I, device=l_src.device, dtype=out_dtype)
+            dw = _new_dw(E, O, I, l_src.device, out_dtype, transposed).zero_()
         else:
             lm = _gather_rows(l_src, l_tok, roww_N if scale and scale_left else None)
             rm = _gather_rows(r_src, r_tok, roww_N if scale and not scale_left else None)
-            dw = _grouped_mm(lm.t(), rm, offs=offsets_E).to(out_dtype).contiguous()
+            if transposed:  # dW[e].T = R.T @ L, written contiguous
+                dw = _grouped_mm(rm.t(), lm, offs=offsets_E).to(out_dtype).contiguous()
+            else:
+                dw = _grouped_mm(lm.t(), rm, offs=offsets_E).to(out_dtype).contiguous()
             del lm, rm
             # experts without rows: a library may leave their K=0 groups unwritten. Zero just
             # those (a full masked_fill over dW cost 2 ms and a dW-sized copy at Mixtral's shape)
@@ -582,9 +598,11 @@ def weight_grad(
             block = 16 if interpreting() else 1024
             K.zero_empty_experts_kernel[(min(triton.cdiv(per_e, block), 64), E)](
                 dw, counts_E, per_e, BLOCK=block, num_warps=4)
+            if transposed:
+                dw = dw.transpose(1, 2)
     else:
         dw = _dw_triton(l_src, l_tok_arg, l_tok is not None, r_src, r_tok, roww_N, scale_left,
-                        counts_E, offsets_E, out_dtype)
+                        counts_E, offsets_E, out_dtype, transposed)
     if db is not None:
         block_o = 16 if interpreting() else min(256, triton.next_power_of_2(O))
         block_r = 16 if interpreting() else 32
@@ -597,11 +615,19 @@ def weight_grad(
     return dw, db
 
 
+def _new_dw(E: int, O: int, I: int, device, dtype, transposed: bool) -> torch.Tensor:
+    """An uninitialised ``[E, O, I]`` weight grad, laid out as the transpose of a contiguous
+    ``[E, I, O]`` when ``transposed``."""
+    if transposed:
+        return torch.empty(E, I, O, device=device, dtype=dtype).transpose(1, 2)
+    return torch.empty(E, O, I, device=device, dtype=dtype)
+
+
 def _dw_triton(l_src, l_tok_arg, l_gather, r_src, r_tok, roww_N, scale_left, counts_E, offsets_E,
-               out_dtype):
+               out_dtype, transposed=False):
     E = counts_E.shape[0]
     O, I = l_src.shape[1], r_src.shape[1]
-    dw = torch.empty(E, O, I, device=l_src.device, dtype=out_dtype)
+    dw = _new_dw(E, O, I, l_src.device, out_dtype, transposed)
     bo, bi, bk, nw, ns = _dw_config(l_src.dtype)
     grid = (triton.cdiv(O, bo) * triton.cdiv(I, bi), E)
     scale = roww_N is not None
@@ -610,7 +636,7 @@ def _dw_triton(l_src, l_tok_arg, l_gather, r_src, r_tok, roww_N, scale_left, cou
         roww_N if scale else l_src, dw,
         counts_E, offsets_E,
         O, I,
-        l_src.stride(0), r_src.stride(0), dw.stride(0), dw.stride(1),
+        l_src.stride(0), r_src.stride(0), dw.stride(0), dw.stride(1), dw.stride(2),
         L_GATHER=l_gather, R_GATHER=r_tok is not None,
         L_SCALE=scale and scale_left, R_SCALE=scale and not scale_left,
         PREC=_prec(l_src.dtype),

@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from ...activations import GPT_OSS_ALPHA, GPT_OSS_LIMIT
 from ...plan import RoutingPlan
 from . import launchers as L
 
@@ -40,13 +41,15 @@ def up_op(
     x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], token_ids: torch.Tensor,
     roww: Optional[torch.Tensor], counts: torch.Tensor, offsets: torch.Tensor,
     act: str, gated: bool, store_h: bool, pdl: bool = False, interleaved: bool = False,
+    alpha: float = GPT_OSS_ALPHA, limit: float = GPT_OSS_LIMIT,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return L.up_forward(x, w, b, token_ids, roww, counts, offsets, act, gated, store_h, pdl,
-                        interleaved)
+                        interleaved, alpha, limit)
 
 
 @up_op.register_fake
-def _(x, w, b, token_ids, roww, counts, offsets, act, gated, store_h, pdl=False, interleaved=False):
+def _(x, w, b, token_ids, roww, counts, offsets, act, gated, store_h, pdl=False, interleaved=False,
+      alpha=GPT_OSS_ALPHA, limit=GPT_OSS_LIMIT):
     N, H = token_ids.shape[0], w.shape[1]
     F = H // 2 if gated else H
     return x.new_empty((N, H) if store_h else (0, H)), x.new_empty(N, F)
@@ -98,15 +101,15 @@ def down_dgrad_op(
     g: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], token_ids: torch.Tensor,
     roww: torch.Tensor, h: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor,
     act: str, gated: bool, woi: bool, store_a: bool, expert_ids: Optional[torch.Tensor] = None,
-    interleaved: bool = False,
+    interleaved: bool = False, alpha: float = GPT_OSS_ALPHA, limit: float = GPT_OSS_LIMIT,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return L.down_dgrad(g, w, b, token_ids, roww, h, counts, offsets, act, gated, woi, store_a,
-                        expert_ids_N=expert_ids, interleaved=interleaved)
+                        expert_ids_N=expert_ids, interleaved=interleaved, alpha=alpha, limit=limit)
 
 
 @down_dgrad_op.register_fake
 def _(g, w, b, token_ids, roww, h, counts, offsets, act, gated, woi, store_a, expert_ids=None,
-      interleaved=False):
+      interleaved=False, alpha=GPT_OSS_ALPHA, limit=GPT_OSS_LIMIT):
     N, F = h.shape[0], w.shape[2]
     return (h.new_empty(h.shape), h.new_empty(N if store_a else 0, F),
             h.new_empty(N, dtype=torch.float32))
@@ -117,28 +120,31 @@ def weight_grad_op(
     l_src: torch.Tensor, l_tok: Optional[torch.Tensor], r_src: torch.Tensor,
     r_tok: Optional[torch.Tensor], roww: Optional[torch.Tensor], scale_left: bool,
     counts: torch.Tensor, offsets: torch.Tensor, with_bias: bool, use_grouped_mm: bool = False,
+    transposed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     dw, db = L.weight_grad(
         l_src, l_tok, r_src, r_tok, roww, scale_left, counts, offsets, l_src.dtype, with_bias,
-        use_grouped_mm,
+        use_grouped_mm, transposed,
     )
     return dw, (db if db is not None else l_src.new_empty(0))
 
 
 @weight_grad_op.register_fake
-def _(l_src, l_tok, r_src, r_tok, roww, scale_left, counts, offsets, with_bias, use_grouped_mm=False):
+def _(l_src, l_tok, r_src, r_tok, roww, scale_left, counts, offsets, with_bias, use_grouped_mm=False,
+      transposed=False):
     E, O, I = counts.shape[0], l_src.shape[1], r_src.shape[1]
-    return l_src.new_empty(E, O, I), (l_src.new_empty(E, O) if with_bias else l_src.new_empty(0))
+    dw = l_src.new_empty(E, I, O).transpose(1, 2) if transposed else l_src.new_empty(E, O, I)
+    return dw, (l_src.new_empty(E, O) if with_bias else l_src.new_empty(0))
 
 
 # ----------------------------------------------------------------------------- autograd
 class FusedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_up, w_down, b_up, b_down, topk_w, token_ids, sorted_slots, counts,
-                offsets, inverse, expert_ids, act, gated, woi, interleaved):
+                offsets, inverse, expert_ids, act, gated, woi, interleaved, alpha, limit):
         roww = topk_w.reshape(-1).to(torch.float32).index_select(0, sorted_slots)
         h, a = up_op(x, w_up, b_up, token_ids, roww if woi else None, counts, offsets, act, gated,
-                     True, False, interleaved)
+                     True, False, interleaved, alpha, limit)
         y = rows_gemm_op(a, w_down, b_down, counts, offsets)
         out, _ = combine_op(y, inverse, None if woi else topk_w, None)
         cublas = L.dw_uses_grouped_mm(h.shape[0], counts.shape[0], x.shape[1], a.shape[1],
@@ -152,6 +158,7 @@ class FusedExperts(torch.autograd.Function):
                               None if recompute else a)
         ctx.cublas, ctx.recompute = cublas, recompute
         ctx.act, ctx.gated, ctx.woi, ctx.interleaved = act, gated, woi, interleaved
+        ctx.alpha, ctx.limit = alpha, limit
         return out
 
     @staticmethod
@@ -161,6 +168,7 @@ class FusedExperts(torch.autograd.Function):
          roww, h, a_saved) = ctx.saved_tensors
         cublas, recompute = ctx.cublas, ctx.recompute
         act, gated, woi, interleaved = ctx.act, ctx.gated, ctx.woi, ctx.interleaved
+        glu = {"alpha": ctx.alpha, "limit": ctx.limit}
         need = ctx.needs_input_grad
         g = g.to(x.dtype).contiguous()
         if inplace:
@@ -168,11 +176,12 @@ class FusedExperts(torch.autograd.Function):
             # this backward); the version bump makes any stray later use fail loudly
             dh, a, dwt_N = L.down_dgrad(g, w_down, b_down, token_ids, roww, h, counts, offsets,
                                         act, gated, woi, recompute, out=h, expert_ids_N=expert_ids,
-                                        interleaved=interleaved)
+                                        interleaved=interleaved, **glu)
             torch.autograd.graph.increment_version(h)
         else:
             dh, a, dwt_N = down_dgrad_op(g, w_down, b_down, token_ids, roww, h, counts, offsets,
-                                         act, gated, woi, recompute, expert_ids, interleaved)
+                                         act, gated, woi, recompute, expert_ids, interleaved,
+                                         **glu)
         if not recompute:
             a = a_saved
         dw_down = db_down = dw_up = db_up = dx = dtopk = None
@@ -189,13 +198,15 @@ class FusedExperts(torch.autograd.Function):
                 dtopk = dot
         if need[2] or need[4]:
             dw_down, db_down = weight_grad_op(g, token_ids, a, None, None if woi else roww, True,
-                                              counts, offsets, b_down is not None, cublas)
+                                              counts, offsets, b_down is not None, cublas,
+                                              _stored_transposed(w_down))
             if b_down is None:
                 db_down = None
         del a, a_saved
         if need[1] or need[3]:
             dw_up, db_up = weight_grad_op(dh, None, x, token_ids, roww if woi else None, False,
-                                          counts, offsets, b_up is not None, cublas)
+                                          counts, offsets, b_up is not None, cublas,
+                                          _stored_transposed(w_up))
             if b_up is None:
                 db_up = None
         if need[5] and not woi:
@@ -212,7 +223,13 @@ class FusedExperts(torch.autograd.Function):
         return (dx if need[0] else None, dw_up if need[1] else None,
                 dw_down if need[2] else None, db_up if need[3] else None,
                 db_down if need[4] else None, dtopk if need[5] else None,
-                None, None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None, None, None)
+
+
+def _stored_transposed(w_EOI: torch.Tensor) -> bool:
+    """Whether the weight ``[E, O, I]`` is a transposed view of a contiguous ``[E, I, O]``
+    (transformers' experts stored ``(in, out)``): its grad is then made in that layout."""
+    return w_EOI.shape[1] > 1 and w_EOI.stride(1) == 1 and w_EOI.stride(2) == w_EOI.shape[1]
 
 
 def _inplace_dgrad() -> bool:
@@ -243,15 +260,19 @@ def fused_experts(
     down_proj_bias: torch.Tensor | None = None,
     weight_on_input: bool = False,
     gate_up_interleaved: bool = False,
+    alpha: float = GPT_OSS_ALPHA,
+    limit: float = GPT_OSS_LIMIT,
 ) -> torch.Tensor:
     """The whole routed-experts computation in the fused Triton kernels (``moe_experts``'s
-    ``fused`` entry); differentiable in x, both weights, both biases and the routing weights."""
+    ``fused`` entry); differentiable in x, both weights, both biases and the routing weights.
+    ``alpha``, ``limit``: the ``gpt_oss`` activation's constants (GPT-OSS's ``swiglu_alpha``,
+    ``swiglu_limit``)."""
     args = (x_TD, gate_up_proj, down_proj, gate_up_proj_bias, down_proj_bias, topk_weights_TK)
     if _needs_grad(*args):
         return FusedExperts.apply(
             *args, plan.token_ids_N, plan.sorted_slots_N, plan.counts_E, plan.offsets_E,
             plan.inverse_TK, plan.expert_ids_N, activation, gated, weight_on_input,
-            gate_up_interleaved,
+            gate_up_interleaved, float(alpha), float(limit),
         )
     # inference: no pre-activation is stored; for a token or so (decode) the down projection
     # and the combine are one kernel
@@ -262,7 +283,7 @@ def fused_experts(
     fuse = x_TD.shape[0] <= L.fused_decode_tokens()
     pdl = fuse and L.use_pdl(x_TD.device)
     _, a = up_op(x_TD, gate_up_proj, gate_up_proj_bias, plan.token_ids_N, roww, plan.counts_E,
-                 plan.offsets_E, activation, gated, False, pdl, gate_up_interleaved)
+                 plan.offsets_E, activation, gated, False, pdl, gate_up_interleaved, alpha, limit)
     if fuse:
         return down_combine_op(a, down_proj, down_proj_bias, plan.inverse_TK, plan.expert_ids_N,
                                combine_w, pdl)
