@@ -192,3 +192,33 @@ def test_interleaved_gate_up_bf16(monkeypatch, dgrad):
     for name, a, p, t in zip(names, fast, plain, truth):
         e_a, e_p, s = _err(a, t), _err(p, t), _scale(t)
         assert e_a <= 2 * e_p + 2e-3 * s, f"{name}: triton err {e_a:.3e} > 2 * plain {e_p:.3e} + atol"
+
+
+@pytest.mark.parametrize("F", [512, 2048], ids=["triton-dw", "cublas-dw"])
+def test_transformers_gpt_oss_layout_bf16(F):
+    """transformers' GPT-OSS storage: both weights ``(in, out)`` passed as transposed views,
+    gate/up interleaved, biases; F = 2048 takes the cuBLAS weight-grad path. Tolerance rule
+    against the staged grouped_mm path, and the weight grads come back in the parameters'
+    layout (contiguous, no copy)."""
+    from reference import interleave_gate_up
+
+    ids, f32, low = _inputs(2048, 1024, F, 16, 4, True, torch.bfloat16, True, seed=23, skew=True)
+
+    def run(backend, ts):
+        x, w1, w2, b1, b2, wts = ts
+        params = [x, interleave_gate_up(w1).transpose(1, 2).contiguous(),
+                  w2.transpose(1, 2).contiguous(), interleave_gate_up(b1), b2, wts]
+        leaves = [t.detach().clone().requires_grad_(True) for t in params]
+        x, w1t, w2t, b1, b2, wts = leaves
+        y = moe_experts(x, w1t.transpose(1, 2), w2t.transpose(1, 2), ids, wts,
+                        activation="gpt_oss", gate_up_proj_bias=b1, down_proj_bias=b2,
+                        backend=backend, gate_up_interleaved=True)
+        g = torch.randn(y.shape, generator=torch.Generator(device="cpu").manual_seed(3)).cuda().to(y.dtype)
+        return [y.detach()] + list(torch.autograd.grad(y, leaves, g))
+
+    truth, plain, fast = run("loop", f32), run("grouped_mm", low), run("triton", low)
+    assert fast[2].is_contiguous() and fast[3].is_contiguous()
+    names = ["y", "dx", "dw_up", "dw_down", "db_up", "db_down", "dtopk"]
+    for name, a, p, t in zip(names, fast, plain, truth):
+        e_a, e_p, s = _err(a, t), _err(p, t), _scale(t)
+        assert e_a <= 2 * e_p + 2e-3 * s, f"{name}: triton err {e_a:.3e} > 2 * plain {e_p:.3e} + atol"

@@ -26,6 +26,7 @@ import datetime as _dt
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -318,12 +319,30 @@ def _device_name(device) -> str:
 
 
 def _versions() -> dict:
-    v = {"torch": torch.__version__, "python": sys.version.split()[0]}
+    """Every version a row depends on: python, torch, triton, transformers, moekit (and its
+    git commit when run from a checkout), ScatterMoE (the commit its folder records, if any)."""
+    import moekit
+
+    v = {"torch": torch.__version__, "python": sys.version.split()[0], "moekit": moekit.__version__}
     for mod in ("triton", "transformers"):
         try:
             v[mod] = __import__(mod).__version__
         except Exception:  # noqa: BLE001 - optional
             v[mod] = None
+    root = Path(moekit.__file__).resolve().parents[2]
+    try:
+        v["moekit_commit"] = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+            text=True, timeout=10, check=True).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):  # a copy without .git: the caller may say
+        v["moekit_commit"] = os.environ.get("MOEKIT_COMMIT")
+    try:
+        import scattermoe
+
+        commit = Path(scattermoe.__file__).parent / "COMMIT"
+        v["scattermoe"] = commit.read_text().strip() if commit.exists() else "unknown commit"
+    except Exception:  # noqa: BLE001 - optional peer
+        v["scattermoe"] = None
     return v
 
 
