@@ -330,12 +330,13 @@ def _versions() -> dict:
         except Exception:  # noqa: BLE001 - optional
             v[mod] = None
     root = Path(moekit.__file__).resolve().parents[2]
+    v["moekit_commit"] = os.environ.get("MOEKIT_COMMIT")  # a copy of the tree may carry a stale .git
     try:
-        v["moekit_commit"] = subprocess.run(
+        v["moekit_commit"] = v["moekit_commit"] or subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
             text=True, timeout=10, check=True).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):  # a copy without .git: the caller may say
-        v["moekit_commit"] = os.environ.get("MOEKIT_COMMIT")
+    except (OSError, subprocess.SubprocessError):
+        pass
     try:
         import scattermoe
 

@@ -1,0 +1,76 @@
+"""A/B of the Triton weight-grad kernels (one program per tile vs persistent) at training
+shapes: the two dW GEMMs of one backward, timed alone (do_bench medians, alternated), outputs
+compared bitwise. Prints a table; with --out writes it as JSON.
+
+    PYTHONPATH=src python benchmarks/dw_ab.py --shapes qwen3 olmoe
+"""
+
+import argparse
+import json
+import os
+
+import torch
+import triton
+
+from moekit.ops.triton import launchers as L
+from moekit.plan import make_plan
+
+SHAPES = {"qwen3": (16384, 2048, 768, 128, 8), "olmoe": (16384, 2048, 1024, 64, 8),
+          "gpt-oss": (16384, 2880, 2880, 32, 4), "deepseek-64e": (8192, 7168, 2048, 64, 8)}
+VARIANTS = {"dw_kernel": {"MOEKIT_TRITON_DW_PERSISTENT": "0"},
+            "persistent": {"MOEKIT_TRITON_DW_PERSISTENT": "1"},
+            "persistent-s3": {"MOEKIT_TRITON_DW_PERSISTENT": "1", "MOEKIT_TRITON_DW_CONFIG": "128,128,64,8,3"},
+            "persistent-128x256": {"MOEKIT_TRITON_DW_PERSISTENT": "1", "MOEKIT_TRITON_DW_CONFIG": "128,256,64,8,3"}}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    rows = []
+    for name in a.shapes:
+        T, D, F, E, K = SHAPES[name]
+        g = torch.Generator(device="cpu").manual_seed(0)
+        ids = torch.randn(T, E, generator=g).topk(K, -1).indices.cuda()
+        plan = make_plan(ids, E)
+        N = T * K
+        x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+        dh = torch.randn(N, 2 * F, device="cuda", dtype=torch.bfloat16)
+        gy = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+        act = torch.randn(N, F, device="cuda", dtype=torch.bfloat16)
+        roww = torch.rand(N, device="cuda")
+        calls = {
+            "dW_up": lambda: L.weight_grad(dh, None, x, plan.token_ids_N, None, False,
+                                           plan.counts_E, plan.offsets_E, torch.bfloat16, False),
+            "dW_down": lambda: L.weight_grad(gy, plan.token_ids_N, act, None, roww, True,
+                                             plan.counts_E, plan.offsets_E, torch.bfloat16, False),
+        }
+        for which, fn in calls.items():
+            flops = 2 * N * D * (2 * F if which == "dW_up" else F)
+            res, outs = {}, {}
+            for rep in range(2):  # alternate the variants twice
+                for v, env in VARIANTS.items():
+                    old = {k: os.environ.get(k) for k in env}
+                    os.environ.update(env)
+                    try:
+                        outs[v] = fn()[0]
+                        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+                    finally:
+                        for k, o in old.items():
+                            os.environ.pop(k, None) if o is None else os.environ.__setitem__(k, o)
+                    res.setdefault(v, []).append(ms)
+            for v, ms in res.items():
+                best = min(ms)
+                same = torch.equal(outs[v], outs["dw_kernel"])
+                rows.append(dict(shape=name, gemm=which, variant=v, ms=best, runs=ms,
+                                 tflops=flops / best / 1e9, bitwise_equal=same))
+                print(f"{name:12s} {which:8s} {v:20s} {best:7.3f} ms {flops / best / 1e9:6.1f} TF/s "
+                      f"runs {['%.3f' % m for m in ms]} equal={same}", flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
