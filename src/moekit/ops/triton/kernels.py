@@ -601,12 +601,20 @@ def dw_kernel(
     mask_i = is_ < I
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+    # the source rows of each block are loaded one iteration ahead, so that no data load waits
+    # on an index load of its own iteration (H200, bf16, 128x256 tiles: dW 11-13% faster at
+    # Qwen3's and OLMoE's shapes than with the index loads in their own iteration)
+    rows = start + ks
+    lrow_next = _source_rows(LTOK, rows.to(tl.int64), rows < end, L_GATHER)
+    rrow_next = _source_rows(RTOK, rows.to(tl.int64), rows < end, R_GATHER)
     for r0 in range(start, end, BLOCK_K):
         rows = r0 + ks
         mr = rows < end
         rows64 = rows.to(tl.int64)
-        lrow = _source_rows(LTOK, rows64, mr, L_GATHER)
-        rrow = _source_rows(RTOK, rows64, mr, R_GATHER)
+        lrow, rrow = lrow_next, rrow_next
+        nxt = rows + BLOCK_K
+        lrow_next = _source_rows(LTOK, nxt.to(tl.int64), nxt < end, L_GATHER)
+        rrow_next = _source_rows(RTOK, nxt.to(tl.int64), nxt < end, R_GATHER)
         lt = tl.load(L + lrow[:, None] * stride_l + os_[None, :], mask=mr[:, None] & mask_o[None, :], other=0.0)
         rt = tl.load(R + rrow[:, None] * stride_r + is_[None, :], mask=mr[:, None] & mask_i[None, :], other=0.0)
         if L_SCALE or R_SCALE:
@@ -619,82 +627,6 @@ def dw_kernel(
     dw_ptrs = (DW + e64 * stride_we + os_[:, None].to(tl.int64) * stride_wo
                + is_[None, :].to(tl.int64) * stride_wi)
     tl.store(dw_ptrs, acc.to(DW.dtype.element_ty), mask=mask_o[:, None] & mask_i[None, :])
-
-
-@triton.jit
-def dw_persistent_kernel(
-    L, R, LTOK, RTOK, ROWW, DW,
-    COUNTS, OFFSETS,
-    E, O, I, NUM_PROGS,
-    stride_l, stride_r, stride_we, stride_wo, stride_wi,
-    L_GATHER: tl.constexpr, R_GATHER: tl.constexpr, L_SCALE: tl.constexpr, R_SCALE: tl.constexpr,
-    PREC: tl.constexpr, E_P2: tl.constexpr,
-    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """``dw_kernel`` as a persistent kernel: ``NUM_PROGS`` programs take the ``(expert, O tile,
-    I tile)`` tiles round-robin and run all of their tiles' row blocks as ONE loop, so that the
-    software pipeline runs on across tile boundaries: the next tile's first loads are in flight
-    while the last tile's accumulator is stored. (Each expert has few rows, ~1k at Qwen3's
-    shape, i.e. ~16 row blocks per tile: a kernel of one tile per program spends a large share
-    of its time filling and draining its pipeline.) An expert with no rows still runs one
-    (masked, all-zero) step per tile, which writes its zeros."""
-    pid = tl.program_id(0)
-    n_i = tl.cdiv(I, BLOCK_I)
-    per_e = tl.cdiv(O, BLOCK_O) * n_i
-    # this program's step count: sum over its tiles of max(row blocks of the tile's expert, 1)
-    es = tl.arange(0, E_P2)
-    cnt = tl.load(COUNTS + es, mask=es < E, other=0)
-    kts = tl.maximum((cnt + BLOCK_K - 1) // BLOCK_K, 1)
-    hi = (es + 1) * per_e
-    lo = es * per_e
-    mine = (tl.where(hi > pid, (hi - pid + NUM_PROGS - 1) // NUM_PROGS, 0)
-            - tl.where(lo > pid, (lo - pid + NUM_PROGS - 1) // NUM_PROGS, 0))
-    steps = tl.sum(tl.where(es < E, mine * kts, 0), 0)
-
-    ks = tl.arange(0, BLOCK_K)
-    tile = pid - NUM_PROGS
-    ki = -1
-    k_tiles = 0
-    e64 = tl.zeros((), dtype=tl.int64)
-    start = tl.zeros((), dtype=tl.int32)
-    end = tl.zeros((), dtype=tl.int32)
-    os_ = tl.arange(0, BLOCK_O)
-    is_ = tl.arange(0, BLOCK_I)
-    acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
-    for _ in range(0, steps):
-        ki = tl.where(ki == k_tiles - 1, 0, ki + 1)
-        if ki == 0:
-            tile += NUM_PROGS
-            e = tile // per_e
-            rem = tile % per_e
-            e64 = e.to(tl.int64)
-            end = tl.load(OFFSETS + e)
-            start = end - tl.load(COUNTS + e)
-            k_tiles = tl.maximum((end - start + BLOCK_K - 1) // BLOCK_K, 1)
-            os_ = (rem // n_i) * BLOCK_O + tl.arange(0, BLOCK_O)
-            is_ = (rem % n_i) * BLOCK_I + tl.arange(0, BLOCK_I)
-        rows = start + ki * BLOCK_K + ks
-        mr = rows < end
-        rows64 = rows.to(tl.int64)
-        lrow = _source_rows(LTOK, rows64, mr, L_GATHER)
-        rrow = _source_rows(RTOK, rows64, mr, R_GATHER)
-        lt = tl.load(L + lrow[:, None] * stride_l + os_[None, :], mask=mr[:, None] & (os_ < O)[None, :],
-                     other=0.0)
-        rt = tl.load(R + rrow[:, None] * stride_r + is_[None, :], mask=mr[:, None] & (is_ < I)[None, :],
-                     other=0.0)
-        if L_SCALE or R_SCALE:
-            rw = tl.load(ROWW + rows64, mask=mr, other=0.0)
-            if L_SCALE:
-                lt = (lt.to(tl.float32) * rw[:, None]).to(L.dtype.element_ty)
-            if R_SCALE:
-                rt = (rt.to(tl.float32) * rw[:, None]).to(R.dtype.element_ty)
-        acc = tl.dot(tl.trans(lt), rt, acc, input_precision=PREC)
-        if ki == k_tiles - 1:
-            dw_ptrs = (DW + e64 * stride_we + os_[:, None].to(tl.int64) * stride_wo
-                       + is_[None, :].to(tl.int64) * stride_wi)
-            tl.store(dw_ptrs, acc.to(DW.dtype.element_ty),
-                     mask=(os_ < O)[:, None] & (is_ < I)[None, :])
-            acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
 
 
 @triton.jit

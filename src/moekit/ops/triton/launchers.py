@@ -125,7 +125,9 @@ def _dw_config(dtype) -> tuple[int, int, int, int, int]:
     o = _override("MOEKIT_TRITON_DW_CONFIG")
     if o is not None:
         return o.BLOCK_M, o.BLOCK_N, o.BLOCK_K, o.num_warps, o.num_stages
-    return 128, 128, 64, 8, 4
+    # H200, bf16, the two dW GEMMs timed alone (benchmarks/dw_ab.py): 128x256x64 w8 s3 against
+    # 128x128x64 w8 s4: qwen3 3.59 -> 3.19 ms, olmoe 4.49 -> 3.92, gpt-oss 8.95 -> 8.02
+    return 128, 256, 64, 8, 3
 
 
 def _check(name: str, t: torch.Tensor, dim: int, dtype=None, device=None) -> None:
@@ -623,22 +625,6 @@ def _new_dw(E: int, O: int, I: int, device, dtype, transposed: bool) -> torch.Te
     return torch.empty(E, O, I, device=device, dtype=dtype)
 
 
-def dw_persistent() -> bool:
-    """Whether the Triton weight grads run as :func:`~.kernels.dw_persistent_kernel` (one
-    program per SM walking its tiles in one pipelined loop) instead of ``dw_kernel`` (one program
-    per tile): ``MOEKIT_TRITON_DW_PERSISTENT`` = ``1`` | ``0`` (the default)."""
-    v = os.environ.get("MOEKIT_TRITON_DW_PERSISTENT", "0")
-    if v not in ("0", "1"):
-        raise ValueError(f"MOEKIT_TRITON_DW_PERSISTENT={v!r}; allowed: '0', '1'")
-    return v == "1"
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 3  # the interpreter: a few programs, each with several tiles
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _dw_triton(l_src, l_tok_arg, l_gather, r_src, r_tok, roww_N, scale_left, counts_E, offsets_E,
                out_dtype, transposed=False):
     E = counts_E.shape[0]
@@ -646,21 +632,6 @@ def _dw_triton(l_src, l_tok_arg, l_gather, r_src, r_tok, roww_N, scale_left, cou
     dw = _new_dw(E, O, I, l_src.device, out_dtype, transposed)
     bo, bi, bk, nw, ns = _dw_config(l_src.dtype)
     scale = roww_N is not None
-    if dw_persistent():
-        n_tiles = triton.cdiv(O, bo) * triton.cdiv(I, bi) * E
-        progs = min(n_tiles, _num_sms(l_src.device))
-        K.dw_persistent_kernel[(progs,)](
-            l_src, r_src, l_tok_arg, r_tok if r_tok is not None else counts_E,
-            roww_N if scale else l_src, dw,
-            counts_E, offsets_E,
-            E, O, I, progs,
-            l_src.stride(0), r_src.stride(0), dw.stride(0), dw.stride(1), dw.stride(2),
-            L_GATHER=l_gather, R_GATHER=r_tok is not None,
-            L_SCALE=scale and scale_left, R_SCALE=scale and not scale_left,
-            PREC=_prec(l_src.dtype), E_P2=_e_p2(E),
-            BLOCK_O=bo, BLOCK_I=bi, BLOCK_K=bk, num_warps=nw, num_stages=ns,
-        )
-        return dw
     grid = (triton.cdiv(O, bo) * triton.cdiv(I, bi), E)
     K.dw_kernel[grid](
         l_src, r_src, l_tok_arg, r_tok if r_tok is not None else counts_E,
