@@ -428,13 +428,14 @@ else:
         from moekit.ops.triton import launchers
 
         monkeypatch.setenv("MOEKIT_TRITON_DGRAD", "both")
-        with pytest.raises(ValueError, match="'auto', 'fused' or 'split'"):
-            launchers.dgrad_split(768)
+        with pytest.raises(ValueError, match="'auto', 'fused', 'split' or 'grouped_mm'"):
+            launchers.dgrad_mode(768, False)
         monkeypatch.setenv("MOEKIT_TRITON_DGRAD", "auto")
-        assert launchers.dgrad_split(768) and launchers.dgrad_split(14336)
-        assert not launchers.dgrad_split(2880)
+        assert launchers.dgrad_mode(768, False) == launchers.dgrad_mode(14336, False) == "split"
+        assert launchers.dgrad_mode(2880, False) == "fused"
+        assert launchers.dgrad_mode(2880, True) == launchers.dgrad_mode(768, True) == "grouped_mm"
         monkeypatch.setenv("MOEKIT_TRITON_DGRAD", "fused")
-        assert not launchers.dgrad_split(768)
+        assert launchers.dgrad_mode(768, True) == "fused"
 
     @pytest.mark.parametrize("bias", [False, True])
     def test_saved_row_indices(bias):
@@ -472,7 +473,7 @@ else:
         y = torch.einsum("tkf,tkdf->tkd", a, w2[ids]) + b2[ids]
         return (y * wts[..., None]).sum(1)
 
-    @pytest.mark.parametrize("mode", ["fused", "split", "recompute", "inference"])
+    @pytest.mark.parametrize("mode", ["fused", "split", "recompute", "grouped_mm", "inference"])
     def test_transposed_weights_and_glu_constants(monkeypatch, mode):
         """transformers' GPT-OSS layout: both weights stored ``(in, out)`` and passed as
         transposed views, gate/up interleaved, with swiglu_alpha/limit other than GPT-OSS's.
@@ -482,6 +483,8 @@ else:
 
         monkeypatch.setenv("MOEKIT_TRITON_DGRAD", "split" if mode == "split" else "fused")
         monkeypatch.setenv("MOEKIT_TRITON_RECOMPUTE_ACT", "1" if mode == "recompute" else "0")
+        if mode == "grouped_mm":  # large experts' path: dgrad GEMM, dX and dW on grouped_mm
+            monkeypatch.setenv("MOEKIT_TRITON_DW", "grouped_mm")
         T = 1 if mode == "inference" else 19
         alpha, limit = 1.25, 3.0
         ts, ids, gy = _inputs(T, 24, 20, 5, 2, True, bias=True, seed=93, scale=3.0)

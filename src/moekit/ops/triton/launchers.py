@@ -29,7 +29,7 @@ from . import kernels as K
 __all__ = [
     "GemmConfig",
     "combine",
-    "dgrad_split",
+    "dgrad_mode",
     "down_combine",
     "down_dgrad",
     "dw_uses_grouped_mm",
@@ -388,6 +388,7 @@ def down_dgrad(
     interleaved: bool = False,
     alpha: float = GPT_OSS_ALPHA,
     limit: float = GPT_OSS_LIMIT,
+    mode: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dH_NH, a_NF, dwt_N)``: the pre-activation grad, the activation recomputed
     from ``h`` (for the down projection's weight grad; empty unless ``store_a``) and (weight on
@@ -395,13 +396,16 @@ def down_dgrad(
 
     ``out`` receives dH; it may be ``h_NH`` itself (every program reads its tile of h before it
     writes the same tile of dH, and no other program touches that tile), which saves an
-    [N, H] buffer in the backward. With :func:`dgrad_split` the GEMM and the epilogue run as two
+    [N, H] buffer in the backward. Unless ``mode`` is ``fused``, the GEMM and the epilogue run as two
     kernels (``expert_ids_N`` is then needed for the down bias's term). ``interleaved``: h and
-    dH hold gate and up columns alternately (``up_forward``'s layout)."""
-    if dgrad_split(w_EDF.shape[2]):
+    dH hold gate and up columns alternately (``up_forward``'s layout). ``mode``: ``fused``,
+    ``split`` or ``grouped_mm`` (split, the GEMM as torch's grouped GEMM over a gathered copy of
+    the output grad's rows); None: :func:`dgrad_mode` without cuBLAS."""
+    mode = dgrad_mode(w_EDF.shape[2], False) if mode is None else mode
+    if mode != "fused":
         return _down_dgrad_split(g_TD, w_EDF, b_ED, token_ids_N, roww_N, h_NH, counts_E, offsets_E,
                                  act, gated, woi, store_a, out, expert_ids_N, interleaved,
-                                 alpha, limit)
+                                 alpha, limit, mode == "grouped_mm")
     E, D, F = w_EDF.shape
     N, H = h_NH.shape
     g_TD = _rows_contig(g_TD)
@@ -438,24 +442,39 @@ def down_dgrad(
     return dh, a, dwt
 
 
-def dgrad_split(hidden: int) -> bool:
-    """Whether the backward's first kernel is split in two (``MOEKIT_TRITON_DGRAD`` = ``auto``,
-    the default, | ``split`` | ``fused``): the GEMM ``G = gout[tok] @ down[e]`` as a plain
-    gather GEMM with the forward's wide tiles (``up_kernel``, identity activation, 256 columns)
-    into an ``[N, F]`` buffer, then ``act_bwd_kernel`` over whole rows, instead of
-    ``down_dgrad_kernel``, whose epilogue holds two pre-activation tiles beside its accumulator
-    and so runs with half-width tiles. ``auto`` splits when the wide tile divides ``F``
-    (measured on an H100, bf16, fwd+bwd, same run: qwen3 9.76 -> 9.53 ms, olmoe 12.32 -> 12.07,
-    mixtral 33.40 -> 30.84, deepseek-64e 35.61 -> 33.47, but gpt-oss, F = 2880, 21.46 -> 23.30;
-    the peak memory is the same: the ``[N, F]`` buffer lives only during this step)."""
+def dgrad_mode(hidden: int, use_grouped_mm: bool) -> str:
+    """How the backward's first step runs (``MOEKIT_TRITON_DGRAD`` = ``auto``, the default, |
+    ``fused`` | ``split`` | ``grouped_mm``):
+
+    * ``fused``: ``down_dgrad_kernel``, the GEMM ``G = gout[tok] @ down[e]`` with the activation
+      backward in its epilogue (which holds two pre-activation tiles beside the accumulator,
+      so it runs with half-width tiles: ~245 TFLOP/s on an H100);
+    * ``split``: the GEMM as a plain gather GEMM with the forward's wide tiles (``up_kernel``,
+      identity activation, 256 columns) into an ``[N, F]`` buffer, then ``act_bwd_kernel`` over
+      whole rows (H100, fwd+bwd: qwen3 9.76 -> 9.53 ms, mixtral 33.40 -> 30.84, but gpt-oss,
+      F = 2880, 21.46 -> 23.30);
+    * ``grouped_mm``: split, with the GEMM as torch's grouped GEMM (cuBLAS) over a gathered copy
+      of the output grad's rows.
+
+    ``auto``: ``grouped_mm`` where the weight grads use cuBLAS (``use_grouped_mm``, large
+    experts), else ``split`` when the wide tile divides ``F``, else ``fused``. The peak memory
+    is the same for all three: the ``[N, F]`` buffer (and the gathered copy) live only during
+    this step."""
     v = os.environ.get("MOEKIT_TRITON_DGRAD", "auto")
-    if v not in ("auto", "fused", "split"):
-        raise ValueError(f"MOEKIT_TRITON_DGRAD must be 'auto', 'fused' or 'split', got {v!r}")
-    return v == "split" or (v == "auto" and hidden % 256 == 0)
+    if v not in ("auto", "fused", "split", "grouped_mm"):
+        raise ValueError(
+            f"MOEKIT_TRITON_DGRAD must be 'auto', 'fused', 'split' or 'grouped_mm', got {v!r}")
+    if v == "grouped_mm" and _grouped_mm is None:
+        raise ValueError("MOEKIT_TRITON_DGRAD=grouped_mm needs torch's grouped_mm (torch >= 2.8)")
+    if v != "auto":
+        return v
+    if use_grouped_mm:
+        return "grouped_mm"
+    return "split" if hidden % 256 == 0 else "fused"
 
 
 def _down_dgrad_split(g_TD, w_EDF, b_ED, token_ids_N, roww_N, h_NH, counts_E, offsets_E, act, gated,
-                      woi, store_a, out, expert_ids_N, interleaved, alpha, limit):
+                      woi, store_a, out, expert_ids_N, interleaved, alpha, limit, use_grouped_mm=False):
     _, D, F = w_EDF.shape
     N, H = h_NH.shape
     if b_ED is not None and not woi and expert_ids_N is None:
@@ -472,8 +491,11 @@ def _down_dgrad_split(g_TD, w_EDF, b_ED, token_ids_N, roww_N, h_NH, counts_E, of
     if N == 0:
         return dh, a, dwt
     g_TD = _rows_contig(g_TD)
-    _, G = up_forward(g_TD, w_EDF.transpose(1, 2), None, token_ids_N, None, counts_E, offsets_E,
-                      "identity", False, store_h=False)
+    if use_grouped_mm:  # the rows gathered once, then cuBLAS
+        G = grouped_mm(g_TD.index_select(0, token_ids_N), w_EDF, offsets_E)
+    else:
+        _, G = up_forward(g_TD, w_EDF.transpose(1, 2), None, token_ids_N, None, counts_E, offsets_E,
+                          "identity", False, store_h=False)
     if interpreting():
         br, bf, bd = 4, 16, 16
     else:

@@ -9,7 +9,8 @@ Backward (5-6 kernels): down-dgrad (gather the output grad by token + GEMM, acti
 derivative and routing-weight grad in the epilogue; in eager mode, unless the graph is
 retained, it writes dH over the saved pre-activation; for large experts it also recomputes the
 activation, which the forward then does not keep, ``launchers.recompute_activation``; where
-``launchers.dgrad_split``, as two kernels: the gather GEMM, then the epilogue row-wise) -> dX
+``launchers.dgrad_mode``, as two kernels: the gather GEMM, Triton's or cuBLAS's, then the
+epilogue row-wise) -> dX
 rows (grouped GEMM) -> gather-sum over k (no scatter, no atomics; the rows buffer is freed
 here) -> dW_down, dW_up (grouped GEMMs over each expert's rows, gathering by token; for large
 experts, ``MOEKIT_TRITON_DW``, torch's cuBLAS grouped GEMM over gathered copies, see
@@ -102,14 +103,16 @@ def down_dgrad_op(
     roww: torch.Tensor, h: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor,
     act: str, gated: bool, woi: bool, store_a: bool, expert_ids: Optional[torch.Tensor] = None,
     interleaved: bool = False, alpha: float = GPT_OSS_ALPHA, limit: float = GPT_OSS_LIMIT,
+    mode: Optional[str] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return L.down_dgrad(g, w, b, token_ids, roww, h, counts, offsets, act, gated, woi, store_a,
-                        expert_ids_N=expert_ids, interleaved=interleaved, alpha=alpha, limit=limit)
+                        expert_ids_N=expert_ids, interleaved=interleaved, alpha=alpha, limit=limit,
+                        mode=mode)
 
 
 @down_dgrad_op.register_fake
 def _(g, w, b, token_ids, roww, h, counts, offsets, act, gated, woi, store_a, expert_ids=None,
-      interleaved=False, alpha=GPT_OSS_ALPHA, limit=GPT_OSS_LIMIT):
+      interleaved=False, alpha=GPT_OSS_ALPHA, limit=GPT_OSS_LIMIT, mode=None):
     N, F = h.shape[0], w.shape[2]
     return (h.new_empty(h.shape), h.new_empty(N if store_a else 0, F),
             h.new_empty(N, dtype=torch.float32))
@@ -168,7 +171,8 @@ class FusedExperts(torch.autograd.Function):
          roww, h, a_saved) = ctx.saved_tensors
         cublas, recompute = ctx.cublas, ctx.recompute
         act, gated, woi, interleaved = ctx.act, ctx.gated, ctx.woi, ctx.interleaved
-        glu = {"alpha": ctx.alpha, "limit": ctx.limit}
+        glu = {"alpha": ctx.alpha, "limit": ctx.limit,
+               "mode": L.dgrad_mode(w_down.shape[2], cublas)}
         need = ctx.needs_input_grad
         g = g.to(x.dtype).contiguous()
         if inplace:
