@@ -279,13 +279,17 @@ else:
 
     @pytest.mark.parametrize("act,gated,bias,woi", [("silu", True, True, False), ("relu2", False, False, True),
                                                    ("gpt_oss", True, True, False)])
-    def test_recomputed_activation(monkeypatch, act, gated, bias, woi):
-        """MOEKIT_TRITON_RECOMPUTE_ACT=1: the forward keeps only h and the dgrad kernel
-        recomputes act(h) for dW_down; every grad still matches the float64 loop."""
+    @pytest.mark.parametrize("dgrad", ["fused", "split"])
+    def test_recomputed_activation(monkeypatch, act, gated, bias, woi, dgrad):
+        """MOEKIT_TRITON_RECOMPUTE_ACT=1: the forward keeps only h and the dgrad step recomputes
+        act(h) for dW_down (the split pass stores it times the routing weight, and dW_down then
+        reads it unscaled); every grad still matches the float64 loop."""
         from moekit.ops.triton import launchers
 
         monkeypatch.setenv("MOEKIT_TRITON_RECOMPUTE_ACT", "1")
-        assert launchers.recompute_activation(False)
+        monkeypatch.setenv("MOEKIT_TRITON_DGRAD", dgrad)
+        assert launchers.recompute_activation(20, False)
+        assert launchers.activation_prescaled(dgrad, woi) == (dgrad == "split" and not woi)
         ts, ids, gy = _inputs(23, 24, 20, 5, 2, gated, bias=bias, seed=31,
                               scale=6.0 if act == "gpt_oss" else 1.0)
         _check_fp32(ts, ids, gy, act, woi, bias)
@@ -295,9 +299,11 @@ else:
 
         monkeypatch.setenv("MOEKIT_TRITON_RECOMPUTE_ACT", "sometimes")
         with pytest.raises(ValueError, match="allowed: 'auto', '0', '1'"):
-            launchers.recompute_activation(True)
+            launchers.recompute_activation(768, True)
         monkeypatch.setenv("MOEKIT_TRITON_RECOMPUTE_ACT", "auto")
-        assert launchers.recompute_activation(True) and not launchers.recompute_activation(False)
+        # auto: wherever the dgrad is split (256 divides F, or cuBLAS), not with the fused dgrad
+        assert launchers.recompute_activation(768, False) and launchers.recompute_activation(2880, True)
+        assert not launchers.recompute_activation(2880, False)
 
     def test_zero_empty_experts_kernel_strides_over_large_experts():
         """Only experts without rows are zeroed, all of their elements, also when an expert has

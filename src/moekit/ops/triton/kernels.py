@@ -425,14 +425,16 @@ def down_combine_kernel(
 def _act_bwd_tile(acc, ROWW, HPRE, DH, A_OUT, rows64, c0, mask_rows, F,
                   stride_hn, stride_dhn, stride_an, GATED: tl.constexpr, ACT: tl.constexpr,
                   WOI: tl.constexpr, STORE_A: tl.constexpr, INTERLEAVED: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALPHA, LIMIT):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALPHA, LIMIT,
+                  SCALE_A: tl.constexpr = False):
     """The dgrad epilogue on the tile (``rows64`` x columns ``c0 .. c0 + BLOCK_N``) of ``G``
     (fp32 ``acc``): ``dA = w_row * G`` (``G`` when the weight is on the input), the
     activation's derivative from the pre-activation ``HPRE`` -> ``DH`` (gate columns ``c``
     and up columns ``F + c``, or with ``INTERLEAVED`` the ``2 * BLOCK_N`` consecutive columns
     from ``2 * c0``, read and written whole and taken apart in registers; the tile of h is
     read before dH is written, so ``DH`` may be ``HPRE``), with ``STORE_A`` the activation
-    -> ``A_OUT``. Returns the activation (fp32) and the tile's mask. (Addresses are formed
+    -> ``A_OUT`` (``SCALE_A``: times the row's routing weight, the down projection's weight-grad
+    operand as it is). Returns the activation (fp32) and the tile's mask. (Addresses are formed
     where they are used: pointer tiles made up front stay live through the epilogue and cost
     registers.)"""
     cols = c0 + tl.arange(0, BLOCK_N)
@@ -464,8 +466,9 @@ def _act_bwd_tile(acc, ROWW, HPRE, DH, A_OUT, rows64, c0, mask_rows, F,
             a, dact = _unary_fwd_bwd(hg, ACT)
             tl.store(dh_ptrs, (da * dact).to(DH.dtype.element_ty), mask=mask)
     if STORE_A:
+        a_out = a * rw[:, None] if SCALE_A else a
         tl.store(A_OUT + rows64[:, None] * stride_an + cols[None, :],
-                 a.to(A_OUT.dtype.element_ty), mask=mask)
+                 a_out.to(A_OUT.dtype.element_ty), mask=mask)
     return a, mask
 
 
@@ -531,8 +534,8 @@ def act_bwd_kernel(
     ``G = gout[tok] @ down[e]`` ran as a plain gather GEMM (``up_kernel`` with the identity):
     ``dA = w_row * G`` (``G`` when the weight is on the input), the activation's derivative
     from the saved pre-activation -> ``dH`` (may be ``HPRE`` itself: each program reads a
-    tile before it writes it), with ``STORE_A`` the activation -> ``A_OUT``, and (weight on the
-    output) the routing-weight grad ``<G, act(h)> (+ <gout, b_down[e]>)`` of each row, whole
+    tile before it writes it), with ``STORE_A`` the activation -> ``A_OUT`` (times the row's
+    routing weight when the weight is on the output), and (weight on the output) the routing-weight grad ``<G, act(h)> (+ <gout, b_down[e]>)`` of each row, whole
     (a program owns its rows' full width, so there are no partials)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = rows < N
@@ -544,7 +547,7 @@ def act_bwd_kernel(
         acc = tl.load(G + rows64[:, None] * stride_g + fs[None, :], mask=m2, other=0.0).to(tl.float32)
         a, _ = _act_bwd_tile(acc, ROWW, HPRE, DH, A_OUT, rows64, f0, mask_r, F,
                              stride_hn, stride_dhn, stride_an, GATED, ACT, WOI, STORE_A,
-                             INTERLEAVED, BLOCK_R, BLOCK_F, ALPHA, LIMIT)
+                             INTERLEAVED, BLOCK_R, BLOCK_F, ALPHA, LIMIT, not WOI)
         if not WOI:
             part += tl.sum(tl.where(m2, acc * a, 0.0), axis=1)
     if not WOI:

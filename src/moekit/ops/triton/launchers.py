@@ -391,8 +391,10 @@ def down_dgrad(
     mode: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dH_NH, a_NF, dwt_N)``: the pre-activation grad, the activation recomputed
-    from ``h`` (for the down projection's weight grad; empty unless ``store_a``) and (weight on
-    the output) the routing-weight grad of each row (fp32; zeros when ``woi``).
+    from ``h`` (for the down projection's weight grad; empty unless ``store_a``; unless ``mode``
+    is ``fused`` and when the weight is on the output, already times the row's routing weight:
+    :func:`activation_prescaled`) and (weight on the output) the routing-weight grad of each
+    row (fp32; zeros when ``woi``).
 
     ``out`` receives dH; it may be ``h_NH`` itself (every program reads its tile of h before it
     writes the same tile of dH, and no other program touches that tile), which saves an
@@ -539,19 +541,28 @@ def dw_uses_grouped_mm(n_rows: int, n_experts: int, dim: int, hidden: int, dtype
             and hidden >= 2048 and _major(device) >= 9)
 
 
-def recompute_activation(use_grouped_mm: bool) -> bool:
-    """Whether the forward drops the activated rows ``a`` (keeping only the pre-activation ``h``)
-    and the backward's dgrad kernel recomputes them: ``MOEKIT_TRITON_RECOMPUTE_ACT`` = ``auto``
-    (the default: where the weight grads run on cuBLAS, i.e. large experts) | ``1`` | ``0``.
+def activation_prescaled(mode: str, woi: bool) -> bool:
+    """Whether the activation that :func:`down_dgrad` recomputes comes back already times the
+    row's routing weight (the split passes store it so, at no cost, so that the down
+    projection's weight grad reads both operands as they are)."""
+    return mode != "fused" and not woi
 
-    Recomputing saves an [N, F] buffer from the forward to the end of the backward (a third of
-    the saved activations) but stores it from the dgrad epilogue, which slows that kernel (H100,
-    qwen3 shape: 2.36 vs 1.69 ms per call). With large experts the memory matters more (it is
-    what keeps the peak at ScatterMoE's there) and the time less."""
+
+def recompute_activation(hidden: int, use_grouped_mm: bool) -> bool:
+    """Whether the forward drops the activated rows ``a`` (keeping only the pre-activation ``h``)
+    and the backward's dgrad step recomputes them: ``MOEKIT_TRITON_RECOMPUTE_ACT`` = ``auto``
+    (the default) | ``1`` | ``0``. ``auto``: wherever the dgrad is split (:func:`dgrad_mode`
+    not ``fused``), whose row-wise pass stores the recomputed activation, already times the
+    routing weight, for the price of one write of ``[N, F]``: a third of the saved activations
+    gone from the forward to the end of the backward, and the down projection's weight grad
+    reads its operands as they are. The fused dgrad kernel pays for the store in its epilogue
+    (H100, qwen3 shape: 2.36 vs 1.69 ms per call), so there ``auto`` keeps ``a``."""
     mode = os.environ.get("MOEKIT_TRITON_RECOMPUTE_ACT", "auto")
     if mode not in ("auto", "0", "1"):
         raise ValueError(f"MOEKIT_TRITON_RECOMPUTE_ACT={mode!r}; allowed: 'auto', '0', '1'")
-    return use_grouped_mm if mode == "auto" else mode == "1"
+    if mode == "auto":
+        return dgrad_mode(hidden, use_grouped_mm) != "fused"
+    return mode == "1"
 
 
 def grouped_mm(a_NI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
@@ -585,13 +596,15 @@ def weight_grad(
     with_bias: bool,
     use_grouped_mm: bool = False,
     transposed: bool = False,
+    scale_dw: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``dW[e] = L[rows of e].T @ R[rows of e]`` ``[E, O, I]`` with rows of L/R read directly or
     gathered by token (``*_tok``), the routing weight applied to L or R; and ``dB[e] = sum L``.
     ``use_grouped_mm``: materialise the gathered L and R and run torch's grouped GEMM.
     ``transposed``: dW is laid out as the transpose of a contiguous ``[E, I, O]`` (the layout
     of a weight stored ``(in, out)``, as transformers' GPT-OSS experts are), so that it reaches
-    the parameter without a copy."""
+    the parameter without a copy. ``scale_dw=False``: the routing weight scales only the bias
+    grad (the other dW operand already carries it)."""
     E = counts_E.shape[0]
     O, I = l_src.shape[1], r_src.shape[1]
     l_src, r_src = _rows_contig(l_src), _rows_contig(r_src)
@@ -607,8 +620,9 @@ def weight_grad(
         if n == 0:
             dw = _new_dw(E, O, I, l_src.device, out_dtype, transposed).zero_()
         else:
-            lm = _gather_rows(l_src, l_tok, roww_N if scale and scale_left else None)
-            rm = _gather_rows(r_src, r_tok, roww_N if scale and not scale_left else None)
+            dw_scale = scale and scale_dw
+            lm = _gather_rows(l_src, l_tok, roww_N if dw_scale and scale_left else None)
+            rm = _gather_rows(r_src, r_tok, roww_N if dw_scale and not scale_left else None)
             if transposed:  # dW[e].T = R.T @ L, written contiguous
                 dw = _grouped_mm(rm.t(), lm, offs=offsets_E).to(out_dtype).contiguous()
             else:
@@ -625,8 +639,9 @@ def weight_grad(
             if transposed:
                 dw = dw.transpose(1, 2)
     else:
-        dw = _dw_triton(l_src, l_tok_arg, l_tok is not None, r_src, r_tok, roww_N, scale_left,
-                        counts_E, offsets_E, out_dtype, transposed)
+        dw = _dw_triton(l_src, l_tok_arg, l_tok is not None, r_src, r_tok,
+                        roww_N if scale_dw else None, scale_left, counts_E, offsets_E, out_dtype,
+                        transposed)
     if db is not None:
         block_o = 16 if interpreting() else min(256, triton.next_power_of_2(O))
         block_r = 16 if interpreting() else 32

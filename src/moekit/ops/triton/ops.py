@@ -7,8 +7,8 @@ pre-activation) -> down (grouped GEMM) -> combine (fixed-order weighted sum over
 (inference, ``launchers.fused_decode_tokens`` tokens or fewer) down and combine are one kernel.
 Backward (5-6 kernels): down-dgrad (gather the output grad by token + GEMM, activation
 derivative and routing-weight grad in the epilogue; in eager mode, unless the graph is
-retained, it writes dH over the saved pre-activation; for large experts it also recomputes the
-activation, which the forward then does not keep, ``launchers.recompute_activation``; where
+retained, it writes dH over the saved pre-activation; it also recomputes the activation, which
+the forward then does not keep, where ``launchers.recompute_activation`` says so; where
 ``launchers.dgrad_mode``, as two kernels: the gather GEMM, Triton's or cuBLAS's, then the
 epilogue row-wise) -> dX
 rows (grouped GEMM) -> gather-sum over k (no scatter, no atomics; the rows buffer is freed
@@ -123,18 +123,18 @@ def weight_grad_op(
     l_src: torch.Tensor, l_tok: Optional[torch.Tensor], r_src: torch.Tensor,
     r_tok: Optional[torch.Tensor], roww: Optional[torch.Tensor], scale_left: bool,
     counts: torch.Tensor, offsets: torch.Tensor, with_bias: bool, use_grouped_mm: bool = False,
-    transposed: bool = False,
+    transposed: bool = False, scale_dw: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     dw, db = L.weight_grad(
         l_src, l_tok, r_src, r_tok, roww, scale_left, counts, offsets, l_src.dtype, with_bias,
-        use_grouped_mm, transposed,
+        use_grouped_mm, transposed, scale_dw,
     )
     return dw, (db if db is not None else l_src.new_empty(0))
 
 
 @weight_grad_op.register_fake
 def _(l_src, l_tok, r_src, r_tok, roww, scale_left, counts, offsets, with_bias, use_grouped_mm=False,
-      transposed=False):
+      transposed=False, scale_dw=True):
     E, O, I = counts.shape[0], l_src.shape[1], r_src.shape[1]
     dw = l_src.new_empty(E, I, O).transpose(1, 2) if transposed else l_src.new_empty(E, O, I)
     return dw, (l_src.new_empty(E, O) if with_bias else l_src.new_empty(0))
@@ -152,7 +152,7 @@ class FusedExperts(torch.autograd.Function):
         out, _ = combine_op(y, inverse, None if woi else topk_w, None)
         cublas = L.dw_uses_grouped_mm(h.shape[0], counts.shape[0], x.shape[1], a.shape[1],
                                       x.dtype, x.device)
-        recompute = L.recompute_activation(cublas)
+        recompute = L.recompute_activation(w_down.shape[2], cublas)
         # the rows' experts are read only for the down bias's routing-weight-grad term of the
         # split dgrad: not kept otherwise (an [N] int64 vector held to the end of the backward)
         keep_eids = b_down is not None and not woi
@@ -171,8 +171,8 @@ class FusedExperts(torch.autograd.Function):
          roww, h, a_saved) = ctx.saved_tensors
         cublas, recompute = ctx.cublas, ctx.recompute
         act, gated, woi, interleaved = ctx.act, ctx.gated, ctx.woi, ctx.interleaved
-        glu = {"alpha": ctx.alpha, "limit": ctx.limit,
-               "mode": L.dgrad_mode(w_down.shape[2], cublas)}
+        mode = L.dgrad_mode(w_down.shape[2], cublas)
+        glu = {"alpha": ctx.alpha, "limit": ctx.limit, "mode": mode}
         need = ctx.needs_input_grad
         g = g.to(x.dtype).contiguous()
         if inplace:
@@ -201,9 +201,11 @@ class FusedExperts(torch.autograd.Function):
             if woi:
                 dtopk = dot
         if need[2] or need[4]:
+            # a recomputed by a split dgrad already carries the routing weight
+            prescaled = recompute and L.activation_prescaled(mode, woi)
             dw_down, db_down = weight_grad_op(g, token_ids, a, None, None if woi else roww, True,
                                               counts, offsets, b_down is not None, cublas,
-                                              _stored_transposed(w_down))
+                                              _stored_transposed(w_down), not prescaled)
             if b_down is None:
                 db_down = None
         del a, a_saved
