@@ -1,14 +1,29 @@
 #!/usr/bin/env bash
-# One device call: environment, GPU tests, the benchmark (+ a config sweep at the qwen3 shape).
-# Usage (device tool, carry .peers): bash benchmarks/run_gpu.sh [bench args...]
+# One device call: the newest transformers (carried as wheels in .whl), the GPU tests, the experts
+# benchmark beside transformers' grouped_mm and ScatterMoE (carried in .peers), and the
+# end-to-end model benchmark. Everything it writes goes to $OUT (at most 8 files come back).
+# Usage (device tool, carry .whl and .peers): MOEKIT_COMMIT=<sha> bash benchmarks/run_gpu.sh
 set -o pipefail
-export PYTHONUNBUFFERED=1 PYTHONPATH=src TRITON_DEFAULT_FP_FUSION=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/results"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
-  python -c "import torch,triton,transformers;print('torch',torch.__version__,'triton',triton.__version__,'transformers',transformers.__version__)"
-  python -c "import sys; sys.path.insert(0,'.peers'); import scattermoe; print('scattermoe imports')" 2>&1 | tail -1
-} | tee "$OUT/env.txt"
-if [ -z "$SKIP_TESTS" ]; then
-  timeout ${TEST_TIMEOUT:-240} python -m pytest -q -p no:cacheprovider tests/test_triton_gpu.py -k "${PYTEST_K:-not nothing}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
 fi
-timeout ${BENCH_TIMEOUT:-420} python benchmarks/bench_experts.py --out "$OUT/results" --peers .peers "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^ \|^Traceback" | tail -60
+export PYTHONPATH=src:/tmp/site:.peers
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch,triton,transformers;print('torch',torch.__version__,'triton',triton.__version__,'transformers',transformers.__version__)"
+  if [ -z "$SKIP_TESTS" ]; then
+    timeout "${TEST_TIMEOUT:-170}" python3 -m pytest -q -p no:cacheprovider tests/test_triton_gpu.py 2>&1
+  fi
+} > "$OUT/gpu_tests.log"
+tail -3 "$OUT/gpu_tests.log"
+timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_experts.py --out "$OUT" --peers .peers \
+  --rep-ms "${REP_MS:-20}" --impls moekit-triton hf-grouped_mm scattermoe \
+  --shapes ${SHAPES:-qwen3-30b-a3b olmoe gpt-oss-20b mixtral-8x7b deepseek-v3-64e qwen3-decode-T1 qwen3-decode-T8 qwen3-decode-T64} \
+  ${SWEEP:+--sweep-shapes qwen3-30b-a3b olmoe --sweep $SWEEP} > "$OUT/bench.log" 2>&1
+grep -E "fwd\+bwd|decode|^#" "$OUT/bench.log" | tail -40
+if [ -z "$SKIP_MODEL" ]; then
+  timeout "${MODEL_TIMEOUT:-230}" python3 benchmarks/bench_model.py --out "$OUT" 2>&1 | tail -16
+fi
