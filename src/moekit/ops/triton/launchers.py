@@ -5,12 +5,12 @@ kernel and the timings are reproducible): a *decode* config when the average row
 is small (each touched expert's weights are then read once: its rows fit one tile, and narrow
 column tiles spread the weight read over every SM), the Hopper training config otherwise.
 Under the interpreter (``TRITON_INTERPRET=1``) small tiles keep the CPU tests quick.
-``MOEKIT_TRITON_CONFIG`` (``"BM,BN,BK,warps,stages"``; gated kernels take half of BN per
-accumulator) overrides the training row-GEMM config, ``MOEKIT_TRITON_<KIND>_CONFIG`` and
-``MOEKIT_TRITON_DECODE_<KIND>_CONFIG`` the training / decode config of one kind (``UP_GATED``,
-``UP``, ``ROWS``, ``DGRAD``; BN per accumulator), ``MOEKIT_TRITON_DW_CONFIG``
-(``"BO,BI,BK,warps,stages"``) the weight-grad config and ``MOEKIT_TRITON_DOWN_COMBINE_CONFIG``
-(``"BD,BF,warps,stages"``) the fused decode down+combine config, for sweeps in the benchmark.
+The launchers that pick a config take ``tiles``, the overrides of ``TritonBackend.Config``
+(``moekit.ops.triton_backend.parse_tiles`` of its ``tiles_spec()``): ``"gemm"`` the training
+row-GEMM config (gated kernels take half of BN per accumulator), a kind (``"up_gated"``,
+``"up"``, ``"rows"``, ``"dgrad"``, optionally prefixed ``"decode_"``) the training / decode
+config of that kind (BN per accumulator), ``"dw"`` the weight-grad config and
+``"down_combine"`` the fused decode down+combine config.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ __all__ = [
     "down_combine",
     "down_dgrad",
     "dw_uses_grouped_mm",
-    "fused_decode_tokens",
     "grouped_mm",
     "interpreting",
     "recompute_activation",
@@ -66,30 +65,20 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _env_ints(var: str, names: str) -> tuple[int, ...] | None:
-    """The comma-separated integers of a launch-config override (``names`` says which), or None
-    when the variable is unset."""
-    s = os.environ.get(var)
-    if not s:
-        return None
-    parts = s.split(",")
-    if len(parts) != len(names.split(",")) or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise ValueError(f"{var}={s!r}: expected {len(names.split(','))} positive integers {names!r}")
-    return tuple(int(p) for p in parts)
-
-
-def _override(var: str) -> GemmConfig | None:
-    v = _env_ints(var, "BM,BN,BK,warps,stages")
+def _override(tiles: dict | None, key: str) -> GemmConfig | None:
+    """The launch-config override ``key`` of ``tiles`` (see the module docstring), or None."""
+    v = tiles.get(key) if tiles else None
     return None if v is None else GemmConfig(*v)
 
 
-def _gemm_config(n_rows: int, n_experts: int, out_cols: int, kind: str, dtype) -> GemmConfig:
+def _gemm_config(n_rows: int, n_experts: int, out_cols: int, kind: str, dtype,
+                 tiles: dict | None = None) -> GemmConfig:
     """Config for the row-tiled grouped GEMMs. ``kind``: "up_gated", "up", "rows", "dgrad"."""
     if interpreting():
         return GemmConfig(16, 16, 16, 4, 1, 4)
     avg = n_rows / max(1, n_experts)
-    regime = "DECODE_" if avg <= 64 else ""
-    o = _override(f"MOEKIT_TRITON_{regime}{kind.upper()}_CONFIG")
+    regime = "decode_" if avg <= 64 else ""
+    o = _override(tiles, f"{regime}{kind}")
     if o is not None:  # one kind exactly as given (BN = columns per accumulator)
         return GemmConfig(o.BLOCK_M, o.BLOCK_N, o.BLOCK_K, o.num_warps, o.num_stages, 1 if regime else 8)
     if avg <= 64:
@@ -102,7 +91,7 @@ def _gemm_config(n_rows: int, n_experts: int, out_cols: int, kind: str, dtype) -
         return GemmConfig(bm, bn, 128, 4, 4, 1)
     if dtype == torch.float32:
         return GemmConfig(64, 64, 32, 4, 3, 8)
-    o = _override("MOEKIT_TRITON_CONFIG")
+    o = _override(tiles, "gemm")
     if o is not None:
         if kind in ("up_gated", "dgrad"):  # two accumulators / a heavy epilogue: half the columns
             return GemmConfig(o.BLOCK_M, max(16, o.BLOCK_N // 2), o.BLOCK_K, o.num_warps, o.num_stages)
@@ -116,12 +105,12 @@ def _gemm_config(n_rows: int, n_experts: int, out_cols: int, kind: str, dtype) -
     return GemmConfig(128, 256, 64, 8, 3, 8)
 
 
-def _dw_config(dtype) -> tuple[int, int, int, int, int]:
+def _dw_config(dtype, tiles: dict | None = None) -> tuple[int, int, int, int, int]:
     if interpreting():
         return 16, 16, 16, 4, 1
     if dtype == torch.float32:
         return 64, 64, 32, 4, 3
-    o = _override("MOEKIT_TRITON_DW_CONFIG")
+    o = _override(tiles, "dw")
     if o is not None:
         return o.BLOCK_M, o.BLOCK_N, o.BLOCK_K, o.num_warps, o.num_stages
     return 128, 128, 64, 8, 4
@@ -165,6 +154,7 @@ def up_forward(
     store_h: bool = True,
     pdl: bool = False,
     interleaved: bool = False,
+    tiles: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Up projection with the token gather in its prologue and the activation in its epilogue:
     returns ``(h_NH pre-activation, a_NF activated)`` (``h`` is empty when ``store_h`` is False).
@@ -183,7 +173,7 @@ def up_forward(
     a = x_TD.new_empty(N, F)
     if N == 0:
         return h, a
-    cfg = _gemm_config(N, E, F, "up_gated" if gated else "up", x_TD.dtype)
+    cfg = _gemm_config(N, E, F, "up_gated" if gated else "up", x_TD.dtype, tiles)
     num_pid_m = _max_tiles(N, E, cfg.BLOCK_M)
     grid = (num_pid_m * triton.cdiv(F, cfg.BLOCK_N),)
     K.up_kernel[grid](
@@ -208,6 +198,7 @@ def rows_gemm(
     b_EO: torch.Tensor | None,
     counts_E: torch.Tensor,
     offsets_E: torch.Tensor,
+    tiles: dict | None = None,
 ) -> torch.Tensor:
     """``y[rows of e] = a[rows of e] @ w[e].T (+ b[e])`` for rows sorted by expert; ``w_EOI`` may
     be any strided view (e.g. ``gate_up.transpose(1, 2)`` for the input grad)."""
@@ -219,7 +210,7 @@ def rows_gemm(
     y = a_NI.new_empty(N, O)
     if N == 0:
         return y
-    cfg = _gemm_config(N, E, O, "rows", a_NI.dtype)
+    cfg = _gemm_config(N, E, O, "rows", a_NI.dtype, tiles)
     num_pid_m = _max_tiles(N, E, cfg.BLOCK_M)
     grid = (num_pid_m * triton.cdiv(O, cfg.BLOCK_N),)
     K.rows_gemm_kernel[grid](
@@ -296,26 +287,12 @@ def _major(device: torch.device) -> int:
     return _major_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def fused_decode_tokens() -> int:
-    """Up to how many tokens the inference forward runs the down projection and the combine as
-    one kernel (:func:`down_combine`): ``MOEKIT_TRITON_FUSED_DECODE_T`` (default 1; 0 turns
-    it off). Each token reads its own experts' weights there, which is free at T=1 (the top-k
-    experts are distinct) and costs re-reads once tokens share experts."""
-    v = os.environ.get("MOEKIT_TRITON_FUSED_DECODE_T", "1")
-    if not v.isdigit():
-        raise ValueError(f"MOEKIT_TRITON_FUSED_DECODE_T must be a non-negative integer, got {v!r}")
-    return int(v)
-
-
-def use_pdl(device: torch.device) -> bool:
+def use_pdl(device: torch.device, enabled: bool = True) -> bool:
     """Whether the decode forward launches :func:`down_combine` as a programmatic dependent of
     the up kernel (it reads the routing and its first weight tiles while the up kernel
-    finishes): ``MOEKIT_TRITON_PDL`` = ``1`` (default; on CUDA GPUs of compute capability 9
-    or newer, elsewhere it does nothing) | ``0``."""
-    v = os.environ.get("MOEKIT_TRITON_PDL", "1")
-    if v not in ("0", "1"):
-        raise ValueError(f"MOEKIT_TRITON_PDL must be 0 or 1, got {v!r}")
-    return (v == "1" and device.type == "cuda" and not interpreting() and _HAS_PDL
+    finishes): when ``enabled`` (``TritonBackend.Config.pdl``) on CUDA GPUs of compute
+    capability 9 or newer; elsewhere it does nothing."""
+    return (enabled and device.type == "cuda" and not interpreting() and _HAS_PDL
             and _major(device) >= 9)
 
 
@@ -327,6 +304,7 @@ def down_combine(
     expert_ids_N: torch.Tensor,
     weights_TK: torch.Tensor | None,
     pdl: bool = False,
+    tiles: dict | None = None,
 ) -> torch.Tensor:
     """``out[t] = sum_k w[t,k] (a[inv[t,k]] @ w[e_k].T + b[e_k])`` (``w = 1`` when
     ``weights_TK`` is None) in one kernel: the decode forward's down projection and combine.
@@ -341,7 +319,7 @@ def down_combine(
     out = a_NF.new_empty(T, D)
     if T == 0 or D == 0:
         return out
-    o = _env_ints("MOEKIT_TRITON_DOWN_COMBINE_CONFIG", "BD,BF,warps,stages")
+    o = tiles.get("down_combine") if tiles else None
     if interpreting():
         bd, bf, nw, ns = 16, 16, 4, 1
     elif o is not None:
@@ -380,6 +358,8 @@ def down_dgrad(
     out: torch.Tensor | None = None,
     expert_ids_N: torch.Tensor | None = None,
     interleaved: bool = False,
+    split: bool = False,
+    tiles: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dH_NH, a_NF, dwt_N)``: the pre-activation grad, the activation recomputed
     from ``h`` (for the down projection's weight grad; empty unless ``store_a``) and (weight on
@@ -387,12 +367,12 @@ def down_dgrad(
 
     ``out`` receives dH; it may be ``h_NH`` itself (every program reads its tile of h before it
     writes the same tile of dH, and no other program touches that tile), which saves an
-    [N, H] buffer in the backward. With :func:`dgrad_split` the GEMM and the epilogue run as two
-    kernels (``expert_ids_N`` is then needed for the down bias's term). ``interleaved``: h and
-    dH hold gate and up columns alternately (``up_forward``'s layout)."""
-    if dgrad_split(w_EDF.shape[2]):
+    [N, H] buffer in the backward. With ``split`` (:func:`dgrad_split` decides) the GEMM and the
+    epilogue run as two kernels (``expert_ids_N`` is then needed for the down bias's term).
+    ``interleaved``: h and dH hold gate and up columns alternately (``up_forward``'s layout)."""
+    if split:
         return _down_dgrad_split(g_TD, w_EDF, b_ED, token_ids_N, roww_N, h_NH, counts_E, offsets_E,
-                                 act, gated, woi, store_a, out, expert_ids_N, interleaved)
+                                 act, gated, woi, store_a, out, expert_ids_N, interleaved, tiles)
     E, D, F = w_EDF.shape
     N, H = h_NH.shape
     g_TD = _rows_contig(g_TD)
@@ -408,7 +388,7 @@ def down_dgrad(
     a = h_NH.new_empty(N if store_a else 0, F)
     if N == 0:
         return dh, a, torch.zeros(0, device=g_TD.device, dtype=torch.float32)
-    cfg = _gemm_config(N, E, F, "dgrad", g_TD.dtype)
+    cfg = _gemm_config(N, E, F, "dgrad", g_TD.dtype, tiles)
     num_pid_m = _max_tiles(N, E, cfg.BLOCK_M)
     num_pid_n = triton.cdiv(F, cfg.BLOCK_N)
     parts = torch.empty(N, num_pid_n, device=g_TD.device, dtype=torch.float32)
@@ -428,9 +408,9 @@ def down_dgrad(
     return dh, a, dwt
 
 
-def dgrad_split(hidden: int) -> bool:
-    """Whether the backward's first kernel is split in two (``MOEKIT_TRITON_DGRAD`` = ``auto``,
-    the default, | ``split`` | ``fused``): the GEMM ``G = gout[tok] @ down[e]`` as a plain
+def dgrad_split(hidden: int, mode: str = "auto") -> bool:
+    """Whether the backward's first kernel is split in two (``mode``, ``TritonBackend.Config.dgrad``
+    = ``auto``, the default, | ``split`` | ``fused``): the GEMM ``G = gout[tok] @ down[e]`` as a plain
     gather GEMM with the forward's wide tiles (``up_kernel``, identity activation, 256 columns)
     into an ``[N, F]`` buffer, then ``act_bwd_kernel`` over whole rows, instead of
     ``down_dgrad_kernel``, whose epilogue holds two pre-activation tiles beside its accumulator
@@ -438,14 +418,13 @@ def dgrad_split(hidden: int) -> bool:
     (measured on an H100, bf16, fwd+bwd, same run: qwen3 9.76 -> 9.53 ms, olmoe 12.32 -> 12.07,
     mixtral 33.40 -> 30.84, deepseek-64e 35.61 -> 33.47, but gpt-oss, F = 2880, 21.46 -> 23.30;
     the peak memory is the same: the ``[N, F]`` buffer lives only during this step)."""
-    v = os.environ.get("MOEKIT_TRITON_DGRAD", "auto")
-    if v not in ("auto", "fused", "split"):
-        raise ValueError(f"MOEKIT_TRITON_DGRAD must be 'auto', 'fused' or 'split', got {v!r}")
-    return v == "split" or (v == "auto" and hidden % 256 == 0)
+    if mode not in ("auto", "fused", "split"):
+        raise ValueError(f"dgrad={mode!r}; allowed: 'auto', 'fused', 'split'")
+    return mode == "split" or (mode == "auto" and hidden % 256 == 0)
 
 
 def _down_dgrad_split(g_TD, w_EDF, b_ED, token_ids_N, roww_N, h_NH, counts_E, offsets_E, act, gated,
-                      woi, store_a, out, expert_ids_N, interleaved):
+                      woi, store_a, out, expert_ids_N, interleaved, tiles=None):
     _, D, F = w_EDF.shape
     N, H = h_NH.shape
     if b_ED is not None and not woi and expert_ids_N is None:
@@ -463,7 +442,7 @@ def _down_dgrad_split(g_TD, w_EDF, b_ED, token_ids_N, roww_N, h_NH, counts_E, of
         return dh, a, dwt
     g_TD = _rows_contig(g_TD)
     _, G = up_forward(g_TD, w_EDF.transpose(1, 2), None, token_ids_N, None, counts_E, offsets_E,
-                      "identity", False, store_h=False)
+                      "identity", False, store_h=False, tiles=tiles)
     if interpreting():
         br, bf, bd = 4, 16, 16
     else:
@@ -484,11 +463,12 @@ def _down_dgrad_split(g_TD, w_EDF, b_ED, token_ids_N, roww_N, h_NH, counts_E, of
 _grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
-def dw_uses_grouped_mm(n_rows: int, n_experts: int, dim: int, hidden: int, dtype, device) -> bool:
+def dw_uses_grouped_mm(n_rows: int, n_experts: int, dim: int, hidden: int, dtype, device,
+                       mode: str = "auto") -> bool:
     """Whether the weight grads run as torch grouped_mm (cuBLAS) GEMMs over gathered copies
     instead of ``dw_kernel`` (and the input grad's rows ``dH @ W_up`` by :func:`grouped_mm`
-    instead of ``rows_gemm_kernel``): ``MOEKIT_TRITON_DW`` = ``auto`` (the default) |
-    ``triton`` | ``grouped_mm``.
+    instead of ``rows_gemm_kernel``): ``mode`` (``TritonBackend.Config.dw``) = ``auto`` (the
+    default) | ``triton`` | ``grouped_mm``.
 
     ``auto`` uses cuBLAS on a Hopper GPU in bf16 for large experts (``F >= 2048``: GPT-OSS,
     Mixtral, DeepSeek), where cuBLAS's grouped GEMM is faster than ``dw_kernel`` (about 330
@@ -496,7 +476,8 @@ def dw_uses_grouped_mm(n_rows: int, n_experts: int, dim: int, hidden: int, dtype
     fwd+bwd mixtral 34.8 vs 41.5 ms, deepseek-64e 39.8 vs 42.2, gpt-oss 24.6 vs 24.8, same
     peak memory; benchmarks/results/H100-80GB-HBM3-dw-auto.json). The fine-grained shapes
     (Qwen3, OLMoE) are best with the gather-in-prologue kernel (no copy, less memory)."""
-    mode = os.environ.get("MOEKIT_TRITON_DW", "auto")
+    if mode not in ("auto", "triton", "grouped_mm"):
+        raise ValueError(f"dw={mode!r}; allowed: 'auto', 'triton', 'grouped_mm'")
     if _grouped_mm is None or mode == "triton":
         return False
     aligned = dim % 8 == 0 and hidden % 8 == 0
@@ -506,19 +487,17 @@ def dw_uses_grouped_mm(n_rows: int, n_experts: int, dim: int, hidden: int, dtype
             and hidden >= 2048 and _major(device) >= 9)
 
 
-def recompute_activation(use_grouped_mm: bool) -> bool:
+def recompute_activation(use_grouped_mm: bool, setting: bool | None = None) -> bool:
     """Whether the forward drops the activated rows ``a`` (keeping only the pre-activation ``h``)
-    and the backward's dgrad kernel recomputes them: ``MOEKIT_TRITON_RECOMPUTE_ACT`` = ``auto``
-    (the default: where the weight grads run on cuBLAS, i.e. large experts) | ``1`` | ``0``.
+    and the backward's dgrad kernel recomputes them: ``setting``
+    (``TritonBackend.Config.recompute_act``) = ``None`` (the default: where the weight grads run
+    on cuBLAS, i.e. large experts) | ``True`` | ``False``.
 
     Recomputing saves an [N, F] buffer from the forward to the end of the backward (a third of
     the saved activations) but stores it from the dgrad epilogue, which slows that kernel (H100,
     qwen3 shape: 2.36 vs 1.69 ms per call). With large experts the memory matters more (it is
     what keeps the peak at ScatterMoE's there) and the time less."""
-    mode = os.environ.get("MOEKIT_TRITON_RECOMPUTE_ACT", "auto")
-    if mode not in ("auto", "0", "1"):
-        raise ValueError(f"MOEKIT_TRITON_RECOMPUTE_ACT={mode!r}; allowed: 'auto', '0', '1'")
-    return use_grouped_mm if mode == "auto" else mode == "1"
+    return use_grouped_mm if setting is None else bool(setting)
 
 
 def grouped_mm(a_NI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
@@ -551,6 +530,7 @@ def weight_grad(
     out_dtype: torch.dtype,
     with_bias: bool,
     use_grouped_mm: bool = False,
+    tiles: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``dW[e] = L[rows of e].T @ R[rows of e]`` ``[E, O, I]`` with rows of L/R read directly or
     gathered by token (``*_tok``), the routing weight applied to L or R; and ``dB[e] = sum L``.
@@ -584,7 +564,7 @@ def weight_grad(
                 dw, counts_E, per_e, BLOCK=block, num_warps=4)
     else:
         dw = _dw_triton(l_src, l_tok_arg, l_tok is not None, r_src, r_tok, roww_N, scale_left,
-                        counts_E, offsets_E, out_dtype)
+                        counts_E, offsets_E, out_dtype, tiles)
     if db is not None:
         block_o = 16 if interpreting() else min(256, triton.next_power_of_2(O))
         block_r = 16 if interpreting() else 32
@@ -598,11 +578,11 @@ def weight_grad(
 
 
 def _dw_triton(l_src, l_tok_arg, l_gather, r_src, r_tok, roww_N, scale_left, counts_E, offsets_E,
-               out_dtype):
+               out_dtype, tiles=None):
     E = counts_E.shape[0]
     O, I = l_src.shape[1], r_src.shape[1]
     dw = torch.empty(E, O, I, device=l_src.device, dtype=out_dtype)
-    bo, bi, bk, nw, ns = _dw_config(l_src.dtype)
+    bo, bi, bk, nw, ns = _dw_config(l_src.dtype, tiles)
     grid = (triton.cdiv(O, bo) * triton.cdiv(I, bi), E)
     scale = roww_N is not None
     K.dw_kernel[grid](
@@ -625,8 +605,8 @@ SMALL_PLAN_MAX_SLOTS = 1024
 
 def small_plan(topk_ids_TK: torch.Tensor, num_experts: int) -> RoutingPlan:
     """The dropless :class:`RoutingPlan` of ``T*K <= SMALL_PLAN_MAX_SLOTS`` slots from one
-    kernel launch (``make_plan`` uses it on CUDA at decode sizes: the same plan, a fraction of
-    the host time). Ids outside ``[0, num_experts)`` fail a device-side assert, as in
+    kernel launch (``TritonBackend.make_plan`` uses it on CUDA at decode sizes: the same plan
+    as ``make_plan``, a fraction of the host time). Ids outside ``[0, num_experts)`` fail a device-side assert, as in
     ``make_plan``."""
     T, Kk = topk_ids_TK.shape
     n = T * Kk
