@@ -114,14 +114,30 @@ class GroupedExperts(UpProjectionAccess, Module):
             self.register_parameter(self.up_name + "_bias", None)
             self.down_proj_bias = None
         self.last_plan: RoutingPlan | None = None
-        self._backends: dict[tuple[str, torch.dtype], ExpertsBackend] = {}
+        # logical ids of the experts this module holds, in order, when it holds only some of
+        # them (expert parallelism: moekit.parallel.apply_ep); None when it holds all
+        self.local_experts: list[int] | None = None
+        self._backends: dict[tuple[str, torch.dtype], tuple[object, ExpertsBackend]] = {}
         self.init_weights()
+
+    def weight_names(self) -> list[str]:
+        """Names of the expert tensors: the up projection, ``down_proj`` and (with biases)
+        their biases."""
+        names = [self.up_name, "down_proj"]
+        if self.config.use_bias:
+            names += [self.up_name + "_bias", "down_proj_bias"]
+        return names
 
     def init_weights(self, init_std: float = 0.02, out_std: float | None = None) -> None:
         """As torchtitan: the gate rows (or a non-gated up projection) ~ N(0, 0.02) truncated;
         the up rows of a gated projection and the down projection ~ N(0, ``out_std``)
         (depth-scaled by the parent when it knows the layer's depth; defaults to
         ``init_std``); biases zero."""
+        if self.local_experts is not None:
+            raise RuntimeError(
+                "initialize the MoE's weights before apply_ep (identically on every rank, e.g. the "
+                "same seed): after it each rank holds only its experts"
+            )
         std = init_std if out_std is None else out_std
         with torch.no_grad():
             if self.gated:
@@ -138,11 +154,11 @@ class GroupedExperts(UpProjectionAccess, Module):
     def backend_for(self, device: torch.device, dtype: torch.dtype) -> ExpertsBackend:
         """The backend this module runs on ``device`` with ``dtype`` (resolved from
         ``config.backend`` once per device type and dtype; raises if it cannot run there)."""
-        key = (torch.device(device).type, dtype)
-        b = self._backends.get(key)
-        if b is None:
-            b = self._backends[key] = resolve_backend(self.config.backend, device, dtype)
-        return b
+        spec, key = self.config.backend, (torch.device(device).type, dtype)
+        hit = self._backends.get(key)
+        if hit is None or hit[0] is not spec:  # (resolved again when the config was replaced)
+            hit = self._backends[key] = (spec, resolve_backend(spec, device, dtype))
+        return hit[1]
 
     def make_plan(self, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> RoutingPlan:
         b = self.backend_for(topk_ids_TK.device, self.down_proj.dtype)

@@ -47,10 +47,10 @@ __all__ = [
 
 
 class ExpertsBackend:
-    """Base of the experts backends. Subclasses set ``name``, ``why_unavailable``, define a
-    nested ``Config`` (a subclass of ``ExpertsBackend.Config``, attached by
-    ``__init_subclass__`` so that ``Config.build()`` returns the backend), ``available`` and
-    ``grouped_linear``, and optionally ``fused`` and ``make_plan``."""
+    """Base of the experts backends. Subclasses set ``name``, ``why_unavailable``, may define a
+    nested ``Config`` (a subclass of their parent's, attached by ``__init_subclass__`` so that
+    ``Config.build()`` returns the backend; without one they get a copy of the parent's),
+    ``available`` and ``grouped_linear``, and optionally ``fused`` and ``make_plan``."""
 
     name: ClassVar[str] = "base"
     why_unavailable: ClassVar[str] = ""
@@ -70,8 +70,12 @@ class ExpertsBackend:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cfg = cls.__dict__.get("Config")
-        if cfg is not None:
-            cfg._module = cls
+        if cfg is None:  # a subclass without settings of its own: its parent's, building it
+            cfg = dataclass(kw_only=True)(type("Config", (cls.Config,), {
+                "__qualname__": f"{cls.__qualname__}.Config", "__module__": cls.__module__,
+            }))
+            cls.Config = cfg
+        cfg._module = cls
 
     def __init__(self, config: ExpertsBackend.Config | None = None):
         cfg_cls = type(self).Config
@@ -127,12 +131,17 @@ class ExpertsBackend:
         gate_up_interleaved: bool = False,
     ) -> torch.Tensor:
         """The routed experts over ``plan`` (arguments already checked): ``fused`` when the
-        backend has one, else permute -> up + activation -> down -> combine."""
-        kw = dict(activation=activation, gated=gated, gate_up_proj_bias=gate_up_proj_bias,
-                  down_proj_bias=down_proj_bias, weight_on_input=weight_on_input,
-                  gate_up_interleaved=gate_up_interleaved)
-        if self.fused is not None:
-            return self.fused(x_TD, gate_up_proj, down_proj, plan, topk_weights_TK, **kw)
+        backend has one, else :meth:`staged_experts`."""
+        run = self.fused if self.fused is not None else self.staged_experts
+        return run(x_TD, gate_up_proj, down_proj, plan, topk_weights_TK, activation=activation,
+                   gated=gated, gate_up_proj_bias=gate_up_proj_bias, down_proj_bias=down_proj_bias,
+                   weight_on_input=weight_on_input, gate_up_interleaved=gate_up_interleaved)
+
+    def staged_experts(self, x_TD, gate_up_proj, down_proj, plan, topk_weights_TK, *, activation,
+                       gated, gate_up_proj_bias=None, down_proj_bias=None, weight_on_input=False,
+                       gate_up_interleaved=False) -> torch.Tensor:
+        """permute -> up projection + activation -> down projection -> combine, over
+        ``grouped_linear`` (``experts``' arguments)."""
         x_ND = permute(x_TD, plan, topk_weights_TK if weight_on_input else None)
         h_NH = self.grouped_linear(x_ND, gate_up_proj, plan, gate_up_proj_bias)
         a_NF = get_activation(activation)(h_NH, gated, gate_up_interleaved)

@@ -12,14 +12,14 @@ conventions.
 
 from . import placement
 from .dispatch import AllToAllDispatcher, Dispatcher, Layout
-from .ep import ExpertParallelExperts, apply_ep, rebalance, sync_replicated_grads
+from .ep import ExpertParallel, apply_ep, rebalance, sync_replicated_grads
 from .placement import Placement
 from .tp import TPSharedExperts
 
 __all__ = [
     "AllToAllDispatcher",
     "Dispatcher",
-    "ExpertParallelExperts",
+    "ExpertParallel",
     "Layout",
     "Placement",
     "TPSharedExperts",
