@@ -65,6 +65,22 @@ if not INTERP:
         assert launchers._dw_config(bf16, tiles) == (32, 32, 16, 2, 2)
         assert tiles["down_combine"] == (8, 32, 2, 1)
 
+    def test_the_registered_triton_backend_takes_the_environment_overrides(monkeypatch):
+        """The backend chosen by the name "triton" has the default settings plus the
+        environment's overrides (how the benchmark's sweeps reach them), read again when the
+        environment changes; an explicit config is used as it is."""
+        from moekit.ops.backends import default_backend
+        from moekit.ops.triton_backend import TritonBackend
+
+        monkeypatch.delenv("MOEKIT_TRITON_DGRAD", raising=False)
+        assert default_backend("triton").config == TritonBackend.Config()
+        monkeypatch.setenv("MOEKIT_TRITON_DGRAD", "split")
+        monkeypatch.setenv("MOEKIT_TRITON_FUSED_DECODE_T", "3")
+        b = default_backend("triton")
+        assert (b.config.dgrad, b.config.fused_decode_tokens) == ("split", 3)
+        assert default_backend("triton") is b  # one object per environment
+        assert TritonBackend.Config(dgrad="fused").build().config.dgrad == "fused"
+
     def test_settings_are_validated_and_read_from_the_environment():
         from moekit.ops.triton_backend import ENV_VARS, GemmTile, TritonBackend
 
@@ -272,11 +288,12 @@ else:
             for r, f in zip(real, fake):
                 assert tuple(r.shape) == tuple(f.shape) and r.dtype == f.dtype, op
 
-    @pytest.mark.parametrize("dgrad", ["fused", "split"])
+    @pytest.mark.parametrize("dgrad", ["fused", "split", "by name"])
     def test_compile_fullgraph_traces(dgrad):
         """torch.compile(fullgraph=True) traces moe_experts through the custom ops (aot_eager:
-        the kernels still run in the interpreter), with either dgrad."""
-        backend = TritonBackend.Config(dgrad=dgrad).build()
+        the kernels still run in the interpreter), with either dgrad, and with the backend
+        chosen by name inside the traced function."""
+        backend = "triton" if dgrad == "by name" else TritonBackend.Config(dgrad=dgrad).build()
         ts, ids, gy = _inputs(12, 16, 8, 4, 2, True, bias=True, seed=5)
         x, w1, w2, b1, b2, wts = [t.float().requires_grad_(True) for t in ts]
 

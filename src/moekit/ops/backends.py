@@ -192,10 +192,10 @@ class GroupedMMBackend(ExpertsBackend):
 
 
 # ----------------------------------------------------------------------------- registry
-def _triton_defaults() -> ExpertsBackend.Config:
+def _triton_defaults() -> ExpertsBackend:
     from .triton_backend import TritonBackend
 
-    return TritonBackend.Config.from_env()
+    return TritonBackend.with_env_defaults()
 
 
 # name -> a config, or a zero-argument factory returning one (or a backend)

@@ -230,6 +230,15 @@ class TritonBackend(ExpertsBackend):
             """The default settings with the environment's overrides."""
             return cls().with_env_overrides(environ)
 
+    @classmethod
+    def with_env_defaults(cls) -> TritonBackend:
+        """The backend with the default settings and the environment's overrides (the one
+        registered as ``"triton"``); one object per combination of the variables' values, so
+        that choosing the backend by name costs a few dictionary reads per call."""
+        if torch.compiler.is_compiling():  # traced once: no cache to consult
+            return cls(cls.Config.from_env())
+        return _backend_for_env(_env_values())
+
     def __init__(self, config: TritonBackend.Config | None = None):
         super().__init__(config)
         self.tiles = self.config.tiles_spec()
@@ -267,3 +276,22 @@ class TritonBackend(ExpertsBackend):
         return super().make_plan(topk_ids_TK, num_experts, capacity_factor=capacity_factor,
                                  drop_policy=drop_policy, topk_weights_TK=topk_weights_TK,
                                  capacity=capacity)
+
+
+# os.environ's encoded mapping, read directly: 17 os.environ.get calls cost ~14 us, too much
+# for a per-call choice of the backend by name at decode sizes (1 us this way)
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEYS = (tuple(os.environ.encodekey(v) for v in ENV_VARS.values())
+             if _ENV_DATA is not None and hasattr(os.environ, "encodekey") else None)
+
+
+def _env_values() -> tuple:
+    if _ENV_KEYS is not None:
+        return tuple(map(_ENV_DATA.get, _ENV_KEYS))
+    return tuple(map(os.environ.get, ENV_VARS.values()))  # pragma: no cover - other Pythons
+
+
+@functools.lru_cache(maxsize=16)
+def _backend_for_env(values: tuple) -> TritonBackend:
+    """(``values`` only keys the cache: the settings are read from the environment.)"""
+    return TritonBackend(TritonBackend.Config.from_env())
