@@ -610,3 +610,33 @@ else:
                           bias_ED=b2, backend="loop")
         assert calls == [1, 1]
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+    def test_tile_settings_reach_every_launcher(monkeypatch):
+        """gemm_tile, kind_tiles, dw_tile and down_combine_tile travel from the config through
+        the fused call, the custom ops and the autograd function to every config-picking
+        launcher (forward, backward, fused decode and the staged grouped linear)."""
+        from moekit.ops.triton import launchers
+        from moekit.ops.triton_backend import DownCombineTile, GemmTile, parse_tiles
+
+        cfg = TritonBackend.Config(gemm_tile=GemmTile(64, 128, 32, 4, 2), kind_tiles={"rows": (32, 64, 64, 2, 2)},
+                                   dw_tile=GemmTile(32, 32, 16, 2, 2), down_combine_tile=DownCombineTile(8, 32))
+        want = parse_tiles(cfg.tiles_spec())
+        assert set(want) == {"gemm", "rows", "dw", "down_combine"}
+        seen = []
+        for name in ("_gemm_config", "_dw_config"):
+            real = getattr(launchers, name)
+            monkeypatch.setattr(launchers, name, lambda *a, _r=real, _n=name: seen.append((_n, a[-1])) or _r(*a))
+        real_dc = launchers.down_combine
+        monkeypatch.setattr(launchers, "down_combine", lambda *a: seen.append(("down_combine", a[-1])) or real_dc(*a))
+        backend = cfg.build()
+        ts, ids, gy = _inputs(5, 16, 8, 3, 2, True, bias=False, seed=8)
+        _run(backend, ts, ids, gy, torch.float32, "silu", False)  # forward + backward
+        x, w1, w2, _, _, wts = [None if t is None else t.float() for t in ts]
+        with torch.no_grad():  # fused decode (T=1)
+            moe_experts(x[:1], w1, w2, ids[:1], wts[:1], backend=backend)
+        plan = make_plan(ids, 3)
+        xr = torch.randn(plan.num_rows, 16, requires_grad=True)
+        backend.grouped_linear(xr, w1.requires_grad_(), plan).sum().backward()  # staged
+        kinds = {n for n, _ in seen}
+        assert kinds == {"_gemm_config", "_dw_config", "down_combine"}, kinds
+        assert all(t == want for _, t in seen), seen
