@@ -14,6 +14,7 @@ import socket
 import time
 import traceback
 from datetime import timedelta
+from typing import ClassVar
 
 import pytest
 import torch
@@ -22,7 +23,13 @@ import torch.multiprocessing as mp
 
 from moekit import GroupedExperts, MoE, SharedExperts, TokenChoiceTopKRouter
 from moekit.ops import LoopBackend, register_backend
-from moekit.parallel import AllToAllDispatcher, apply_ep, placement, rebalance, sync_replicated_grads
+from moekit.parallel import (
+    AllToAllDispatcher,
+    apply_ep,
+    placement,
+    rebalance,
+    sync_replicated_grads,
+)
 
 RTOL, ATOL = 1e-5, 1e-5
 
@@ -147,7 +154,7 @@ class Counting(LoopBackend):
     """A custom backend: its fused entry records (rows, experts, top_k) of every call."""
 
     name = "counting"
-    calls: list = []
+    calls: ClassVar[list] = []
 
     def fused(self, x_TD, w_up, w_down, plan, topk_weights_TK, **kw):
         Counting.calls.append((x_TD.shape[0], plan.num_experts, plan.top_k))

@@ -601,7 +601,7 @@ else:
         real = grouped_linear.GroupedLinear.apply
         monkeypatch.setattr(grouped_linear.GroupedLinear, "apply", lambda *a: calls.append(1) or real(*a))
         ts, ids, _ = _inputs(6, 16, 8, 3, 2, True, bias=True, seed=4)
-        x, w1, w2, b1, b2, wts = [t.float() for t in ts]
+        x, w1, w2, b1, b2, _ = [t.float() for t in ts]
         plan = make_plan(ids, 3)
         x_ND = permute(x, plan)
         y = expert_down(expert_up(x_ND, w1, plan, bias_EH=b1, backend="triton"), w2, plan,

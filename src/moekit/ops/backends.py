@@ -22,8 +22,9 @@ backend to run, and :func:`auto_backend` holds ``"auto"``'s choice.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 

@@ -22,7 +22,7 @@ import torch
 from ..plan import RoutingPlan
 from .backends import ExpertsBackend
 
-__all__ = ["DownCombineTile", "ENV_VARS", "GemmTile", "TILE_KINDS", "TritonBackend", "parse_tiles"]
+__all__ = ["ENV_VARS", "TILE_KINDS", "DownCombineTile", "GemmTile", "TritonBackend", "parse_tiles"]
 
 # the row-GEMM kinds a tile can be given for, in training and (``decode_``) at decode sizes
 TILE_KINDS = ("up_gated", "up", "rows", "dgrad")
