@@ -640,3 +640,20 @@ else:
         kinds = {n for n, _ in seen}
         assert kinds == {"_gemm_config", "_dw_config", "down_combine"}, kinds
         assert all(t == want for _, t in seen), seen
+
+    def test_layer_with_the_triton_backend_copies_and_pickles():
+        """A GroupedExperts that has run on the triton backend (its resolved backend cached)
+        deep-copies and pickles, and the copy computes the same."""
+        import copy
+        import io
+
+        from moekit import GroupedExperts
+
+        ex = GroupedExperts.Config(backend=TritonBackend.Config(fused_decode_tokens=0)).build(
+            dim=16, hidden_dim=8, num_experts=4)
+        x, ids, w = torch.randn(3, 16), torch.tensor([[0, 1], [2, 1], [3, 0]]), torch.rand(3, 2)
+        y = ex(x, ids, w)
+        twin = copy.deepcopy(ex)
+        torch.save(twin, io.BytesIO())
+        assert torch.equal(twin(x, ids, w), y)
+        assert isinstance(twin.backend_for(x.device, x.dtype), TritonBackend)

@@ -242,11 +242,17 @@ class TritonBackend(ExpertsBackend):
     def __init__(self, config: TritonBackend.Config | None = None):
         super().__init__(config)
         self.tiles = self.config.tiles_spec()
+        self._kernels  # noqa: B018 - imports the kernels now, not first inside a traced forward
+
+    @property
+    def _kernels(self):
+        """The kernels package ``moekit.ops.triton``, or None without Triton (not kept on the
+        object, so that backends copy and pickle with the modules that hold them)."""
         try:
             from . import triton as kernels_pkg
         except ImportError:
-            kernels_pkg = None
-        self._kernels = kernels_pkg
+            return None
+        return kernels_pkg
 
     def available(self, device: torch.device, dtype: torch.dtype) -> bool:
         return self._kernels is not None and self._kernels.triton_available(device, dtype)
