@@ -11,9 +11,11 @@ conventions.
 """
 
 from . import placement
+from .apply import apply_ep, sync_replicated_grads
 from .dispatch import AllToAllDispatcher, Dispatcher, Layout
-from .ep import ExpertParallel, apply_ep, rebalance, sync_replicated_grads
+from .ep import ExpertParallel
 from .placement import Placement
+from .rebalancing import rebalance
 from .tp import TPSharedExperts
 
 __all__ = [
