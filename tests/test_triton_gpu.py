@@ -1,4 +1,4 @@
-"""The triton experts backend on a CUDA GPU: bf16 at realistic shapes under DESIGN.md's tolerance
+"""The triton experts backend on a CUDA GPU: bf16 at realistic shapes under the tolerance
 rule, and torch.compile(fullgraph=True) over moe_experts. Skipped without CUDA (run them with
 the device tool: ``PYTHONPATH=src python -m pytest -m gpu tests/test_triton_gpu.py``)."""
 

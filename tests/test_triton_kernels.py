@@ -8,7 +8,7 @@ shows its output on failure). Skipped where triton is missing.
 
 Checked against the loop backend in float64 (the ground truth): forward and every gradient
 (x, both weights, both biases, routing weights) for every activation, gated and not, weight on
-input or output, fp32 (tight) and fp16 (DESIGN.md's tolerance rule against the plain PyTorch
+input or output, fp32 (tight) and fp16 (the tolerance rule of docs/architecture.md against the plain PyTorch
 path in fp16), T=0, T=1, empty experts, all tokens on one expert, top_k=1 and top_k=E, odd dims,
 capacity drops, determinism, the custom ops' fake implementations, the staged grouped linear,
 and every ``TritonBackend.Config`` setting reaching its code path.

@@ -1,6 +1,6 @@
 """The fused Triton kernels of the ``triton`` experts backend.
 
-Layers (DESIGN.md): ``kernels`` (``@triton.jit``) -> ``launchers`` (checks, launch configs) ->
+Layers: ``kernels`` (``@triton.jit``) -> ``launchers`` (checks, launch configs) ->
 ``ops`` (``torch.library`` custom ops with fake implementations, the autograd function and
 ``fused_experts``) and ``grouped_linear`` (the staged path's grouped linear layer). The backend
 object that calls them, with its settings, is :class:`moekit.ops.triton_backend.TritonBackend`.
