@@ -95,8 +95,8 @@ def test_auto_choice():
 def test_grouped_experts_config_takes_names_and_backend_configs():
     cfg = GroupedExperts.Config(backend=TritonBackend.Config(dgrad="split", fused_decode_tokens=4))
     d = cfg.to_dict()["backend"]
-    assert d["backend"] == "triton" and d["dgrad"] == "split" and d["fused_decode_tokens"] == 4
-    assert GroupedExperts.Config(backend=LoopBackend.Config()).to_dict()["backend"] == {"backend": "loop"}
+    assert d["name"] == "triton" and d["dgrad"] == "split" and d["fused_decode_tokens"] == 4
+    assert GroupedExperts.Config(backend=LoopBackend.Config()).to_dict()["backend"] == {"name": "loop"}
     with pytest.raises(ValueError, match=r"GroupedExperts.Config.backend='nope' is not supported; allowed: \('auto'"):
         GroupedExperts.Config(backend="nope")
     with pytest.raises(TypeError, match="must be a backend name"):

@@ -113,7 +113,7 @@ if not INTERP:
         assert c.down_combine_tile.block_f == 64
         assert C.from_env({}) == C() and len(ENV_VARS) == 17
         d = C(dgrad="fused").to_dict()
-        assert d["backend"] == "triton" and d["dgrad"] == "fused"
+        assert d["name"] == "triton" and d["dgrad"] == "fused"
         for var, text, msg in [("MOEKIT_TRITON_DW_CONFIG", "128,128,64", "MOEKIT_TRITON_DW_CONFIG='128,128,64': expected 5"),
                                ("MOEKIT_TRITON_DOWN_COMBINE_CONFIG", "4,x,4,1", "BD,BF,warps,stages"),
                                ("MOEKIT_TRITON_RECOMPUTE_ACT", "sometimes", "allowed: 'auto', '0', '1'"),

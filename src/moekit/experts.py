@@ -190,7 +190,7 @@ class GroupedExperts(UpProjectionAccess, Module):
         return (
             f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "
             f"activation={self.activation}, gated={self.gated}, "
-            f"backend={b if isinstance(b, str) else b.backend}"
+            f"backend={b if isinstance(b, str) else b.name}"
         )
 
 

@@ -60,13 +60,13 @@ class ExpertsBackend:
 
     @dataclass(kw_only=True)
     class Config(Config):
-        """A backend's settings. ``backend`` records which backend the settings are for (in
+        """A backend's settings. ``name`` records which backend the settings are for (in
         ``to_dict()``); it is the backend class's ``name`` and not set by the user."""
 
-        backend: str = dataclasses.field(default="", init=False)
+        name: str = dataclasses.field(default="", init=False)
 
         def __post_init__(self) -> None:
-            self.backend = self._module.name if self._module is not None else ""
+            self.name = self._module.name if self._module is not None else ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
