@@ -94,7 +94,9 @@ def apply_ep(
     check_weights: bool = True,
 ) -> MoE:
     """Turn ``moe`` (identical on every rank of ``group``) into its expert-parallel form, in
-    place, and return it.
+    place, and return it: ``moe.experts`` keeps only this rank's experts (same module, same
+    backend) and ``moe.dispatch`` becomes an :class:`ExpertParallel` that sends each routed
+    row to the rank holding its expert and back.
 
     * ``group``: a ProcessGroup (default: the world) or a 1-D DeviceMesh.
     * ``placement``: a :class:`Placement`, ``"contiguous"`` (even, or uneven when E does not
