@@ -191,6 +191,7 @@ class GroupedExperts(UpProjectionAccess, Module):
             f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "
             f"activation={self.activation}, gated={self.gated}, "
             f"backend={b if isinstance(b, str) else b.name}"
+            + (f", local_experts={self.local_experts}" if self.local_experts is not None else "")
         )
 
 
