@@ -119,7 +119,7 @@ def equality(args, device, rank, W):
     sl = slice(rank * T, (rank + 1) * T)
     loc = torch.tensor(moe.experts.local_experts, device=device)
     for C in (1, 2):
-        moe.experts.num_chunks = C
+        moe.dispatch.num_chunks = C
         for p in moe.parameters():
             p.grad = None
         x = xs[sl].detach().to(torch.bfloat16).clone().requires_grad_()
@@ -245,7 +245,7 @@ def main():
     E = args.experts_per_rank * W
     moe = build(E, args, device, dtype)
     safe_apply_ep(moe)
-    ep = moe.experts
+    ep = moe.dispatch
     for C in [int(c) for c in args.chunks.split(",")]:
         ep.num_chunks = C
         fwd, fb = step_fns(moe, x, g)
@@ -294,7 +294,7 @@ def main():
         rows.append({"mode": f"ep{W}+r{args.redundant}", "experts": E, "chunks": 1, "fwd_ms": t_f * 1e3,
                      "fwdbwd_ms": t_fb * 1e3, "slots_per_rank": new.slot_counts})
         log(f"ep{W} redundant={args.redundant}: fwd {t_f * 1e3:.2f} ms, fwd+bwd {t_fb * 1e3:.2f} ms")
-        moe.experts.num_chunks = 1
+        moe.dispatch.num_chunks = 1
 
     for r in rows:
         r["tokens_per_s_per_gpu_fwd"] = T / (r["fwd_ms"] / 1e3)

@@ -1,6 +1,6 @@
 """moe_experts and GroupedExperts vs the per-token reference: every backend, activation, bias
 and routing-weight placement; outputs and gradients of x, every weight, bias and topk_weights;
-fp32 tight and bf16 by DESIGN.md's tolerance rule; odd shapes."""
+fp32 tight and bf16 by the tolerance rule of docs/architecture.md; odd shapes."""
 
 from __future__ import annotations
 

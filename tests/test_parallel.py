@@ -14,6 +14,7 @@ import socket
 import time
 import traceback
 from datetime import timedelta
+from typing import ClassVar
 
 import pytest
 import torch
@@ -21,19 +22,26 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moekit import GroupedExperts, MoE, SharedExperts, TokenChoiceTopKRouter
-from moekit.parallel import AllToAllDispatcher, apply_ep, placement, rebalance, sync_replicated_grads
+from moekit.ops import LoopBackend, register_backend
+from moekit.parallel import (
+    AllToAllDispatcher,
+    apply_ep,
+    placement,
+    rebalance,
+    sync_replicated_grads,
+)
 
 RTOL, ATOL = 1e-5, 1e-5
 
 
 # ----------------------------------------------------------------------------- helpers
 def make_moe(seed, *, E, K, dim=16, hidden=8, activation="silu", gated=None, bias=False, weight_on="output",
-             capacity=None, drop="position", shared=False, shared_gate=False):
+             capacity=None, drop="position", shared=False, shared_gate=False, backend="grouped_mm"):
     torch.manual_seed(seed)
     cfg = MoE.Config(
         dim=dim, hidden_dim=hidden, num_experts=E,
         router=TokenChoiceTopKRouter.Config(top_k=K, score_func="softmax", route_norm=True),
-        experts=GroupedExperts.Config(activation=activation, gated=gated, use_bias=bias, backend="grouped_mm",
+        experts=GroupedExperts.Config(activation=activation, gated=gated, use_bias=bias, backend=backend,
                                       routing_weight_on=weight_on),
         shared_experts=SharedExperts.Config(hidden_dim=12, use_gate=shared_gate) if shared else None,
         capacity_factor=capacity, drop_policy=drop,
@@ -90,7 +98,7 @@ def compare(ref, moe, xs, gs, ls, rank, *, tag, check_shared_local=True):
     close(y, y_ref[a:a + Ts[rank]], f"{tag}: output")
     close(gx, gx_ref[a:a + Ts[rank]], f"{tag}: x grad")
     ep = moe.experts
-    for name in ep._param_names():
+    for name in ep.weight_names():
         p_ep, p_ref = getattr(ep, name), getattr(ref.experts, name)
         for j, e in enumerate(ep.local_experts):
             close(grad(p_ep)[j], grad(p_ref)[e], f"{tag}: {name}.grad of expert {e} (slot {j})")
@@ -102,8 +110,9 @@ def compare(ref, moe, xs, gs, ls, rank, *, tag, check_shared_local=True):
     if moe.shared_experts is not None and check_shared_local:
         for (n, p), (n2, q) in zip(moe.shared_experts.named_parameters(), ref.shared_experts.named_parameters()):
             close(grad(p), grad(q), f"{tag}: shared_experts.{n}.grad")
-    if ep.shared_experts is not None:
-        for (n, p), (n2, q) in zip(ep.shared_experts.named_parameters(), ref.shared_experts.named_parameters()):
+    if moe.dispatch.shared_experts is not None:
+        for (n, p), (n2, q) in zip(moe.dispatch.shared_experts.named_parameters(),
+                                   ref.shared_experts.named_parameters()):
             close(grad(p), grad(q), f"{tag}: external shared_experts.{n}.grad")
 
 
@@ -141,8 +150,45 @@ def all_to_first(T, E):
     return l
 
 
+class Counting(LoopBackend):
+    """A custom backend: its fused entry records (rows, experts, top_k) of every call."""
+
+    name = "counting"
+    calls: ClassVar[list] = []
+
+    def fused(self, x_TD, w_up, w_down, plan, topk_weights_TK, **kw):
+        Counting.calls.append((x_TD.shape[0], plan.num_experts, plan.top_k))
+        return self.staged_experts(x_TD, w_up, w_down, plan, topk_weights_TK, **kw)
+
+
+def backend_scenarios(rank):
+    """The local experts run through the experts' own backend: a backend registered under a
+    new name, and (Triton installed; this group runs under TRITON_INTERPRET=1) the triton
+    backend's fused kernels, forward and backward, equal to the single-process layer."""
+    register_backend("counting", Counting.Config)
+    Counting.calls.clear()
+    scenario({"num_chunks": 2}, dict(E=4, K=2, bias=True, backend="counting"), [5, 4], tag="custom-backend")
+    # on each rank: the layer's 2 local experts on the received rows (one slot per row)
+    assert any(e == 2 and k == 1 for _, e, k in Counting.calls), Counting.calls
+    try:
+        from moekit.ops import TritonBackend
+        from moekit.ops.triton import ops as triton_ops
+    except ImportError:  # pragma: no cover - Triton not installed
+        return
+    calls = []
+    real = triton_ops.FusedExperts.apply
+    triton_ops.FusedExperts.apply = lambda *a: calls.append(a[0].shape[0]) or real(*a)
+    try:
+        scenario({}, dict(E=4, K=2, bias=True, backend=TritonBackend.Config(dgrad="split"), dim=16, hidden=8),
+                 [3, 2], tag="triton")
+    finally:
+        triton_ops.FusedExperts.apply = real
+    assert len(calls) == 2, calls  # the single-process layer's call, then the local experts'
+
+
 # ----------------------------------------------------------------------------- scenarios
 def scenarios_2(rank):
+    backend_scenarios(rank)
     # even split, different T per rank, biases, gated silu
     scenario({}, dict(E=4, K=2, bias=True), [5, 7], tag="even")
     # chunked overlap (3 chunks: one is empty on rank 0), local shared experts with gate
@@ -222,7 +268,7 @@ def scenarios_2(rank):
     run_ref(ref, xs, gs, None)
     x = xs[rank].clone().requires_grad_(rank == 0)
     (moe(x) * gs[rank]).sum().backward()
-    for name in moe.experts._param_names():
+    for name in moe.experts.weight_names():
         for j, e in enumerate(moe.experts.local_experts):
             close(getattr(moe.experts, name).grad[j], getattr(ref.experts, name).grad[e], f"no-grad input: {name}")
     # another transport plugs in through the Dispatcher interface
@@ -300,7 +346,7 @@ def tp_scenario(rank):
         close(y.detach(), y_ref[a:a + Ts[tg]], f"{tag}: output")
         close(x.grad, gx_ref[a:a + Ts[tg]], f"{tag}: x grad")
         ep = moe.experts
-        for name in ep._param_names():
+        for name in ep.weight_names():
             for j, e in enumerate(ep.local_experts):
                 close(getattr(ep, name).grad[j], getattr(ref.experts, name).grad[e], f"{tag}: {name}.grad[{e}]")
         with pytest.raises(ValueError, match="data-parallel"):
@@ -350,8 +396,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(world, which, deadline_s=150):
-    ctx = mp.spawn(_worker, args=(world, _free_port(), which), nprocs=world, join=False)
+def _spawn(world, which, deadline_s=150, env=None):
+    old = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})  # the spawned processes start with it
+    try:
+        ctx = mp.spawn(_worker, args=(world, _free_port(), which), nprocs=world, join=False)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
     t0 = time.time()
     while not ctx.join(timeout=2):
         if time.time() - t0 > deadline_s:
@@ -362,7 +417,7 @@ def _spawn(world, which, deadline_s=150):
 
 
 def test_ep_2_ranks():
-    _spawn(2, "2")
+    _spawn(2, "2", env={"TRITON_INTERPRET": "1"})  # the triton backend on CPU, for its scenario
 
 
 def test_ep_4_ranks():

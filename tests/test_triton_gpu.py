@@ -1,4 +1,4 @@
-"""The triton experts backend on a CUDA GPU: bf16 at realistic shapes under DESIGN.md's tolerance
+"""The triton experts backend on a CUDA GPU: bf16 at realistic shapes under the tolerance
 rule, and torch.compile(fullgraph=True) over moe_experts. Skipped without CUDA (run them with
 the device tool: ``PYTHONPATH=src python -m pytest -m gpu tests/test_triton_gpu.py``)."""
 
@@ -13,7 +13,7 @@ pytestmark = [
 ]
 triton = pytest.importorskip("triton")
 
-from moekit.ops import moe_experts
+from moekit.ops import TritonBackend, moe_experts
 
 
 def _err(a, b):
@@ -116,14 +116,13 @@ def test_compile_fullgraph():
 
 @pytest.mark.parametrize("pdl", ["0", "1"])
 @pytest.mark.parametrize("T,bias,woi", [(1, False, False), (1, True, False), (3, True, True)])
-def test_decode_fused_down_combine(monkeypatch, pdl, T, bias, woi):
+def test_decode_fused_down_combine(pdl, T, bias, woi):
     """Inference at decode sizes (down + combine in one kernel, optionally launched as a
     programmatic dependent of the up kernel) under the tolerance rule, and bit-identical when
     replayed from a CUDA graph."""
     from moekit.plan import make_plan
 
-    monkeypatch.setenv("MOEKIT_TRITON_FUSED_DECODE_T", "4")
-    monkeypatch.setenv("MOEKIT_TRITON_PDL", pdl)
+    triton_b = TritonBackend.Config(fused_decode_tokens=4, pdl=pdl == "1")
     ids, f32, low = _inputs(T, 2048, 768, 128, 8, True, torch.bfloat16, bias, seed=T + 7)
 
     def fwd(backend, ts, plan=None):
@@ -132,14 +131,14 @@ def test_decode_fused_down_combine(monkeypatch, pdl, T, bias, woi):
             return moe_experts(x, w1, w2, ids, wts, activation="silu", gate_up_proj_bias=b1,
                                down_proj_bias=b2, backend=backend, weight_on_input=woi, plan=plan)
 
-    truth, plain, fast = fwd("loop", f32), fwd("grouped_mm", low), fwd("triton", low)
+    truth, plain, fast = fwd("loop", f32), fwd("grouped_mm", low), fwd(triton_b, low)
     e_a, e_p, s = _err(fast, truth), _err(plain, truth), _scale(truth)
     assert e_a <= 2 * e_p + 2e-3 * s, f"triton err {e_a:.3e} > 2 * plain {e_p:.3e} + atol"
     plan = make_plan(ids, 128)
-    fwd("triton", low, plan)  # compiled before the capture
+    fwd(triton_b, low, plan)  # compiled before the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = fwd("triton", low, plan)
+        out = fwd(triton_b, low, plan)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, fast)
@@ -147,14 +146,18 @@ def test_decode_fused_down_combine(monkeypatch, pdl, T, bias, woi):
 
 @pytest.mark.parametrize("T,K,E", [(1, 8, 128), (8, 8, 128), (64, 8, 128), (128, 8, 256), (5, 4, 32)])
 def test_small_plan_on_cuda(monkeypatch, T, K, E):
-    """make_plan on CUDA at decode sizes (one launch) equals the torch-op plan field by field."""
-    import moekit.plan as plan_mod
+    """The triton backend's plan on CUDA at decode sizes (one launch) equals make_plan's
+    torch-op plan field by field."""
+    from moekit.ops.triton import launchers
+    from moekit.plan import make_plan
 
     ids = torch.randn(T, E, device="cuda").topk(K, dim=-1).indices
-    assert plan_mod._SMALL_PLAN is not None
-    fast = plan_mod.make_plan(ids, E)
-    monkeypatch.setattr(plan_mod, "_SMALL_PLAN", None)
-    ref = plan_mod.make_plan(ids, E)
+    calls = []
+    real = launchers.small_plan
+    monkeypatch.setattr(launchers, "small_plan", lambda *a: calls.append(1) or real(*a))
+    fast = TritonBackend().make_plan(ids, E)
+    assert calls == [1]
+    ref = make_plan(ids, E)
     for f in ("sorted_slots_N", "token_ids_N", "expert_ids_N", "counts_E", "offsets_E",
               "inverse_TK", "num_dropped"):
         a, b = getattr(fast, f), getattr(ref, f)
@@ -163,17 +166,17 @@ def test_small_plan_on_cuda(monkeypatch, T, K, E):
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3]], ids=["qwen3", "gpt_oss", "woi"])
 def test_split_dgrad_bf16(monkeypatch, case):
-    """MOEKIT_TRITON_DGRAD=split under the same tolerance rule as the fused dgrad."""
+    """The split dgrad (here through its environment override, MOEKIT_TRITON_DGRAD=split, as
+    the benchmark's sweeps set it) under the same tolerance rule as the fused dgrad."""
     monkeypatch.setenv("MOEKIT_TRITON_DGRAD", "split")
     test_bf16_tolerance_rule(case, torch.bfloat16)
 
 
 @pytest.mark.parametrize("dgrad", ["fused", "split"])
-def test_interleaved_gate_up_bf16(monkeypatch, dgrad):
+def test_interleaved_gate_up_bf16(dgrad):
     """GPT-OSS's interleaved gate/up layout (bias, hot experts) under the tolerance rule."""
     from reference import interleave_gate_up
 
-    monkeypatch.setenv("MOEKIT_TRITON_DGRAD", dgrad)
     ids, f32, low = _inputs(2048, 1024, 512, 32, 4, True, torch.bfloat16, True, seed=17, skew=True)
 
     def il(ts):
@@ -187,7 +190,8 @@ def test_interleaved_gate_up_bf16(monkeypatch, dgrad):
         g = torch.randn(y.shape, generator=torch.Generator(device="cpu").manual_seed(3)).cuda().to(y.dtype)
         return [y.detach()] + list(torch.autograd.grad(y, [x, w1, w2, b1, b2, wts], g))
 
-    truth, plain, fast = run("loop", f32), run("grouped_mm", low), run("triton", low)
+    truth, plain = run("loop", f32), run("grouped_mm", low)
+    fast = run(TritonBackend.Config(dgrad=dgrad), low)
     names = ["y", "dx", "dw_up", "dw_down", "db_up", "db_down", "dtopk"]
     for name, a, p, t in zip(names, fast, plain, truth):
         e_a, e_p, s = _err(a, t), _err(p, t), _scale(t)

@@ -8,14 +8,16 @@ shows its output on failure). Skipped where triton is missing.
 
 Checked against the loop backend in float64 (the ground truth): forward and every gradient
 (x, both weights, both biases, routing weights) for every activation, gated and not, weight on
-input or output, fp32 (tight) and fp16 (DESIGN.md's tolerance rule against the plain PyTorch
+input or output, fp32 (tight) and fp16 (the tolerance rule of docs/architecture.md against the plain PyTorch
 path in fp16), T=0, T=1, empty experts, all tokens on one expert, top_k=1 and top_k=E, odd dims,
-capacity drops, determinism, and the custom ops' fake implementations.
+capacity drops, determinism, the custom ops' fake implementations, the staged grouped linear,
+and every ``TritonBackend.Config`` setting reaching its code path.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -40,17 +42,86 @@ if not INTERP:
         )
         assert r.returncode == 0, f"interpreter suite failed:\n{r.stdout[-6000:]}\n{r.stderr[-3000:]}"
 
-    def test_launch_config_overrides_are_checked(monkeypatch):
+    def test_launch_config_overrides_pick_the_config(monkeypatch):
+        """Each tile setting of TritonBackend.Config is the launch config of its kernel (off the
+        interpreter, which always takes its small tiles)."""
         from moekit.ops.triton import launchers
+        from moekit.ops.triton_backend import DownCombineTile, GemmTile, TritonBackend, parse_tiles
 
-        monkeypatch.setenv("MOEKIT_TRITON_DW_CONFIG", "128,128,64")
-        with pytest.raises(ValueError, match=r"MOEKIT_TRITON_DW_CONFIG='128,128,64': expected 5 positive"):
-            launchers._override("MOEKIT_TRITON_DW_CONFIG")
-        monkeypatch.setenv("MOEKIT_TRITON_DOWN_COMBINE_CONFIG", "4,x,4,1")
-        with pytest.raises(ValueError, match="BD,BF,warps,stages"):
-            launchers._env_ints("MOEKIT_TRITON_DOWN_COMBINE_CONFIG", "BD,BF,warps,stages")
-        monkeypatch.setenv("MOEKIT_TRITON_DOWN_COMBINE_CONFIG", "4,64,4,1")
-        assert launchers._env_ints("MOEKIT_TRITON_DOWN_COMBINE_CONFIG", "BD,BF,warps,stages") == (4, 64, 4, 1)
+        monkeypatch.setattr(launchers, "interpreting", lambda: False)
+        cfg = TritonBackend.Config(
+            gemm_tile=GemmTile(64, 128, 32, 4, 2), kind_tiles={"decode_rows": GemmTile(32, 64, 64, 2, 2)},
+            dw_tile=(32, 32, 16, 2, 2), down_combine_tile=DownCombineTile(8, 32, 2, 1),
+        )
+        tiles = parse_tiles(cfg.tiles_spec())
+        bf16 = torch.bfloat16
+        g = launchers._gemm_config(4096, 8, 512, "rows", bf16, tiles)  # training rows: gemm_tile
+        assert (g.BLOCK_M, g.BLOCK_N, g.BLOCK_K, g.num_warps, g.num_stages) == (64, 128, 32, 4, 2)
+        g = launchers._gemm_config(4096, 8, 512, "up_gated", bf16, tiles)  # half BN per accumulator
+        assert (g.BLOCK_M, g.BLOCK_N) == (64, 64)
+        g = launchers._gemm_config(16, 8, 512, "rows", bf16, tiles)  # decode rows: its own tile
+        assert (g.BLOCK_M, g.BLOCK_N, g.BLOCK_K, g.num_warps, g.num_stages) == (32, 64, 64, 2, 2)
+        assert launchers._gemm_config(4096, 8, 512, "rows", bf16, None).BLOCK_N == 256  # the default
+        assert launchers._dw_config(bf16, tiles) == (32, 32, 16, 2, 2)
+        assert tiles["down_combine"] == (8, 32, 2, 1)
+
+    def test_the_registered_triton_backend_takes_the_environment_overrides(monkeypatch):
+        """The backend chosen by the name "triton" has the default settings plus the
+        environment's overrides (how the benchmark's sweeps reach them), read again when the
+        environment changes; an explicit config is used as it is."""
+        from moekit.ops.backends import default_backend
+        from moekit.ops.triton_backend import TritonBackend
+
+        monkeypatch.delenv("MOEKIT_TRITON_DGRAD", raising=False)
+        assert default_backend("triton").config == TritonBackend.Config()
+        monkeypatch.setenv("MOEKIT_TRITON_DGRAD", "split")
+        monkeypatch.setenv("MOEKIT_TRITON_FUSED_DECODE_T", "3")
+        b = default_backend("triton")
+        assert (b.config.dgrad, b.config.fused_decode_tokens) == ("split", 3)
+        assert default_backend("triton") is b  # one object per environment
+        assert TritonBackend.Config(dgrad="fused").build().config.dgrad == "fused"
+
+    def test_settings_are_validated_and_read_from_the_environment():
+        from moekit.ops.triton_backend import ENV_VARS, GemmTile, TritonBackend
+
+        C = TritonBackend.Config
+        for bad, err, msg in [
+            (dict(dgrad="both"), ValueError, "allowed: ('auto', 'fused', 'split', 'grouped_mm')"),
+            (dict(dw="cublas"), ValueError, "allowed: ('auto', 'triton', 'grouped_mm')"),
+            (dict(recompute_act="sometimes"), TypeError, "recompute_act='sometimes'"),
+            (dict(inplace_dgrad=1), TypeError, "inplace_dgrad=1"),
+            (dict(fused_decode_tokens=-1), ValueError, "fused_decode_tokens=-1"),
+            (dict(pdl="yes"), TypeError, "pdl='yes'"),
+            (dict(gemm_tile=(128, 0, 64)), ValueError, "expected 5 positive integers"),
+            (dict(kind_tiles={"down": GemmTile(16, 16, 16)}), ValueError, "has key 'down'"),
+            (dict(dw_tile="128,128,64,8,3"), TypeError, "dw_tile must be a GemmTile"),
+            (dict(down_combine_tile=(4, 0, 4, 1)), ValueError, "expected 4 positive integers"),
+        ]:
+            with pytest.raises(err, match=re.escape(msg)):
+                C(**bad)
+        env = {"MOEKIT_TRITON_DGRAD": "split", "MOEKIT_TRITON_DW": "grouped_mm",
+               "MOEKIT_TRITON_RECOMPUTE_ACT": "1", "MOEKIT_TRITON_INPLACE_DGRAD": "0",
+               "MOEKIT_TRITON_FUSED_DECODE_T": "8", "MOEKIT_TRITON_PDL": "0",
+               "MOEKIT_TRITON_CONFIG": "128,256,64,8,3", "MOEKIT_TRITON_DW_CONFIG": "64,64,32,4,3",
+               "MOEKIT_TRITON_DOWN_COMBINE_CONFIG": "4,64,4,1",
+               "MOEKIT_TRITON_DECODE_UP_GATED_CONFIG": "16,32,128,4,4"}
+        c = C.from_env(env)
+        assert (c.dgrad, c.dw, c.recompute_act, c.inplace_dgrad, c.fused_decode_tokens, c.pdl) == (
+            "split", "grouped_mm", True, False, 8, False)
+        assert c.gemm_tile == GemmTile(128, 256, 64, 8, 3) and c.dw_tile == GemmTile(64, 64, 32, 4, 3)
+        assert c.kind_tiles == {"decode_up_gated": GemmTile(16, 32, 128, 4, 4)}
+        assert c.down_combine_tile.block_f == 64
+        assert C.from_env({}) == C() and len(ENV_VARS) == 17
+        d = C(dgrad="fused").to_dict()
+        assert d["name"] == "triton" and d["dgrad"] == "fused"
+        for var, text, msg in [("MOEKIT_TRITON_DW_CONFIG", "128,128,64", "MOEKIT_TRITON_DW_CONFIG='128,128,64': expected 5"),
+                               ("MOEKIT_TRITON_DOWN_COMBINE_CONFIG", "4,x,4,1", "BD,BF,warps,stages"),
+                               ("MOEKIT_TRITON_RECOMPUTE_ACT", "sometimes", "allowed: 'auto', '0', '1'"),
+                               ("MOEKIT_TRITON_DGRAD", "both", "allowed: ('auto', 'fused', 'split', 'grouped_mm')"),
+                               ("MOEKIT_TRITON_FUSED_DECODE_T", "-1", "non-negative integer"),
+                               ("MOEKIT_TRITON_PDL", "yes", "0 or 1")]:
+            with pytest.raises(ValueError, match=re.escape(msg)):
+                C.from_env({var: text})
 
     def test_backend_not_available_on_cpu_without_interpreter(monkeypatch):
         from moekit.ops import available_backends
@@ -64,7 +135,7 @@ if not INTERP:
 else:
     from reference import deinterleave_gate_up, interleave_gate_up
 
-    from moekit.ops import moe_experts
+    from moekit.ops import TritonBackend, moe_experts
     from moekit.plan import make_plan
 
     def _inputs(T, D, F, E, K, gated, *, bias, seed, ids=None, scale=1.0):
@@ -105,9 +176,9 @@ else:
     def _scale(t):
         return max(1.0, t.double().abs().max().item()) if t.numel() else 1.0
 
-    def _check_fp32(ts, ids, gy, act, woi, bias, plan=None, tol=2e-5):
+    def _check_fp32(ts, ids, gy, act, woi, bias, plan=None, tol=2e-5, backend="triton"):
         truth = _run("loop", ts, ids, gy, torch.float64, act, woi, plan)
-        fast = _run("triton", ts, ids, gy, torch.float32, act, woi, plan)
+        fast = _run(backend, ts, ids, gy, torch.float32, act, woi, plan)
         for name, a, t in zip(_names(bias), fast, truth):
             assert a.shape == t.shape, name
             assert torch.isfinite(a).all(), name
@@ -217,17 +288,18 @@ else:
             for r, f in zip(real, fake):
                 assert tuple(r.shape) == tuple(f.shape) and r.dtype == f.dtype, op
 
-    @pytest.mark.parametrize("dgrad", ["fused", "split"])
-    def test_compile_fullgraph_traces(monkeypatch, dgrad):
+    @pytest.mark.parametrize("dgrad", ["fused", "split", "by name"])
+    def test_compile_fullgraph_traces(dgrad):
         """torch.compile(fullgraph=True) traces moe_experts through the custom ops (aot_eager:
-        the kernels still run in the interpreter), with either dgrad."""
-        monkeypatch.setenv("MOEKIT_TRITON_DGRAD", dgrad)
+        the kernels still run in the interpreter), with either dgrad, and with the backend
+        chosen by name inside the traced function."""
+        backend = "triton" if dgrad == "by name" else TritonBackend.Config(dgrad=dgrad).build()
         ts, ids, gy = _inputs(12, 16, 8, 4, 2, True, bias=True, seed=5)
         x, w1, w2, b1, b2, wts = [t.float().requires_grad_(True) for t in ts]
 
         def f(x, w1, w2, b1, b2, wts):
             return moe_experts(x, w1, w2, ids, wts, activation="silu", gate_up_proj_bias=b1,
-                               down_proj_bias=b2, backend="triton")
+                               down_proj_bias=b2, backend=backend)
 
         torch._dynamo.reset()
         y_c = torch.compile(f, fullgraph=True, backend="aot_eager")(x, w1, w2, b1, b2, wts)
@@ -240,22 +312,29 @@ else:
 
     @pytest.mark.parametrize("bias,woi", [(True, False), (False, True)])
     def test_weight_grads_through_grouped_mm(monkeypatch, bias, woi):
-        """The large-expert weight-grad path (torch grouped_mm over gathered rows), forced."""
+        """The large-expert weight-grad path (torch grouped_mm over gathered rows), forced by
+        ``dw="grouped_mm"`` (and not taken with ``dw="triton"``)."""
         from moekit.ops.triton import launchers
 
         if launchers._grouped_mm is None:
             pytest.skip("torch has no grouped_mm")
-        monkeypatch.setenv("MOEKIT_TRITON_DW", "grouped_mm")
+        calls = []
+        real = launchers.grouped_mm
+        monkeypatch.setattr(launchers, "grouped_mm", lambda *a: calls.append(1) or real(*a))
         T, D, F, E, K = 20, 16, 24, 5, 2
         ts, ids, gy = _inputs(T, D, F, E, K, True, bias=bias, seed=21)
         ids[ids == 2] = 3  # an expert without rows
-        _check_fp32(ts, ids, gy, "silu", woi, bias)
+        _check_fp32(ts, ids, gy, "silu", woi, bias, backend=TritonBackend.Config(dw="grouped_mm"))
+        assert calls  # the input grad's rows by torch grouped_mm
+        calls.clear()
+        assert not launchers.dw_uses_grouped_mm(T * K, E, D, F, torch.float32, torch.device("cpu"), "triton")
+        assert launchers.dw_uses_grouped_mm(T * K, E, D, F, torch.float32, torch.device("cpu"), "grouped_mm")
 
-    @pytest.mark.parametrize("retain", [False, True])
-    def test_inplace_dgrad_only_when_the_graph_is_freed(retain):
+    @pytest.mark.parametrize("retain,inplace", [(False, True), (True, True), (False, False)])
+    def test_inplace_dgrad_only_when_the_graph_is_freed(retain, inplace):
         """A plain backward writes dH over the saved pre-activation (one saved tensor changes);
-        with retain_graph=True nothing saved is touched and a second backward repeats the
-        first exactly."""
+        with retain_graph=True, or ``inplace_dgrad=False``, nothing saved is touched (and a
+        second backward repeats the first exactly)."""
         ts, ids, gy = _inputs(14, 16, 8, 4, 2, True, bias=True, seed=9)
         x, w1, w2, b1, b2, wts = [t.float().requires_grad_(True) for t in ts]
         saved = []
@@ -266,10 +345,12 @@ else:
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             y = moe_experts(x, w1, w2, ids, wts, activation="silu", gate_up_proj_bias=b1,
-                            down_proj_bias=b2, backend="triton")
+                            down_proj_bias=b2, backend=TritonBackend.Config(inplace_dgrad=inplace))
         first = torch.autograd.grad(y, [x, w1, w2, wts], gy.float(), retain_graph=retain)
         changed = [t.shape for t, before in saved if not torch.equal(t, before)]
-        if retain:
+        if not inplace:
+            assert changed == []
+        elif retain:
             assert changed == []
             second = torch.autograd.grad(y, [x, w1, w2, wts], gy.float())
             for a, b in zip(first, second):
@@ -280,30 +361,32 @@ else:
     @pytest.mark.parametrize("act,gated,bias,woi", [("silu", True, True, False), ("relu2", False, False, True),
                                                    ("gpt_oss", True, True, False)])
     @pytest.mark.parametrize("dgrad", ["fused", "split"])
-    def test_recomputed_activation(monkeypatch, act, gated, bias, woi, dgrad):
-        """MOEKIT_TRITON_RECOMPUTE_ACT=1: the forward keeps only h and the dgrad step recomputes
-        act(h) for dW_down (the split pass stores it times the routing weight, and dW_down then
-        reads it unscaled); every grad still matches the float64 loop."""
+    def test_recomputed_activation(act, gated, bias, woi, dgrad):
+        """recompute_act=True: the forward keeps only h (not the activated rows) and the dgrad
+        step recomputes act(h) for dW_down (the split pass stores it times the routing weight,
+        and dW_down then reads it unscaled); every grad still matches the float64 loop."""
         from moekit.ops.triton import launchers
 
-        monkeypatch.setenv("MOEKIT_TRITON_RECOMPUTE_ACT", "1")
-        monkeypatch.setenv("MOEKIT_TRITON_DGRAD", dgrad)
-        assert launchers.recompute_activation(20, False)
+        assert launchers.recompute_activation("fused", True) and not launchers.recompute_activation("split", False)
+        # None (auto): wherever the dgrad is split, not with the fused dgrad kernel
+        assert launchers.recompute_activation("split", None) and launchers.recompute_activation("grouped_mm", None)
+        assert not launchers.recompute_activation("fused", None)
         assert launchers.activation_prescaled(dgrad, woi) == (dgrad == "split" and not woi)
         ts, ids, gy = _inputs(23, 24, 20, 5, 2, gated, bias=bias, seed=31,
                               scale=6.0 if act == "gpt_oss" else 1.0)
-        _check_fp32(ts, ids, gy, act, woi, bias)
-
-    def test_recompute_setting_is_checked(monkeypatch):
-        from moekit.ops.triton import launchers
-
-        monkeypatch.setenv("MOEKIT_TRITON_RECOMPUTE_ACT", "sometimes")
-        with pytest.raises(ValueError, match="allowed: 'auto', '0', '1'"):
-            launchers.recompute_activation(768, True)
-        monkeypatch.setenv("MOEKIT_TRITON_RECOMPUTE_ACT", "auto")
-        # auto: wherever the dgrad is split (256 divides F, or cuBLAS), not with the fused dgrad
-        assert launchers.recompute_activation(768, False) and launchers.recompute_activation(2880, True)
-        assert not launchers.recompute_activation(2880, False)
+        _check_fp32(ts, ids, gy, act, woi, bias,
+                    backend=TritonBackend.Config(recompute_act=True, dgrad=dgrad))
+        # the saved tensors: [N, F] activated rows only without recompute
+        F = 20
+        for recompute in (True, False):
+            leaves = [None if t is None else t.float().requires_grad_(True) for t in ts]
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                moe_experts(leaves[0], leaves[1], leaves[2], ids, leaves[5], activation=act,
+                            gate_up_proj_bias=leaves[3], down_proj_bias=leaves[4], weight_on_input=woi,
+                            backend=TritonBackend.Config(recompute_act=recompute, dgrad=dgrad))
+            if gated:  # (a non-gated h is [N, F] too)
+                assert any(t.shape == (46, F) for t in saved) == (not recompute)
 
     def test_zero_empty_experts_kernel_strides_over_large_experts():
         """Only experts without rows are zeroed, all of their elements, also when an expert has
@@ -318,18 +401,18 @@ else:
         assert torch.equal(dw[1], before[1])
 
     @pytest.mark.parametrize("recompute", ["0", "1"])
-    def test_activation_checkpointing(monkeypatch, recompute):
+    def test_activation_checkpointing(recompute):
         """Under torch.utils.checkpoint (non-reentrant: the forward is recomputed in the
         backward and its saved tensors are the recomputed ones, which the in-place dgrad then
         overwrites) every grad equals the plain triton run's."""
         from torch.utils.checkpoint import checkpoint
 
-        monkeypatch.setenv("MOEKIT_TRITON_RECOMPUTE_ACT", recompute)
+        backend = TritonBackend.Config(recompute_act=recompute == "1")
         ts, ids, gy = _inputs(19, 16, 12, 4, 2, True, bias=True, seed=41)
 
         def f(x, w1, w2, b1, b2, wts):
             return moe_experts(x, w1, w2, ids, wts, activation="silu", gate_up_proj_bias=b1,
-                               down_proj_bias=b2, backend="triton")
+                               down_proj_bias=b2, backend=backend)
 
         grads = []
         for use_ckpt in (False, True):
@@ -359,32 +442,25 @@ else:
             assert int(plan.num_dropped) > 0
         x, w1, w2, b1, b2, wts = [None if t is None else t for t in ts]
 
-        def run(dtype):
+        pdls = []
+        real_pdl = launchers.use_pdl
+        monkeypatch.setattr(launchers, "use_pdl", lambda d, e: pdls.append(e) or real_pdl(d, e))
+
+        def run(dtype, backend="loop"):
             c = [None if t is None else t.to(dtype) for t in (x, w1, w2, b1, b2, wts)]
             return moe_experts(c[0], c[1], c[2], ids, c[5], activation="silu", gate_up_proj_bias=c[3],
-                               down_proj_bias=c[4], backend="triton" if dtype != torch.float64 else "loop",
-                               weight_on_input=woi, plan=plan)
+                               down_proj_bias=c[4], backend=backend, weight_on_input=woi, plan=plan)
 
         truth = run(torch.float64)
-        monkeypatch.setenv("MOEKIT_TRITON_FUSED_DECODE_T", "0")
-        unfused = run(torch.float32)
+        unfused = run(torch.float32, TritonBackend.Config(fused_decode_tokens=0))
         assert not calls
-        monkeypatch.setenv("MOEKIT_TRITON_FUSED_DECODE_T", "8")
-        fused = run(torch.float32)
-        assert calls == [1]
+        fused = run(torch.float32, TritonBackend.Config(fused_decode_tokens=8, pdl=False))
+        assert calls == [1] and pdls == [False]  # the pdl setting reaches its launcher
+        run(torch.float32, TritonBackend.Config(fused_decode_tokens=8))
+        assert pdls == [False, True]
         s = max(1.0, truth.abs().max().item())
         assert (fused.double() - truth).abs().max().item() <= 2e-5 * s
         torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5 * s)
-
-    def test_fused_decode_setting_is_checked(monkeypatch):
-        from moekit.ops.triton import launchers
-
-        monkeypatch.setenv("MOEKIT_TRITON_FUSED_DECODE_T", "-1")
-        with pytest.raises(ValueError, match="non-negative integer"):
-            launchers.fused_decode_tokens()
-        monkeypatch.setenv("MOEKIT_TRITON_PDL", "yes")
-        with pytest.raises(ValueError, match="0 or 1"):
-            launchers.use_pdl(torch.device("cpu"))
 
     @pytest.mark.parametrize("T,K,E,dups", [(1, 8, 128, False), (3, 2, 5, True), (64, 8, 128, False),
                                             (128, 8, 300, True), (7, 1, 4, True), (5, 3, 1, True)])
@@ -421,27 +497,37 @@ else:
                                                    ("gpt_oss", True, True, False), ("gelu", False, True, False)])
     @pytest.mark.parametrize("recompute", ["0", "1"])
     def test_split_dgrad(monkeypatch, act, gated, bias, woi, recompute):
-        """MOEKIT_TRITON_DGRAD=split (gather GEMM, then the activation backward over whole rows):
-        every grad matches the float64 loop, with and without the recomputed activation."""
-        monkeypatch.setenv("MOEKIT_TRITON_DGRAD", "split")
-        monkeypatch.setenv("MOEKIT_TRITON_RECOMPUTE_ACT", recompute)
+        """dgrad="split" (gather GEMM, then the activation backward over whole rows): the split
+        kernels run, and every grad matches the float64 loop, with and without the recomputed
+        activation."""
+        from moekit.ops.triton import launchers
+
+        calls = []
+        real = launchers._down_dgrad_split
+        monkeypatch.setattr(launchers, "_down_dgrad_split", lambda *a: calls.append(1) or real(*a))
         ts, ids, gy = _inputs(23, 24, 20, 5, 2, gated, bias=bias, seed=71,
                               scale=6.0 if act == "gpt_oss" else 1.0)
         ids[ids == 1] = 3  # an expert without rows
-        _check_fp32(ts, ids, gy, act, woi, bias)
+        _check_fp32(ts, ids, gy, act, woi, bias,
+                    backend=TritonBackend.Config(dgrad="split", recompute_act=recompute == "1"))
+        assert calls == [1]
 
-    def test_dgrad_setting_is_checked(monkeypatch):
+    def test_dgrad_setting_picks_the_kernel(monkeypatch):
         from moekit.ops.triton import launchers
 
-        monkeypatch.setenv("MOEKIT_TRITON_DGRAD", "both")
-        with pytest.raises(ValueError, match="'auto', 'fused', 'split' or 'grouped_mm'"):
-            launchers.dgrad_mode(768, False)
-        monkeypatch.setenv("MOEKIT_TRITON_DGRAD", "auto")
+        with pytest.raises(ValueError, match="allowed: \\('auto', 'fused', 'split', 'grouped_mm'\\)"):
+            launchers.dgrad_mode(768, False, "both")
         assert launchers.dgrad_mode(768, False) == launchers.dgrad_mode(14336, False) == "split"
         assert launchers.dgrad_mode(2880, False) == "fused"
         assert launchers.dgrad_mode(2880, True) == launchers.dgrad_mode(768, True) == "grouped_mm"
-        monkeypatch.setenv("MOEKIT_TRITON_DGRAD", "fused")
-        assert launchers.dgrad_mode(768, True) == "fused"
+        assert launchers.dgrad_mode(768, True, "fused") == "fused"
+        assert launchers.dgrad_mode(2880, False, "split") == "split"
+        calls = []
+        real = launchers._down_dgrad_split
+        monkeypatch.setattr(launchers, "_down_dgrad_split", lambda *a: calls.append(1) or real(*a))
+        ts, ids, gy = _inputs(9, 16, 8, 3, 2, True, bias=False, seed=72)
+        _run(TritonBackend.Config(dgrad="fused"), ts, ids, gy, torch.float32, "silu", False)
+        assert calls == []
 
     @pytest.mark.parametrize("bias", [False, True])
     def test_saved_row_indices(bias):
@@ -480,17 +566,17 @@ else:
         return (y * wts[..., None]).sum(1)
 
     @pytest.mark.parametrize("mode", ["fused", "split", "recompute", "grouped_mm", "inference"])
-    def test_transposed_weights_and_glu_constants(monkeypatch, mode):
+    def test_transposed_weights_and_glu_constants(mode):
         """transformers' GPT-OSS layout: both weights stored ``(in, out)`` and passed as
         transposed views, gate/up interleaved, with swiglu_alpha/limit other than GPT-OSS's.
         The output and every grad equal the float64 reference, and the weights' grads come back
         in the parameters' own (contiguous) layout."""
         from moekit.ops.triton import fused_experts
 
-        monkeypatch.setenv("MOEKIT_TRITON_DGRAD", "split" if mode == "split" else "fused")
-        monkeypatch.setenv("MOEKIT_TRITON_RECOMPUTE_ACT", "1" if mode == "recompute" else "0")
-        if mode == "grouped_mm":  # large experts' path: dgrad GEMM, dX and dW on grouped_mm
-            monkeypatch.setenv("MOEKIT_TRITON_DW", "grouped_mm")
+        # grouped_mm: the large experts' path (dgrad GEMM, dX and dW on grouped_mm)
+        settings = TritonBackend.Config(
+            dgrad={"split": "split", "grouped_mm": "auto"}.get(mode, "fused"),
+            recompute_act=mode == "recompute", dw="grouped_mm" if mode == "grouped_mm" else "auto")
         T = 1 if mode == "inference" else 19
         alpha, limit = 1.25, 3.0
         ts, ids, gy = _inputs(T, 24, 20, 5, 2, True, bias=True, seed=93, scale=3.0)
@@ -505,7 +591,8 @@ else:
         fx, fw1, fw2, fb1, fb2, fwts = leaves
         y = fused_experts(fx, fw1.transpose(1, 2), fw2.transpose(1, 2), make_plan(ids, 5), fwts,
                           activation="gpt_oss", gated=True, gate_up_proj_bias=fb1,
-                          down_proj_bias=fb2, gate_up_interleaved=True, alpha=alpha, limit=limit)
+                          down_proj_bias=fb2, gate_up_interleaved=True, settings=settings,
+                          alpha=alpha, limit=limit)
         assert _max_err(y.detach(), truth.detach()) <= 2e-5 * _scale(truth)
         if mode == "inference":
             return
@@ -518,13 +605,13 @@ else:
 
     @pytest.mark.parametrize("act", ["gpt_oss", "silu"])
     @pytest.mark.parametrize("mode", ["fused", "split", "recompute", "inference"])
-    def test_interleaved_gate_up(monkeypatch, act, mode):
+    def test_interleaved_gate_up(act, mode):
         """GPT-OSS's interleaved gate/up layout in the fused kernels: the output and every grad
         equal the float64 loop on the concatenated layout (weight grads come back interleaved),
         through either dgrad, with the recomputed activation, and in the inference path (T=1:
         the fused decode kernel)."""
-        monkeypatch.setenv("MOEKIT_TRITON_DGRAD", "split" if mode == "split" else "fused")
-        monkeypatch.setenv("MOEKIT_TRITON_RECOMPUTE_ACT", "1" if mode == "recompute" else "0")
+        backend = TritonBackend.Config(dgrad="split" if mode == "split" else "fused",
+                                       recompute_act=mode == "recompute")
         T = 1 if mode == "inference" else 19
         ts, ids, gy = _inputs(T, 24, 20, 5, 2, True, bias=True, seed=91, scale=6.0)
         truth = _run("loop", ts, ids, gy, torch.float64, act, False)
@@ -532,7 +619,7 @@ else:
         leaves = [t.requires_grad_(mode != "inference") for t in
                   (x, interleave_gate_up(w1), w2, interleave_gate_up(b1), b2, wts)]
         y = moe_experts(leaves[0], leaves[1], leaves[2], ids, leaves[5], activation=act,
-                        gate_up_proj_bias=leaves[3], down_proj_bias=leaves[4], backend="triton",
+                        gate_up_proj_bias=leaves[3], down_proj_bias=leaves[4], backend=backend,
                         gate_up_interleaved=True)
         got = [y.detach()]
         if mode != "inference":
@@ -542,3 +629,100 @@ else:
         for name, a, t in zip(names, got, truth):
             err, s = _max_err(a, t), _scale(t)
             assert err <= 2e-5 * s, f"{name}: max err {err:.3e}"
+
+    @pytest.mark.parametrize("dw", ["triton", "grouped_mm"])
+    def test_grouped_linear_vs_loop(dw):
+        """The triton backend's staged grouped linear (rows_gemm forward; dX by rows_gemm on the
+        transposed weights, dW and the bias grad by their kernels, or torch grouped_mm with
+        dw="grouped_mm"): output and every grad equal the float64 loop, with an expert that
+        has no rows and one with a single row."""
+        from moekit.ops import LoopBackend
+
+        g = torch.Generator().manual_seed(3)
+        E, I, O = 4, 12, 10
+        ids = torch.tensor([[0], [2], [0], [3], [2], [0], [2]])  # expert 1: no rows, 3: one row
+        plan = make_plan(ids, E)
+        N = plan.num_rows
+        x, w, b, gy = (torch.randn(N, I, generator=g, dtype=torch.float64),
+                       torch.randn(E, O, I, generator=g, dtype=torch.float64),
+                       torch.randn(E, O, generator=g, dtype=torch.float64),
+                       torch.randn(N, O, generator=g, dtype=torch.float64))
+
+        def run(backend, dtype):
+            leaves = [t.to(dtype).requires_grad_(True) for t in (x, w, b)]
+            y = backend.grouped_linear(leaves[0], leaves[1], plan, leaves[2])
+            return [y.detach()] + list(torch.autograd.grad(y, leaves, gy.to(dtype)))
+
+        truth = run(LoopBackend(), torch.float64)
+        fast = run(TritonBackend.Config(dw=dw).build(), torch.float32)
+        for name, a, t in zip(["y", "dx", "dw", "db"], fast, truth):
+            assert a.dtype == torch.float32 and a.shape == t.shape, name
+            assert _max_err(a, t) <= 2e-5 * _scale(t), name
+        assert torch.count_nonzero(fast[2][1]) == 0 and torch.count_nonzero(fast[3][1]) == 0
+
+    def test_staged_stages_run_the_triton_grouped_linear(monkeypatch):
+        """expert_up / expert_down with backend="triton" run its Triton grouped linear (no
+        silent fall-back to another backend)."""
+        from moekit.ops import expert_down, expert_up, permute
+        from moekit.ops.triton import grouped_linear
+
+        calls = []
+        real = grouped_linear.GroupedLinear.apply
+        monkeypatch.setattr(grouped_linear.GroupedLinear, "apply", lambda *a: calls.append(1) or real(*a))
+        ts, ids, _ = _inputs(6, 16, 8, 3, 2, True, bias=True, seed=4)
+        x, w1, w2, b1, b2, _ = [t.float() for t in ts]
+        plan = make_plan(ids, 3)
+        x_ND = permute(x, plan)
+        y = expert_down(expert_up(x_ND, w1, plan, bias_EH=b1, backend="triton"), w2, plan,
+                        bias_ED=b2, backend="triton")
+        ref = expert_down(expert_up(x_ND, w1, plan, bias_EH=b1, backend="loop"), w2, plan,
+                          bias_ED=b2, backend="loop")
+        assert calls == [1, 1]
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+    def test_tile_settings_reach_every_launcher(monkeypatch):
+        """gemm_tile, kind_tiles, dw_tile and down_combine_tile travel from the config through
+        the fused call, the custom ops and the autograd function to every config-picking
+        launcher (forward, backward, fused decode and the staged grouped linear)."""
+        from moekit.ops.triton import launchers
+        from moekit.ops.triton_backend import DownCombineTile, GemmTile, parse_tiles
+
+        cfg = TritonBackend.Config(gemm_tile=GemmTile(64, 128, 32, 4, 2), kind_tiles={"rows": (32, 64, 64, 2, 2)},
+                                   dw_tile=GemmTile(32, 32, 16, 2, 2), down_combine_tile=DownCombineTile(8, 32))
+        want = parse_tiles(cfg.tiles_spec())
+        assert set(want) == {"gemm", "rows", "dw", "down_combine"}
+        seen = []
+        for name in ("_gemm_config", "_dw_config"):
+            real = getattr(launchers, name)
+            monkeypatch.setattr(launchers, name, lambda *a, _r=real, _n=name: seen.append((_n, a[-1])) or _r(*a))
+        real_dc = launchers.down_combine
+        monkeypatch.setattr(launchers, "down_combine", lambda *a: seen.append(("down_combine", a[-1])) or real_dc(*a))
+        backend = cfg.build()
+        ts, ids, gy = _inputs(5, 16, 8, 3, 2, True, bias=False, seed=8)
+        _run(backend, ts, ids, gy, torch.float32, "silu", False)  # forward + backward
+        x, w1, w2, _, _, wts = [None if t is None else t.float() for t in ts]
+        with torch.no_grad():  # fused decode (T=1)
+            moe_experts(x[:1], w1, w2, ids[:1], wts[:1], backend=backend)
+        plan = make_plan(ids, 3)
+        xr = torch.randn(plan.num_rows, 16, requires_grad=True)
+        backend.grouped_linear(xr, w1.requires_grad_(), plan).sum().backward()  # staged
+        kinds = {n for n, _ in seen}
+        assert kinds == {"_gemm_config", "_dw_config", "down_combine"}, kinds
+        assert all(t == want for _, t in seen), seen
+
+    def test_layer_with_the_triton_backend_copies_and_pickles():
+        """A GroupedExperts that has run on the triton backend (its resolved backend cached)
+        deep-copies and pickles, and the copy computes the same."""
+        import copy
+        import io
+
+        from moekit import GroupedExperts
+
+        ex = GroupedExperts.Config(backend=TritonBackend.Config(fused_decode_tokens=0)).build(
+            dim=16, hidden_dim=8, num_experts=4)
+        x, ids, w = torch.randn(3, 16), torch.tensor([[0, 1], [2, 1], [3, 0]]), torch.rand(3, 2)
+        y = ex(x, ids, w)
+        twin = copy.deepcopy(ex)
+        torch.save(twin, io.BytesIO())
+        assert torch.equal(twin(x, ids, w), y)
+        assert isinstance(twin.backend_for(x.device, x.dtype), TritonBackend)

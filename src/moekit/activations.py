@@ -28,10 +28,19 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Activation", "get_activation", "ACTIVATIONS", "ALIASES", "canonical_activation"]
+__all__ = [
+    "Activation", "get_activation", "ACTIVATIONS", "ALIASES", "canonical_activation", "is_gpt_oss_glu",
+]
 
 GPT_OSS_ALPHA = 1.702
 GPT_OSS_LIMIT = 7.0
+
+
+def is_gpt_oss_glu(alpha, limit) -> bool:
+    """Whether a clamped GLU with ``alpha`` and ``limit`` is moekit's ``gpt_oss`` activation
+    (fixed at ``GPT_OSS_ALPHA``, ``GPT_OSS_LIMIT``); False when either is None."""
+    return (alpha is not None and limit is not None
+            and float(alpha) == GPT_OSS_ALPHA and float(limit) == GPT_OSS_LIMIT)
 
 
 def _gpt_oss_glu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,12 @@ Parameters (per expert stored as (out, in), like ``nn.Linear``):
   ``down_proj_bias`` [E, D]; the down bias is added per routed row, so it is weighted by the
   routing weight like the rest of the expert's output.
 
+``backend`` is a registered name (``"auto"``, ``"loop"``, ``"grouped_mm"``, ``"triton"`` or one
+added by ``register_backend``) or a backend config, e.g. ``TritonBackend.Config(dgrad="split")``
+(its settings are then part of ``to_dict()``). The module resolves it once per device type
+and dtype (:meth:`GroupedExperts.backend_for`) and runs everything through that backend:
+its routing plan and its experts call.
+
 ``routing_weight_on="output"`` (default) scales each expert's output row by its routing weight
 before the combine; ``"input"`` scales the expert's input row instead (Llama 4). The two differ
 for every non-linear expert, so the choice is explicit.
@@ -24,8 +30,9 @@ from torch import nn
 
 from .activations import canonical_activation, resolve_gated
 from .config import Config, Module, check_choice, check_positive
-from .ops.api import BACKEND_NAMES, moe_experts
-from .plan import DROP_POLICIES, RoutingPlan, make_plan
+from .ops.api import moe_experts
+from .ops.backends import ExpertsBackend, backend_names, resolve_backend
+from .plan import DROP_POLICIES, RoutingPlan
 
 __all__ = ["GroupedExperts"]
 
@@ -53,14 +60,20 @@ class GroupedExperts(UpProjectionAccess, Module):
         activation: str = "silu"
         gated: bool | None = None
         use_bias: bool = False
-        backend: str = "auto"
+        backend: str | ExpertsBackend.Config = "auto"
         routing_weight_on: str = "output"
 
         def __post_init__(self) -> None:
             o = "GroupedExperts.Config"
             self.activation = canonical_activation(self.activation)
             resolve_gated(self.activation, self.gated, o)  # validates the pairing
-            check_choice(o, "backend", self.backend, BACKEND_NAMES)
+            if isinstance(self.backend, str):
+                check_choice(o, "backend", self.backend, backend_names())
+            elif not isinstance(self.backend, ExpertsBackend.Config):
+                raise TypeError(
+                    f"{o}.backend must be a backend name {backend_names()} or an "
+                    f"ExpertsBackend.Config (e.g. TritonBackend.Config()); got {type(self.backend).__name__}"
+                )
             check_choice(o, "routing_weight_on", self.routing_weight_on, ROUTING_WEIGHT_ON)
 
         @property
@@ -101,13 +114,30 @@ class GroupedExperts(UpProjectionAccess, Module):
             self.register_parameter(self.up_name + "_bias", None)
             self.down_proj_bias = None
         self.last_plan: RoutingPlan | None = None
+        # logical ids of the experts this module holds, in order, when it holds only some of
+        # them (expert parallelism: moekit.parallel.apply_ep); None when it holds all
+        self.local_experts: list[int] | None = None
+        self._backends: dict[tuple[str, torch.dtype], tuple[object, ExpertsBackend]] = {}
         self.init_weights()
+
+    def weight_names(self) -> list[str]:
+        """Names of the expert tensors: the up projection, ``down_proj`` and (with biases)
+        their biases."""
+        names = [self.up_name, "down_proj"]
+        if self.config.use_bias:
+            names += [self.up_name + "_bias", "down_proj_bias"]
+        return names
 
     def init_weights(self, init_std: float = 0.02, out_std: float | None = None) -> None:
         """As torchtitan: the gate rows (or a non-gated up projection) ~ N(0, 0.02) truncated;
         the up rows of a gated projection and the down projection ~ N(0, ``out_std``)
         (depth-scaled by the parent when it knows the layer's depth; defaults to
         ``init_std``); biases zero."""
+        if self.local_experts is not None:
+            raise RuntimeError(
+                "initialize the MoE's weights before apply_ep (identically on every rank, e.g. the "
+                "same seed): after it each rank holds only its experts"
+            )
         std = init_std if out_std is None else out_std
         with torch.no_grad():
             if self.gated:
@@ -121,8 +151,18 @@ class GroupedExperts(UpProjectionAccess, Module):
                 if b is not None:
                     nn.init.zeros_(b)
 
+    def backend_for(self, device: torch.device, dtype: torch.dtype) -> ExpertsBackend:
+        """The backend this module runs on ``device`` with ``dtype`` (resolved from
+        ``config.backend`` once per device type and dtype; raises if it cannot run there)."""
+        spec, key = self.config.backend, (torch.device(device).type, dtype)
+        hit = self._backends.get(key)
+        if hit is None or hit[0] is not spec:  # (resolved again when the config was replaced)
+            hit = self._backends[key] = (spec, resolve_backend(spec, device, dtype))
+        return hit[1]
+
     def make_plan(self, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor) -> RoutingPlan:
-        return make_plan(
+        b = self.backend_for(topk_ids_TK.device, self.down_proj.dtype)
+        return b.make_plan(
             topk_ids_TK, self.num_experts, capacity_factor=self.capacity_factor,
             drop_policy=self.drop_policy, topk_weights_TK=topk_weights_TK,
         )
@@ -134,20 +174,24 @@ class GroupedExperts(UpProjectionAccess, Module):
         topk_weights_TK: torch.Tensor,
         plan: RoutingPlan | None = None,
     ) -> torch.Tensor:
+        backend = self.backend_for(x_TD.device, x_TD.dtype)
         if plan is None:
             plan = self.make_plan(topk_ids_TK, topk_weights_TK)
         self.last_plan = plan
         return moe_experts(
             x_TD, self.w_up, self.down_proj, topk_ids_TK, topk_weights_TK,
             activation=self.activation, gate_up_proj_bias=self.b_up,
-            down_proj_bias=self.down_proj_bias, backend=self.config.backend,
+            down_proj_bias=self.down_proj_bias, backend=backend,
             weight_on_input=self.config.routing_weight_on == "input", plan=plan,
         )
 
     def extra_repr(self) -> str:
+        b = self.config.backend
         return (
             f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "
-            f"activation={self.activation}, gated={self.gated}, backend={self.config.backend}"
+            f"activation={self.activation}, gated={self.gated}, "
+            f"backend={b if isinstance(b, str) else b.name}"
+            + (f", local_experts={self.local_experts}" if self.local_experts is not None else "")
         )
 
 

@@ -99,6 +99,10 @@ class MoE(Module):
         self.shared_experts = (
             config.shared_experts.build(dim=config.dim) if config.shared_experts is not None else None
         )
+        # dispatch/combine across ranks, the sibling of the experts: set by
+        # moekit.parallel.apply_ep (expert parallelism); None runs the experts on this
+        # process's tokens
+        self.dispatch: torch.nn.Module | None = None
         # int64: exact counts, untouched by casting the module to a low-precision dtype
         self.register_buffer(
             "tokens_per_expert", torch.zeros(config.num_experts, dtype=torch.int64), persistent=False
@@ -132,11 +136,11 @@ class MoE(Module):
         T = x_TD.shape[0]
         if token_mask is not None and token_mask.numel() != T:
             raise ValueError(f"token_mask has {token_mask.numel()} entries; the input has {T} tokens")
-        if T == 0 and not getattr(self.experts, "needs_all_ranks", False):
+        if T == 0 and self.dispatch is None:
             self.aux_losses = {}
             return x * 0  # empty, and still part of the graph
-        # (expert-parallel experts set needs_all_ranks: a rank with no tokens must still join
-        # the collectives, so it runs the layer on its empty batch)
+        # (with expert parallelism a rank with no tokens must still join the collectives, so it
+        # runs the layer on its empty batch)
 
         kwargs = {}
         if router_logits is not None:
@@ -159,7 +163,10 @@ class MoE(Module):
         if count_stats:
             self.tokens_per_expert += load_E.to(self.tokens_per_expert.device, torch.int64)
 
-        y_TD = self.experts(x_TD, r.topk_ids, r.topk_weights)
+        if self.dispatch is None:
+            y_TD = self.experts(x_TD, r.topk_ids, r.topk_weights)
+        else:
+            y_TD = self.dispatch(x_TD, r.topk_ids, r.topk_weights, self.experts)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         if T > 0:

@@ -24,7 +24,6 @@ __all__ = [
     "capacity_for",
     "count_per_expert",
     "make_plan",
-    "register_small_plan_builder",
 ]
 
 DROP_POLICIES = ("position", "weight")
@@ -78,19 +77,6 @@ def count_per_expert(
     return out.scatter_add_(0, ids, src)
 
 
-# (builder, max_slots): a one-launch builder of small dropless plans on CUDA, registered by a
-# backend that has one (the triton backend); see register_small_plan_builder
-_SMALL_PLAN: tuple | None = None
-
-
-def register_small_plan_builder(builder, max_slots: int) -> None:
-    """Let ``make_plan`` build dropless plans of at most ``max_slots`` slots (T*K) on CUDA with
-    ``builder(topk_ids_TK, num_experts) -> RoutingPlan`` (the same plan, bit for bit). At decode
-    sizes the plan's dozen small torch ops cost more host time than the experts' kernels."""
-    global _SMALL_PLAN
-    _SMALL_PLAN = (builder, int(max_slots))
-
-
 def capacity_for(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
     """Rows each expert may keep: ``ceil(capacity_factor * T * K / E)``."""
     return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
@@ -104,13 +90,16 @@ def make_plan(
     drop_policy: str = "position",
     topk_weights_TK: torch.Tensor | None = None,
     pad_to_multiple: int = 1,
+    capacity: int | None = None,
 ) -> RoutingPlan:
     """Build the plan for ``topk_ids_TK`` ([T, K] expert ids in [0, E)).
 
     ``capacity_factor=None`` is dropless. Otherwise each expert keeps at most
     ``capacity_for(T, K, E, capacity_factor)`` rows; with ``drop_policy="position"`` the earliest
     tokens are kept (GShard), with ``"weight"`` the rows of highest routing weight (needs
-    ``topk_weights_TK``). Dropped slots get zero expert output.
+    ``topk_weights_TK``). Dropped slots get zero expert output. ``capacity`` gives the rows per
+    expert directly instead of ``capacity_factor`` (expert parallelism: a rank's received rows
+    are dropped by the capacity of the whole layer's batch).
     """
     if topk_ids_TK.dim() != 2:
         raise ValueError(f"topk_ids must be [T, K], got shape {tuple(topk_ids_TK.shape)}")
@@ -128,11 +117,17 @@ def make_plan(
             f"T*K={T * K} routed rows overflow the int32 offsets grouped GEMMs use; "
             "split the batch into chunks of fewer tokens"
         )
+    if capacity_factor is not None:
+        if capacity is not None:
+            raise ValueError("make_plan: pass capacity_factor or capacity, not both")
+        if not (isinstance(capacity_factor, (int, float)) and not isinstance(capacity_factor, bool)
+                and capacity_factor > 0):
+            raise ValueError(f"capacity_factor={capacity_factor!r}; it must be > 0 (or None)")
+        capacity = capacity_for(T, K, num_experts, capacity_factor)
+    elif capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)
+                                   or capacity < 0):
+        raise ValueError(f"capacity={capacity!r}; it must be an integer >= 0 (or None)")
     device = topk_ids_TK.device
-    if (_SMALL_PLAN is not None and capacity_factor is None and pad_to_multiple == 1
-            and 0 < T * K <= _SMALL_PLAN[1] and device.type == "cuda"
-            and not torch.compiler.is_compiling()):
-        return _SMALL_PLAN[0](topk_ids_TK, num_experts)
     flat = topk_ids_TK.reshape(-1).to(torch.int64)
     if flat.numel() > 0 and not torch.compiler.is_compiling():
         if flat.device.type == "cpu":
@@ -146,7 +141,7 @@ def make_plan(
                 (flat.min() >= 0) & (flat.max() < num_experts), "topk_ids out of [0, num_experts)"
             )
 
-    if capacity_factor is not None and drop_policy == "weight":
+    if capacity is not None and drop_policy == "weight":
         if topk_weights_TK is None or topk_weights_TK.shape != topk_ids_TK.shape:
             raise ValueError('drop_policy="weight" needs topk_weights of the same shape as topk_ids')
         # sort by expert, then by descending weight within each expert (stable)
@@ -157,14 +152,9 @@ def make_plan(
     sorted_experts = flat[order]
     counts_all = count_per_expert(flat, num_experts)
 
-    capacity = None
-    if capacity_factor is None:
-        keep_sorted = None
+    if capacity is None:
         counts = counts_all
     else:
-        if not (isinstance(capacity_factor, (int, float)) and capacity_factor > 0):
-            raise ValueError(f"capacity_factor={capacity_factor!r}; it must be > 0 (or None)")
-        capacity = capacity_for(T, K, num_experts, capacity_factor)
         starts_all = torch.cumsum(counts_all, 0) - counts_all
         rank = torch.arange(flat.numel(), device=device) - starts_all[sorted_experts]
         keep_sorted = rank < capacity

@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import torch
 
-from ..activations import GPT_OSS_ALPHA, GPT_OSS_LIMIT
+from ..activations import is_gpt_oss_glu
 from ..ops import api as _api
-from ..ops import permute, unpermute
-from ..plan import make_plan
+from ..ops import permute, resolve_backend, unpermute
 
 __all__ = ["moekit_experts_forward", "register", "hf_activation_name", "EXPERTS_IMPLEMENTATION"]
 
@@ -89,10 +88,7 @@ def _has_gpt_oss_gate(module) -> bool:
         return False
     if getattr(type(module), "_apply_gate", None) is not GptOssExperts._apply_gate:
         return False
-    alpha, limit = getattr(module, "alpha", None), getattr(module, "limit", None)
-    return alpha is not None and limit is not None and (
-        float(alpha) == GPT_OSS_ALPHA and float(limit) == GPT_OSS_LIMIT
-    )
+    return is_gpt_oss_glu(getattr(module, "alpha", None), getattr(module, "limit", None))
 
 
 def _module_layout(module):
@@ -116,10 +112,11 @@ def moekit_experts_forward(
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
     *,
-    backend: str | None = None,
+    backend=None,
 ) -> torch.Tensor:
     """The ``ExpertsInterface`` function: ``y[t] = sum_k w[t,k] * expert_{ids[t,k]}(x[t])``
-    for a transformers experts module ``self``, through moekit's grouped experts."""
+    for a transformers experts module ``self``, through moekit's experts backend interface
+    (``backend``: a name, a backend config or a backend; see :mod:`moekit.ops.backends`)."""
     if backend is None:
         backend = (
             getattr(self, "moekit_backend", None)
@@ -130,6 +127,7 @@ def moekit_experts_forward(
     E = w_up.shape[0]
     out_dtype = hidden_states.dtype
     x = hidden_states.to(w_up.dtype)
+    b = resolve_backend(backend, x.device, x.dtype)
     ids = top_k_index.to(torch.int64)
     weights = top_k_weights
     if getattr(self, "_is_expert_parallel", False):
@@ -169,14 +167,13 @@ def moekit_experts_forward(
             activation=act_name,
             gate_up_proj_bias=b_up,
             down_proj_bias=b_down,
-            backend=backend,
+            backend=b,
             gate_up_interleaved=gpt_oss,
         )
         return y.to(out_dtype)
 
     # staged path with the module's own gate / activation / post-expert norm
-    b = _api.staged_backend(backend, x.device, x.dtype)
-    plan = make_plan(ids, E)
+    plan = b.make_plan(ids, E)
     x_ND = permute(x, plan)
     h = b.grouped_linear(x_ND, w_up, plan, b_up)
     h = self._apply_gate(h) if has_gate else self.act_fn(h)

@@ -1,25 +1,33 @@
 """Functional experts: backends, stages (permute / up / down / combine) and ``moe_experts``."""
 
-from .api import (
-    _ensure_optional_backends,
-    BACKEND_NAMES,
-    Backend,
+from .api import check_expert_args, expert_down, expert_up, moe_experts
+from .backends import (
+    ExpertsBackend,
+    GroupedMMBackend,
+    LoopBackend,
+    auto_backend,
     available_backends,
-    expert_down,
-    expert_up,
-    moe_experts,
+    backend_names,
     register_backend,
     resolve_backend,
-    staged_backend,
 )
 from .stages import permute, row_weights, unpermute
+from .triton_backend import TritonBackend
 
-_ensure_optional_backends()  # load optional backends now, not inside a traced forward
+try:  # the kernels, imported now rather than inside a traced forward (needs Triton)
+    from . import triton as _triton  # noqa: F401
+except ImportError:
+    pass
 
 __all__ = [
-    "BACKEND_NAMES",
-    "Backend",
+    "ExpertsBackend",
+    "GroupedMMBackend",
+    "LoopBackend",
+    "TritonBackend",
+    "auto_backend",
     "available_backends",
+    "backend_names",
+    "check_expert_args",
     "expert_down",
     "expert_up",
     "moe_experts",
@@ -27,6 +35,5 @@ __all__ = [
     "register_backend",
     "resolve_backend",
     "row_weights",
-    "staged_backend",
     "unpermute",
 ]

@@ -1,132 +1,22 @@
-"""The functional experts API shared by every backend.
+"""The functional experts API: ``moe_experts`` and its stages, over any experts backend.
 
-A *backend* computes the grouped linear layers of the experts. The staged backends
-(``loop``, ``grouped_mm``) provide ``grouped_linear`` and are composed here as
-permute -> up projection + activation -> down projection -> combine (seed 001's split), each
-stage a public function so that chunking and communication overlap can compose them. A fused
-backend (``triton``) may provide ``fused``: the whole ``moe_experts`` in its own kernels.
+``moe_experts`` checks its arguments, resolves the backend (a name, a backend config or a
+backend: :mod:`moekit.ops.backends`), builds the routing plan with the backend's
+``make_plan`` and runs the backend's ``experts`` (its fused call, or the staged composition).
+The stages (``permute`` -> ``expert_up`` -> ``expert_down`` -> ``unpermute``) are public
+functions too, over the backend's ``grouped_linear``, so that chunking and communication
+overlap can compose them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
 from ..activations import get_activation
-from ..plan import RoutingPlan, make_plan
-from .reference import grouped_linear_loop
-from .stages import permute, unpermute
-from .torch_mm import grouped_linear_mm, grouped_mm_available
+from ..plan import RoutingPlan
+from .backends import ExpertsBackend, resolve_backend
 
-__all__ = [
-    "Backend",
-    "register_backend",
-    "available_backends",
-    "resolve_backend",
-    "staged_backend",
-    "expert_up",
-    "expert_down",
-    "moe_experts",
-    "BACKEND_NAMES",
-]
-
-
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    available: Callable[[torch.device, torch.dtype], bool]
-    grouped_linear: Callable[..., torch.Tensor] | None = None
-    fused: Callable[..., torch.Tensor] | None = None
-    why_unavailable: str = ""
-
-
-def _linear_loop(x_NI, w_EOI, plan, bias_EO=None):
-    return grouped_linear_loop(x_NI, w_EOI, plan.counts_E, bias_EO)
-
-
-def _linear_mm(x_NI, w_EOI, plan, bias_EO=None):
-    return grouped_linear_mm(
-        x_NI, w_EOI, plan.offsets_E, bias_EO=bias_EO, expert_ids_N=plan.expert_ids_N,
-        counts_E=plan.counts_E,
-    )
-
-
-_BACKENDS: dict[str, Backend] = {
-    "loop": Backend("loop", lambda device, dtype: True, grouped_linear=_linear_loop),
-    "grouped_mm": Backend(
-        "grouped_mm",
-        lambda device, dtype: grouped_mm_available(device, dtype),
-        grouped_linear=_linear_mm,
-        why_unavailable=(
-            "torch grouped_mm runs float32/bfloat16/float16 on CPU and bfloat16 on CUDA GPUs with "
-            "SM>=80; use backend='loop' (or 'triton') otherwise"
-        ),
-    ),
-}
-# "auto" tries these in order
-_AUTO_ORDER = ["triton", "grouped_mm", "loop"]
-BACKEND_NAMES = ("auto", "loop", "grouped_mm", "triton")
-
-
-def register_backend(backend: Backend) -> None:
-    """Add (or replace) a backend; ``auto`` considers it in ``_AUTO_ORDER`` when listed there."""
-    _BACKENDS[backend.name] = backend
-
-
-def _ensure_optional_backends() -> None:
-    """Import the optional backends once (the triton backend registers itself on import)."""
-    global _OPTIONAL_LOADED
-    if _OPTIONAL_LOADED:
-        return
-    _OPTIONAL_LOADED = True
-    try:
-        from . import triton as _triton  # noqa: F401
-    except ImportError:
-        pass
-
-
-_OPTIONAL_LOADED = False
-
-
-def available_backends(device: torch.device, dtype: torch.dtype = torch.float32) -> list[str]:
-    _ensure_optional_backends()
-    return [n for n, b in _BACKENDS.items() if b.available(device, dtype)]
-
-
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
-    """The backend to run for ``name`` on ``device``/``dtype``; ``auto`` picks the fastest
-    available (triton on CUDA, then grouped_mm, then the loop)."""
-    if name not in BACKEND_NAMES:
-        raise ValueError(f"backend={name!r} is unknown; allowed: {BACKEND_NAMES}")
-    _ensure_optional_backends()
-    if name == "auto":
-        for cand in _AUTO_ORDER:
-            b = _BACKENDS.get(cand)
-            if cand == "triton" and device.type != "cuda":
-                continue  # the interpreter on CPU is for tests, never an automatic choice
-            if b is not None and b.available(device, dtype):
-                return b
-        raise RuntimeError("no experts backend is available")  # pragma: no cover - loop always is
-    b = _BACKENDS.get(name)
-    if b is None:
-        raise ValueError(
-            f"backend={name!r} is not installed; pip install 'moekit[triton]' (needs a CUDA GPU)"
-        )
-    if not b.available(device, dtype):
-        raise ValueError(f"backend={name!r} cannot run on {device} with {dtype}: {b.why_unavailable}")
-    return b
-
-
-def staged_backend(backend: str | Backend, device: torch.device, dtype: torch.dtype) -> Backend:
-    """The backend whose per-stage ``grouped_linear`` runs ``backend``'s stages: itself when it
-    has one; for a fused-only backend (triton) grouped_mm where it runs, else the loop."""
-    b = backend if isinstance(backend, Backend) else resolve_backend(backend, device, dtype)
-    if b.grouped_linear is not None:
-        return b
-    mm = _BACKENDS["grouped_mm"]
-    return mm if mm.available(device, dtype) else _BACKENDS["loop"]
+__all__ = ["check_expert_args", "expert_down", "expert_up", "moe_experts"]
 
 
 def expert_up(
@@ -137,12 +27,12 @@ def expert_up(
     activation: str = "silu",
     gated: bool = True,
     bias_EH: torch.Tensor | None = None,
-    backend: str | Backend = "auto",
+    backend: str | ExpertsBackend.Config | ExpertsBackend = "auto",
     interleaved: bool = False,
 ) -> torch.Tensor:
     """Up projection (``H = 2F`` when gated, else ``F``) and the activation: ``[N, F]``
     (``interleaved``: gate and up rows of ``w_up_EHD`` alternate, as in GPT-OSS)."""
-    b = staged_backend(backend, x_ND.device, x_ND.dtype)
+    b = resolve_backend(backend, x_ND.device, x_ND.dtype)
     h_NH = b.grouped_linear(x_ND, w_up_EHD, plan, bias_EH)
     return get_activation(activation)(h_NH, gated, interleaved)
 
@@ -153,10 +43,10 @@ def expert_down(
     plan: RoutingPlan,
     *,
     bias_ED: torch.Tensor | None = None,
-    backend: str | Backend = "auto",
+    backend: str | ExpertsBackend.Config | ExpertsBackend = "auto",
 ) -> torch.Tensor:
     """Down projection ``[N, D]`` (the bias is added per routed row)."""
-    b = staged_backend(backend, h_NF.device, h_NF.dtype)
+    b = resolve_backend(backend, h_NF.device, h_NF.dtype)
     return b.grouped_linear(h_NF, w_down_EDF, plan, bias_ED)
 
 
@@ -211,7 +101,7 @@ def moe_experts(
     activation: str = "silu",
     gate_up_proj_bias: torch.Tensor | None = None,
     down_proj_bias: torch.Tensor | None = None,
-    backend: str = "auto",
+    backend: str | ExpertsBackend.Config | ExpertsBackend = "auto",
     weight_on_input: bool = False,
     plan: RoutingPlan | None = None,
     gate_up_interleaved: bool = False,
@@ -224,6 +114,8 @@ def moe_experts(
     ``down_proj`` is ``[E, D, F]``. The down bias is added per routed row, so it is weighted
     by the routing weight. With ``weight_on_input`` the weight scales the expert's input row
     instead of its output (Llama 4). ``plan`` reuses a RoutingPlan made from ``topk_ids``.
+    ``backend``: a registered name (``"auto"``, ``"loop"``, ``"grouped_mm"``, ``"triton"``, ...),
+    a backend config (``TritonBackend.Config(dgrad="split")``) or a backend object.
     """
     gated = check_expert_args(
         x_TD, gate_up_proj, down_proj, topk_ids, topk_weights, gate_up_proj_bias, down_proj_bias
@@ -235,22 +127,14 @@ def moe_experts(
         raise ValueError("gate_up_interleaved=True needs gated experts (gate_up_proj [E, 2F, D])")
     b = resolve_backend(backend, x_TD.device, x_TD.dtype)
     if plan is None:
-        plan = make_plan(topk_ids, gate_up_proj.shape[0])
+        plan = b.make_plan(topk_ids, gate_up_proj.shape[0])
     elif plan.num_tokens != x_TD.shape[0] or plan.num_experts != gate_up_proj.shape[0]:
         raise ValueError(
             f"plan was made for T={plan.num_tokens}, E={plan.num_experts}; got "
             f"T={x_TD.shape[0]}, E={gate_up_proj.shape[0]}"
         )
-    if b.fused is not None:
-        return b.fused(
-            x_TD, gate_up_proj, down_proj, plan, topk_weights, activation=act.name, gated=gated,
-            gate_up_proj_bias=gate_up_proj_bias, down_proj_bias=down_proj_bias,
-            weight_on_input=weight_on_input, gate_up_interleaved=gate_up_interleaved,
-        )
-    x_ND = permute(x_TD, plan, topk_weights if weight_on_input else None)
-    h_NF = expert_up(
-        x_ND, gate_up_proj, plan, activation=act.name, gated=gated, bias_EH=gate_up_proj_bias,
-        backend=b, interleaved=gate_up_interleaved,
+    return b.experts(
+        x_TD, gate_up_proj, down_proj, plan, topk_weights, activation=act.name, gated=gated,
+        gate_up_proj_bias=gate_up_proj_bias, down_proj_bias=down_proj_bias,
+        weight_on_input=weight_on_input, gate_up_interleaved=gate_up_interleaved,
     )
-    y_ND = expert_down(h_NF, down_proj, plan, bias_ED=down_proj_bias, backend=b)
-    return unpermute(y_ND, plan, None if weight_on_input else topk_weights)

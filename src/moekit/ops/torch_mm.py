@@ -40,7 +40,7 @@ class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_NI, w_EOI, offsets_E):
         N, I = x_NI.shape
-        E, O, _ = w_EOI.shape
+        O = w_EOI.shape[1]
         Ip, Op = _align(I, x_NI.dtype), _align(O, x_NI.dtype)
         ctx.save_for_backward(x_NI, w_EOI, offsets_E)
         if N == 0:
@@ -56,7 +56,7 @@ class _GroupedLinear(torch.autograd.Function):
     def backward(ctx, g_NO):
         x_NI, w_EOI, offsets_E = ctx.saved_tensors
         N, I = x_NI.shape
-        E, O, _ = w_EOI.shape
+        O = w_EOI.shape[1]
         if N == 0:
             return x_NI.new_zeros(0, I), torch.zeros_like(w_EOI), None
         Ip, Op = _align(I, x_NI.dtype), _align(O, x_NI.dtype)

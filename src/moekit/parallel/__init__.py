@@ -11,15 +11,17 @@ conventions.
 """
 
 from . import placement
+from .apply import apply_ep, sync_replicated_grads
 from .dispatch import AllToAllDispatcher, Dispatcher, Layout
-from .ep import ExpertParallelExperts, apply_ep, rebalance, sync_replicated_grads
+from .ep import ExpertParallel
 from .placement import Placement
+from .rebalancing import rebalance
 from .tp import TPSharedExperts
 
 __all__ = [
     "AllToAllDispatcher",
     "Dispatcher",
-    "ExpertParallelExperts",
+    "ExpertParallel",
     "Layout",
     "Placement",
     "TPSharedExperts",

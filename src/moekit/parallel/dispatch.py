@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Dispatcher", "AllToAllDispatcher", "Layout"]
+__all__ = ["AllToAllDispatcher", "Dispatcher", "Layout"]
 
 
 @dataclass

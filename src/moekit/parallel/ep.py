@@ -1,6 +1,9 @@
-"""Expert parallelism: ``apply_ep(moe, group)`` and the expert-parallel experts module.
+"""Expert parallelism: :class:`ExpertParallel`, the dispatch and combine that ``apply_ep``
+(``moekit/parallel/apply.py``) sets beside the layer's experts (``moe.dispatch``; the experts
+module stays the layer's own ``GroupedExperts``, keeping only this rank's experts, and runs
+through its backend).
 
-Forward of :class:`ExpertParallelExperts` for one chunk of this rank's tokens
+Forward of :class:`ExpertParallel` for one chunk of this rank's tokens
 (legend: T tokens, K top-k, D model dim, Q = global slots plus one virtual slot per shared
 rank, N = routed rows this rank sends, R = rows it receives, L = its local experts):
 
@@ -11,10 +14,11 @@ rank, N = routed rows this rank sends, R = rows it receives, L = its local exper
    is applied here when ``routing_weight_on="input"``);
 3. counts per slot (for all chunks at once) are all-gathered: every rank derives its send and
    receive split sizes (one collective and one host sync per forward);
-4. dispatch (all_to_all_single) → receiver plan over its L local experts (capacity drops
-   here, in the global token order: identical to the single-process layer) → ``expert_up``,
-   ``expert_down`` on the experts' backend → ``unpermute`` back to the received order;
-   on a shared rank: the shared experts instead;
+4. dispatch (all_to_all_single) → receiver plan over its L local experts (the backend's
+   ``make_plan``, one row per slot; capacity drops here, in the global token order: identical
+   to the single-process layer) → the experts' backend on that plan (``moe_experts``: the
+   fused kernels with the triton backend), back in the received order; on a shared rank: the
+   shared experts instead;
 5. combine (all_to_all_single back) and ``unpermute`` with the routing weights over K in a
    fixed order (deterministic; same arithmetic as the single-process layer).
 
@@ -32,8 +36,6 @@ the group (``sync_replicated_grads``) — or average, if each rank's loss is a m
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from typing import Any
 
@@ -41,32 +43,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..experts import GroupedExperts, UpProjectionAccess
-from ..moe import MoE
-from ..ops.api import expert_down, expert_up, resolve_backend
+from ..experts import GroupedExperts
+from ..ops.api import moe_experts
 from ..ops.stages import permute, unpermute
-from ..plan import RoutingPlan, capacity_for, make_plan
-from . import placement as placement_mod
+from ..plan import RoutingPlan, capacity_for
 from .dispatch import AllToAllDispatcher, Dispatcher, Layout
 from .placement import Placement
-from .tp import TPSharedExperts, tp_gather, tp_scatter
+from .tp import tp_gather, tp_scatter
 
-__all__ = ["ExpertParallelExperts", "apply_ep", "rebalance", "sync_replicated_grads"]
-
-
-def _resolve_group(group):
-    try:
-        from torch.distributed.device_mesh import DeviceMesh
-    except ImportError:  # pragma: no cover
-        DeviceMesh = ()
-    if isinstance(group, DeviceMesh):
-        if group.ndim != 1:
-            raise ValueError(
-                f"apply_ep needs a 1-D DeviceMesh (the expert-parallel dimension); got {group.ndim}-D: "
-                "pass mesh['ep']"
-            )
-        return group.get_group()
-    return group
+__all__ = ["ExpertParallel"]
 
 
 class _ReplicaGradSum(torch.autograd.Function):
@@ -108,14 +93,15 @@ class _ReplicaGradSum(torch.autograd.Function):
         return (None, *out)
 
 
-class ExpertParallelExperts(UpProjectionAccess, nn.Module):
-    """The routed experts of one rank of an expert-parallel group; same ``forward`` as
-    :class:`~moekit.GroupedExperts` (``y_TD`` with the routing weights applied and summed
-    over K). Parameters keep their names (``gate_up_proj`` / ``up_proj``, ``down_proj``,
-    biases) with the local slots first: ``[L, ...]``; ``local_experts`` lists their logical
-    ids. ``plan`` (a single-process plan) is ignored."""
-
-    needs_all_ranks = True  # MoE runs it even for an empty batch: every rank joins the collectives
+class ExpertParallel(nn.Module):
+    """Dispatch and combine of one rank of an expert-parallel group: the sibling of the MoE's
+    experts (``moe.dispatch``, set by :func:`apply_ep`). The experts stay the layer's own
+    :class:`~moekit.GroupedExperts`, holding only this rank's experts (``[L, ...]`` parameters
+    with their names; ``experts.local_experts`` lists their logical ids), and run through
+    their backend on the rows this rank receives (the fused kernels with the triton backend,
+    forward and backward). ``forward(x_TD, topk_ids_TK, topk_weights_TK, experts)`` returns
+    ``y_TD`` with the routing weights applied and summed over K, as ``experts`` would on one
+    process; every rank must call it, also with no tokens (it joins the collectives)."""
 
     def __init__(
         self,
@@ -136,15 +122,10 @@ class ExpertParallelExperts(UpProjectionAccess, nn.Module):
         self.dispatcher = dispatcher or AllToAllDispatcher(group)
         self.num_chunks = num_chunks
         self.tp_group = tp_group
-        # what GroupedExperts exposes
-        self.config = experts.config
-        self.dim, self.hidden_dim, self.num_experts = experts.dim, experts.hidden_dim, experts.num_experts
-        self.capacity_factor, self.drop_policy = experts.capacity_factor, experts.drop_policy
-        self.activation, self.gated, self.up_name = experts.activation, experts.gated, experts.up_name
-        self.last_plan: RoutingPlan | None = None
+        self.num_experts = experts.num_experts
         self.last_plans: list[RoutingPlan] = []
         self.last_layouts: list[Layout] = []
-        self._set_placement(placement, source=experts)
+        self.set_placement(placement, experts)
         self.shared_experts = shared_experts if self.is_shared_rank else None
         self._shared_numel = shared_numel
 
@@ -153,40 +134,31 @@ class ExpertParallelExperts(UpProjectionAccess, nn.Module):
     def is_shared_rank(self) -> bool:
         return self.rank in self.placement.shared_ranks
 
-    def _param_names(self) -> list[str]:
-        names = [self.up_name, "down_proj"]
-        if self.config.use_bias:
-            names += [self.up_name + "_bias", "down_proj_bias"]
-        return names
-
-    def _set_placement(self, placement: Placement, *, source=None, tensors=None) -> None:
-        """Install ``placement``: the local parameters come from ``source`` (a full
-        GroupedExperts: take the local rows) or ``tensors`` (already local)."""
+    def set_placement(self, placement: Placement, experts: GroupedExperts, tensors=None) -> None:
+        """Install ``placement``: ``experts`` keeps only this rank's slots, taken from its own
+        parameters (all experts, or the old placement's slots when ``tensors`` gives the new
+        local weights in ``experts.weight_names()`` order)."""
         p = placement
         if p.world_size != self.world_size:
             raise ValueError(f"placement has {p.world_size} ranks; the group has {self.world_size}")
         if p.num_experts != self.num_experts:
             raise ValueError(f"placement has {p.num_experts} experts; the layer has {self.num_experts}")
         self.placement = p
-        local = p.local_experts(self.rank)
-        self.local_experts = local
-        names = self._param_names()
-        if not self.config.use_bias:
-            self.register_parameter(self.up_name + "_bias", None)
-            self.register_parameter("down_proj_bias", None)
-        for i, name in enumerate(names):
-            if source is not None:
-                full = getattr(source, name)
+        local = list(p.local_experts(self.rank))
+        names = experts.weight_names()
+        if tensors is None:
+            tensors = []
+            for name in names:
+                full = getattr(experts, name)
                 idx = torch.tensor(local, dtype=torch.long, device=full.device)
-                t = full.detach().index_select(0, idx).clone()
-                req = full.requires_grad
-            else:
-                t = tensors[i]
-                req = getattr(self, name).requires_grad
-            if name in self._parameters:
-                del self._parameters[name]
-            self.register_parameter(name, nn.Parameter(t, requires_grad=req))
-        dev = self.down_proj.device
+                tensors.append(full.detach().index_select(0, idx).clone())
+        for name, t in zip(names, tensors):
+            req = getattr(experts, name).requires_grad
+            del experts._parameters[name]
+            experts.register_parameter(name, nn.Parameter(t, requires_grad=req))
+        experts.num_experts = len(local)
+        experts.local_experts = local
+        dev = experts.down_proj.device
         # extended slot space: per rank in order, its routed slots or one shared slot
         ext_of_slot, ext_counts, shared_ext = [], [], []
         q = 0
@@ -215,20 +187,13 @@ class ExpertParallelExperts(UpProjectionAccess, nn.Module):
             "_replica_rows", torch.tensor([hot_row.get(e, -1) for e in local], dtype=torch.long, device=dev),
             persistent=False,
         )
-        self._param_shapes = [tuple(getattr(self, n).shape) for n in names]
-        self._grad_dtype = self.down_proj.dtype
-
-    def init_weights(self, *args, **kwargs) -> None:
-        raise RuntimeError(
-            "initialize the MoE's weights before apply_ep (identically on every rank, e.g. the same "
-            "seed): after it each rank holds only its experts"
-        )
+        self._param_shapes = [tuple(getattr(experts, n).shape) for n in names]
+        self._grad_dtype = experts.down_proj.dtype
 
     def extra_repr(self) -> str:
         return (
-            f"rank={self.rank}/{self.world_size}, local_experts={list(self.local_experts)}, "
-            f"num_experts={self.num_experts}, shared_rank={self.is_shared_rank}, "
-            f"num_chunks={self.num_chunks}, activation={self.activation}, gated={self.gated}"
+            f"rank={self.rank}/{self.world_size}, local_experts={list(self.placement.local_experts(self.rank))}, "
+            f"num_experts={self.num_experts}, shared_rank={self.is_shared_rank}, num_chunks={self.num_chunks}"
         )
 
     # -------------------------------------------------------------- forward
@@ -237,10 +202,10 @@ class ExpertParallelExperts(UpProjectionAccess, nn.Module):
         x_TD: torch.Tensor,
         topk_ids_TK: torch.Tensor,
         topk_weights_TK: torch.Tensor,
-        plan: RoutingPlan | None = None,
+        experts: GroupedExperts,
     ) -> torch.Tensor:
-        if x_TD.dim() != 2 or x_TD.shape[1] != self.dim:
-            raise ValueError(f"x must be [T, {self.dim}], got {tuple(x_TD.shape)}")
+        if x_TD.dim() != 2 or x_TD.shape[1] != experts.dim:
+            raise ValueError(f"x must be [T, {experts.dim}], got {tuple(x_TD.shape)}")
         if topk_ids_TK.shape != topk_weights_TK.shape or topk_ids_TK.shape[0] != x_TD.shape[0]:
             raise ValueError(
                 f"topk_ids {tuple(topk_ids_TK.shape)} and topk_weights {tuple(topk_weights_TK.shape)} "
@@ -251,25 +216,26 @@ class ExpertParallelExperts(UpProjectionAccess, nn.Module):
             x_TD, topk_ids_TK, topk_weights_TK = tp_scatter(
                 self.tp_group, x_TD, topk_ids_TK, topk_weights_TK
             )
-        y_TD = self._forward_ep(x_TD, topk_ids_TK, topk_weights_TK)
+        y_TD = self._forward_ep(x_TD, topk_ids_TK, topk_weights_TK, experts)
         if self.tp_group is not None:
             y_TD = tp_gather(self.tp_group, y_TD, T_full)
         return y_TD
 
-    def _params(self) -> list[torch.Tensor]:
-        ps = [getattr(self, n) for n in self._param_names()]
+    def _params(self, experts: GroupedExperts) -> list[torch.Tensor | None]:
+        """(w_up, w_down, b_up, b_down) of the local experts; the replicas of redundant experts
+        get the sum of their gradients over the group."""
+        ps = [getattr(experts, n) for n in experts.weight_names()]
         if self.has_redundancy and torch.is_grad_enabled() and any(p.requires_grad for p in ps):
             ps = list(_ReplicaGradSum.apply(self, *ps))
-        return ps
+        return ps + [None, None] if len(ps) == 2 else ps
 
-    def _forward_ep(self, x_TD, ids_TK, w_TK) -> torch.Tensor:
+    def _forward_ep(self, x_TD, ids_TK, w_TK, experts: GroupedExperts) -> torch.Tensor:
         T, K = ids_TK.shape
         dev = x_TD.device
         W, me = self.world_size, self.rank
-        on_input = self.config.routing_weight_on == "input"
-        ps = self._params()
-        w_up, w_down = ps[0], ps[1]
-        b_up, b_down = (ps[2], ps[3]) if self.config.use_bias else (None, None)
+        on_input = experts.config.routing_weight_on == "input"
+        backend = experts.backend_for(dev, x_TD.dtype)
+        weights = self._params(experts)
 
         # 1. logical expert -> extended slot (replica choice fixed by slot id and rank)
         ids = ids_TK.to(torch.long)
@@ -291,13 +257,12 @@ class ExpertParallelExperts(UpProjectionAccess, nn.Module):
         plans, sends, wchunks = [], [], []
         for c in range(C):
             a, b = bounds[c], bounds[c + 1]
-            p = make_plan(q_TK[a:b], self.num_ext_slots)
+            p = backend.make_plan(q_TK[a:b], self.num_ext_slots)
             wc = w_TK[a:b]
             plans.append(p)
             wchunks.append(wc)
             sends.append(permute(x_TD[a:b], p, wc if on_input else None))
         self.last_plans = plans
-        self.last_plan = plans[0] if C == 1 else None
 
         # 3. counts: [W, C, Q] on the host
         counts = self.dispatcher.exchange_counts(torch.stack([p.counts_E for p in plans]))
@@ -312,13 +277,13 @@ class ExpertParallelExperts(UpProjectionAccess, nn.Module):
             recv_counts.append(mine)
         self.last_layouts = layouts
         capacity = None
-        if self.capacity_factor is not None:
+        if experts.capacity_factor is not None:
             routed = torch.ones(self.num_ext_slots, dtype=torch.bool)
             routed[self._shared_ext.cpu()] = False
             T_total = int(counts[:, :, routed].sum()) // K if K else 0
-            capacity = capacity_for(T_total, K, self.num_experts, self.capacity_factor)
+            capacity = capacity_for(T_total, K, self.num_experts, experts.capacity_factor)
         # routing weights travel only when the weight-drop policy needs them
-        need_w = capacity is not None and self.drop_policy == "weight" and not self.is_shared_rank
+        need_w = capacity is not None and experts.drop_policy == "weight" and not self.is_shared_rank
 
         # 4-5. pipeline: dispatch(c+1) in flight while chunk c computes
         overlap = C > 1
@@ -328,7 +293,7 @@ class ExpertParallelExperts(UpProjectionAccess, nn.Module):
 
         def start(c):
             recvd[c] = disp.dispatch(sends[c], layouts[c], async_op=overlap)
-            if capacity is not None and self.drop_policy == "weight":
+            if capacity is not None and experts.drop_policy == "weight":
                 with torch.no_grad():
                     rw = wchunks[c].reshape(-1).index_select(0, plans[c].sorted_slots_N)
                     wrecv[c] = disp.dispatch(rw.float().unsqueeze(1), layouts[c])[0].squeeze(1)
@@ -342,7 +307,7 @@ class ExpertParallelExperts(UpProjectionAccess, nn.Module):
             h.wait()
             recvd[c] = None
             y_recv = self._local(x_recv, recv_counts[c], capacity, wrecv[c] if need_w else None,
-                                 w_up, w_down, b_up, b_down)
+                                 experts, backend, weights)
             backs[c] = disp.combine(y_recv, layouts[c], async_op=overlap)
             if not overlap and c + 1 < C:
                 start(c + 1)
@@ -353,384 +318,29 @@ class ExpertParallelExperts(UpProjectionAccess, nn.Module):
             outs.append(unpermute(y_back, plans[c], None if on_input else wchunks[c]))
         return outs[0] if C == 1 else torch.cat(outs, 0)
 
-    def _local(self, x_RD, cnt_WL, capacity, w_R, w_up, w_down, b_up, b_down) -> torch.Tensor:
-        """This rank's experts on the received rows (sender-major order) -> [R, D]."""
+    def _local(self, x_RD, cnt_WL, capacity, w_R, experts, backend, weights) -> torch.Tensor:
+        """This rank's experts on the received rows (sender-major order) -> [R, D]: each row
+        is one routed slot (top-1, weight 1: the sender applies the routing weights), run
+        through the experts' backend on the plan of the received rows."""
         if self.is_shared_rank:
             return self.shared_experts(x_RD)
-        L = cnt_WL.shape[1]
+        W, L = cnt_WL.shape
         if L == 0:
             return x_RD * 0  # keeps the dispatch in the graph (its backward is a collective)
-        plan = _recv_plan(cnt_WL, x_RD.device, capacity, self.drop_policy, w_R)
-        backend = resolve_backend(self.config.backend, x_RD.device, x_RD.dtype)
-        # received rows -> expert order and back: a permutation (of the kept rows), so one
-        # gather forward and one index_copy backward (no K-sum: each row is one slot)
-        x_ND = _GatherRows.apply(x_RD, plan.sorted_slots_N)
-        h = expert_up(x_ND, w_up, plan, activation=self.activation, gated=self.gated, bias_EH=b_up,
-                      backend=backend)
-        y_ND = expert_down(h, w_down, plan, bias_ED=b_down, backend=backend)
-        return _ScatterRows.apply(y_ND, plan.sorted_slots_N, x_RD.shape[0])
-
-
-class _GatherRows(torch.autograd.Function):
-    """``x[idx]`` for distinct ``idx``; backward: zeros with the gradient rows copied back."""
-
-    @staticmethod
-    def forward(ctx, x, idx):
-        ctx.save_for_backward(idx)
-        ctx.rows = x.shape[0]
-        return x.index_select(0, idx)
-
-    @staticmethod
-    def backward(ctx, g):
-        (idx,) = ctx.saved_tensors
-        shape = (ctx.rows,) + tuple(g.shape[1:])
-        out = g.new_empty(shape) if idx.shape[0] == ctx.rows else g.new_zeros(shape)
-        return out.index_copy_(0, idx, g.contiguous()), None
-
-
-class _ScatterRows(torch.autograd.Function):
-    """``out[idx] = y`` into ``rows`` zero rows (distinct ``idx``); backward: a gather."""
-
-    @staticmethod
-    def forward(ctx, y, idx, rows):
-        ctx.save_for_backward(idx)
-        shape = (rows,) + tuple(y.shape[1:])
-        out = y.new_empty(shape) if idx.shape[0] == rows else y.new_zeros(shape)
-        return out.index_copy_(0, idx, y)
-
-    @staticmethod
-    def backward(ctx, g):
-        (idx,) = ctx.saved_tensors
-        return g.index_select(0, idx), None, None
-
-
-def _recv_plan(cnt_WL: torch.Tensor, device, capacity, drop_policy, w_R) -> RoutingPlan:
-    """A RoutingPlan (top_k=1) over the received rows: sorted by local expert, stable (so in
-    global token order within an expert); with ``capacity``, each expert keeps its first rows
-    (``"position"``) or those of highest weight (``"weight"``, ties by order) — the order and
-    the choice the single-process plan makes on all ranks' tokens concatenated."""
-    W, L = cnt_WL.shape
-    R = int(cnt_WL.sum())
-    per_e = cnt_WL.sum(0)  # [L]
-    kept = per_e if capacity is None else per_e.clamp(max=capacity)
-    N = int(kept.sum())
-    ids = torch.repeat_interleave(
-        torch.arange(L, device=device).repeat(W), cnt_WL.reshape(-1).to(device), output_size=R
-    )
-    if capacity is not None and drop_policy == "weight":
-        by_w = torch.argsort(-w_R, stable=True)
-        order = by_w[torch.argsort(ids[by_w], stable=True)]
-    else:
-        order = torch.argsort(ids, stable=True)
-    sorted_ids = ids[order]
-    if capacity is not None:
-        starts = (torch.cumsum(per_e, 0) - per_e).to(device)
-        dropped = (torch.arange(R, device=device) - starts[sorted_ids]) >= capacity
-        keep_first = torch.argsort(dropped.to(torch.int8), stable=True)
-        order = order[keep_first][:N]
-        sorted_ids = sorted_ids[keep_first][:N]
-    inverse = torch.full((R,), -1, dtype=torch.long, device=device)
-    inverse[order] = torch.arange(N, device=device)
-    counts = kept.to(device=device, dtype=torch.int32)
-    return RoutingPlan(
-        num_tokens=R, top_k=1, num_experts=L, sorted_slots_N=order, token_ids_N=order,
-        expert_ids_N=sorted_ids, counts_E=counts, offsets_E=torch.cumsum(counts, 0, dtype=torch.int32),
-        inverse_TK=inverse.view(R, 1), num_dropped=torch.tensor(R - N, device=device), capacity=capacity,
-    )
-
-
-# ---------------------------------------------------------------------------- consistency
-def _describe(moe: MoE, placement: Placement, num_chunks: int, tp_size: int, shared_mode: str,
-              check_weights: bool) -> dict:
-    def cfg(o):
-        try:
-            return json.dumps(o.to_dict(), sort_keys=True, default=str)
-        except Exception:  # pragma: no cover - a custom config
-            return repr(o)
-
-    d = {
-        "moe_class": type(moe).__name__,
-        "config": cfg(moe.config),
-        "placement": placement.describe(),
-        "num_chunks": num_chunks,
-        "tp_size": tp_size,
-        "shared_experts": shared_mode,
-        "params": {n: [list(p.shape), str(p.dtype)] for n, p in moe.named_parameters()},
-    }
-    if check_weights:
-        with torch.no_grad():
-            h = hashlib.sha256()
-            for n, p in moe.named_parameters():
-                h.update(n.encode())
-                h.update(repr(float(p.detach().sum(dtype=torch.float64))).encode())
-                h.update(repr(float(p.detach().abs().sum(dtype=torch.float64))).encode())
-            d["weights_checksum"] = h.hexdigest()[:16]
-    return d
-
-
-def _check_same(group, desc: dict, what: str = "apply_ep") -> None:
-    W = dist.get_world_size(group)
-    gathered: list = [None] * W
-    dist.all_gather_object(gathered, desc, group=group)
-    ref = gathered[0]
-    for r, d in enumerate(gathered):
-        if d != ref:
-            keys = sorted(k for k in set(ref) | set(d) if ref.get(k) != d.get(k))
-            detail = "; ".join(f"{k}: rank 0 has {ref.get(k)!r}, rank {r} has {d.get(k)!r}" for k in keys)
-            raise ValueError(
-                f"{what}: the ranks of the expert-parallel group disagree ({detail}). Build the same "
-                "MoE (same config and seed) and call apply_ep with the same arguments on every rank."
-            )
-
-
-# ---------------------------------------------------------------------------- public API
-def apply_ep(
-    moe: MoE,
-    group=None,
-    *,
-    placement: Placement | str = "contiguous",
-    num_chunks: int = 1,
-    dispatcher: Dispatcher | None = None,
-    shared_experts: str = "local",
-    num_shared_ranks: int = 1,
-    tp_group=None,
-    tokens_per_expert: torch.Tensor | None = None,
-    num_redundant: int = 0,
-    check_weights: bool = True,
-) -> MoE:
-    """Turn ``moe`` (identical on every rank of ``group``) into its expert-parallel form, in
-    place, and return it.
-
-    * ``group``: a ProcessGroup (default: the world) or a 1-D DeviceMesh.
-    * ``placement``: a :class:`Placement`, ``"contiguous"`` (even, or uneven when E does not
-      divide) or ``"redundant"`` (needs ``tokens_per_expert``, global counts, and
-      ``num_redundant`` extra slots).
-    * ``num_chunks``: split each rank's tokens in chunks whose exchanges overlap the other
-      chunks' GEMMs (1 = no overlap; incompatible with a capacity factor).
-    * ``dispatcher``: the transport (default :class:`AllToAllDispatcher`).
-    * ``shared_experts``: ``"local"`` (each rank runs them on its tokens), ``"external"``
-      (the first ``num_shared_ranks`` ranks run them for every token and hold no routed
-      experts), or ``"tp"`` (sharded over ``tp_group`` with an all-reduce).
-    * ``tp_group``: inside a tensor-parallel region (activations replicated over the TP
-      ranks): tokens are split over the TP ranks on entry and all-gathered on exit.
-    * ``check_weights``: also compare a checksum of the weights between ranks.
-
-    Raises ValueError, on every rank and before any forward, when the ranks disagree on the
-    config, the arguments or (``check_weights``) the weights.
-    """
-    if not isinstance(moe, MoE):
-        raise TypeError(f"apply_ep needs a moekit MoE, got {type(moe).__name__}")
-    if isinstance(moe.experts, ExpertParallelExperts):
-        raise ValueError("apply_ep: this MoE is already expert-parallel")
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("apply_ep needs torch.distributed initialized (init_process_group)")
-    group = _resolve_group(group)
-    tp_group = _resolve_group(tp_group)
-    W = dist.get_world_size(group)
-    E = moe.num_experts
-    if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
-        raise ValueError(f"num_chunks={num_chunks!r}; it must be an integer >= 1")
-    if shared_experts not in ("local", "external", "tp"):
-        raise ValueError(f"shared_experts={shared_experts!r}; allowed: ('local', 'external', 'tp')")
-    if shared_experts != "local" and moe.shared_experts is None:
-        raise ValueError(f"shared_experts={shared_experts!r} needs a MoE with shared experts")
-    if shared_experts == "tp" and tp_group is None:
-        raise ValueError('shared_experts="tp" needs tp_group')
-    n_sh = num_shared_ranks if shared_experts == "external" else 0
-    if isinstance(placement, str):
-        if placement == "contiguous":
-            placement = placement_mod.contiguous(E, W, num_shared_ranks=n_sh)
-        elif placement == "redundant":
-            if tokens_per_expert is None:
-                raise ValueError('placement="redundant" needs tokens_per_expert (global counts per expert)')
-            placement = placement_mod.redundant(tokens_per_expert, W, num_redundant, num_shared_ranks=n_sh)
-        else:
-            raise ValueError(f"placement={placement!r}; allowed: 'contiguous', 'redundant' or a Placement")
-    if not isinstance(placement, Placement):
-        raise TypeError(f"placement must be a Placement or a name, got {type(placement).__name__}")
-    if placement.world_size != W:
-        raise ValueError(f"placement is for {placement.world_size} ranks; the group has {W}")
-    if len(placement.shared_ranks) != n_sh:
-        raise ValueError(
-            f"placement has {len(placement.shared_ranks)} shared ranks; shared_experts={shared_experts!r} "
-            f"needs {n_sh}"
+        R = x_RD.shape[0]
+        # the local expert of each received row; the plan's stable sort keeps, within an expert,
+        # the global token order (sender-major), so capacity drops the rows the single-process
+        # plan drops on all ranks' tokens concatenated
+        ids_R1 = torch.repeat_interleave(
+            torch.arange(L, device=x_RD.device).repeat(W), cnt_WL.reshape(-1).to(x_RD.device),
+            output_size=R,
+        ).view(R, 1)
+        plan = backend.make_plan(
+            ids_R1, L, capacity=capacity, drop_policy=experts.drop_policy,
+            topk_weights_TK=None if w_R is None else w_R.view(R, 1),
         )
-    if moe.experts.capacity_factor is not None:
-        if num_chunks > 1:
-            raise ValueError(
-                "num_chunks > 1 with a capacity factor: drops depend on the global token order, "
-                "which chunking changes; use num_chunks=1 or a dropless layer"
-            )
-        if placement.num_redundant > 0:
-            raise ValueError("redundant experts with a capacity factor are not supported; use a dropless layer")
-    tp_size = 1 if tp_group is None else dist.get_world_size(tp_group)
-    _check_same(group, _describe(moe, placement, num_chunks, tp_size, shared_experts, check_weights))
-
-    ext_shared, shared_numel = None, 0
-    if shared_experts == "external":
-        ext_shared = moe.shared_experts
-        shared_numel = sum(p.numel() for p in ext_shared.parameters())
-        moe.shared_experts = None
-    elif shared_experts == "tp":
-        moe.shared_experts = TPSharedExperts(moe.shared_experts, tp_group)
-    ep = ExpertParallelExperts(
-        moe.experts, group, placement, num_chunks=num_chunks, dispatcher=dispatcher,
-        shared_experts=ext_shared, shared_numel=shared_numel, tp_group=tp_group,
-    )
-    moe.experts = ep
-    return moe
-
-
-@torch.no_grad()
-def rebalance(
-    moe: MoE,
-    tokens_per_expert: torch.Tensor | None = None,
-    *,
-    num_redundant: int | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
-) -> Placement:
-    """Re-place the experts of an expert-parallel ``moe`` from measured loads: replicate the
-    hottest ones (``num_redundant`` extra slots; default: as many as now) and move/copy
-    their weights to their new ranks (one all-to-all per weight tensor). ``tokens_per_expert``
-    are global counts; default: ``moe.tokens_per_expert`` summed over the group. Returns the
-    new placement.
-
-    The parameters are new tensors. With ``optimizer``, its per-parameter state moves with
-    the weights (each state tensor shaped like the parameter, e.g. Adam's moments, goes where
-    its expert's rows go, a new replica copying its source's; scalar state such as ``step``
-    is kept) and its param groups point at the new parameters; experts' parameters the
-    optimizer does not hold are left to the caller. Without it, rebuild the optimizer."""
-    ep = moe.experts
-    if not isinstance(ep, ExpertParallelExperts):
-        raise ValueError("rebalance needs an expert-parallel MoE (call apply_ep first)")
-    group, W, me = ep.group, ep.world_size, ep.rank
-    if tokens_per_expert is None:
-        tokens_per_expert = moe.tokens_per_expert.detach().clone().float()
-        dist.all_reduce(tokens_per_expert, group=group)
-    old = ep.placement
-    R = old.num_redundant if num_redundant is None else num_redundant
-    new = placement_mod.redundant(
-        tokens_per_expert.cpu(), W, R, num_shared_ranks=len(old.shared_ranks)
-    )
-    _check_same(group, {"placement": new.describe()}, "rebalance")
-    # source of each expert: the rank holding its first replica now
-    src_of = {}
-    for r in range(W):
-        for i, e in enumerate(old.slots[r]):
-            src_of.setdefault(e, (r, i))
-    # rows I send to each rank (in that rank's new slot order) / receive from each rank
-    send_idx = []
-    send_splits = []
-    for r in range(W):
-        idx = [src_of[e][1] for e in new.slots[r] if src_of[e][0] == me]
-        send_idx += idx
-        send_splits.append(len(idx))
-    recv_order = []  # for each src: my new slot positions it fills, in order
-    recv_splits = []
-    for s in range(W):
-        pos = [j for j, e in enumerate(new.slots[me]) if src_of[e][0] == s]
-        recv_order += pos
-        recv_splits.append(len(pos))
-
-    def move(t: torch.Tensor) -> torch.Tensor:
-        """Slot rows of ``t`` (``[old local slots, ...]``) -> ``[new local slots, ...]``."""
-        sidx = torch.tensor(send_idx, dtype=torch.long, device=t.device)
-        out = t.new_empty((sum(recv_splits),) + tuple(t.shape[1:]))
-        dist.all_to_all_single(out, t.detach().index_select(0, sidx).contiguous(), recv_splits,
-                               send_splits, group=group)
-        local = torch.empty_like(out)
-        local[torch.tensor(recv_order, dtype=torch.long, device=t.device)] = out
-        return local
-
-    names = ep._param_names()
-    old_params = [getattr(ep, name) for name in names]
-    held = _optimizer_index(optimizer, old_params)
-    # every rank runs the same collectives: whether a parameter's state moves must agree
-    _check_same(group, {"optimizer state": [sorted(held[i][1]) if i in held else None
-                                            for i in range(len(names))]}, "rebalance")
-    new_states = {i: {k: move(v) if k in moved else v for k, v in optimizer.state[old_params[i]].items()}
-                  for i, (_, moved) in held.items()}
-    ep._set_placement(new, tensors=[move(p) for p in old_params])
-    for i, (group_params, _) in held.items():
-        p_old, p_new = old_params[i], getattr(ep, names[i])
-        group_params[[q is p_old for q in group_params].index(True)] = p_new
-        optimizer.state.pop(p_old, None)
-        optimizer.state[p_new] = new_states[i]
-    return new
-
-
-def _optimizer_index(optimizer, params) -> dict[int, tuple[list, set[str]]]:
-    """For each of ``params`` the optimizer holds: (its param group's list, the state keys
-    whose tensors are shaped like the parameter and move with its rows). Raises on state it
-    cannot move (a tensor of another shape)."""
-    if optimizer is None:
-        return {}
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    out = {}
-    for i, p in enumerate(params):
-        lists = [g["params"] for g in optimizer.param_groups if any(q is p for q in g["params"])]
-        if not lists:
-            continue
-        moved = set()
-        for k, v in optimizer.state.get(p, {}).items():
-            if isinstance(v, torch.Tensor) and v.shape == p.shape:
-                moved.add(k)
-            elif isinstance(v, torch.Tensor) and v.dim() > 0:
-                raise ValueError(
-                    f"rebalance cannot move optimizer state {k!r} of shape {tuple(v.shape)} for an "
-                    f"expert parameter of shape {tuple(p.shape)}: only state shaped like the "
-                    "parameter (moved with its rows) or scalar state (kept) is supported"
-                )
-        out[i] = (lists[0], moved)
-    return out
-
-
-def sync_replicated_grads(moe: MoE, group=None, *, op: str = "sum") -> None:
-    """All-reduce the gradients of the parameters every rank of the expert-parallel group
-    holds a copy of — the router, local shared experts — over ``group`` (default: the
-    layer's group): ``op="sum"`` when the loss is a sum over all ranks' tokens (then every
-    gradient equals the single-process layer's), ``"mean"`` for a per-rank mean loss with
-    equal token counts (data-parallel convention). External shared experts are summed over
-    the shared ranks; routed experts need nothing (their gradients are already complete)."""
-    ep = moe.experts
-    if not isinstance(ep, ExpertParallelExperts):
-        raise ValueError("sync_replicated_grads needs an expert-parallel MoE")
-    if group is None and ep.tp_group is not None:
-        raise ValueError(
-            "sync_replicated_grads: inside a TP region the router and the TP-sharded shared experts are "
-            "replicated over the TP ranks and data-parallel over the TP groups: pass group= the data-parallel "
-            "group (the ranks with the same TP rank)"
+        w_up, w_down, b_up, b_down = weights
+        return moe_experts(
+            x_RD, w_up, w_down, ids_R1, x_RD.new_ones(R, 1), activation=experts.activation,
+            gate_up_proj_bias=b_up, down_proj_bias=b_down, backend=backend, plan=plan,
         )
-    group = _resolve_group(group) if group is not None else ep.group
-    if op not in ("sum", "mean"):
-        raise ValueError(f"op={op!r}; allowed: 'sum', 'mean'")
-    params = list(moe.router.parameters())
-    if moe.shared_experts is not None:
-        params += [p for p in moe.shared_experts.parameters()]
-    for p in params:
-        if not p.requires_grad:
-            continue
-        g = p.grad if p.grad is not None else torch.zeros_like(p)
-        dist.all_reduce(g, group=group)
-        if op == "mean":
-            g /= dist.get_world_size(group)
-        p.grad = g
-    n_sh = len(ep.placement.shared_ranks)
-    if n_sh > 1:
-        # the shared experts live on the shared ranks only: sum them there (a full-group
-        # all-reduce of a buffer that is zero elsewhere keeps every rank in step)
-        numel = ep._shared_numel
-        buf = torch.zeros(numel, device=ep.down_proj.device, dtype=ep._grad_dtype)
-        if ep.shared_experts is not None:
-            buf = torch.cat([
-                (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                for p in ep.shared_experts.parameters()
-            ]).to(buf.dtype)
-        dist.all_reduce(buf, group=ep.group)
-        if ep.shared_experts is not None:
-            off = 0
-            for p in ep.shared_experts.parameters():
-                n = p.numel()
-                p.grad = buf[off:off + n].view_as(p).to(p.dtype)
-                off += n

@@ -8,7 +8,7 @@ replicated on several ranks): its tokens are split between the replicas and the 
 gradients are summed in the backward pass, so the replicas stay identical.
 
 Ranks listed in ``shared_ranks`` hold no routed experts: they compute the *external* shared
-experts for every token instead (seed 002's tensor_cast layer).
+experts for every token instead.
 
 Constructors:
 
@@ -114,7 +114,7 @@ class Placement:
 
 def assign_contiguous(num_experts: int, world_size: int, rank: int) -> tuple[int, int]:
     """(first expert, number of experts) of ``rank`` in the contiguous split: the first
-    ``E % W`` ranks take one expert more (seed 002's ``assign_experts``)."""
+    ``E % W`` ranks take one expert more."""
     per, rest = divmod(num_experts, world_size)
     if rank < rest:
         return rank * (per + 1), per + 1

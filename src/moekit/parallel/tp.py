@@ -1,4 +1,4 @@
-"""The tensor-parallel region option of expert parallelism (seed 002's pattern).
+"""The tensor-parallel region option of expert parallelism.
 
 Inside a TP region every TP rank holds the same activations. Expert parallelism then
 splits the tokens over the TP ranks on entry (``tp_scatter``: each rank routes and

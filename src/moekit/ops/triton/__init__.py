@@ -1,11 +1,12 @@
-"""The ``triton`` experts backend: fused Triton kernels for ``moe_experts``.
+"""The fused Triton kernels of the ``triton`` experts backend.
 
-Layers (DESIGN.md): ``kernels`` (``@triton.jit``) -> ``launchers`` (checks, launch configs) ->
+Layers: ``kernels`` (``@triton.jit``) -> ``launchers`` (checks, launch configs) ->
 ``ops`` (``torch.library`` custom ops with fake implementations, the autograd function and
-``fused_experts``). Importing this package registers the backend; it raises ImportError when
-Triton is not installed (``pip install 'moekit[triton]'``), which the registry treats as "not
-available". The backend runs on CUDA GPUs, and on CPU under Triton's interpreter
-(``TRITON_INTERPRET=1``, how CI tests the kernels); ``auto`` picks it on CUDA only.
+``fused_experts``) and ``grouped_linear`` (the staged path's grouped linear layer). The backend
+object that calls them, with its settings, is :class:`moekit.ops.triton_backend.TritonBackend`.
+Importing this package raises ImportError when Triton is not installed (``pip install
+'moekit[triton]'``); the backend then reports itself unavailable. The kernels run on CUDA GPUs,
+and on CPU under Triton's interpreter (``TRITON_INTERPRET=1``, how CI tests them).
 """
 
 from __future__ import annotations
@@ -22,35 +23,21 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 import torch
 
-from ...plan import register_small_plan_builder
-from ..api import Backend, register_backend
-from .launchers import SMALL_PLAN_MAX_SLOTS, small_plan
+from . import launchers
+from .grouped_linear import triton_grouped_linear
 from .ops import FusedExperts, fused_experts
 
-__all__ = ["FusedExperts", "fused_experts", "triton_available"]
+__all__ = ["FusedExperts", "fused_experts", "launchers", "triton_available", "triton_grouped_linear"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def triton_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the kernels run on ``device`` with ``dtype``: on CUDA, or on CPU under the
+    interpreter, in float32/float16/bfloat16."""
     if dtype not in _DTYPES:
         return False
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available()
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-register_backend(
-    Backend(
-        "triton",
-        triton_available,
-        fused=fused_experts,
-        why_unavailable=(
-            "the triton backend needs a CUDA GPU (or TRITON_INTERPRET=1 on CPU, for tests) and "
-            "float32/float16/bfloat16"
-        ),
-    )
-)
-# decode-sized plans on CUDA in one launch (make_plan falls back to torch ops elsewhere)
-register_small_plan_builder(small_plan, SMALL_PLAN_MAX_SLOTS)

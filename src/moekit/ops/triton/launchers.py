@@ -5,12 +5,12 @@ kernel and the timings are reproducible): a *decode* config when the average row
 is small (each touched expert's weights are then read once: its rows fit one tile, and narrow
 column tiles spread the weight read over every SM), the Hopper training config otherwise.
 Under the interpreter (``TRITON_INTERPRET=1``) small tiles keep the CPU tests quick.
-``MOEKIT_TRITON_CONFIG`` (``"BM,BN,BK,warps,stages"``; gated kernels take half of BN per
-accumulator) overrides the training row-GEMM config, ``MOEKIT_TRITON_<KIND>_CONFIG`` and
-``MOEKIT_TRITON_DECODE_<KIND>_CONFIG`` the training / decode config of one kind (``UP_GATED``,
-``UP``, ``ROWS``, ``DGRAD``; BN per accumulator), ``MOEKIT_TRITON_DW_CONFIG``
-(``"BO,BI,BK,warps,stages"``) the weight-grad config and ``MOEKIT_TRITON_DOWN_COMBINE_CONFIG``
-(``"BD,BF,warps,stages"``) the fused decode down+combine config, for sweeps in the benchmark.
+The launchers that pick a config take ``tiles``, the overrides of ``TritonBackend.Config``
+(``moekit.ops.triton_backend.parse_tiles`` of its ``tiles_spec()``): ``"gemm"`` the training
+row-GEMM config (gated kernels take half of BN per accumulator), a kind (``"up_gated"``,
+``"up"``, ``"rows"``, ``"dgrad"``, optionally prefixed ``"decode_"``) the training / decode
+config of that kind (BN per accumulator), ``"dw"`` the weight-grad config and
+``"down_combine"`` the fused decode down+combine config.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from . import kernels as K
 __all__ = [
     "GemmConfig",
     "combine",
+    "activation_prescaled",
     "dgrad_mode",
     "down_combine",
     "down_dgrad",
     "dw_uses_grouped_mm",
-    "fused_decode_tokens",
     "grouped_mm",
     "interpreting",
     "recompute_activation",
@@ -67,30 +67,20 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _env_ints(var: str, names: str) -> tuple[int, ...] | None:
-    """The comma-separated integers of a launch-config override (``names`` says which), or None
-    when the variable is unset."""
-    s = os.environ.get(var)
-    if not s:
-        return None
-    parts = s.split(",")
-    if len(parts) != len(names.split(",")) or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise ValueError(f"{var}={s!r}: expected {len(names.split(','))} positive integers {names!r}")
-    return tuple(int(p) for p in parts)
-
-
-def _override(var: str) -> GemmConfig | None:
-    v = _env_ints(var, "BM,BN,BK,warps,stages")
+def _override(tiles: dict | None, key: str) -> GemmConfig | None:
+    """The launch-config override ``key`` of ``tiles`` (see the module docstring), or None."""
+    v = tiles.get(key) if tiles else None
     return None if v is None else GemmConfig(*v)
 
 
-def _gemm_config(n_rows: int, n_experts: int, out_cols: int, kind: str, dtype) -> GemmConfig:
+def _gemm_config(n_rows: int, n_experts: int, out_cols: int, kind: str, dtype,
+                 tiles: dict | None = None) -> GemmConfig:
     """Config for the row-tiled grouped GEMMs. ``kind``: "up_gated", "up", "rows", "dgrad"."""
     if interpreting():
         return GemmConfig(16, 16, 16, 4, 1, 4)
     avg = n_rows / max(1, n_experts)
-    regime = "DECODE_" if avg <= 64 else ""
-    o = _override(f"MOEKIT_TRITON_{regime}{kind.upper()}_CONFIG")
+    regime = "decode_" if avg <= 64 else ""
+    o = _override(tiles, f"{regime}{kind}")
     if o is not None:  # one kind exactly as given (BN = columns per accumulator)
         return GemmConfig(o.BLOCK_M, o.BLOCK_N, o.BLOCK_K, o.num_warps, o.num_stages, 1 if regime else 8)
     if avg <= 64:
@@ -103,7 +93,7 @@ def _gemm_config(n_rows: int, n_experts: int, out_cols: int, kind: str, dtype) -
         return GemmConfig(bm, bn, 128, 4, 4, 1)
     if dtype == torch.float32:
         return GemmConfig(64, 64, 32, 4, 3, 8)
-    o = _override("MOEKIT_TRITON_CONFIG")
+    o = _override(tiles, "gemm")
     if o is not None:
         if kind in ("up_gated", "dgrad"):  # two accumulators / a heavy epilogue: half the columns
             return GemmConfig(o.BLOCK_M, max(16, o.BLOCK_N // 2), o.BLOCK_K, o.num_warps, o.num_stages)
@@ -117,12 +107,12 @@ def _gemm_config(n_rows: int, n_experts: int, out_cols: int, kind: str, dtype) -
     return GemmConfig(128, 256, 64, 8, 3, 8)
 
 
-def _dw_config(dtype) -> tuple[int, int, int, int, int]:
+def _dw_config(dtype, tiles: dict | None = None) -> tuple[int, int, int, int, int]:
     if interpreting():
         return 16, 16, 16, 4, 1
     if dtype == torch.float32:
         return 64, 64, 32, 4, 3
-    o = _override("MOEKIT_TRITON_DW_CONFIG")
+    o = _override(tiles, "dw")
     if o is not None:
         return o.BLOCK_M, o.BLOCK_N, o.BLOCK_K, o.num_warps, o.num_stages
     # H200, bf16, the two dW GEMMs timed alone (benchmarks/dw_ab.py): 128x256x64 w8 s3 against
@@ -168,6 +158,7 @@ def up_forward(
     store_h: bool = True,
     pdl: bool = False,
     interleaved: bool = False,
+    tiles: dict | None = None,
     alpha: float = GPT_OSS_ALPHA,
     limit: float = GPT_OSS_LIMIT,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,7 +179,7 @@ def up_forward(
     a = x_TD.new_empty(N, F)
     if N == 0:
         return h, a
-    cfg = _gemm_config(N, E, F, "up_gated" if gated else "up", x_TD.dtype)
+    cfg = _gemm_config(N, E, F, "up_gated" if gated else "up", x_TD.dtype, tiles)
     num_pid_m = _max_tiles(N, E, cfg.BLOCK_M)
     grid = (num_pid_m * triton.cdiv(F, cfg.BLOCK_N),)
     K.up_kernel[grid](
@@ -214,6 +205,7 @@ def rows_gemm(
     b_EO: torch.Tensor | None,
     counts_E: torch.Tensor,
     offsets_E: torch.Tensor,
+    tiles: dict | None = None,
 ) -> torch.Tensor:
     """``y[rows of e] = a[rows of e] @ w[e].T (+ b[e])`` for rows sorted by expert; ``w_EOI`` may
     be any strided view (e.g. ``gate_up.transpose(1, 2)`` for the input grad)."""
@@ -225,7 +217,7 @@ def rows_gemm(
     y = a_NI.new_empty(N, O)
     if N == 0:
         return y
-    cfg = _gemm_config(N, E, O, "rows", a_NI.dtype)
+    cfg = _gemm_config(N, E, O, "rows", a_NI.dtype, tiles)
     num_pid_m = _max_tiles(N, E, cfg.BLOCK_M)
     grid = (num_pid_m * triton.cdiv(O, cfg.BLOCK_N),)
     K.rows_gemm_kernel[grid](
@@ -302,26 +294,12 @@ def _major(device: torch.device) -> int:
     return _major_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def fused_decode_tokens() -> int:
-    """Up to how many tokens the inference forward runs the down projection and the combine as
-    one kernel (:func:`down_combine`): ``MOEKIT_TRITON_FUSED_DECODE_T`` (default 1; 0 turns
-    it off). Each token reads its own experts' weights there, which is free at T=1 (the top-k
-    experts are distinct) and costs re-reads once tokens share experts."""
-    v = os.environ.get("MOEKIT_TRITON_FUSED_DECODE_T", "1")
-    if not v.isdigit():
-        raise ValueError(f"MOEKIT_TRITON_FUSED_DECODE_T must be a non-negative integer, got {v!r}")
-    return int(v)
-
-
-def use_pdl(device: torch.device) -> bool:
+def use_pdl(device: torch.device, enabled: bool = True) -> bool:
     """Whether the decode forward launches :func:`down_combine` as a programmatic dependent of
     the up kernel (it reads the routing and its first weight tiles while the up kernel
-    finishes): ``MOEKIT_TRITON_PDL`` = ``1`` (default; on CUDA GPUs of compute capability 9
-    or newer, elsewhere it does nothing) | ``0``."""
-    v = os.environ.get("MOEKIT_TRITON_PDL", "1")
-    if v not in ("0", "1"):
-        raise ValueError(f"MOEKIT_TRITON_PDL must be 0 or 1, got {v!r}")
-    return (v == "1" and device.type == "cuda" and not interpreting() and _HAS_PDL
+    finishes): when ``enabled`` (``TritonBackend.Config.pdl``) on CUDA GPUs of compute
+    capability 9 or newer; elsewhere it does nothing."""
+    return (enabled and device.type == "cuda" and not interpreting() and _HAS_PDL
             and _major(device) >= 9)
 
 
@@ -333,6 +311,7 @@ def down_combine(
     expert_ids_N: torch.Tensor,
     weights_TK: torch.Tensor | None,
     pdl: bool = False,
+    tiles: dict | None = None,
 ) -> torch.Tensor:
     """``out[t] = sum_k w[t,k] (a[inv[t,k]] @ w[e_k].T + b[e_k])`` (``w = 1`` when
     ``weights_TK`` is None) in one kernel: the decode forward's down projection and combine.
@@ -347,7 +326,7 @@ def down_combine(
     out = a_NF.new_empty(T, D)
     if T == 0 or D == 0:
         return out
-    o = _env_ints("MOEKIT_TRITON_DOWN_COMBINE_CONFIG", "BD,BF,warps,stages")
+    o = tiles.get("down_combine") if tiles else None
     if interpreting():
         bd, bf, nw, ns = 16, 16, 4, 1
     elif o is not None:
@@ -386,9 +365,10 @@ def down_dgrad(
     out: torch.Tensor | None = None,
     expert_ids_N: torch.Tensor | None = None,
     interleaved: bool = False,
+    mode: str = "fused",
+    tiles: dict | None = None,
     alpha: float = GPT_OSS_ALPHA,
     limit: float = GPT_OSS_LIMIT,
-    mode: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dH_NH, a_NF, dwt_N)``: the pre-activation grad, the activation recomputed
     from ``h`` (for the down projection's weight grad; empty unless ``store_a``; unless ``mode``
@@ -398,15 +378,16 @@ def down_dgrad(
 
     ``out`` receives dH; it may be ``h_NH`` itself (every program reads its tile of h before it
     writes the same tile of dH, and no other program touches that tile), which saves an
-    [N, H] buffer in the backward. Unless ``mode`` is ``fused``, the GEMM and the epilogue run as two
-    kernels (``expert_ids_N`` is then needed for the down bias's term). ``interleaved``: h and
-    dH hold gate and up columns alternately (``up_forward``'s layout). ``mode``: ``fused``,
-    ``split`` or ``grouped_mm`` (split, the GEMM as torch's grouped GEMM over a gathered copy of
-    the output grad's rows); None: :func:`dgrad_mode` without cuBLAS."""
-    mode = dgrad_mode(w_EDF.shape[2], False) if mode is None else mode
+    [N, H] buffer in the backward. ``mode`` (:func:`dgrad_mode` decides): ``fused`` (one
+    kernel), ``split`` (the GEMM and the epilogue as two kernels) or ``grouped_mm`` (split,
+    the GEMM as torch's grouped GEMM over a gathered copy of the output grad's rows); split,
+    ``expert_ids_N`` is needed for the down bias's term. ``interleaved``: h and dH hold gate and
+    up columns alternately (``up_forward``'s layout)."""
+    if mode not in _DGRAD_MODES[1:]:
+        raise ValueError(f"down_dgrad mode={mode!r}; allowed: {_DGRAD_MODES[1:]}")
     if mode != "fused":
         return _down_dgrad_split(g_TD, w_EDF, b_ED, token_ids_N, roww_N, h_NH, counts_E, offsets_E,
-                                 act, gated, woi, store_a, out, expert_ids_N, interleaved,
+                                 act, gated, woi, store_a, out, expert_ids_N, interleaved, tiles,
                                  alpha, limit, mode == "grouped_mm")
     E, D, F = w_EDF.shape
     N, H = h_NH.shape
@@ -423,7 +404,7 @@ def down_dgrad(
     a = h_NH.new_empty(N if store_a else 0, F)
     if N == 0:
         return dh, a, torch.zeros(0, device=g_TD.device, dtype=torch.float32)
-    cfg = _gemm_config(N, E, F, "dgrad", g_TD.dtype)
+    cfg = _gemm_config(N, E, F, "dgrad", g_TD.dtype, tiles)
     num_pid_m = _max_tiles(N, E, cfg.BLOCK_M)
     num_pid_n = triton.cdiv(F, cfg.BLOCK_N)
     parts = torch.empty(N, num_pid_n, device=g_TD.device, dtype=torch.float32)
@@ -444,39 +425,41 @@ def down_dgrad(
     return dh, a, dwt
 
 
-def dgrad_mode(hidden: int, use_grouped_mm: bool) -> str:
-    """How the backward's first step runs (``MOEKIT_TRITON_DGRAD`` = ``auto``, the default, |
-    ``fused`` | ``split`` | ``grouped_mm``):
+_DGRAD_MODES = ("auto", "fused", "split", "grouped_mm")
+
+
+def dgrad_mode(hidden: int, use_grouped_mm: bool, setting: str = "auto") -> str:
+    """How the backward's first step runs (``setting``, ``TritonBackend.Config.dgrad`` =
+    ``auto``, the default, | ``fused`` | ``split`` | ``grouped_mm``):
 
     * ``fused``: ``down_dgrad_kernel``, the GEMM ``G = gout[tok] @ down[e]`` with the activation
       backward in its epilogue (which holds two pre-activation tiles beside the accumulator,
-      so it runs with half-width tiles: ~245 TFLOP/s on an H100);
+      so it runs with half-width tiles: ~245 TFLOP/s);
     * ``split``: the GEMM as a plain gather GEMM with the forward's wide tiles (``up_kernel``,
       identity activation, 256 columns) into an ``[N, F]`` buffer, then ``act_bwd_kernel`` over
-      whole rows (H100, fwd+bwd: qwen3 9.76 -> 9.53 ms, mixtral 33.40 -> 30.84, but gpt-oss,
-      F = 2880, 21.46 -> 23.30);
+      whole rows (H100, fwd+bwd: qwen3 9.76 -> 9.53 ms, mixtral 33.40 -> 30.84);
     * ``grouped_mm``: split, with the GEMM as torch's grouped GEMM (cuBLAS) over a gathered copy
-      of the output grad's rows.
+      of the output grad's rows (H200, gpt-oss fwd+bwd 19.24 ms against 21.44 fused and 19.32
+      split; deepseek-64e 33.64, 35.61, 34.05).
 
     ``auto``: ``grouped_mm`` where the weight grads use cuBLAS (``use_grouped_mm``, large
     experts), else ``split`` when the wide tile divides ``F``, else ``fused``. The peak memory
     is the same for all three: the ``[N, F]`` buffer (and the gathered copy) live only during
     this step."""
-    v = os.environ.get("MOEKIT_TRITON_DGRAD", "auto")
-    if v not in ("auto", "fused", "split", "grouped_mm"):
-        raise ValueError(
-            f"MOEKIT_TRITON_DGRAD must be 'auto', 'fused', 'split' or 'grouped_mm', got {v!r}")
-    if v == "grouped_mm" and _grouped_mm is None:
-        raise ValueError("MOEKIT_TRITON_DGRAD=grouped_mm needs torch's grouped_mm (torch >= 2.8)")
-    if v != "auto":
-        return v
+    if setting not in _DGRAD_MODES:
+        raise ValueError(f"dgrad={setting!r}; allowed: {_DGRAD_MODES}")
+    if setting == "grouped_mm" and _grouped_mm is None:
+        raise ValueError("dgrad='grouped_mm' needs torch's grouped_mm (torch >= 2.8)")
+    if setting != "auto":
+        return setting
     if use_grouped_mm:
         return "grouped_mm"
     return "split" if hidden % 256 == 0 else "fused"
 
 
 def _down_dgrad_split(g_TD, w_EDF, b_ED, token_ids_N, roww_N, h_NH, counts_E, offsets_E, act, gated,
-                      woi, store_a, out, expert_ids_N, interleaved, alpha, limit, use_grouped_mm=False):
+                      woi, store_a, out, expert_ids_N, interleaved, tiles=None,
+                      alpha=GPT_OSS_ALPHA, limit=GPT_OSS_LIMIT, use_grouped_mm=False):
     _, D, F = w_EDF.shape
     N, H = h_NH.shape
     if b_ED is not None and not woi and expert_ids_N is None:
@@ -497,7 +480,7 @@ def _down_dgrad_split(g_TD, w_EDF, b_ED, token_ids_N, roww_N, h_NH, counts_E, of
         G = grouped_mm(g_TD.index_select(0, token_ids_N), w_EDF, offsets_E)
     else:
         _, G = up_forward(g_TD, w_EDF.transpose(1, 2), None, token_ids_N, None, counts_E, offsets_E,
-                          "identity", False, store_h=False)
+                          "identity", False, store_h=False, tiles=tiles)
     if interpreting():
         br, bf, bd = 4, 16, 16
     else:
@@ -519,11 +502,12 @@ def _down_dgrad_split(g_TD, w_EDF, b_ED, token_ids_N, roww_N, h_NH, counts_E, of
 _grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
-def dw_uses_grouped_mm(n_rows: int, n_experts: int, dim: int, hidden: int, dtype, device) -> bool:
+def dw_uses_grouped_mm(n_rows: int, n_experts: int, dim: int, hidden: int, dtype, device,
+                       mode: str = "auto") -> bool:
     """Whether the weight grads run as torch grouped_mm (cuBLAS) GEMMs over gathered copies
     instead of ``dw_kernel`` (and the input grad's rows ``dH @ W_up`` by :func:`grouped_mm`
-    instead of ``rows_gemm_kernel``): ``MOEKIT_TRITON_DW`` = ``auto`` (the default) |
-    ``triton`` | ``grouped_mm``.
+    instead of ``rows_gemm_kernel``): ``mode`` (``TritonBackend.Config.dw``) = ``auto`` (the
+    default) | ``triton`` | ``grouped_mm``.
 
     ``auto`` uses cuBLAS on a Hopper GPU in bf16 for large experts (``F >= 2048``: GPT-OSS,
     Mixtral, DeepSeek), where cuBLAS's grouped GEMM is faster than ``dw_kernel`` (about 330
@@ -531,7 +515,8 @@ def dw_uses_grouped_mm(n_rows: int, n_experts: int, dim: int, hidden: int, dtype
     fwd+bwd mixtral 34.8 vs 41.5 ms, deepseek-64e 39.8 vs 42.2, gpt-oss 24.6 vs 24.8, same
     peak memory; benchmarks/results/H100-80GB-HBM3-dw-auto.json). The fine-grained shapes
     (Qwen3, OLMoE) are best with the gather-in-prologue kernel (no copy, less memory)."""
-    mode = os.environ.get("MOEKIT_TRITON_DW", "auto")
+    if mode not in ("auto", "triton", "grouped_mm"):
+        raise ValueError(f"dw={mode!r}; allowed: 'auto', 'triton', 'grouped_mm'")
     if _grouped_mm is None or mode == "triton":
         return False
     aligned = dim % 8 == 0 and hidden % 8 == 0
@@ -548,21 +533,17 @@ def activation_prescaled(mode: str, woi: bool) -> bool:
     return mode != "fused" and not woi
 
 
-def recompute_activation(hidden: int, use_grouped_mm: bool) -> bool:
+def recompute_activation(dgrad: str, setting: bool | None = None) -> bool:
     """Whether the forward drops the activated rows ``a`` (keeping only the pre-activation ``h``)
-    and the backward's dgrad step recomputes them: ``MOEKIT_TRITON_RECOMPUTE_ACT`` = ``auto``
-    (the default) | ``1`` | ``0``. ``auto``: wherever the dgrad is split (:func:`dgrad_mode`
-    not ``fused``), whose row-wise pass stores the recomputed activation, already times the
-    routing weight, for the price of one write of ``[N, F]``: a third of the saved activations
-    gone from the forward to the end of the backward, and the down projection's weight grad
-    reads its operands as they are. The fused dgrad kernel pays for the store in its epilogue
-    (H100, qwen3 shape: 2.36 vs 1.69 ms per call), so there ``auto`` keeps ``a``."""
-    mode = os.environ.get("MOEKIT_TRITON_RECOMPUTE_ACT", "auto")
-    if mode not in ("auto", "0", "1"):
-        raise ValueError(f"MOEKIT_TRITON_RECOMPUTE_ACT={mode!r}; allowed: 'auto', '0', '1'")
-    if mode == "auto":
-        return dgrad_mode(hidden, use_grouped_mm) != "fused"
-    return mode == "1"
+    and the backward's dgrad step recomputes them: ``setting``
+    (``TritonBackend.Config.recompute_act``) = ``None`` (the default) | ``True`` | ``False``.
+    ``None``: wherever the dgrad is split (``dgrad``, :func:`dgrad_mode`, not ``fused``), whose
+    row-wise pass stores the recomputed activation, already times the routing weight, for the
+    price of one write of ``[N, F]``: a third of the saved activations gone from the forward to
+    the end of the backward, and the down projection's weight grad reads its operands as they
+    are. The fused dgrad kernel pays for the store in its epilogue (H100, qwen3 shape: 2.36 vs
+    1.69 ms per call), so there ``None`` keeps ``a``."""
+    return dgrad != "fused" if setting is None else bool(setting)
 
 
 def grouped_mm(a_NI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
@@ -597,6 +578,7 @@ def weight_grad(
     use_grouped_mm: bool = False,
     transposed: bool = False,
     scale_dw: bool = True,
+    tiles: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``dW[e] = L[rows of e].T @ R[rows of e]`` ``[E, O, I]`` with rows of L/R read directly or
     gathered by token (``*_tok``), the routing weight applied to L or R; and ``dB[e] = sum L``.
@@ -641,7 +623,7 @@ def weight_grad(
     else:
         dw = _dw_triton(l_src, l_tok_arg, l_tok is not None, r_src, r_tok,
                         roww_N if scale_dw else None, scale_left, counts_E, offsets_E, out_dtype,
-                        transposed)
+                        transposed, tiles)
     if db is not None:
         block_o = 16 if interpreting() else min(256, triton.next_power_of_2(O))
         block_r = 16 if interpreting() else 32
@@ -663,11 +645,11 @@ def _new_dw(E: int, O: int, I: int, device, dtype, transposed: bool) -> torch.Te
 
 
 def _dw_triton(l_src, l_tok_arg, l_gather, r_src, r_tok, roww_N, scale_left, counts_E, offsets_E,
-               out_dtype, transposed=False):
+               out_dtype, transposed=False, tiles=None):
     E = counts_E.shape[0]
     O, I = l_src.shape[1], r_src.shape[1]
     dw = _new_dw(E, O, I, l_src.device, out_dtype, transposed)
-    bo, bi, bk, nw, ns = _dw_config(l_src.dtype)
+    bo, bi, bk, nw, ns = _dw_config(l_src.dtype, tiles)
     scale = roww_N is not None
     grid = (triton.cdiv(O, bo) * triton.cdiv(I, bi), E)
     K.dw_kernel[grid](
@@ -690,8 +672,8 @@ SMALL_PLAN_MAX_SLOTS = 1024
 
 def small_plan(topk_ids_TK: torch.Tensor, num_experts: int) -> RoutingPlan:
     """The dropless :class:`RoutingPlan` of ``T*K <= SMALL_PLAN_MAX_SLOTS`` slots from one
-    kernel launch (``make_plan`` uses it on CUDA at decode sizes: the same plan, a fraction of
-    the host time). Ids outside ``[0, num_experts)`` fail a device-side assert, as in
+    kernel launch (``TritonBackend.make_plan`` uses it on CUDA at decode sizes: the same plan
+    as ``make_plan``, a fraction of the host time). Ids outside ``[0, num_experts)`` fail a device-side assert, as in
     ``make_plan``."""
     T, Kk = topk_ids_TK.shape
     n = T * Kk

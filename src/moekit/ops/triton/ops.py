@@ -4,17 +4,21 @@ them, and ``fused_experts``: the ``fused`` entry of the ``triton`` backend.
 
 Forward (3 kernels):  up (gather x rows by token + GEMM + bias + activation; saves the
 pre-activation) -> down (grouped GEMM) -> combine (fixed-order weighted sum over k); at decode
-(inference, ``launchers.fused_decode_tokens`` tokens or fewer) down and combine are one kernel.
+(inference, ``fused_decode_tokens`` tokens or fewer) down and combine are one kernel.
 Backward (5-6 kernels): down-dgrad (gather the output grad by token + GEMM, activation
 derivative and routing-weight grad in the epilogue; in eager mode, unless the graph is
 retained, it writes dH over the saved pre-activation; it also recomputes the activation, which
 the forward then does not keep, where ``launchers.recompute_activation`` says so; where
-``launchers.dgrad_mode``, as two kernels: the gather GEMM, Triton's or cuBLAS's, then the
-epilogue row-wise) -> dX
+``launchers.dgrad_mode`` says so, as two kernels: the gather GEMM, Triton's or cuBLAS's, then
+the epilogue row-wise) -> dX
 rows (grouped GEMM) -> gather-sum over k (no scatter, no atomics; the rows buffer is freed
 here) -> dW_down, dW_up (grouped GEMMs over each expert's rows, gathering by token; for large
-experts, ``MOEKIT_TRITON_DW``, torch's cuBLAS grouped GEMM over gathered copies, see
-``launchers.dw_uses_grouped_mm``). Everything is deterministic.
+experts torch's cuBLAS grouped GEMM over gathered copies, see ``launchers.dw_uses_grouped_mm``).
+Everything is deterministic.
+
+Every choice above is a field of ``TritonBackend.Config`` (``moekit.ops.triton_backend``),
+passed to :func:`fused_experts` as ``settings``; the custom ops take the launch-config
+overrides as one plain string, ``tiles`` (``TritonBackend.Config.tiles_spec()``).
 """
 
 from __future__ import annotations
@@ -22,13 +26,13 @@ from __future__ import annotations
 # the custom ops' signatures spell optional tensors as Optional[...]: the form torch.library's
 # schema inference has understood longest (torch 2.11 runs it on the GPU machine)
 # ruff: noqa: UP045
-import os
 from typing import Optional
 
 import torch
 
 from ...activations import GPT_OSS_ALPHA, GPT_OSS_LIMIT
 from ...plan import RoutingPlan
+from ..triton_backend import TritonBackend, parse_tiles
 from . import launchers as L
 
 __all__ = ["FusedExperts", "fused_experts"]
@@ -42,15 +46,15 @@ def up_op(
     x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], token_ids: torch.Tensor,
     roww: Optional[torch.Tensor], counts: torch.Tensor, offsets: torch.Tensor,
     act: str, gated: bool, store_h: bool, pdl: bool = False, interleaved: bool = False,
-    alpha: float = GPT_OSS_ALPHA, limit: float = GPT_OSS_LIMIT,
+    tiles: str = "", alpha: float = GPT_OSS_ALPHA, limit: float = GPT_OSS_LIMIT,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return L.up_forward(x, w, b, token_ids, roww, counts, offsets, act, gated, store_h, pdl,
-                        interleaved, alpha, limit)
+                        interleaved, parse_tiles(tiles), alpha, limit)
 
 
 @up_op.register_fake
 def _(x, w, b, token_ids, roww, counts, offsets, act, gated, store_h, pdl=False, interleaved=False,
-      alpha=GPT_OSS_ALPHA, limit=GPT_OSS_LIMIT):
+      tiles="", alpha=GPT_OSS_ALPHA, limit=GPT_OSS_LIMIT):
     N, H = token_ids.shape[0], w.shape[1]
     F = H // 2 if gated else H
     return x.new_empty((N, H) if store_h else (0, H)), x.new_empty(N, F)
@@ -59,13 +63,13 @@ def _(x, w, b, token_ids, roww, counts, offsets, act, gated, store_h, pdl=False,
 @torch.library.custom_op(f"{_NS}::rows_gemm", mutates_args=())
 def rows_gemm_op(
     a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], counts: torch.Tensor,
-    offsets: torch.Tensor,
+    offsets: torch.Tensor, tiles: str = "",
 ) -> torch.Tensor:
-    return L.rows_gemm(a, w, b, counts, offsets)
+    return L.rows_gemm(a, w, b, counts, offsets, parse_tiles(tiles))
 
 
 @rows_gemm_op.register_fake
-def _(a, w, b, counts, offsets):
+def _(a, w, b, counts, offsets, tiles=""):
     return a.new_empty(a.shape[0], w.shape[1])
 
 
@@ -87,13 +91,13 @@ def _(y, inverse, weights, dot_with):
 @torch.library.custom_op(f"{_NS}::down_combine", mutates_args=())
 def down_combine_op(
     a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], inverse: torch.Tensor,
-    expert_ids: torch.Tensor, weights: Optional[torch.Tensor], pdl: bool = False,
+    expert_ids: torch.Tensor, weights: Optional[torch.Tensor], pdl: bool = False, tiles: str = "",
 ) -> torch.Tensor:
-    return L.down_combine(a, w, b, inverse, expert_ids, weights, pdl)
+    return L.down_combine(a, w, b, inverse, expert_ids, weights, pdl, parse_tiles(tiles))
 
 
 @down_combine_op.register_fake
-def _(a, w, b, inverse, expert_ids, weights, pdl=False):
+def _(a, w, b, inverse, expert_ids, weights, pdl=False, tiles=""):
     return a.new_empty(inverse.shape[0], w.shape[1])
 
 
@@ -102,17 +106,17 @@ def down_dgrad_op(
     g: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], token_ids: torch.Tensor,
     roww: torch.Tensor, h: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor,
     act: str, gated: bool, woi: bool, store_a: bool, expert_ids: Optional[torch.Tensor] = None,
-    interleaved: bool = False, alpha: float = GPT_OSS_ALPHA, limit: float = GPT_OSS_LIMIT,
-    mode: Optional[str] = None,
+    interleaved: bool = False, mode: str = "fused", tiles: str = "",
+    alpha: float = GPT_OSS_ALPHA, limit: float = GPT_OSS_LIMIT,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return L.down_dgrad(g, w, b, token_ids, roww, h, counts, offsets, act, gated, woi, store_a,
-                        expert_ids_N=expert_ids, interleaved=interleaved, alpha=alpha, limit=limit,
-                        mode=mode)
+                        expert_ids_N=expert_ids, interleaved=interleaved, mode=mode,
+                        tiles=parse_tiles(tiles), alpha=alpha, limit=limit)
 
 
 @down_dgrad_op.register_fake
 def _(g, w, b, token_ids, roww, h, counts, offsets, act, gated, woi, store_a, expert_ids=None,
-      interleaved=False, alpha=GPT_OSS_ALPHA, limit=GPT_OSS_LIMIT, mode=None):
+      interleaved=False, mode="fused", tiles="", alpha=GPT_OSS_ALPHA, limit=GPT_OSS_LIMIT):
     N, F = h.shape[0], w.shape[2]
     return (h.new_empty(h.shape), h.new_empty(N if store_a else 0, F),
             h.new_empty(N, dtype=torch.float32))
@@ -123,18 +127,18 @@ def weight_grad_op(
     l_src: torch.Tensor, l_tok: Optional[torch.Tensor], r_src: torch.Tensor,
     r_tok: Optional[torch.Tensor], roww: Optional[torch.Tensor], scale_left: bool,
     counts: torch.Tensor, offsets: torch.Tensor, with_bias: bool, use_grouped_mm: bool = False,
-    transposed: bool = False, scale_dw: bool = True,
+    tiles: str = "", transposed: bool = False, scale_dw: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     dw, db = L.weight_grad(
         l_src, l_tok, r_src, r_tok, roww, scale_left, counts, offsets, l_src.dtype, with_bias,
-        use_grouped_mm, transposed, scale_dw,
+        use_grouped_mm, transposed, scale_dw, parse_tiles(tiles),
     )
     return dw, (db if db is not None else l_src.new_empty(0))
 
 
 @weight_grad_op.register_fake
 def _(l_src, l_tok, r_src, r_tok, roww, scale_left, counts, offsets, with_bias, use_grouped_mm=False,
-      transposed=False, scale_dw=True):
+      tiles="", transposed=False, scale_dw=True):
     E, O, I = counts.shape[0], l_src.shape[1], r_src.shape[1]
     dw = l_src.new_empty(E, I, O).transpose(1, 2) if transposed else l_src.new_empty(E, O, I)
     return dw, (l_src.new_empty(E, O) if with_bias else l_src.new_empty(0))
@@ -142,37 +146,41 @@ def _(l_src, l_tok, r_src, r_tok, roww, scale_left, counts, offsets, with_bias, 
 
 # ----------------------------------------------------------------------------- autograd
 class FusedExperts(torch.autograd.Function):
+    """The fused experts, forward and backward. The code-path choices come resolved as plain
+    arguments: ``cublas`` (weight grads on torch grouped_mm), ``recompute`` (the backward
+    recomputes the activation), ``dgrad`` (the dgrad step's mode, ``launchers.dgrad_mode``),
+    ``inplace`` (the eager backward may write dH over h), ``tiles`` (launch-config overrides)
+    and ``alpha``, ``limit`` (the ``gpt_oss`` activation's constants)."""
+
     @staticmethod
     def forward(ctx, x, w_up, w_down, b_up, b_down, topk_w, token_ids, sorted_slots, counts,
-                offsets, inverse, expert_ids, act, gated, woi, interleaved, alpha, limit):
+                offsets, inverse, expert_ids, act, gated, woi, interleaved, cublas, recompute,
+                dgrad, inplace, tiles, alpha, limit):
         roww = topk_w.reshape(-1).to(torch.float32).index_select(0, sorted_slots)
         h, a = up_op(x, w_up, b_up, token_ids, roww if woi else None, counts, offsets, act, gated,
-                     True, False, interleaved, alpha, limit)
-        y = rows_gemm_op(a, w_down, b_down, counts, offsets)
+                     True, False, interleaved, tiles, alpha, limit)
+        y = rows_gemm_op(a, w_down, b_down, counts, offsets, tiles)
         out, _ = combine_op(y, inverse, None if woi else topk_w, None)
-        cublas = L.dw_uses_grouped_mm(h.shape[0], counts.shape[0], x.shape[1], a.shape[1],
-                                      x.dtype, x.device)
-        recompute = L.recompute_activation(w_down.shape[2], cublas)
         # the rows' experts are read only for the down bias's routing-weight-grad term of the
         # split dgrad: not kept otherwise (an [N] int64 vector held to the end of the backward)
         keep_eids = b_down is not None and not woi
         ctx.save_for_backward(x, w_up, w_down, b_up, b_down, topk_w, token_ids, counts, offsets,
                               inverse, expert_ids if keep_eids else None, roww, h,
                               None if recompute else a)
-        ctx.cublas, ctx.recompute = cublas, recompute
+        ctx.cublas, ctx.recompute, ctx.dgrad, ctx.inplace = cublas, recompute, dgrad, inplace
         ctx.act, ctx.gated, ctx.woi, ctx.interleaved = act, gated, woi, interleaved
-        ctx.alpha, ctx.limit = alpha, limit
+        ctx.tiles, ctx.alpha, ctx.limit = tiles, alpha, limit
         return out
 
     @staticmethod
     def backward(ctx, g):
-        inplace = _inplace_dgrad()
+        inplace = ctx.inplace and _graph_freed_after_backward()
+        dgrad, tiles = ctx.dgrad, ctx.tiles
+        glu = {"alpha": ctx.alpha, "limit": ctx.limit}
         (x, w_up, w_down, b_up, b_down, topk_w, token_ids, counts, offsets, inverse, expert_ids,
          roww, h, a_saved) = ctx.saved_tensors
         cublas, recompute = ctx.cublas, ctx.recompute
         act, gated, woi, interleaved = ctx.act, ctx.gated, ctx.woi, ctx.interleaved
-        mode = L.dgrad_mode(w_down.shape[2], cublas)
-        glu = {"alpha": ctx.alpha, "limit": ctx.limit, "mode": mode}
         need = ctx.needs_input_grad
         g = g.to(x.dtype).contiguous()
         if inplace:
@@ -180,12 +188,13 @@ class FusedExperts(torch.autograd.Function):
             # this backward); the version bump makes any stray later use fail loudly
             dh, a, dwt_N = L.down_dgrad(g, w_down, b_down, token_ids, roww, h, counts, offsets,
                                         act, gated, woi, recompute, out=h, expert_ids_N=expert_ids,
-                                        interleaved=interleaved, **glu)
+                                        interleaved=interleaved, mode=dgrad,
+                                        tiles=parse_tiles(tiles), **glu)
             torch.autograd.graph.increment_version(h)
         else:
             dh, a, dwt_N = down_dgrad_op(g, w_down, b_down, token_ids, roww, h, counts, offsets,
-                                         act, gated, woi, recompute, expert_ids, interleaved,
-                                         **glu)
+                                         act, gated, woi, recompute, expert_ids, interleaved, dgrad,
+                                         tiles, **glu)
         if not recompute:
             a = a_saved
         dw_down = db_down = dw_up = db_up = dx = dtopk = None
@@ -195,23 +204,23 @@ class FusedExperts(torch.autograd.Function):
             if cublas:  # large experts: cuBLAS's grouped GEMM (dH rows are already in order)
                 dx_rows = L.grouped_mm(dh, w_up, offsets)
             else:
-                dx_rows = rows_gemm_op(dh, w_up.transpose(1, 2), None, counts, offsets)
+                dx_rows = rows_gemm_op(dh, w_up.transpose(1, 2), None, counts, offsets, tiles)
             dx, dot = combine_op(dx_rows, inverse, topk_w if woi else None, x if woi else None)
             del dx_rows
             if woi:
                 dtopk = dot
         if need[2] or need[4]:
             # a recomputed by a split dgrad already carries the routing weight
-            prescaled = recompute and L.activation_prescaled(mode, woi)
+            prescaled = recompute and L.activation_prescaled(dgrad, woi)
             dw_down, db_down = weight_grad_op(g, token_ids, a, None, None if woi else roww, True,
-                                              counts, offsets, b_down is not None, cublas,
+                                              counts, offsets, b_down is not None, cublas, tiles,
                                               _stored_transposed(w_down), not prescaled)
             if b_down is None:
                 db_down = None
         del a, a_saved
         if need[1] or need[3]:
             dw_up, db_up = weight_grad_op(dh, None, x, token_ids, roww if woi else None, False,
-                                          counts, offsets, b_up is not None, cublas,
+                                          counts, offsets, b_up is not None, cublas, tiles,
                                           _stored_transposed(w_up))
             if b_up is None:
                 db_up = None
@@ -229,7 +238,8 @@ class FusedExperts(torch.autograd.Function):
         return (dx if need[0] else None, dw_up if need[1] else None,
                 dw_down if need[2] else None, db_up if need[3] else None,
                 db_down if need[4] else None, dtopk if need[5] else None,
-                None, None, None, None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None,
+                None, None, None, None, None, None, None)
 
 
 def _stored_transposed(w_EOI: torch.Tensor) -> bool:
@@ -238,12 +248,12 @@ def _stored_transposed(w_EOI: torch.Tensor) -> bool:
     return w_EOI.shape[1] > 1 and w_EOI.stride(1) == 1 and w_EOI.stride(2) == w_EOI.shape[1]
 
 
-def _inplace_dgrad() -> bool:
-    """Whether this backward writes dH over the saved pre-activation: in eager mode, when the
-    graph is freed after it (not ``retain_graph=True``, which another backward will read h
-    from), unless ``MOEKIT_TRITON_INPLACE_DGRAD=0``. Under torch.compile the functional op
-    keeps the graph pure."""
-    if os.environ.get("MOEKIT_TRITON_INPLACE_DGRAD", "1") == "0" or torch.compiler.is_compiling():
+def _graph_freed_after_backward() -> bool:
+    """Whether this backward may write dH over the saved pre-activation (where
+    ``TritonBackend.Config.inplace_dgrad`` allows it): in eager mode, when the graph is freed
+    after it (not ``retain_graph=True``, which another backward will read h from). Under
+    torch.compile the functional op keeps the graph pure."""
+    if torch.compiler.is_compiling():
         return False
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     return keep_graph is not None and not keep_graph()
@@ -266,19 +276,30 @@ def fused_experts(
     down_proj_bias: torch.Tensor | None = None,
     weight_on_input: bool = False,
     gate_up_interleaved: bool = False,
+    settings: TritonBackend.Config | None = None,
+    tiles: str | None = None,
     alpha: float = GPT_OSS_ALPHA,
     limit: float = GPT_OSS_LIMIT,
 ) -> torch.Tensor:
-    """The whole routed-experts computation in the fused Triton kernels (``moe_experts``'s
+    """The whole routed-experts computation in the fused Triton kernels (``TritonBackend``'s
     ``fused`` entry); differentiable in x, both weights, both biases and the routing weights.
-    ``alpha``, ``limit``: the ``gpt_oss`` activation's constants (GPT-OSS's ``swiglu_alpha``,
-    ``swiglu_limit``)."""
+    ``settings``: the code-path choices (default ``TritonBackend.Config()``); ``tiles``: its
+    ``tiles_spec()``, when the caller has it already; ``alpha``, ``limit``: the ``gpt_oss``
+    activation's constants (GPT-OSS's ``swiglu_alpha``, ``swiglu_limit``)."""
+    s = TritonBackend.Config() if settings is None else settings
+    if tiles is None:
+        tiles = s.tiles_spec()
     args = (x_TD, gate_up_proj, down_proj, gate_up_proj_bias, down_proj_bias, topk_weights_TK)
     if _needs_grad(*args):
+        D, F = x_TD.shape[1], down_proj.shape[2]
+        cublas = L.dw_uses_grouped_mm(plan.num_rows, plan.num_experts, D, F, x_TD.dtype,
+                                      x_TD.device, s.dw)
+        dgrad = L.dgrad_mode(F, cublas, s.dgrad)
         return FusedExperts.apply(
             *args, plan.token_ids_N, plan.sorted_slots_N, plan.counts_E, plan.offsets_E,
             plan.inverse_TK, plan.expert_ids_N, activation, gated, weight_on_input,
-            gate_up_interleaved, float(alpha), float(limit),
+            gate_up_interleaved, cublas, L.recompute_activation(dgrad, s.recompute_act), dgrad,
+            s.inplace_dgrad, tiles, float(alpha), float(limit),
         )
     # inference: no pre-activation is stored; for a token or so (decode) the down projection
     # and the combine are one kernel
@@ -286,13 +307,14 @@ def fused_experts(
     if weight_on_input:
         roww = topk_weights_TK.reshape(-1).to(torch.float32).index_select(0, plan.sorted_slots_N)
     combine_w = None if weight_on_input else topk_weights_TK
-    fuse = x_TD.shape[0] <= L.fused_decode_tokens()
-    pdl = fuse and L.use_pdl(x_TD.device)
+    fuse = x_TD.shape[0] <= s.fused_decode_tokens
+    pdl = fuse and L.use_pdl(x_TD.device, s.pdl)
     _, a = up_op(x_TD, gate_up_proj, gate_up_proj_bias, plan.token_ids_N, roww, plan.counts_E,
-                 plan.offsets_E, activation, gated, False, pdl, gate_up_interleaved, alpha, limit)
+                 plan.offsets_E, activation, gated, False, pdl, gate_up_interleaved, tiles,
+                 alpha, limit)
     if fuse:
         return down_combine_op(a, down_proj, down_proj_bias, plan.inverse_TK, plan.expert_ids_N,
-                               combine_w, pdl)
-    y = rows_gemm_op(a, down_proj, down_proj_bias, plan.counts_E, plan.offsets_E)
+                               combine_w, pdl, tiles)
+    y = rows_gemm_op(a, down_proj, down_proj_bias, plan.counts_E, plan.offsets_E, tiles)
     out, _ = combine_op(y, plan.inverse_TK, combine_w, None)
     return out

@@ -1,0 +1,303 @@
+"""The ``triton`` experts backend object and its settings (``TritonBackend.Config``).
+
+This module does not import Triton: the kernels (``moekit.ops.triton``) are imported when a
+:class:`TritonBackend` is built and Triton is installed. Every switch of the kernels' code
+paths is a typed field of ``TritonBackend.Config`` (recorded by ``to_dict()``) and travels as
+an argument from ``TritonBackend.fused`` down to the launchers. Environment variables
+(``MOEKIT_TRITON_*``, :data:`ENV_VARS`) override fields only through
+``TritonBackend.Config.from_env()`` / ``with_env_overrides()``, which the backend registered
+as ``"triton"`` uses for its defaults: that is how the benchmark's sweeps reach them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..plan import RoutingPlan
+from .backends import ExpertsBackend
+
+__all__ = ["ENV_VARS", "TILE_KINDS", "DownCombineTile", "GemmTile", "TritonBackend", "parse_tiles"]
+
+# the row-GEMM kinds a tile can be given for, in training and (``decode_``) at decode sizes
+TILE_KINDS = ("up_gated", "up", "rows", "dgrad")
+_KIND_KEYS = TILE_KINDS + tuple(f"decode_{k}" for k in TILE_KINDS)
+_DGRAD = ("auto", "fused", "split", "grouped_mm")
+_DW = ("auto", "triton", "grouped_mm")
+
+
+def _ints(owner: str, values, n: int) -> tuple[int, ...]:
+    vals = tuple(values)
+    if len(vals) != n or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in vals):
+        raise ValueError(f"{owner}: expected {n} positive integers, got {values!r}")
+    return vals
+
+
+@dataclass(frozen=True)
+class GemmTile:
+    """A launch config of a row-tiled grouped GEMM (or, for the weight grads, ``block_m`` =
+    output rows, ``block_n`` = output columns). Gated kernels take ``block_n`` per accumulator."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        _ints("GemmTile", dataclasses.astuple(self), 5)
+
+    @classmethod
+    def parse(cls, text: str, what: str = "GemmTile") -> GemmTile:
+        """From ``"BM,BN,BK,warps,stages"``."""
+        parts = [p.strip() for p in str(text).split(",")]
+        if len(parts) != 5 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"{what}={text!r}: expected 5 positive integers 'BM,BN,BK,warps,stages'")
+        return cls(*map(int, parts))
+
+
+@dataclass(frozen=True)
+class DownCombineTile:
+    """The launch config of the fused decode down projection + combine kernel."""
+
+    block_d: int
+    block_f: int
+    num_warps: int = 4
+    num_stages: int = 1
+
+    def __post_init__(self) -> None:
+        _ints("DownCombineTile", dataclasses.astuple(self), 4)
+
+    @classmethod
+    def parse(cls, text: str, what: str = "DownCombineTile") -> DownCombineTile:
+        """From ``"BD,BF,warps,stages"``."""
+        parts = [p.strip() for p in str(text).split(",")]
+        if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"{what}={text!r}: expected 4 positive integers 'BD,BF,warps,stages'")
+        return cls(*map(int, parts))
+
+
+def _as(tile_cls, owner: str, name: str, v):
+    if v is None or isinstance(v, tile_cls):
+        return v
+    if isinstance(v, (tuple, list)):
+        return tile_cls(*v)
+    raise TypeError(f"{owner}.{name} must be a {tile_cls.__name__} (or a tuple of its ints), got {v!r}")
+
+
+def _tile_spec(t) -> str:
+    return ",".join(str(v) for v in dataclasses.astuple(t))
+
+
+@functools.lru_cache(maxsize=64)
+def parse_tiles(spec: str) -> dict[str, tuple[int, ...]]:
+    """The launch-config overrides of a :meth:`TritonBackend.Config.tiles_spec` string: key
+    (``gemm``, a kind of ``TILE_KINDS`` with or without ``decode_``, ``dw``, ``down_combine``)
+    -> ints. The custom ops take the string (plain arguments); the launchers the dict."""
+    out = {}
+    for part in spec.split(";") if spec else ():
+        key, vals = part.split("=")
+        out[key] = tuple(int(v) for v in vals.split(","))
+    return out
+
+
+_BOOL_ENV = {"0": False, "1": True}
+# field -> environment variable that overrides it (for benchmark sweeps)
+ENV_VARS = {
+    "dgrad": "MOEKIT_TRITON_DGRAD",
+    "dw": "MOEKIT_TRITON_DW",
+    "recompute_act": "MOEKIT_TRITON_RECOMPUTE_ACT",
+    "inplace_dgrad": "MOEKIT_TRITON_INPLACE_DGRAD",
+    "fused_decode_tokens": "MOEKIT_TRITON_FUSED_DECODE_T",
+    "pdl": "MOEKIT_TRITON_PDL",
+    "gemm_tile": "MOEKIT_TRITON_CONFIG",
+    "dw_tile": "MOEKIT_TRITON_DW_CONFIG",
+    "down_combine_tile": "MOEKIT_TRITON_DOWN_COMBINE_CONFIG",
+    **{f"kind_tiles.{k}": f"MOEKIT_TRITON_{k.upper()}_CONFIG" for k in _KIND_KEYS},
+}
+
+
+def _from_env(name: str, var: str, text: str) -> Any:
+    where = f"{var}={text!r}"
+    if name in ("dgrad", "dw"):
+        allowed = _DGRAD if name == "dgrad" else _DW
+        if text not in allowed:
+            raise ValueError(f"{where}; allowed: {allowed}")
+        return text
+    if name == "recompute_act":
+        if text not in ("auto", "0", "1"):
+            raise ValueError(f"{where}; allowed: 'auto', '0', '1'")
+        return None if text == "auto" else text == "1"
+    if name in ("inplace_dgrad", "pdl"):
+        if text not in _BOOL_ENV:
+            raise ValueError(f"{where}; it must be 0 or 1")
+        return _BOOL_ENV[text]
+    if name == "fused_decode_tokens":
+        if not text.isdigit():
+            raise ValueError(f"{where}; it must be a non-negative integer")
+        return int(text)
+    if name == "down_combine_tile":
+        return DownCombineTile.parse(text, var)
+    return GemmTile.parse(text, var)
+
+
+class TritonBackend(ExpertsBackend):
+    """Fused Triton kernels (``moekit.ops.triton``): the whole experts call in 3 kernels
+    forward and 5-6 backward, a Triton grouped linear for the staged path, and the routing
+    plan in one launch at decode sizes on CUDA. Runs on CUDA GPUs, and on CPU under Triton's
+    interpreter (``TRITON_INTERPRET=1``, for tests)."""
+
+    name = "triton"
+    why_unavailable = (
+        "the triton backend needs Triton (pip install 'moekit[triton]'), a CUDA GPU (or "
+        "TRITON_INTERPRET=1 on CPU, for tests) and float32/float16/bfloat16"
+    )
+
+    @dataclass(kw_only=True)
+    class Config(ExpertsBackend.Config):
+        """Settings of the fused kernels (docs/architecture.md has a table of them)."""
+
+        dgrad: str = "auto"  # backward's first step: one fused kernel, or split in two (Triton or cuBLAS GEMM)
+        dw: str = "auto"  # weight grads: dw_kernel ("triton") or torch grouped_mm
+        recompute_act: bool | None = None  # None: wherever the dgrad is split
+        inplace_dgrad: bool = True  # eager backward writes dH over the saved pre-activation
+        fused_decode_tokens: int = 1  # inference at <= this many tokens: down + combine fused
+        pdl: bool = True  # decode: programmatic dependent launch (CUDA, SM >= 9)
+        gemm_tile: GemmTile | None = None  # training row-GEMM tile (BN halved for 2 accumulators)
+        kind_tiles: dict[str, GemmTile] = field(default_factory=dict)  # per kind, BN per accumulator
+        dw_tile: GemmTile | None = None  # weight-grad kernel tile
+        down_combine_tile: DownCombineTile | None = None  # fused decode down + combine
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            o = "TritonBackend.Config"
+            if self.dgrad not in _DGRAD:
+                raise ValueError(f"{o}.dgrad={self.dgrad!r} is not supported; allowed: {_DGRAD}")
+            if self.dw not in _DW:
+                raise ValueError(f"{o}.dw={self.dw!r} is not supported; allowed: {_DW}")
+            if self.recompute_act is not None and not isinstance(self.recompute_act, bool):
+                raise TypeError(f"{o}.recompute_act={self.recompute_act!r}; allowed: None (auto), True, False")
+            for name in ("inplace_dgrad", "pdl"):
+                if not isinstance(getattr(self, name), bool):
+                    raise TypeError(f"{o}.{name}={getattr(self, name)!r}; it must be True or False")
+            n = self.fused_decode_tokens
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"{o}.fused_decode_tokens={n!r}; it must be an integer >= 0")
+            self.gemm_tile = _as(GemmTile, o, "gemm_tile", self.gemm_tile)
+            self.dw_tile = _as(GemmTile, o, "dw_tile", self.dw_tile)
+            self.down_combine_tile = _as(DownCombineTile, o, "down_combine_tile", self.down_combine_tile)
+            if not isinstance(self.kind_tiles, dict):
+                raise TypeError(f"{o}.kind_tiles must be a dict kind -> GemmTile, got {self.kind_tiles!r}")
+            for k in self.kind_tiles:
+                if k not in _KIND_KEYS:
+                    raise ValueError(f"{o}.kind_tiles has key {k!r}; allowed: {_KIND_KEYS}")
+            self.kind_tiles = {k: _as(GemmTile, o, f"kind_tiles[{k!r}]", v) for k, v in self.kind_tiles.items()}
+
+        def tiles_spec(self) -> str:
+            """The launch-config overrides as one string (see :func:`parse_tiles`)."""
+            parts = [f"{k}={_tile_spec(t)}" for k, t in sorted(self.kind_tiles.items())]
+            for key, t in (("gemm", self.gemm_tile), ("dw", self.dw_tile),
+                           ("down_combine", self.down_combine_tile)):
+                if t is not None:
+                    parts.append(f"{key}={_tile_spec(t)}")
+            return ";".join(parts)
+
+        def with_env_overrides(self, environ=None) -> TritonBackend.Config:
+            """A copy with every field whose ``MOEKIT_TRITON_*`` variable (:data:`ENV_VARS`) is
+            set taken from the environment (for benchmark sweeps)."""
+            env = os.environ if environ is None else environ
+            changes: dict[str, Any] = {}
+            kinds = dict(self.kind_tiles)
+            for name, var in ENV_VARS.items():
+                text = env.get(var)
+                if not text:
+                    continue
+                if name.startswith("kind_tiles."):
+                    kinds[name.split(".", 1)[1]] = _from_env(name, var, text)
+                else:
+                    changes[name] = _from_env(name, var, text)
+            if kinds != self.kind_tiles:
+                changes["kind_tiles"] = kinds
+            return dataclasses.replace(self, **changes) if changes else self
+
+        @classmethod
+        def from_env(cls, environ=None) -> TritonBackend.Config:
+            """The default settings with the environment's overrides."""
+            return cls().with_env_overrides(environ)
+
+    @classmethod
+    def with_env_defaults(cls) -> TritonBackend:
+        """The backend with the default settings and the environment's overrides (the one
+        registered as ``"triton"``); one object per combination of the variables' values, so
+        that choosing the backend by name costs a few dictionary reads per call."""
+        if torch.compiler.is_compiling():  # traced once: no cache to consult
+            return cls(cls.Config.from_env())
+        return _backend_for_env(_env_values())
+
+    def __init__(self, config: TritonBackend.Config | None = None):
+        super().__init__(config)
+        self.tiles = self.config.tiles_spec()
+        self._kernels  # noqa: B018 - imports the kernels now, not first inside a traced forward
+
+    @property
+    def _kernels(self):
+        """The kernels package ``moekit.ops.triton``, or None without Triton (not kept on the
+        object, so that backends copy and pickle with the modules that hold them)."""
+        try:
+            from . import triton as kernels_pkg
+        except ImportError:
+            return None
+        return kernels_pkg
+
+    def available(self, device: torch.device, dtype: torch.dtype) -> bool:
+        return self._kernels is not None and self._kernels.triton_available(device, dtype)
+
+    def grouped_linear(self, x_NI, w_EOI, plan, bias_EO=None):
+        from .triton.grouped_linear import triton_grouped_linear
+
+        return triton_grouped_linear(x_NI, w_EOI, plan, bias_EO, config=self.config, tiles=self.tiles)
+
+    def fused(self, x_TD, gate_up_proj, down_proj, plan, topk_weights_TK, **kw) -> torch.Tensor:
+        return self._kernels.fused_experts(x_TD, gate_up_proj, down_proj, plan, topk_weights_TK,
+                                           settings=self.config, tiles=self.tiles, **kw)
+
+    def make_plan(self, topk_ids_TK, num_experts, *, capacity_factor=None, drop_policy="position",
+                  topk_weights_TK=None, capacity=None) -> RoutingPlan:
+        """Dropless plans of at most ``launchers.SMALL_PLAN_MAX_SLOTS`` slots on CUDA come from
+        one kernel launch (``launchers.small_plan``: the same plan, bit for bit; at decode
+        sizes the dozen small torch ops of ``make_plan`` cost more host time than the experts'
+        kernels); other plans, and bad arguments, go to ``make_plan``."""
+        if (capacity_factor is None and capacity is None and topk_ids_TK.device.type == "cuda"
+                and self._kernels is not None and topk_ids_TK.dim() == 2
+                and topk_ids_TK.dtype in (torch.int32, torch.int64)
+                and 0 < topk_ids_TK.numel() <= self._kernels.launchers.SMALL_PLAN_MAX_SLOTS
+                and type(num_experts) is int and num_experts > 0
+                and not torch.compiler.is_compiling()):
+            return self._kernels.launchers.small_plan(topk_ids_TK, num_experts)
+        return super().make_plan(topk_ids_TK, num_experts, capacity_factor=capacity_factor,
+                                 drop_policy=drop_policy, topk_weights_TK=topk_weights_TK,
+                                 capacity=capacity)
+
+
+# os.environ's encoded mapping, read directly: 17 os.environ.get calls cost ~14 us, too much
+# for a per-call choice of the backend by name at decode sizes (1 us this way)
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEYS = (tuple(os.environ.encodekey(v) for v in ENV_VARS.values())
+             if _ENV_DATA is not None and hasattr(os.environ, "encodekey") else None)
+
+
+def _env_values() -> tuple:
+    if _ENV_KEYS is not None:
+        return tuple(map(_ENV_DATA.get, _ENV_KEYS))
+    return tuple(map(os.environ.get, ENV_VARS.values()))  # pragma: no cover - other Pythons
+
+
+@functools.lru_cache(maxsize=16)
+def _backend_for_env(values: tuple) -> TritonBackend:
+    """(``values`` only keys the cache: the settings are read from the environment.)"""
+    return TritonBackend(TritonBackend.Config.from_env())
