@@ -156,6 +156,49 @@ def equality(args, device, rank, W):
             "detail": out}
 
 
+def _union(intervals):
+    out = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def timeline(fn, device) -> dict:
+    """One call of ``fn`` under the torch profiler: the GPU kernels' intervals, split into
+    communication (NCCL kernels) and compute (every other kernel), and how much of the
+    communication time runs while some compute kernel runs (hidden). Times in ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    comm, comp = [], []
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA or e.time_range.elapsed_us() <= 0:
+            continue
+        iv = (e.time_range.start, e.time_range.end)
+        (comm if "nccl" in e.name.lower() else comp).append(iv)
+    comp_u = _union(comp)
+    comm_u = _union(comm)
+    hidden = 0.0
+    for a, b in comm_u:
+        for c, d in comp_u:
+            if d <= a:
+                continue
+            if c >= b:
+                break
+            hidden += min(b, d) - max(a, c)
+    comm_ms = sum(b - a for a, b in comm_u) / 1e3
+    span = (max(b for _, b in comp_u + comm_u) - min(a for a, _ in comp_u + comm_u)) / 1e3 if comp_u else 0.0
+    return {"span_ms": span, "compute_ms": sum(b - a for a, b in comp_u) / 1e3, "comm_ms": comm_ms,
+            "comm_hidden_ms": hidden / 1e3, "comm_hidden_fraction": hidden / 1e3 / comm_ms if comm_ms else None,
+            "comm_kernels": len(comm), "compute_kernels": len(comp)}
+
+
 def safe_apply_ep(moe, **kw):
     """apply_ep with the weights checksum; if only the checksum disagrees (it should not:
     same seed, same kernels), record it and go on without it."""
@@ -251,8 +294,12 @@ def main():
         fwd, fb = step_fns(moe, x, g)
         t_f = timeit(fwd, device, args.warmup, args.iters)
         t_fb = timeit(fb, device, args.warmup, args.iters)
-        rows.append({"mode": f"ep{W}", "experts": E, "chunks": C, "fwd_ms": t_f * 1e3, "fwdbwd_ms": t_fb * 1e3})
-        log(f"ep{W} chunks={C}: fwd {t_f * 1e3:.2f} ms, fwd+bwd {t_fb * 1e3:.2f} ms")
+        row = {"mode": f"ep{W}", "experts": E, "chunks": C, "fwd_ms": t_f * 1e3, "fwdbwd_ms": t_fb * 1e3}
+        if cuda:
+            row["timeline_fwdbwd"] = timeline(fb, device)
+        rows.append(row)
+        log(f"ep{W} chunks={C}: fwd {t_f * 1e3:.2f} ms, fwd+bwd {t_fb * 1e3:.2f} ms "
+            f"{row.get('timeline_fwdbwd', '')}")
 
     # the all-to-all alone, with the split sizes of a real forward (one chunk)
     ep.num_chunks = 1
@@ -304,8 +351,8 @@ def main():
     result["rows"] = rows
     best = max(r["vs_1gpu_fwdbwd"] for r in rows if r["mode"] != "1gpu")
     best_f = max(r["vs_1gpu_fwd"] for r in rows if r["mode"] != "1gpu")
-    result["target"] = {"per_gpu_throughput_vs_1gpu_min": 0.8, "best_fwdbwd": best, "best_fwd": best_f,
-                        "met_fwdbwd": best >= 0.8, "met_fwd": best_f >= 0.8}
+    result["target"] = {"per_gpu_throughput_vs_1gpu_min": 0.9, "best_fwdbwd": best, "best_fwd": best_f,
+                        "met_fwdbwd": best >= 0.9, "met_fwd": best_f >= 0.9}
     result["wall_s"] = time.time() - t_start
     if cuda:
         result["max_memory_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -320,7 +367,13 @@ def main():
         print(f"all-to-all dispatch+combine {a['dispatch_plus_combine_ms']:.2f} ms "
               f"({a['algbw_GBps_per_exchange']:.0f} GB/s to the other ranks); share of EP fwd "
               f"{a['share_of_ep_fwd_no_overlap']:.1%}, of fwd+bwd {a['share_of_ep_fwdbwd_no_overlap']:.1%}")
-        print("target (EP per-GPU >= 80% of 1 GPU):", result["target"])
+        print("target (EP per-GPU >= 90% of 1 GPU):", result["target"])
+        for r in rows:
+            if "timeline_fwdbwd" in r:
+                tl = r["timeline_fwdbwd"]
+                print(f"timeline {r['mode']} chunks={r['chunks']}: span {tl['span_ms']:.2f} ms, compute "
+                      f"{tl['compute_ms']:.2f}, all-to-all {tl['comm_ms']:.2f} of which under compute "
+                      f"{tl['comm_hidden_ms']:.2f} ({(tl['comm_hidden_fraction'] or 0):.0%})")
         if args.out:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             with open(args.out, "w") as f:

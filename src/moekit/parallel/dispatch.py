@@ -14,6 +14,13 @@ Both return ``(tensor, handle)``; with ``async_op=True`` the caller must call
 exchange before computing chunk i). Both are autograd-aware: the backward of a dispatch is
 a combine of the gradients and vice versa.
 
+On CUDA, ``async_op=True`` runs the exchange on a communication stream of the dispatcher's
+own: the collective waits only for its input (an event), not for everything issued before it
+on the compute stream, and ``handle.wait()`` makes the compute stream wait for it. Its
+backward runs on that stream too (autograd runs a node's backward on its forward's stream and
+orders the streams by events), so the backward's exchanges of one chunk overlap the expert
+GEMMs of another, as the forward's do.
+
 :class:`AllToAllDispatcher` uses ``torch.distributed.all_to_all_single`` (NCCL or gloo).
 Another transport (DeepEP's NVLink/RDMA kernels, say) implements the same three methods.
 """
@@ -21,6 +28,7 @@ Another transport (DeepEP's NVLink/RDMA kernels, say) implements the same three 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -83,28 +91,60 @@ class _AllToAll(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, anchor, x, out_splits, in_splits, group, async_op, handle_box):
+    def forward(ctx, anchor, x, out_splits, in_splits, group, async_op, handle_box, consumer):
         ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
-        ctx.in_rows = x.shape[0]
+        ctx.in_rows, ctx.consumer = x.shape[0], consumer
         out, work = _a2a(x, sum(out_splits), out_splits, in_splits, group, async_op)
         handle_box.append(work)
         return out
 
     @staticmethod
     def backward(ctx, g):
+        if ctx.consumer is not None:  # on the communication stream: g was made on another
+            g.record_stream(torch.cuda.current_stream(g.device))
         gx, _ = _a2a(g, ctx.in_rows, ctx.in_splits, ctx.out_splits, ctx.group, False)
-        return None, gx, None, None, None, None, None
+        if ctx.consumer is not None:  # read next on the compute stream
+            gx.record_stream(ctx.consumer)
+        return None, gx, None, None, None, None, None, None
 
 
-def exchange(x: torch.Tensor, out_splits, in_splits, group, *, async_op: bool = False):
-    """``(out, handle)``: autograd-aware all_to_all_single of rows."""
+class _StreamWait:
+    """The handle of an exchange on a communication stream: ``wait()`` orders the compute
+    stream after it."""
+
+    def __init__(self, compute, comm):
+        self.compute, self.comm = compute, comm
+
+    def wait(self) -> None:
+        self.compute.wait_stream(self.comm)
+
+
+def exchange(x: torch.Tensor, out_splits, in_splits, group, *, async_op: bool = False,
+             stream=None):
+    """``(out, handle)``: autograd-aware all_to_all_single of rows; with ``stream`` (a CUDA
+    stream) the exchange runs there (see the module docstring) and ``handle.wait()`` orders
+    the current stream after it."""
     box: list = []
-    if torch.is_grad_enabled():
-        anchor = torch.empty(0, device=x.device, requires_grad=True)
-        out = _AllToAll.apply(anchor, x, list(out_splits), list(in_splits), group, async_op, box)
+    consumer = None
+    if stream is not None:
+        consumer = torch.cuda.current_stream(x.device)
+        stream.wait_stream(consumer)  # the rows to send are ready
+        ctx_stream = torch.cuda.stream(stream)
+        async_op = False  # the collective is ordered on `stream`; the handle orders the rest
     else:
-        out, work = _a2a(x, sum(out_splits), out_splits, in_splits, group, async_op)
-        box.append(work)
+        ctx_stream = _nullcontext()
+    with ctx_stream:
+        if torch.is_grad_enabled():
+            anchor = torch.empty(0, device=x.device, requires_grad=True)
+            out = _AllToAll.apply(anchor, x, list(out_splits), list(in_splits), group, async_op,
+                                  box, consumer)
+        else:
+            out, work = _a2a(x, sum(out_splits), out_splits, in_splits, group, async_op)
+            box.append(work)
+    if stream is not None:
+        x.record_stream(stream)
+        out.record_stream(consumer)
+        return out, _StreamWait(consumer, stream)
     return out, box[0]
 
 
@@ -118,19 +158,30 @@ def _all_gather_flat(t: torch.Tensor, group) -> torch.Tensor:
 
 
 class AllToAllDispatcher(Dispatcher):
-    """Rows travel by ``all_to_all_single`` with uneven split sizes (exchanged first)."""
+    """Rows travel by ``all_to_all_single`` with uneven split sizes (exchanged first); on CUDA,
+    asynchronous exchanges run on a communication stream of the dispatcher's own."""
 
     def __init__(self, group=None):
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        self._streams: dict = {}
+
+    def _stream(self, x: torch.Tensor, async_op: bool):
+        if not async_op or x.device.type != "cuda":
+            return None
+        if x.device not in self._streams:
+            self._streams[x.device] = torch.cuda.Stream(device=x.device)
+        return self._streams[x.device]
 
     def exchange_counts(self, counts_CP: torch.Tensor) -> torch.Tensor:
         c = counts_CP.to(torch.int64).contiguous()
         return _all_gather_flat(c, self.group).view((self.world_size,) + tuple(c.shape)).cpu()
 
     def dispatch(self, x_ND: torch.Tensor, layout: Layout, *, async_op: bool = False):
-        return exchange(x_ND, layout.recv, layout.send, self.group, async_op=async_op)
+        return exchange(x_ND, layout.recv, layout.send, self.group, async_op=async_op,
+                        stream=self._stream(x_ND, async_op))
 
     def combine(self, y_RD: torch.Tensor, layout: Layout, *, async_op: bool = False):
-        return exchange(y_RD, layout.send, layout.recv, self.group, async_op=async_op)
+        return exchange(y_RD, layout.send, layout.recv, self.group, async_op=async_op,
+                        stream=self._stream(y_RD, async_op))
