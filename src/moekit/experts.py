@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .activations import canonical_activation, resolve_gated
-from .config import Config, Module, check_choice, check_positive
+from .config import Config, Module, check_bool, check_choice, check_positive
 from .ops.api import BACKEND_NAMES, moe_experts
 from .plan import DROP_POLICIES, RoutingPlan, make_plan
 
@@ -62,6 +62,7 @@ class GroupedExperts(UpProjectionAccess, Module):
             resolve_gated(self.activation, self.gated, o)  # validates the pairing
             check_choice(o, "backend", self.backend, BACKEND_NAMES)
             check_choice(o, "routing_weight_on", self.routing_weight_on, ROUTING_WEIGHT_ON)
+            check_bool(o, "use_bias", self.use_bias)
 
         @property
         def is_gated(self) -> bool:

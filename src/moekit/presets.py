@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from .config import check_bool
 from .experts import GroupedExperts
 from .moe import MoE
 from .router import TokenChoiceTopKRouter
@@ -122,8 +123,9 @@ PRESETS: dict[str, Callable[..., MoE.Config]] = {
 
 
 def get_preset(name: str, tiny: bool = False) -> MoE.Config:
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; allowed: {sorted(PRESETS)}")
+    check_bool("get_preset", "tiny", tiny)
     return PRESETS[name](tiny=tiny)
 
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config, Module, check_choice, check_nonneg, check_positive
+from .config import Config, Module, check_bool, check_choice, check_nonneg, check_positive
 from .ops.gate import fp32_gate_applies, fp32_gate_logits
 
 __all__ = ["RouterOutput", "TokenChoiceTopKRouter"]
@@ -98,6 +98,11 @@ class TokenChoiceTopKRouter(Module):
             check_choice(o, "hash_weights", self.hash_weights, HASH_WEIGHTS)
             check_choice(o, "group_score", self.group_score, GROUP_SCORES)
             check_nonneg(o, "route_scale", self.route_scale)
+            for name in ("route_norm", "topk_before_score", "use_router_bias", "use_expert_bias",
+                         "force_load_balance"):
+                check_bool(o, name, getattr(self, name))
+            if isinstance(self.hash_seed, bool) or not isinstance(self.hash_seed, int):
+                raise TypeError(f"{o}.hash_seed={self.hash_seed!r}; it must be an integer")
             check_choice(
                 o, "router_dtype", self.router_dtype,
                 (None, torch.float32, torch.float64, torch.bfloat16, torch.float16),

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .activations import canonical_activation, get_activation, resolve_gated
-from .config import Config, Module, check_positive
+from .config import Config, Module, check_bool, check_positive
 
 __all__ = ["SharedExperts"]
 
@@ -29,6 +29,7 @@ class SharedExperts(Module):
         def __post_init__(self) -> None:
             o = "SharedExperts.Config"
             check_positive(o, "hidden_dim", self.hidden_dim)
+            check_bool(o, "use_gate", self.use_gate)
             self.activation = canonical_activation(self.activation)
             resolve_gated(self.activation, self.gated, o)  # validates the pairing
 
