@@ -17,7 +17,7 @@ import torch
 from ..activations import get_activation
 from ..plan import RoutingPlan, make_plan
 from .reference import grouped_linear_loop
-from .stages import permute, unpermute
+from .stages import check_expert_down, check_expert_up, check_given_plan, permute, unpermute
 from .torch_mm import grouped_linear_mm, grouped_mm_available
 
 __all__ = [
@@ -142,6 +142,7 @@ def expert_up(
 ) -> torch.Tensor:
     """Up projection (``H = 2F`` when gated, else ``F``) and the activation: ``[N, F]``
     (``interleaved``: gate and up rows of ``w_up_EHD`` alternate, as in GPT-OSS)."""
+    check_expert_up(x_ND, w_up_EHD, plan, bias_EH, gated)
     b = staged_backend(backend, x_ND.device, x_ND.dtype)
     h_NH = b.grouped_linear(x_ND, w_up_EHD, plan, bias_EH)
     return get_activation(activation)(h_NH, gated, interleaved)
@@ -156,6 +157,7 @@ def expert_down(
     backend: str | Backend = "auto",
 ) -> torch.Tensor:
     """Down projection ``[N, D]`` (the bias is added per routed row)."""
+    check_expert_down(h_NF, w_down_EDF, plan, bias_ED)
     b = staged_backend(backend, h_NF.device, h_NF.dtype)
     return b.grouped_linear(h_NF, w_down_EDF, plan, bias_ED)
 
@@ -233,6 +235,7 @@ def moe_experts(
         raise ValueError(f"activation={activation!r} is gated only; pass gate_up_proj [E, 2F, D]")
     if gate_up_interleaved and not gated:
         raise ValueError("gate_up_interleaved=True needs gated experts (gate_up_proj [E, 2F, D])")
+    check_given_plan(plan, topk_ids, gate_up_proj.shape[0])
     b = resolve_backend(backend, x_TD.device, x_TD.dtype)
     if plan is None:
         plan = make_plan(topk_ids, gate_up_proj.shape[0])
