@@ -37,7 +37,8 @@ class MoE(Module):
     tokens, 0/False for padding: padding is excluded from the aux losses and the load counts,
     and still gets an output), ``router_logits`` (precomputed [T, E] logits instead of the gate).
 
-    After a forward: ``last_router_output`` (the RouterOutput), ``aux_losses`` (the last values,
+    After a forward: ``last_router_output`` (the RouterOutput, detached; ``forward_with_routing``
+    returns the one inside the autograd graph), ``aux_losses`` (the last values,
     detached, of each active loss, already multiplied by its coefficient),
     ``tokens_per_expert`` (int64 [E] buffer, accumulated across forwards until
     ``update_expert_bias()`` or ``reset_load()``; not counted again when activation
@@ -125,16 +126,29 @@ class MoE(Module):
         token_mask: torch.Tensor | None = None,
         router_logits: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if x.dim() not in (2, 3) or x.shape[-1] != self.dim:
-            raise ValueError(f"MoE input must be [T, {self.dim}] or [B, S, {self.dim}], got {tuple(x.shape)}")
+        return self.forward_with_routing(
+            x, input_ids=input_ids, token_mask=token_mask, router_logits=router_logits
+        )[0]
+
+    def forward_with_routing(
+        self,
+        x: torch.Tensor,
+        *,
+        input_ids: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        router_logits: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, RouterOutput | None]:
+        """``forward``, also returning this call's RouterOutput as computed, inside the autograd
+        graph (None for an empty input): for a caller whose loss uses the router's logits or
+        weights. The module itself keeps only a detached copy (``last_router_output``)."""
+        self._check_input(x, token_mask, router_logits)
         shape = x.shape
         x_TD = x.reshape(-1, self.dim)
         T = x_TD.shape[0]
-        if token_mask is not None and token_mask.numel() != T:
-            raise ValueError(f"token_mask has {token_mask.numel()} entries; the input has {T} tokens")
         if T == 0 and not getattr(self.experts, "needs_all_ranks", False):
             self.aux_losses = {}
-            return x * 0  # empty, and still part of the graph
+            self.last_router_output = None
+            return x * 0, None  # empty, and still part of the graph
         # (expert-parallel experts set needs_all_ranks: a rank with no tokens must still join
         # the collectives, so it runs the layer on its empty batch)
 
@@ -146,7 +160,7 @@ class MoE(Module):
         r = self.router(x_TD, **kwargs)
         if not isinstance(r, RouterOutput):
             raise TypeError(f"the router must return a RouterOutput, got {type(r).__name__}")
-        self.last_router_output = r
+        self.last_router_output = r.detach()  # no graph kept between calls (deepcopy, pickle)
         mask_T = None if token_mask is None else token_mask.reshape(-1)
 
         # routed slots per expert: for the load statistics (not counted again when activation
@@ -166,7 +180,52 @@ class MoE(Module):
             y_TD = self._attach_losses(y_TD, r, mask_T, shape, load_E)
         else:
             self.aux_losses = {}
-        return y_TD.reshape(shape)
+        return y_TD.reshape(shape), r
+
+    def _check_input(self, x, token_mask, router_logits) -> None:
+        """Shape, dtype and device of the inputs (metadata only, except the values of a
+        non-boolean token_mask on CPU)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"MoE input must be a tensor, got {type(x).__name__}")
+        if x.dim() not in (2, 3) or x.shape[-1] != self.dim:
+            raise ValueError(f"MoE input must be [T, {self.dim}] or [B, S, {self.dim}], got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"MoE input must be a floating tensor, got {x.dtype}")
+        w = self.router.gate.weight if isinstance(getattr(self.router, "gate", None), torch.nn.Linear) else None
+        if w is not None and x.device != w.device:
+            raise ValueError(
+                f"MoE input is on {x.device} but the layer's parameters are on {w.device}; move one of them"
+            )
+        if x.device.type == "meta":
+            raise ValueError(
+                "MoE input is on the meta device: routing needs values; materialize the layer "
+                "(module.to_empty(device=...) then init_weights() or load_state_dict) and run on real tensors"
+            )
+        T = x.numel() // self.dim
+        if token_mask is not None:
+            if not isinstance(token_mask, torch.Tensor):
+                raise TypeError(f"token_mask must be a tensor, got {type(token_mask).__name__}")
+            if token_mask.numel() != T:
+                raise ValueError(f"token_mask has {token_mask.numel()} entries; the input has {T} tokens")
+            if token_mask.device != x.device:
+                raise ValueError(f"token_mask is on {token_mask.device} but the input is on {x.device}")
+            if (token_mask.dtype != torch.bool and token_mask.device.type == "cpu"
+                    and not torch.compiler.is_compiling()
+                    and not bool(((token_mask == 0) | (token_mask == 1)).all())):
+                raise ValueError("token_mask must hold only 0/1 (or True/False): 1 for real tokens, 0 for padding")
+        if router_logits is not None:
+            if not isinstance(router_logits, torch.Tensor) or not router_logits.is_floating_point():
+                raise TypeError(
+                    "router_logits must be a floating tensor [T, E], got "
+                    f"{getattr(router_logits, 'dtype', type(router_logits).__name__)}"
+                )
+            if router_logits.dim() == 0 or router_logits.numel() != T * self.num_experts:
+                raise ValueError(
+                    f"router_logits must be [T={T}, E={self.num_experts}] (or [B, S, E]), "
+                    f"got {tuple(router_logits.shape)}"
+                )
+            if router_logits.device != x.device:
+                raise ValueError(f"router_logits is on {router_logits.device} but the input is on {x.device}")
 
     def _switch_loss_on(self) -> bool:
         return self.training and self.config.load_balance_coeff > 0
@@ -205,6 +264,8 @@ class MoE(Module):
             raise ValueError(
                 "update_expert_bias() needs router.expert_bias: build the router with use_expert_bias=True"
             )
+        if group is not None and not isinstance(group, torch.distributed.ProcessGroup):
+            raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
         counts = self.tokens_per_expert.clone()
         if group is not None:
             torch.distributed.all_reduce(counts, group=group)

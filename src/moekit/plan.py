@@ -84,12 +84,17 @@ class RoutingPlan:
             )
 
     def check_rows(self, num_rows: int, what: str) -> None:
-        if num_rows != self.num_rows:
-            raise ValueError(
+        def msg() -> str:
+            return (
                 f"{what} has {num_rows} rows but the routing plan routes N={self.num_rows} rows "
                 f"(T={self.num_tokens} tokens x K={self.top_k}, minus drops); pass one row per routed "
                 "slot in the plan's order (the output of permute / expert_up)"
             )
+
+        if torch.compiler.is_compiling():  # N is data-dependent there: a deferred runtime assert
+            torch._check(num_rows == self.num_rows, lambda: "the rows disagree with the routing plan's N")
+        elif num_rows != self.num_rows:
+            raise ValueError(msg())
 
     def check_experts(self, num_experts: int, what: str) -> None:
         if num_experts != self.num_experts:

@@ -63,6 +63,13 @@ class RouterOutput:
     def num_tokens(self) -> int:
         return self.topk_ids.shape[0]
 
+    def detach(self) -> RouterOutput:
+        """The same values outside the autograd graph (what a module may keep between calls)."""
+        return RouterOutput(
+            topk_ids=self.topk_ids.detach(), topk_weights=self.topk_weights.detach(),
+            scores=self.scores.detach(), logits=self.logits.detach(),
+        )
+
 
 def _round_robin_ids(T: int, K: int, E: int, device: torch.device) -> torch.Tensor:
     """Each token gets K distinct experts and every expert the same load (within one)."""
@@ -256,6 +263,11 @@ class TokenChoiceTopKRouter(Module):
         if cfg.routing == "hash":
             if input_ids is None:
                 raise ValueError("routing='hash' needs input_ids (the token ids), shape [T] or [B, S]")
+            if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.is_complex():
+                raise TypeError(
+                    "routing='hash' needs integer input_ids (token ids), got "
+                    f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}"
+                )
             ids = input_ids.reshape(-1)
             if ids.shape[0] != T:
                 raise ValueError(f"input_ids has {ids.shape[0]} tokens, the input has {T}")
