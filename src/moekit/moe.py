@@ -141,25 +141,29 @@ class MoE(Module):
         """``forward``, also returning this call's RouterOutput as computed, inside the autograd
         graph (None for an empty input): for a caller whose loss uses the router's logits or
         weights. The module itself keeps only a detached copy (``last_router_output``)."""
-        self._check_input(x, token_mask, router_logits)
+        # expert-parallel experts set needs_all_ranks: a rank with no tokens must still join the
+        # collectives, so it runs the layer on its empty batch; and a rank whose input is bad
+        # must not leave the others waiting in a collective: every rank raises together
+        all_ranks = getattr(self.experts, "needs_all_ranks", False)
+        problem = r = None
+        try:
+            self._check_input(x, token_mask, router_logits)
+            if x.numel() == 0 and not all_ranks:
+                self.aux_losses = {}
+                self.last_router_output = None
+                return x * 0, None  # empty, and still part of the graph
+            r = self._route(x, input_ids, router_logits)
+        except (ValueError, TypeError) as e:
+            if not all_ranks or torch.compiler.is_compiling():
+                raise
+            problem = e
+        if all_ranks and not torch.compiler.is_compiling():
+            from .parallel.checks import raise_on_every_rank
+
+            raise_on_every_rank(self.experts.group, problem, x, None if r is None else r.topk_ids.shape[1])
         shape = x.shape
         x_TD = x.reshape(-1, self.dim)
         T = x_TD.shape[0]
-        if T == 0 and not getattr(self.experts, "needs_all_ranks", False):
-            self.aux_losses = {}
-            self.last_router_output = None
-            return x * 0, None  # empty, and still part of the graph
-        # (expert-parallel experts set needs_all_ranks: a rank with no tokens must still join
-        # the collectives, so it runs the layer on its empty batch)
-
-        kwargs = {}
-        if router_logits is not None:
-            kwargs["logits"] = router_logits.reshape(-1, router_logits.shape[-1])
-        if input_ids is not None:
-            kwargs["input_ids"] = input_ids
-        r = self.router(x_TD, **kwargs)
-        if not isinstance(r, RouterOutput):
-            raise TypeError(f"the router must return a RouterOutput, got {type(r).__name__}")
         self.last_router_output = r.detach()  # no graph kept between calls (deepcopy, pickle)
         mask_T = None if token_mask is None else token_mask.reshape(-1)
 
@@ -182,6 +186,17 @@ class MoE(Module):
             self.aux_losses = {}
         return y_TD.reshape(shape), r
 
+    def _route(self, x, input_ids, router_logits) -> RouterOutput:
+        kwargs = {}
+        if router_logits is not None:
+            kwargs["logits"] = router_logits.reshape(-1, router_logits.shape[-1])
+        if input_ids is not None:
+            kwargs["input_ids"] = input_ids
+        r = self.router(x.reshape(-1, self.dim), **kwargs)
+        if not isinstance(r, RouterOutput):
+            raise TypeError(f"the router must return a RouterOutput, got {type(r).__name__}")
+        return r
+
     def _check_input(self, x, token_mask, router_logits) -> None:
         """Shape, dtype and device of the inputs (metadata only, except the values of a
         non-boolean token_mask on CPU)."""
@@ -195,6 +210,12 @@ class MoE(Module):
         if w is not None and x.device != w.device:
             raise ValueError(
                 f"MoE input is on {x.device} but the layer's parameters are on {w.device}; move one of them"
+            )
+        wx = next((p for p in self.experts.parameters() if p.is_floating_point()), None)
+        if wx is not None and x.dtype != wx.dtype:
+            raise TypeError(
+                f"MoE input has dtype {x.dtype} but the experts' weights are {wx.dtype}; cast the "
+                f"input or the layer (moe.to({wx.dtype}) / moe.to({x.dtype}))"
             )
         if x.device.type == "meta":
             raise ValueError(
