@@ -64,6 +64,11 @@ class SharedExperts(Module):
         nn.init.trunc_normal_(self.down_proj.weight, mean=0.0, std=std)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x_TD, torch.Tensor) or x_TD.dim() < 1 or x_TD.shape[-1] != self.dim:
+            raise ValueError(
+                f"SharedExperts input must be [..., {self.dim}], got "
+                f"{tuple(x_TD.shape) if isinstance(x_TD, torch.Tensor) else type(x_TD).__name__}"
+            )
         up = self.up_proj(x_TD)
         h = self._act.gated(self.gate_proj(x_TD), up) if self.gate_proj is not None else self._act.unary(up)
         y = self.down_proj(h)
