@@ -175,3 +175,24 @@ def test_compile_fullgraph_cpu_float32_equals_eager():
     got = compiled(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     copy.deepcopy(moe)  # the state the compiled forward left is plain too
+
+
+def test_patched_hf_model_aux_loss_still_trains_the_router():
+    """The layer keeps a detached routing, but transformers' aux loss (output_router_logits)
+    gets the live router logits: its gradients equal the original model's."""
+    pytest.importorskip("transformers")
+    import moekit.hf as mh
+    from moekit.hf.tiny import tiny_model
+
+    ref = tiny_model("mixtral", 0).float()
+    model = copy.deepcopy(ref)
+    mh.patch(model)
+    ids = torch.randint(3, ref.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    for m in (ref, model):
+        m(ids, output_router_logits=True).aux_loss.backward()
+    want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None and "gate.weight" in n}
+    got = mh.grads_by_hf_name(model)
+    assert want
+    for n, g in want.items():
+        torch.testing.assert_close(got[n], g, rtol=1e-5, atol=1e-6)
+    copy.deepcopy(model)  # and the patched model copies after a training forward
