@@ -11,7 +11,7 @@ import torch
 
 from moekit import GroupedExperts, MoE, SharedExperts, TokenChoiceTopKRouter
 from moekit.plan import make_plan
-from moekit.presets import PRESETS, get_preset
+from moekit.presets import PRESETS, get_preset, preset_sizes
 
 D, F, E = 8, 16, 4
 NAN, INF = float("nan"), float("inf")
@@ -76,6 +76,7 @@ CASES = [
     ("preset-unknown", lambda: get_preset("gpt-5"), ValueError, "unknown preset 'gpt-5'"),
     ("preset-not-a-str", lambda: get_preset(3), ValueError, "unknown preset 3"),
     ("preset-tiny-str", lambda: get_preset("mixtral-8x7b", tiny="yes"), TypeError, "tiny='yes'"),
+    ("preset_sizes-not-a-config", lambda: preset_sizes("mixtral-8x7b"), TypeError, "takes a MoE.Config"),
 ]
 
 

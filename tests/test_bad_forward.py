@@ -71,6 +71,9 @@ ERRORS = [
      TypeError, "ProcessGroup or None"),
     ("router-direct-wrong-dim", lambda: layer().router(torch.randn(5, D + 1)), ValueError, "router input must be"),
     ("router-direct-nothing", lambda: layer().router(), ValueError, "needs x_TD or precomputed logits"),
+    ("router-direct-int-x", lambda: layer().router(X.long()), TypeError, "router input must be a floating"),
+    ("shared-float64-x", lambda: SharedExperts.Config(hidden_dim=4).build(dim=D)(X.double()), TypeError,
+     "SharedExperts input has dtype torch.float64"),
     ("shared-wrong-dim", lambda: SharedExperts.Config(hidden_dim=4).build(dim=D)(torch.randn(3, D + 1)),
      ValueError, "SharedExperts input must be [..., 8]"),
 ]

@@ -12,7 +12,9 @@ import pytest
 import torch
 from reference import assert_close, moe_experts_ref
 
+from moekit import balance
 from moekit.ops import expert_down, expert_up, moe_experts, permute, unpermute
+from moekit.ops.stages import gather_slots
 from moekit.plan import make_plan
 
 T, D, F, E, K = 5, 8, 16, 4, 2
@@ -115,6 +117,38 @@ ERRORS = [
     ("make_plan-weight-policy-no-weights", lambda: make_plan(IDS, E, capacity_factor=1.0, drop_policy="weight"),
      ValueError, 'drop_policy="weight" needs topk_weights'),
     ("make_plan-drop-policy", lambda: make_plan(IDS, E, drop_policy="random"), ValueError, "drop_policy='random'"),
+    ("gather_slots-inverse-past-rows", lambda: gather_slots(torch.randn(3, D), PLAN.inverse_TK), ValueError,
+     "of y's 3 rows"),
+    ("gather_slots-1d", lambda: gather_slots(torch.randn(N), PLAN.inverse_TK), ValueError, "takes y [N, D]"),
+    # the balance losses and statistics
+    ("switch-ids-out-of-range", lambda: balance.switch_aux_loss(torch.rand(T, E), IDS + E), ValueError,
+     "must lie in [0, 4)"),
+    ("switch-ids-other-T", lambda: balance.switch_aux_loss(torch.rand(T, E), IDS[:3]), ValueError,
+     "topk_ids must be [T, K] with T=5"),
+    ("switch-ids-float", lambda: balance.switch_aux_loss(torch.rand(T, E), IDS.float()), TypeError,
+     "must be an integer tensor"),
+    ("switch-scores-1d", lambda: balance.switch_aux_loss(torch.rand(E), IDS), ValueError, "scores must be [T, E]"),
+    ("switch-counts-shape", lambda: balance.switch_aux_loss(torch.rand(T, E), IDS, None, torch.ones(E + 1)),
+     ValueError, "one count per expert"),
+    ("switch-mask-length", lambda: balance.switch_aux_loss(torch.rand(T, E), IDS, torch.ones(3)), ValueError,
+     "token_mask has 3 entries"),
+    ("count-negative-ids", lambda: balance.count_tokens_per_expert(IDS - E, E), ValueError, "found values in [-4, -1]"),
+    ("count-1d-ids", lambda: balance.count_tokens_per_expert(IDS.reshape(-1), E), ValueError, "must be [T, K]"),
+    ("seq-aux-2d-scores", lambda: balance.sequence_aux_loss(torch.rand(T, E), IDS), ValueError,
+     "scores must be [B, S, E]"),
+    ("seq-aux-ids-other-shape", lambda: balance.sequence_aux_loss(torch.rand(1, T, E), IDS.view(T, 1, K)),
+     ValueError, "with BS=(1, 5)"),
+    ("seq-aux-ids-out-of-range", lambda: balance.sequence_aux_loss(torch.rand(1, T, E), (IDS + E).view(1, T, K)),
+     ValueError, "must lie in [0, 4)"),
+    ("seq-aux-mask-length", lambda: balance.sequence_aux_loss(torch.rand(1, T, E), IDS.view(1, T, K),
+                                                              torch.ones(4)), ValueError, "expected B*S=5"),
+    ("z-loss-1d", lambda: balance.z_loss(torch.rand(E)), ValueError, "logits must be [T, E]"),
+    ("z-loss-int-logits", lambda: balance.z_loss(torch.ones(T, E, dtype=torch.long)), TypeError, "floating"),
+    ("bias-update-rate-nan", lambda: balance.expert_bias_update(torch.ones(E), float("nan")), ValueError,
+     "rate=nan"),
+    ("bias-update-2d-counts", lambda: balance.expert_bias_update(torch.ones(E, 2), 1e-3), ValueError, "1-D tensor"),
+    ("load-stats-2d", lambda: balance.load_stats(torch.ones(E, 2)), ValueError, "1-D tensor [E]"),
+    ("attach-loss-not-a-tensor", lambda: balance.attach_aux_loss(X, 0.1), TypeError, "takes two tensors"),
 ]
 
 

@@ -138,6 +138,8 @@ class PresetSizes:
 
 def preset_sizes(cfg: MoE.Config) -> PresetSizes:
     """Parameter counts and FLOPs of one layer, from the config alone (nothing built)."""
+    if not isinstance(cfg, MoE.Config):
+        raise TypeError(f"preset_sizes takes a MoE.Config (e.g. get_preset(name)), got {type(cfg).__name__}")
     D, F, E, K = cfg.dim, cfg.hidden_dim, cfg.num_experts, cfg.top_k
     up_rows = 2 * F if cfg.experts.is_gated else F
     per_expert = up_rows * D + D * F

@@ -252,6 +252,8 @@ class TokenChoiceTopKRouter(Module):
                 raise ValueError("router needs x_TD or precomputed logits")
             if x_TD.dim() != 2 or x_TD.shape[-1] != self.dim:
                 raise ValueError(f"router input must be [T, {self.dim}], got {tuple(x_TD.shape)}")
+            if not x_TD.is_floating_point():
+                raise TypeError(f"router input must be a floating tensor, got {x_TD.dtype}")
             logits = self.compute_logits(x_TD)
         elif logits.dim() != 2 or logits.shape[-1] != self.num_experts:
             raise ValueError(f"logits must be [T, {self.num_experts}], got {tuple(logits.shape)}")

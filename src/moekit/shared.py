@@ -69,6 +69,11 @@ class SharedExperts(Module):
                 f"SharedExperts input must be [..., {self.dim}], got "
                 f"{tuple(x_TD.shape) if isinstance(x_TD, torch.Tensor) else type(x_TD).__name__}"
             )
+        if x_TD.dtype != self.up_proj.weight.dtype:
+            raise TypeError(
+                f"SharedExperts input has dtype {x_TD.dtype} but its weights are {self.up_proj.weight.dtype}; "
+                "cast one of them"
+            )
         up = self.up_proj(x_TD)
         h = self._act.gated(self.gate_proj(x_TD), up) if self.gate_proj is not None else self._act.unary(up)
         y = self.down_proj(h)

@@ -105,8 +105,15 @@ def check_given_plan(plan, topk_ids_TK: torch.Tensor, num_experts: int, what: st
 
 def gather_slots(y_ND: torch.Tensor, inverse_TK: torch.Tensor) -> torch.Tensor:
     """``out[t, k] = y_ND[inverse_TK[t, k]]``, zero where the slot was dropped (-1)."""
+    if y_ND.dim() != 2 or inverse_TK.dim() != 2:
+        raise ValueError(
+            f"gather_slots takes y [N, D] and inverse [T, K], got {tuple(y_ND.shape)} and {tuple(inverse_TK.shape)}"
+        )
     T, K = inverse_TK.shape
     N, D = y_ND.shape
+    if inverse_TK.numel() and inverse_TK.device.type == "cpu" and not torch.compiler.is_compiling():
+        if int(inverse_TK.max()) >= N:  # a host check on CPU only (on a GPU it would sync)
+            raise ValueError(f"gather_slots: inverse points at row {int(inverse_TK.max())} of y's {N} rows")
     y_pad = torch.cat([y_ND, y_ND.new_zeros(1, D)])
     idx = torch.where(inverse_TK < 0, N, inverse_TK).reshape(-1)
     return y_pad.index_select(0, idx).view(T, K, D)
