@@ -10,7 +10,7 @@ import pytest
 import torch
 from reference import assert_close, moe_experts_ref
 
-from moekit import MoE, SharedExperts, TokenChoiceTopKRouter
+from moekit import GroupedExperts, MoE, SharedExperts, TokenChoiceTopKRouter
 
 D, F, E, K = 8, 16, 4, 2
 R = TokenChoiceTopKRouter.Config
@@ -163,7 +163,18 @@ def case_nan_row_stays_in_its_token():
     return y[keep], m(X[keep])
 
 
+def case_autocast(backend):
+    def run():
+        m = layer(experts=GroupedExperts.Config(backend=backend))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(X)
+        return y.float(), m(X)
+    return run
+
+
 RESULTS = [
+    ("autocast-bf16-loop", case_autocast("loop"), 3e-2),
+    ("autocast-bf16-grouped_mm", case_autocast("grouped_mm"), 3e-2),
     ("non-contiguous-x", case_noncontiguous, 1e-6),
     ("bsd-equals-td", case_bsd, 1e-6),
     ("matches-loop-reference", case_reference, 2e-5),

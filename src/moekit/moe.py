@@ -212,7 +212,7 @@ class MoE(Module):
                 f"MoE input is on {x.device} but the layer's parameters are on {w.device}; move one of them"
             )
         wx = next((p for p in self.experts.parameters() if p.is_floating_point()), None)
-        if wx is not None and x.dtype != wx.dtype:
+        if wx is not None and x.dtype != wx.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(
                 f"MoE input has dtype {x.dtype} but the experts' weights are {wx.dtype}; cast the "
                 f"input or the layer (moe.to({wx.dtype}) / moe.to({x.dtype}))"

@@ -69,7 +69,7 @@ def _check_grouped_linear(x_NI, w_EOI, plan, bias_EO, what: str) -> None:
     E, O, I = w_EOI.shape
     if x_NI.shape[1] != I:
         raise ValueError(f"{what}: the input has {x_NI.shape[1]} features but the weight [E, out, in] is {tuple(w_EOI.shape)}")
-    if w_EOI.dtype != x_NI.dtype:
+    if w_EOI.dtype != x_NI.dtype and not torch.is_autocast_enabled(x_NI.device.type):
         raise TypeError(f"{what}: the weight has dtype {w_EOI.dtype} but the input has {x_NI.dtype}; cast one of them")
     if w_EOI.device != x_NI.device:
         raise ValueError(f"{what}: the weight is on {w_EOI.device} but the input is on {x_NI.device}")
