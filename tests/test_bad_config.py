@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from moekit import GroupedExperts, MoE, SharedExperts, TokenChoiceTopKRouter
+from moekit.demo import DemoConfig
 from moekit.plan import make_plan
 from moekit.presets import PRESETS, get_preset, preset_sizes
 
@@ -76,6 +77,11 @@ CASES = [
     ("preset-unknown", lambda: get_preset("gpt-5"), ValueError, "unknown preset 'gpt-5'"),
     ("preset-not-a-str", lambda: get_preset(3), ValueError, "unknown preset 3"),
     ("preset-tiny-str", lambda: get_preset("mixtral-8x7b", tiny="yes"), TypeError, "tiny='yes'"),
+    ("demo-lr-nan", lambda: DemoConfig(lr=NAN), ValueError, "DemoConfig.lr=nan"),
+    ("demo-bias-rate-inf", lambda: DemoConfig(bias_update_rate=INF), ValueError, "bias_update_rate=inf"),
+    ("demo-aux-coeff-nan", lambda: DemoConfig(aux_loss_coeff=NAN), ValueError, "aux_loss_coeff=nan"),
+    ("demo-steps-zero", lambda: DemoConfig(steps=0), ValueError, "DemoConfig.steps=0"),
+    ("demo-unknown-run", lambda: DemoConfig(runs=("no balancing", "magic")), ValueError, "unknown run(s) ['magic']"),
     ("preset_sizes-not-a-config", lambda: preset_sizes("mixtral-8x7b"), TypeError, "takes a MoE.Config"),
 ]
 
