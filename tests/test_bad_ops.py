@@ -221,3 +221,26 @@ def test_odd_but_valid_ops_are_right(fn, tol):
     got, want = fn()
     assert got.shape == want.shape
     assert_close(got.float(), want, tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_agreement_checks_do_not_synchronise_on_cuda():
+    """The plan/stage checks read metadata only: no host-device sync (sync debug mode 'error')."""
+    from moekit.ops.stages import check_expert_down, check_expert_up, check_given_plan
+
+    dev = torch.device("cuda")
+    x, w1, w2 = X.to(dev), W1.to(dev), W2.to(dev)
+    ids, w = IDS.to(dev), WTS.to(dev)
+    p = make_plan(ids, E)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        check_given_plan(p, ids, E)
+        x_ND = permute(x, p)
+        check_expert_up(x_ND, w1, p, None, True)
+        check_expert_down(torch.empty(N, F, device=dev), w2, p, None)
+        y = unpermute(torch.randn(N, D, device=dev), p, w)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert y.shape == (T, D) and x_ND.shape == (N, D)
