@@ -86,7 +86,7 @@ CASES = [
 @pytest.mark.parametrize("argv,phrase", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_command_line(argv, phrase, capsys, tmp_path):
     argv = [a.replace("{tmp}", str(tmp_path)).replace("{file}", _unwritable(tmp_path)) for a in argv]
-    rc, out, err = run(capsys, argv)
+    rc, _, err = run(capsys, argv)
     assert rc == 2, (rc, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
@@ -123,7 +123,7 @@ def test_internal_error_is_one_line_and_debug_shows_it(capsys, monkeypatch):
 
 def test_exit_status_and_traceback_in_a_real_process():
     bad = [sys.executable, "-m", "moekit", "demo", "--lr", "nan"]
-    p = subprocess.run(bad, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(bad, check=False, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "--lr" in p.stderr
-    p = subprocess.run([*bad, "--debug"], capture_output=True, text=True, timeout=120)
+    p = subprocess.run([*bad, "--debug"], check=False, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "Traceback" in p.stderr and "CLIError" in p.stderr

@@ -20,7 +20,7 @@ R = TokenChoiceTopKRouter.Config
 
 
 def cfg(name):
-    base = dict(dim=D, hidden_dim=F, num_experts=E)
+    base = {"dim": D, "hidden_dim": F, "num_experts": E}
     return {
         "default": lambda: MoE.Config(**base, router=R(top_k=K)),
         "aux-and-z-loss": lambda: MoE.Config(**base, router=R(top_k=K), load_balance_coeff=0.1, z_loss_coeff=0.1),

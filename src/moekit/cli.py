@@ -570,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moekit: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - one line for every error, the traceback on --debug
+    except Exception as e:  # one line for every error, the traceback on --debug
         if debug:
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""

@@ -111,9 +111,10 @@ def gather_slots(y_ND: torch.Tensor, inverse_TK: torch.Tensor) -> torch.Tensor:
         )
     T, K = inverse_TK.shape
     N, D = y_ND.shape
-    if inverse_TK.numel() and inverse_TK.device.type == "cpu" and not torch.compiler.is_compiling():
-        if int(inverse_TK.max()) >= N:  # a host check on CPU only (on a GPU it would sync)
-            raise ValueError(f"gather_slots: inverse points at row {int(inverse_TK.max())} of y's {N} rows")
+    # a host check on CPU only (on a GPU it would sync)
+    on_cpu = inverse_TK.device.type == "cpu" and not torch.compiler.is_compiling()
+    if on_cpu and inverse_TK.numel() and int(inverse_TK.max()) >= N:
+        raise ValueError(f"gather_slots: inverse points at row {int(inverse_TK.max())} of y's {N} rows")
     y_pad = torch.cat([y_ND, y_ND.new_zeros(1, D)])
     idx = torch.where(inverse_TK < 0, N, inverse_TK).reshape(-1)
     return y_pad.index_select(0, idx).view(T, K, D)
