@@ -166,6 +166,7 @@ def test_inference_mode_then_copy_and_update_bias():
     assert twin.tokens_per_expert.sum() == 0 and moe.tokens_per_expert.sum() == 6 * K
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compile_fullgraph_cpu_float32_equals_eager():
     torch.manual_seed(0)
     moe = MoE.Config(dim=D, hidden_dim=F, num_experts=E, router=R(top_k=K)).build()
