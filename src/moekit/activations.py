@@ -122,6 +122,8 @@ def resolve_gated(name: str, gated: bool | None, owner: str = "activation") -> b
     act = get_activation(name)
     if gated is None:
         return act.default_gated
+    if not isinstance(gated, bool):
+        raise TypeError(f"{owner}: gated={gated!r}; it must be True, False or None (the activation's default)")
     if not gated and not act.supports_plain:
         raise ValueError(f"{owner}: activation={name!r} exists only in gated form; set gated=True")
     return bool(gated)

@@ -669,8 +669,63 @@ def plot(rows: list[dict], meta: dict, path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None, *, default_out: str = "benchmarks/results") -> int:
-    p = argparse.ArgumentParser(prog="moekit bench", description=__doc__.split("\n\n")[0])
+def check_args(a: argparse.Namespace) -> None:
+    """Every option of ``main`` against what this machine will run (ValueError naming the
+    option and the allowed values), before anything is measured."""
+    try:
+        dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {a.device!r} is not a device name; use cuda or cpu") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible; use --device cpu")
+    table = SHAPES if dev.type == "cuda" else CPU_SHAPES
+    names = [s.name for s in table]
+    where = "on a GPU" if dev.type == "cuda" else "without a GPU (the GPU shapes need CUDA)"
+    for opt in ("shapes", "sweep_shapes", "profile"):
+        bad = [n for n in (getattr(a, opt) or []) if n not in names]
+        if bad:
+            raise ValueError(f"--{opt.replace('_', '-')}: unknown shape(s) {bad}; allowed {where}: {names}")
+    bad = [i for i in (a.impls or []) if i not in IMPLS]
+    if bad:
+        raise ValueError(f"--impls: unknown implementation(s) {bad}; allowed: {IMPLS}")
+    for opt in ("shapes", "impls"):
+        if getattr(a, opt) == []:
+            raise ValueError(f"--{opt} was given without a name; leave it out for all")
+    if a.rep_ms <= 0:
+        raise ValueError(f"--rep-ms must be > 0, got {a.rep_ms}")
+    for spec in a.sweep or []:
+        for part in spec.split(";"):
+            _check_sweep_part(part)
+    if a.peers is not None and not Path(a.peers).is_dir():
+        raise ValueError(f"--peers {a.peers!r} is not a folder")
+    from .cli import CLIError, check_writable_dir
+
+    try:
+        check_writable_dir(a.out)
+    except CLIError as e:
+        raise ValueError(str(e)) from None
+
+
+def _check_sweep_part(part: str) -> None:
+    cfg = part[3:] if part.startswith("dw:") else part
+    if "=" in part and not part.startswith("dw:"):
+        var = part.split("=", 1)[0]
+        if not var.isidentifier():
+            raise ValueError(f"--sweep: {part!r} is not VAR=VALUE")
+        return
+    fields = cfg.split(",")
+    if len(fields) != 5 or not all(f.strip().isdigit() and int(f) > 0 for f in fields):
+        raise ValueError(
+            f"--sweep: {part!r} is not a triton config 'BM,BN,BK,warps,stages' (or 'dw:BO,BI,BK,warps,stages', "
+            "or VAR=VALUE): five positive integers"
+        )
+
+
+def main(argv: list[str] | None = None, *, default_out: str = "benchmarks/results",
+         parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> int:
+    """``parser_class``: the ArgumentParser to use (the ``moekit`` command passes one whose
+    errors are one line)."""
+    p = parser_class(prog="moekit bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=default_out, help="output folder (default %(default)s)")
     p.add_argument("--shapes", nargs="*", default=None, help="shape names (default: all)")
     p.add_argument("--impls", nargs="*", default=None, help=f"impls (default: by device); of {IMPLS}")
@@ -684,6 +739,10 @@ def main(argv: list[str] | None = None, *, default_out: str = "benchmarks/result
     p.add_argument("--profile", nargs="*", default=None, help="shapes to profile moekit-triton at")
     p.add_argument("--peers", default=None, help="folder to put on sys.path (e.g. .peers for scattermoe)")
     a = p.parse_args(argv)
+    try:
+        check_args(a)
+    except ValueError as e:
+        p.error(str(e))
     if a.peers:
         sys.path.insert(0, a.peers)
     run(a.out, shapes=a.shapes, impls=a.impls, device=a.device, rep_ms=a.rep_ms, sweep=a.sweep,

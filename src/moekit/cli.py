@@ -6,9 +6,11 @@
     moekit check --tiny FAMILY  the same on a random tiny model built offline
     moekit presets              the presets with their sizes
 
-Errors a person can act on (unknown preset, a device that is not there, a missing optional
-dependency) print one line naming the problem and the fix, and exit with status 2; no
-traceback. ``main(argv)`` returns the exit status, so the tests call it in-process.
+Every argument is checked before any long work starts. Every error (an unknown preset, shape,
+implementation or family, a bad number, a device that is not there, an output folder that
+cannot be written, a missing optional dependency) prints one line on stderr naming the problem
+and the fix, and exits with status 2; no traceback unless ``--debug`` is given (anywhere on the
+command line). ``main(argv)`` returns the exit status, so the tests call it in-process.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-__all__ = ["TINY_FAMILIES", "CLIError", "human", "main", "run_check"]
+__all__ = ["TINY_FAMILIES", "CLIError", "check_writable_dir", "human", "main", "run_check"]
 
 EXIT_USER_ERROR = 2
 EXIT_CHECK_FAILED = 1
@@ -30,6 +34,51 @@ EXIT_CHECK_FAILED = 1
 
 class CLIError(Exception):
     """A user error: printed as ``moekit: error: <message>`` with exit status 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are a CLIError (one line, status 2) instead of the usage
+    text and ``sys.exit``; its subparsers are of the same class."""
+
+    def error(self, message: str):
+        where = "" if self.prog == "moekit" else f"{self.prog}: "
+        raise CLIError(f"{where}{message} (see `{self.prog} --help`)")
+
+
+def check_number(option: str, value: float, *, minimum: float = 0.0, strict: bool = True) -> None:
+    """``value`` is finite and ``> minimum`` (``>= minimum`` when not ``strict``)."""
+    ok = math.isfinite(value) and (value > minimum if strict else value >= minimum)
+    if not ok:
+        rel = ">" if strict else ">="
+        raise CLIError(f"{option} must be a finite number {rel} {minimum:g}, got {value!r}")
+
+
+def check_writable_dir(path: str | os.PathLike, option: str = "--out") -> None:
+    """``path`` is (or can be made) a folder this process can write to: made, then probed with a
+    small file that is removed again."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise CLIError(f"{option} {str(path)!r} is a file, not a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".moekit-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CLIError(f"{option} {str(path)!r} is not writable: {e.strerror or e}") from None
+
+
+def _check_json_path(path: str | None) -> None:
+    if path is None:
+        return
+    if Path(path).is_dir():
+        raise CLIError(f"--json {path!r} is a folder; give a file name")
+    check_writable_dir(Path(path).parent or ".", "--json's folder")
+
+
+def _check_seed(seed: int) -> None:
+    if not 0 <= seed < 2**63:
+        raise CLIError(f"--seed must be in [0, 2**63), got {seed}")
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -138,10 +187,16 @@ def _cmd_demo(a) -> int:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if a.batch_size < 4 or a.eval_seqs < 4:
         raise CLIError("--batch-size and --eval-seqs must be >= 4 (one sequence per domain at least)")
+    _check_seed(a.seed)
+    check_number("--lr", a.lr)
+    check_number("--aux-loss-coeff", a.aux_loss_coeff, strict=False)
+    check_number("--bias-update-rate", a.bias_update_rate)
+    check_number("--router-init-std", a.router_init_std)
     if not a.no_plot:
         _need("matplotlib", "demo", "moekit demo (the PNG; or pass --no-plot)")
     if not a.no_progress:
         _need("tqdm", "demo", "moekit demo (the progress bar; or pass --no-progress)")
+    check_writable_dir(a.out)
     cfg = DemoConfig(
         preset=a.preset, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
         n_layers=a.layers, lr=a.lr, seed=a.seed, device=str(dev), out=a.out,
@@ -208,6 +263,7 @@ def preset_rows(tiny: bool = False) -> list[dict]:
 
 
 def _cmd_presets(a) -> int:
+    _check_json_path(a.json)
     rows = preset_rows(a.tiny)
     what = "tiny variants" if a.tiny else "published sizes"
     print(f"moekit presets ({what}); sizes are of ONE MoE layer (router + experts + shared experts)\n")
@@ -253,7 +309,7 @@ def _cmd_bench(argv: list[str]) -> int:
         dev = dev or next((x.split("=", 1)[1] for x in argv if x.startswith("--device=")), None)
         if dev is not None:
             _check_device(dev)
-    rc = entry(list(argv), default_out="moekit-out/bench")
+    rc = entry(list(argv), default_out="moekit-out/bench", parser_class=OneLineParser)
     return 0 if rc is None else int(rc)
 
 
@@ -435,6 +491,20 @@ def _cmd_check(a) -> int:
     if a.tiny is not None and a.tiny not in TINY_FAMILIES:
         raise CLIError(f"unknown tiny family {a.tiny!r}; allowed: {', '.join(TINY_FAMILIES)}")
     dev = _check_device(a.device)
+    from .ops.backends import backend_names, resolve_backend
+
+    if a.backend not in backend_names():
+        raise CLIError(f"unknown --backend {a.backend!r}; allowed: {', '.join(backend_names())}")
+    try:
+        resolve_backend(a.backend, dev, torch.float32)  # `check` runs in float32
+    except ValueError as e:
+        raise CLIError(f"--backend {a.backend}: {e}") from None
+    for name in ("batch_size", "seq_len"):
+        if getattr(a, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    _check_seed(a.seed)
+    check_number("--tol", a.tol)
+    _check_json_path(a.json)
     _need("transformers", "hf", "moekit check")
     try:
         import moekit.hf  # noqa: F401
@@ -465,11 +535,13 @@ def _cmd_check(a) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="moekit",
         description="moekit: Mixture-of-Experts layers for PyTorch. Start with `moekit demo`.",
     )
     p.add_argument("--version", action="version", version=f"moekit {__version__}")
+    p.add_argument("--debug", action="store_true",
+                   help="show the Python traceback of an error (accepted anywhere on the line)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     _add_demo(sub)
     sub.add_parser("bench", help=BENCH_HELP, add_help=False,
@@ -481,6 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [x for x in argv if x != "--debug"]
     try:
         if argv and argv[0] == "bench":  # its own argparse (moekit.benchmark.main) owns the options
             return _cmd_bench(argv[1:])
@@ -488,14 +562,24 @@ def main(argv: list[str] | None = None) -> int:
         a = parser.parse_args(argv)
         if a.command is None:
             parser.print_help()
+            print("moekit: error: a COMMAND is needed (demo, bench, check or presets)", file=sys.stderr)
             return EXIT_USER_ERROR
         return a.func(a)
-    except CLIError as e:
-        print(f"moekit: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    except SystemExit as e:  # --help and --version end here (status 0)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("moekit: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # one line for every error, the traceback on --debug
+        if debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if isinstance(e, CLIError):
+            print(f"moekit: error: {msg}", file=sys.stderr)
+        else:
+            print(f"moekit: error: {type(e).__name__}: {msg} (run with --debug for the traceback)",
+                  file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

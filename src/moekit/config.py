@@ -10,12 +10,21 @@ repeated by the user. Validation runs in ``__post_init__`` (user fields) and in 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
 
-__all__ = ["Config", "check_choice", "check_positive", "check_nonneg", "check_dtype"]
+__all__ = [
+    "Config",
+    "check_bool",
+    "check_choice",
+    "check_dtype",
+    "check_finite",
+    "check_nonneg",
+    "check_positive",
+]
 
 
 def _where(owner: str, name: str) -> str:
@@ -28,16 +37,34 @@ def check_choice(owner: str, name: str, value: Any, allowed: Iterable[Any]) -> N
         raise ValueError(f"{_where(owner, name)}={value!r} is not supported; allowed: {allowed}")
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_finite(owner: str, name: str, value: Any) -> None:
+    """A real number that is neither NaN nor infinite."""
+    if not _is_number(value) or not math.isfinite(value):
+        raise ValueError(f"{_where(owner, name)}={value!r}; it must be a finite number (not NaN or inf)")
+
+
 def check_positive(owner: str, name: str, value: Any, *, integer: bool = True) -> None:
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-        what = "a positive integer" if integer else "a positive number"
-        raise ValueError(f"{_where(owner, name)}={value!r}; it must be {what}")
+    if integer:
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{_where(owner, name)}={value!r}; it must be a positive integer")
+        return
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{_where(owner, name)}={value!r}; it must be a finite positive number")
 
 
 def check_nonneg(owner: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"{_where(owner, name)}={value!r}; it must be a number >= 0")
+    if not _is_number(value) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{_where(owner, name)}={value!r}; it must be a finite number >= 0")
+
+
+def check_bool(owner: str, name: str, value: Any) -> None:
+    """``True`` or ``False`` (not a truthy string such as ``"no"``)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{_where(owner, name)}={value!r}; it must be True or False")
 
 
 def check_dtype(owner: str, name: str, value: Any, allowed: Iterable[torch.dtype]) -> None:
@@ -60,6 +87,10 @@ class Config:
     def build(self, **parent_fields: Any):
         if self._module is None:
             raise TypeError(f"{type(self).__qualname__} is not attached to a module class")
+        # fields may have been assigned since the config was made: validate them again
+        post_init = getattr(self, "__post_init__", None)
+        if post_init is not None:
+            post_init()
         return self._module(self, **parent_fields)
 
     def replace(self, **changes: Any):

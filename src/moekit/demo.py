@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import balance
+from .config import check_nonneg, check_positive
 from .demo_data import DOMAINS, VOCAB_SIZE, make_batch
 from .moe import MoE
 from .presets import get_preset
@@ -64,6 +65,17 @@ class DemoConfig:
     runs: tuple[str, ...] = RUNS
     progress: bool = True
     plot: bool = True
+
+    def __post_init__(self) -> None:
+        o = "DemoConfig"
+        for name in ("steps", "batch_size", "seq_len", "n_layers", "n_heads", "eval_seqs"):
+            check_positive(o, name, getattr(self, name))
+        for name in ("lr", "router_init_std", "bias_update_rate"):
+            check_positive(o, name, getattr(self, name), integer=False)
+        check_nonneg(o, "aux_loss_coeff", self.aux_loss_coeff)
+        unknown = [r for r in self.runs if r not in RUNS]
+        if unknown:
+            raise ValueError(f"{o}.runs: unknown run(s) {unknown}; allowed: {RUNS}")
 
 
 # ---------------------------------------------------------------------------- model

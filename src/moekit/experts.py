@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .activations import canonical_activation, resolve_gated
-from .config import Config, Module, check_choice, check_positive
+from .config import Config, Module, check_bool, check_choice, check_positive
 from .ops.api import moe_experts
 from .ops.backends import ExpertsBackend, backend_names, resolve_backend
 from .plan import DROP_POLICIES, RoutingPlan
@@ -75,6 +75,7 @@ class GroupedExperts(UpProjectionAccess, Module):
                     f"ExpertsBackend.Config (e.g. TritonBackend.Config()); got {type(self.backend).__name__}"
                 )
             check_choice(o, "routing_weight_on", self.routing_weight_on, ROUTING_WEIGHT_ON)
+            check_bool(o, "use_bias", self.use_bias)
 
         @property
         def is_gated(self) -> bool:
@@ -117,7 +118,7 @@ class GroupedExperts(UpProjectionAccess, Module):
         # logical ids of the experts this module holds, in order, when it holds only some of
         # them (expert parallelism: moekit.parallel.apply_ep); None when it holds all
         self.local_experts: list[int] | None = None
-        self._backends: dict[tuple[str, torch.dtype], tuple[object, ExpertsBackend]] = {}
+        self._backends: dict[tuple[str, torch.dtype, bool], tuple[object, ExpertsBackend]] = {}
         self.init_weights()
 
     def weight_names(self) -> list[str]:
@@ -153,8 +154,10 @@ class GroupedExperts(UpProjectionAccess, Module):
 
     def backend_for(self, device: torch.device, dtype: torch.dtype) -> ExpertsBackend:
         """The backend this module runs on ``device`` with ``dtype`` (resolved from
-        ``config.backend`` once per device type and dtype; raises if it cannot run there)."""
-        spec, key = self.config.backend, (torch.device(device).type, dtype)
+        ``config.backend`` once per device type, dtype and whether torch.compile is tracing,
+        since ``auto`` may choose differently there; raises if it cannot run there)."""
+        spec = self.config.backend
+        key = (torch.device(device).type, dtype, torch.compiler.is_compiling())
         hit = self._backends.get(key)
         if hit is None or hit[0] is not spec:  # (resolved again when the config was replaced)
             hit = self._backends[key] = (spec, resolve_backend(spec, device, dtype))

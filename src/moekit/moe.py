@@ -37,7 +37,8 @@ class MoE(Module):
     tokens, 0/False for padding: padding is excluded from the aux losses and the load counts,
     and still gets an output), ``router_logits`` (precomputed [T, E] logits instead of the gate).
 
-    After a forward: ``last_router_output`` (the RouterOutput), ``aux_losses`` (the last values,
+    After a forward: ``last_router_output`` (the RouterOutput, detached; ``forward_with_routing``
+    returns the one inside the autograd graph), ``aux_losses`` (the last values,
     detached, of each active loss, already multiplied by its coefficient),
     ``tokens_per_expert`` (int64 [E] buffer, accumulated across forwards until
     ``update_expert_bias()`` or ``reset_load()``; not counted again when activation
@@ -129,28 +130,45 @@ class MoE(Module):
         token_mask: torch.Tensor | None = None,
         router_logits: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if x.dim() not in (2, 3) or x.shape[-1] != self.dim:
-            raise ValueError(f"MoE input must be [T, {self.dim}] or [B, S, {self.dim}], got {tuple(x.shape)}")
+        return self.forward_with_routing(
+            x, input_ids=input_ids, token_mask=token_mask, router_logits=router_logits
+        )[0]
+
+    def forward_with_routing(
+        self,
+        x: torch.Tensor,
+        *,
+        input_ids: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        router_logits: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, RouterOutput | None]:
+        """``forward``, also returning this call's RouterOutput as computed, inside the autograd
+        graph (None for an empty input): for a caller whose loss uses the router's logits or
+        weights. The module itself keeps only a detached copy (``last_router_output``)."""
+        # under expert parallelism (``self.dispatch``) a rank with no tokens must still join the
+        # collectives, so it runs the layer on its empty batch; and a rank whose input is bad
+        # must not leave the others waiting in a collective: every rank raises together
+        all_ranks = self.dispatch is not None
+        problem = r = None
+        try:
+            self._check_input(x, token_mask, router_logits)
+            if x.numel() == 0 and not all_ranks:
+                self.aux_losses = {}
+                self.last_router_output = None
+                return x * 0, None  # empty, and still part of the graph
+            r = self._route(x, input_ids, router_logits)
+        except (ValueError, TypeError) as e:
+            if not all_ranks or torch.compiler.is_compiling():
+                raise
+            problem = e
+        if all_ranks and not torch.compiler.is_compiling():
+            from .parallel.checks import raise_on_every_rank
+
+            raise_on_every_rank(self.dispatch.group, problem, x, None if r is None else r.topk_ids.shape[1])
         shape = x.shape
         x_TD = x.reshape(-1, self.dim)
         T = x_TD.shape[0]
-        if token_mask is not None and token_mask.numel() != T:
-            raise ValueError(f"token_mask has {token_mask.numel()} entries; the input has {T} tokens")
-        if T == 0 and self.dispatch is None:
-            self.aux_losses = {}
-            return x * 0  # empty, and still part of the graph
-        # (with expert parallelism a rank with no tokens must still join the collectives, so it
-        # runs the layer on its empty batch)
-
-        kwargs = {}
-        if router_logits is not None:
-            kwargs["logits"] = router_logits.reshape(-1, router_logits.shape[-1])
-        if input_ids is not None:
-            kwargs["input_ids"] = input_ids
-        r = self.router(x_TD, **kwargs)
-        if not isinstance(r, RouterOutput):
-            raise TypeError(f"the router must return a RouterOutput, got {type(r).__name__}")
-        self.last_router_output = r
+        self.last_router_output = r.detach()  # no graph kept between calls (deepcopy, pickle)
         mask_T = None if token_mask is None else token_mask.reshape(-1)
 
         # routed slots per expert: for the load statistics (not counted again when activation
@@ -173,7 +191,69 @@ class MoE(Module):
             y_TD = self._attach_losses(y_TD, r, mask_T, shape, load_E)
         else:
             self.aux_losses = {}
-        return y_TD.reshape(shape)
+        return y_TD.reshape(shape), r
+
+    def _route(self, x, input_ids, router_logits) -> RouterOutput:
+        kwargs = {}
+        if router_logits is not None:
+            kwargs["logits"] = router_logits.reshape(-1, router_logits.shape[-1])
+        if input_ids is not None:
+            kwargs["input_ids"] = input_ids
+        r = self.router(x.reshape(-1, self.dim), **kwargs)
+        if not isinstance(r, RouterOutput):
+            raise TypeError(f"the router must return a RouterOutput, got {type(r).__name__}")
+        return r
+
+    def _check_input(self, x, token_mask, router_logits) -> None:
+        """Shape, dtype and device of the inputs (metadata only, except the values of a
+        non-boolean token_mask on CPU)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"MoE input must be a tensor, got {type(x).__name__}")
+        if x.dim() not in (2, 3) or x.shape[-1] != self.dim:
+            raise ValueError(f"MoE input must be [T, {self.dim}] or [B, S, {self.dim}], got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"MoE input must be a floating tensor, got {x.dtype}")
+        w = self.router.gate.weight if isinstance(getattr(self.router, "gate", None), torch.nn.Linear) else None
+        if w is not None and x.device != w.device:
+            raise ValueError(
+                f"MoE input is on {x.device} but the layer's parameters are on {w.device}; move one of them"
+            )
+        wx = next((p for p in self.experts.parameters() if p.is_floating_point()), None)
+        if wx is not None and x.dtype != wx.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"MoE input has dtype {x.dtype} but the experts' weights are {wx.dtype}; cast the "
+                f"input or the layer (moe.to({wx.dtype}) / moe.to({x.dtype}))"
+            )
+        if x.device.type == "meta":
+            raise ValueError(
+                "MoE input is on the meta device: routing needs values; materialize the layer "
+                "(module.to_empty(device=...) then init_weights() or load_state_dict) and run on real tensors"
+            )
+        T = x.numel() // self.dim
+        if token_mask is not None:
+            if not isinstance(token_mask, torch.Tensor):
+                raise TypeError(f"token_mask must be a tensor, got {type(token_mask).__name__}")
+            if token_mask.numel() != T:
+                raise ValueError(f"token_mask has {token_mask.numel()} entries; the input has {T} tokens")
+            if token_mask.device != x.device:
+                raise ValueError(f"token_mask is on {token_mask.device} but the input is on {x.device}")
+            if (token_mask.dtype != torch.bool and token_mask.device.type == "cpu"
+                    and not torch.compiler.is_compiling()
+                    and not bool(((token_mask == 0) | (token_mask == 1)).all())):
+                raise ValueError("token_mask must hold only 0/1 (or True/False): 1 for real tokens, 0 for padding")
+        if router_logits is not None:
+            if not isinstance(router_logits, torch.Tensor) or not router_logits.is_floating_point():
+                raise TypeError(
+                    "router_logits must be a floating tensor [T, E], got "
+                    f"{getattr(router_logits, 'dtype', type(router_logits).__name__)}"
+                )
+            if router_logits.dim() == 0 or router_logits.numel() != T * self.num_experts:
+                raise ValueError(
+                    f"router_logits must be [T={T}, E={self.num_experts}] (or [B, S, E]), "
+                    f"got {tuple(router_logits.shape)}"
+                )
+            if router_logits.device != x.device:
+                raise ValueError(f"router_logits is on {router_logits.device} but the input is on {x.device}")
 
     def _switch_loss_on(self) -> bool:
         return self.training and self.config.load_balance_coeff > 0
@@ -212,6 +292,8 @@ class MoE(Module):
             raise ValueError(
                 "update_expert_bias() needs router.expert_bias: build the router with use_expert_bias=True"
             )
+        if group is not None and not isinstance(group, torch.distributed.ProcessGroup):
+            raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
         counts = self.tokens_per_expert.clone()
         if group is not None:
             torch.distributed.all_reduce(counts, group=group)

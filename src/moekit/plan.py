@@ -22,7 +22,9 @@ __all__ = [
     "DROP_POLICIES",
     "RoutingPlan",
     "capacity_for",
+    "check_plan",
     "count_per_expert",
+    "ids_fingerprint",
     "make_plan",
 ]
 
@@ -47,6 +49,7 @@ class RoutingPlan:
     padded_rows_N: torch.Tensor | None = None  # int64 [N]: row position in the padded layout
     padded_offsets_E: torch.Tensor | None = None  # int32 [E]: end offsets, padded layout
     num_padded_rows: int | None = None  # upper bound on padded rows (static: N + E*(m-1))
+    ids_key: tuple | None = None  # ids_fingerprint of the topk_ids it was made from (None: unknown)
 
     @property
     def num_rows(self) -> int:
@@ -63,6 +66,83 @@ class RoutingPlan:
     @property
     def dropless(self) -> bool:
         return self.capacity is None
+
+    # ------------------------------------------------------------------ agreement checks
+    # Cheap host-side checks (shapes and metadata only: no device synchronisation) that the
+    # tensors a stage is given agree with the plan; each raises a ValueError saying what differs.
+    def record_ids(self, topk_ids_TK: torch.Tensor) -> RoutingPlan:
+        """Remember which ``topk_ids_TK`` the plan was made from (see :meth:`check_ids`)."""
+        self.ids_key = ids_fingerprint(topk_ids_TK)
+        return self
+
+    def check_tokens(self, num_tokens: int, what: str) -> None:
+        if num_tokens != self.num_tokens:
+            raise ValueError(
+                f"{what} has {num_tokens} tokens but the routing plan was made for T={self.num_tokens} "
+                "tokens; pass the tensors the plan was made for, or make a new plan"
+            )
+
+    def check_rows(self, num_rows: int, what: str) -> None:
+        def msg() -> str:
+            return (
+                f"{what} has {num_rows} rows but the routing plan routes N={self.num_rows} rows "
+                f"(T={self.num_tokens} tokens x K={self.top_k}, minus drops); pass one row per routed "
+                "slot in the plan's order (the output of permute / expert_up)"
+            )
+
+        if torch.compiler.is_compiling():  # N is data-dependent there: a deferred runtime assert
+            torch._check(num_rows == self.num_rows, lambda: "the rows disagree with the routing plan's N")
+        elif num_rows != self.num_rows:
+            raise ValueError(msg())
+
+    def check_experts(self, num_experts: int, what: str) -> None:
+        if num_experts != self.num_experts:
+            raise ValueError(
+                f"{what} has {num_experts} experts but the routing plan was made for "
+                f"E={self.num_experts} experts"
+            )
+
+    def check_ids(self, topk_ids_TK: torch.Tensor, what: str = "topk_ids") -> None:
+        """``topk_ids_TK`` is the tensor the plan was made from, unchanged since (when the plan
+        recorded it; a plan of another maker is checked for its shape only)."""
+        shape = tuple(topk_ids_TK.shape)
+        if shape != (self.num_tokens, self.top_k):
+            raise ValueError(
+                f"{what} has shape {shape} but the routing plan was made from topk_ids of shape "
+                f"[T={self.num_tokens}, K={self.top_k}]"
+            )
+        key = ids_fingerprint(topk_ids_TK)
+        if key is None or self.ids_key is None or key == self.ids_key:
+            return
+        if key[:-1] == self.ids_key[:-1]:
+            raise ValueError(
+                f"{what} was modified in place after the routing plan was made from it; make the "
+                "plan again (make_plan) from the current ids"
+            )
+        raise ValueError(
+            f"{what} is not the tensor the routing plan was made from: pass the topk_ids the plan "
+            "was made from, or leave plan=None to make the plan from these ids"
+        )
+
+
+def ids_fingerprint(ids: torch.Tensor) -> tuple | None:
+    """Which tensor ``ids`` is and whether it changed: (address, shape, strides, dtype, device,
+    version counter), read from the tensor's metadata (no device sync). None under
+    torch.compile and for tensors without storage: the check is then skipped."""
+    if torch.compiler.is_compiling():
+        return None
+    try:
+        version = None if ids.is_inference() else ids._version
+        return (ids.data_ptr(), tuple(ids.shape), ids.stride(), ids.dtype, ids.device, version)
+    except (RuntimeError, NotImplementedError, AttributeError):  # e.g. a tensor subclass
+        return None
+
+
+def check_plan(plan: object, what: str) -> RoutingPlan:
+    """``plan`` is a RoutingPlan (else a TypeError naming ``what``)."""
+    if not isinstance(plan, RoutingPlan):
+        raise TypeError(f"{what}: plan must be a RoutingPlan (from make_plan), got {type(plan).__name__}")
+    return plan
 
 
 def count_per_expert(
@@ -121,13 +201,15 @@ def make_plan(
         if capacity is not None:
             raise ValueError("make_plan: pass capacity_factor or capacity, not both")
         if not (isinstance(capacity_factor, (int, float)) and not isinstance(capacity_factor, bool)
-                and capacity_factor > 0):
-            raise ValueError(f"capacity_factor={capacity_factor!r}; it must be > 0 (or None)")
+                and 0 < capacity_factor < math.inf):
+            raise ValueError(f"capacity_factor={capacity_factor!r}; it must be a finite number > 0 (or None)")
         capacity = capacity_for(T, K, num_experts, capacity_factor)
     elif capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)
                                    or capacity < 0):
         raise ValueError(f"capacity={capacity!r}; it must be an integer >= 0 (or None)")
     device = topk_ids_TK.device
+    if device.type == "meta":
+        raise ValueError("topk_ids are on the meta device (no values): a routing plan needs real ids")
     flat = topk_ids_TK.reshape(-1).to(torch.int64)
     if flat.numel() > 0 and not torch.compiler.is_compiling():
         if flat.device.type == "cpu":
@@ -188,4 +270,4 @@ def make_plan(
         plan.padded_rows_N = padded_starts[sorted_experts] + row_rank
         plan.padded_offsets_E = padded_offsets.to(torch.int32)
         plan.num_padded_rows = N + num_experts * (pad_to_multiple - 1)
-    return plan
+    return plan.record_ids(topk_ids_TK)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from .config import check_bool
 from .experts import GroupedExperts
 from .moe import MoE
 from .router import TokenChoiceTopKRouter
@@ -122,8 +123,9 @@ PRESETS: dict[str, Callable[..., MoE.Config]] = {
 
 
 def get_preset(name: str, tiny: bool = False) -> MoE.Config:
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; allowed: {sorted(PRESETS)}")
+    check_bool("get_preset", "tiny", tiny)
     return PRESETS[name](tiny=tiny)
 
 
@@ -136,6 +138,8 @@ class PresetSizes:
 
 def preset_sizes(cfg: MoE.Config) -> PresetSizes:
     """Parameter counts and FLOPs of one layer, from the config alone (nothing built)."""
+    if not isinstance(cfg, MoE.Config):
+        raise TypeError(f"preset_sizes takes a MoE.Config (e.g. get_preset(name)), got {type(cfg).__name__}")
     D, F, E, K = cfg.dim, cfg.hidden_dim, cfg.num_experts, cfg.top_k
     up_rows = 2 * F if cfg.experts.is_gated else F
     per_expert = up_rows * D + D * F

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config, Module, check_choice, check_nonneg, check_positive
+from .config import Config, Module, check_bool, check_choice, check_nonneg, check_positive
 from .ops.gate import fp32_gate_applies, fp32_gate_logits
 
 __all__ = ["RouterOutput", "TokenChoiceTopKRouter"]
@@ -62,6 +62,13 @@ class RouterOutput:
     @property
     def num_tokens(self) -> int:
         return self.topk_ids.shape[0]
+
+    def detach(self) -> RouterOutput:
+        """The same values outside the autograd graph (what a module may keep between calls)."""
+        return RouterOutput(
+            topk_ids=self.topk_ids.detach(), topk_weights=self.topk_weights.detach(),
+            scores=self.scores.detach(), logits=self.logits.detach(),
+        )
 
 
 def _round_robin_ids(T: int, K: int, E: int, device: torch.device) -> torch.Tensor:
@@ -98,6 +105,11 @@ class TokenChoiceTopKRouter(Module):
             check_choice(o, "hash_weights", self.hash_weights, HASH_WEIGHTS)
             check_choice(o, "group_score", self.group_score, GROUP_SCORES)
             check_nonneg(o, "route_scale", self.route_scale)
+            for name in ("route_norm", "topk_before_score", "use_router_bias", "use_expert_bias",
+                         "force_load_balance"):
+                check_bool(o, name, getattr(self, name))
+            if isinstance(self.hash_seed, bool) or not isinstance(self.hash_seed, int):
+                raise TypeError(f"{o}.hash_seed={self.hash_seed!r}; it must be an integer")
             check_choice(
                 o, "router_dtype", self.router_dtype,
                 (None, torch.float32, torch.float64, torch.bfloat16, torch.float16),
@@ -240,6 +252,8 @@ class TokenChoiceTopKRouter(Module):
                 raise ValueError("router needs x_TD or precomputed logits")
             if x_TD.dim() != 2 or x_TD.shape[-1] != self.dim:
                 raise ValueError(f"router input must be [T, {self.dim}], got {tuple(x_TD.shape)}")
+            if not x_TD.is_floating_point():
+                raise TypeError(f"router input must be a floating tensor, got {x_TD.dtype}")
             logits = self.compute_logits(x_TD)
         elif logits.dim() != 2 or logits.shape[-1] != self.num_experts:
             raise ValueError(f"logits must be [T, {self.num_experts}], got {tuple(logits.shape)}")
@@ -251,6 +265,11 @@ class TokenChoiceTopKRouter(Module):
         if cfg.routing == "hash":
             if input_ids is None:
                 raise ValueError("routing='hash' needs input_ids (the token ids), shape [T] or [B, S]")
+            if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.is_complex():
+                raise TypeError(
+                    "routing='hash' needs integer input_ids (token ids), got "
+                    f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}"
+                )
             ids = input_ids.reshape(-1)
             if ids.shape[0] != T:
                 raise ValueError(f"input_ids has {ids.shape[0]} tokens, the input has {T}")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .activations import canonical_activation, get_activation, resolve_gated
-from .config import Config, Module, check_positive
+from .config import Config, Module, check_bool, check_positive
 
 __all__ = ["SharedExperts"]
 
@@ -29,6 +29,7 @@ class SharedExperts(Module):
         def __post_init__(self) -> None:
             o = "SharedExperts.Config"
             check_positive(o, "hidden_dim", self.hidden_dim)
+            check_bool(o, "use_gate", self.use_gate)
             self.activation = canonical_activation(self.activation)
             resolve_gated(self.activation, self.gated, o)  # validates the pairing
 
@@ -63,6 +64,16 @@ class SharedExperts(Module):
         nn.init.trunc_normal_(self.down_proj.weight, mean=0.0, std=std)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x_TD, torch.Tensor) or x_TD.dim() < 1 or x_TD.shape[-1] != self.dim:
+            raise ValueError(
+                f"SharedExperts input must be [..., {self.dim}], got "
+                f"{tuple(x_TD.shape) if isinstance(x_TD, torch.Tensor) else type(x_TD).__name__}"
+            )
+        if x_TD.dtype != self.up_proj.weight.dtype:
+            raise TypeError(
+                f"SharedExperts input has dtype {x_TD.dtype} but its weights are {self.up_proj.weight.dtype}; "
+                "cast one of them"
+            )
         up = self.up_proj(x_TD)
         h = self._act.gated(self.gate_proj(x_TD), up) if self.gate_proj is not None else self._act.unary(up)
         y = self.down_proj(h)

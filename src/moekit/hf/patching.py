@@ -254,8 +254,7 @@ class HFMoE(MoE):
         moe_kwargs = {
             k: kwargs[k] for k in ("input_ids", "token_mask", "router_logits") if k in kwargs
         }
-        y = super().forward(hidden_states, **moe_kwargs)
-        r = self.last_router_output
+        y, r = self.forward_with_routing(hidden_states, **moe_kwargs)  # r inside the autograd graph
         if r is not None:
             _record_router_logits(r.logits)
         if self.hf_returns == RET_WEIGHTS:

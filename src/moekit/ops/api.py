@@ -15,6 +15,7 @@ import torch
 from ..activations import get_activation
 from ..plan import RoutingPlan
 from .backends import ExpertsBackend, resolve_backend
+from .stages import check_expert_down, check_expert_up, check_given_plan
 
 __all__ = ["check_expert_args", "expert_down", "expert_up", "moe_experts"]
 
@@ -32,6 +33,7 @@ def expert_up(
 ) -> torch.Tensor:
     """Up projection (``H = 2F`` when gated, else ``F``) and the activation: ``[N, F]``
     (``interleaved``: gate and up rows of ``w_up_EHD`` alternate, as in GPT-OSS)."""
+    check_expert_up(x_ND, w_up_EHD, plan, bias_EH, gated)
     b = resolve_backend(backend, x_ND.device, x_ND.dtype)
     h_NH = b.grouped_linear(x_ND, w_up_EHD, plan, bias_EH)
     return get_activation(activation)(h_NH, gated, interleaved)
@@ -46,6 +48,7 @@ def expert_down(
     backend: str | ExpertsBackend.Config | ExpertsBackend = "auto",
 ) -> torch.Tensor:
     """Down projection ``[N, D]`` (the bias is added per routed row)."""
+    check_expert_down(h_NF, w_down_EDF, plan, bias_ED)
     b = resolve_backend(backend, h_NF.device, h_NF.dtype)
     return b.grouped_linear(h_NF, w_down_EDF, plan, bias_ED)
 
@@ -125,6 +128,7 @@ def moe_experts(
         raise ValueError(f"activation={activation!r} is gated only; pass gate_up_proj [E, 2F, D]")
     if gate_up_interleaved and not gated:
         raise ValueError("gate_up_interleaved=True needs gated experts (gate_up_proj [E, 2F, D])")
+    check_given_plan(plan, topk_ids, gate_up_proj.shape[0])
     b = resolve_backend(backend, x_TD.device, x_TD.dtype)
     if plan is None:
         plan = b.make_plan(topk_ids, gate_up_proj.shape[0])

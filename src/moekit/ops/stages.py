@@ -11,15 +11,110 @@ from __future__ import annotations
 
 import torch
 
-from ..plan import RoutingPlan
+from ..plan import RoutingPlan, check_plan
 
-__all__ = ["permute", "unpermute", "gather_slots", "row_weights"]
+__all__ = [
+    "check_expert_down",
+    "check_expert_up",
+    "check_given_plan",
+    "gather_slots",
+    "permute",
+    "row_weights",
+    "unpermute",
+]
+
+
+# ---------------------------------------------------------------------------- argument checks
+# Host-side and metadata-only (shapes, dtypes, devices): no device synchronisation.
+def _check_2d(t: object, name: str, what: str, legend: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what}: {name} must be a tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{what}: {name} must be 2-D {legend}, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{what}: {name} must be a floating tensor, got {t.dtype}")
+
+
+def _check_weights(topk_weights_TK, plan: RoutingPlan, like: torch.Tensor, what: str) -> None:
+    if topk_weights_TK is None:
+        return
+    if not isinstance(topk_weights_TK, torch.Tensor):
+        raise TypeError(f"{what}: topk_weights must be a tensor, got {type(topk_weights_TK).__name__}")
+    if tuple(topk_weights_TK.shape) != (plan.num_tokens, plan.top_k):
+        raise ValueError(
+            f"{what}: topk_weights has shape {tuple(topk_weights_TK.shape)} but the routing plan "
+            f"is for [T={plan.num_tokens}, K={plan.top_k}]"
+        )
+    if not topk_weights_TK.is_floating_point():
+        raise TypeError(f"{what}: topk_weights must be a floating tensor, got {topk_weights_TK.dtype}")
+    if topk_weights_TK.device != like.device:
+        raise ValueError(f"{what}: topk_weights is on {topk_weights_TK.device} but the input is on {like.device}")
+
+
+def _check_same_device(a: torch.Tensor, plan: RoutingPlan, what: str) -> None:
+    if a.device != plan.sorted_slots_N.device:
+        raise ValueError(f"{what}: the input is on {a.device} but the routing plan is on {plan.sorted_slots_N.device}")
+
+
+def _check_grouped_linear(x_NI, w_EOI, plan, bias_EO, what: str) -> None:
+    check_plan(plan, what)
+    _check_2d(x_NI, "the input", what, "[N, in]")
+    if not isinstance(w_EOI, torch.Tensor) or w_EOI.dim() != 3:
+        raise ValueError(
+            f"{what}: the expert weights must be a 3-D tensor [E, out, in], got "
+            f"{tuple(w_EOI.shape) if isinstance(w_EOI, torch.Tensor) else type(w_EOI).__name__}"
+        )
+    plan.check_rows(x_NI.shape[0], f"{what}: the input")
+    plan.check_experts(w_EOI.shape[0], f"{what}: the weight")
+    E, O, I = w_EOI.shape
+    if x_NI.shape[1] != I:
+        raise ValueError(f"{what}: the input has {x_NI.shape[1]} features but the weight [E, out, in] is {tuple(w_EOI.shape)}")
+    if w_EOI.dtype != x_NI.dtype and not torch.is_autocast_enabled(x_NI.device.type):
+        raise TypeError(f"{what}: the weight has dtype {w_EOI.dtype} but the input has {x_NI.dtype}; cast one of them")
+    if w_EOI.device != x_NI.device:
+        raise ValueError(f"{what}: the weight is on {w_EOI.device} but the input is on {x_NI.device}")
+    _check_same_device(x_NI, plan, what)
+    if bias_EO is not None and tuple(bias_EO.shape) != (E, O):
+        raise ValueError(f"{what}: the bias must be [E, out]=({E}, {O}), got {tuple(bias_EO.shape)}")
+
+
+def check_expert_up(x_ND, w_up_EHD, plan, bias_EH, gated: bool) -> None:
+    """The arguments of ``expert_up`` agree with each other and with the plan."""
+    _check_grouped_linear(x_ND, w_up_EHD, plan, bias_EH, "expert_up")
+    if gated and w_up_EHD.shape[1] % 2:
+        raise ValueError(
+            f"expert_up: a gated activation needs an even number of up rows (2F), got {w_up_EHD.shape[1]}"
+        )
+
+
+def check_expert_down(h_NF, w_down_EDF, plan, bias_ED) -> None:
+    """The arguments of ``expert_down`` agree with each other and with the plan."""
+    _check_grouped_linear(h_NF, w_down_EDF, plan, bias_ED, "expert_down")
+
+
+def check_given_plan(plan, topk_ids_TK: torch.Tensor, num_experts: int, what: str = "moe_experts") -> None:
+    """A plan passed in (``plan=``) was made from ``topk_ids_TK`` for ``num_experts`` experts;
+    nothing to check when ``plan`` is None (it is made from the ids)."""
+    if plan is None:
+        return
+    check_plan(plan, what)
+    plan.check_ids(topk_ids_TK, f"{what}: topk_ids")
+    plan.check_experts(num_experts, f"{what}: the expert weights")
+    _check_same_device(topk_ids_TK, plan, what)
 
 
 def gather_slots(y_ND: torch.Tensor, inverse_TK: torch.Tensor) -> torch.Tensor:
     """``out[t, k] = y_ND[inverse_TK[t, k]]``, zero where the slot was dropped (-1)."""
+    if y_ND.dim() != 2 or inverse_TK.dim() != 2:
+        raise ValueError(
+            f"gather_slots takes y [N, D] and inverse [T, K], got {tuple(y_ND.shape)} and {tuple(inverse_TK.shape)}"
+        )
     T, K = inverse_TK.shape
     N, D = y_ND.shape
+    # a host check on CPU only (on a GPU it would sync)
+    on_cpu = inverse_TK.device.type == "cpu" and not torch.compiler.is_compiling()
+    if on_cpu and inverse_TK.numel() and int(inverse_TK.max()) >= N:
+        raise ValueError(f"gather_slots: inverse points at row {int(inverse_TK.max())} of y's {N} rows")
     y_pad = torch.cat([y_ND, y_ND.new_zeros(1, D)])
     idx = torch.where(inverse_TK < 0, N, inverse_TK).reshape(-1)
     return y_pad.index_select(0, idx).view(T, K, D)
@@ -60,6 +155,11 @@ def permute(
 ) -> torch.Tensor:
     """Rows of ``x_TD`` in expert order, ``[N, D]``; scaled by their routing weight when
     ``topk_weights_TK`` is given (routing weight on the expert input, as Llama 4 does)."""
+    check_plan(plan, "permute")
+    _check_2d(x_TD, "x", "permute", "[T, D]")
+    plan.check_tokens(x_TD.shape[0], "permute: x")
+    _check_same_device(x_TD, plan, "permute")
+    _check_weights(topk_weights_TK, plan, x_TD, "permute")
     x_ND = _Permute.apply(x_TD, plan.token_ids_N, plan.inverse_TK)
     if topk_weights_TK is not None:
         x_ND = x_ND * row_weights(topk_weights_TK, plan).to(x_ND.dtype).unsqueeze(-1)
@@ -71,6 +171,11 @@ def unpermute(
 ) -> torch.Tensor:
     """Combine: ``out[t] = sum_k w[t, k] * y_ND[row(t, k)]`` (``w = 1`` when ``topk_weights_TK``
     is None), summed over k in a fixed order; dropped slots contribute zero."""
+    check_plan(plan, "unpermute")
+    _check_2d(y_ND, "the expert output", "unpermute", "[N, D]")
+    plan.check_rows(y_ND.shape[0], "unpermute: the expert output")
+    _check_same_device(y_ND, plan, "unpermute")
+    _check_weights(topk_weights_TK, plan, y_ND, "unpermute")
     rows_TKD = _GatherSlots.apply(y_ND, plan.inverse_TK, plan.sorted_slots_N)
     if topk_weights_TK is None:
         return rows_TKD.sum(1)

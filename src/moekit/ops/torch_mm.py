@@ -17,10 +17,13 @@ _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", No
 
 
 def grouped_mm_available(device: torch.device, dtype: torch.dtype | None = None) -> bool:
-    """torch's grouped GEMM runs float32/bfloat16/float16 on CPU and bfloat16 on CUDA (SM>=80)."""
+    """torch's grouped GEMM runs float32/bfloat16/float16 on CPU and bfloat16 on CUDA (SM>=80);
+    under torch.compile bfloat16 only (its meta function, which tracing runs, takes no other)."""
     if _grouped_mm is None:
         return False
     if device.type == "cpu":
+        if torch.compiler.is_compiling():
+            return dtype in (None, torch.bfloat16)
         return dtype in (None, torch.float32, torch.bfloat16, torch.float16)
     if device.type == "cuda":
         return dtype in (None, torch.bfloat16) and torch.cuda.get_device_capability(device)[0] >= 8

@@ -278,7 +278,7 @@ class TritonBackend(ExpertsBackend):
                 and 0 < topk_ids_TK.numel() <= self._kernels.launchers.SMALL_PLAN_MAX_SLOTS
                 and type(num_experts) is int and num_experts > 0
                 and not torch.compiler.is_compiling()):
-            return self._kernels.launchers.small_plan(topk_ids_TK, num_experts)
+            return self._kernels.launchers.small_plan(topk_ids_TK, num_experts).record_ids(topk_ids_TK)
         return super().make_plan(topk_ids_TK, num_experts, capacity_factor=capacity_factor,
                                  drop_policy=drop_policy, topk_weights_TK=topk_weights_TK,
                                  capacity=capacity)
