@@ -1,18 +1,17 @@
-"""A/B of the Triton weight-grad kernel's launch configs (``BO,BI,BK,warps,stages``, as
-``MOEKIT_TRITON_DW_CONFIG`` takes them) at training shapes: the two dW GEMMs of one backward,
-timed alone (do_bench medians, the configs alternated twice), and the same weight grads over
-gathered contiguous copies (the copy's time counted: ``copy+`` rows); outputs compared with the
-first config's. Prints a table; with --out writes it as JSON.
+"""A/B of the Triton weight-grad kernel's launch configs (``BO,BI,BK,warps,stages``, passed as
+the launchers' ``tiles`` overrides) at training shapes: the two dW GEMMs of one backward, timed
+alone (do_bench medians, the configs alternated twice), and the same weight grads over gathered
+contiguous copies (the copy's time counted: ``copy+`` rows); outputs compared with the first
+config's. Prints a table; with --out writes it as JSON.
 
     PYTHONPATH=src python benchmarks/dw_ab.py --shapes qwen3 olmoe --configs 128,128,64,8,4 128,256,64,8,3
 """
 
 import argparse
 import json
-import os
 
 import torch
-import triton
+from ab_common import ab, tile
 
 from moekit.ops.triton import launchers as L
 from moekit.plan import make_plan
@@ -22,13 +21,14 @@ SHAPES = {"qwen3": (16384, 2048, 768, 128, 8), "olmoe": (16384, 2048, 1024, 64, 
 DEFAULT_CONFIGS = ["128,128,64,8,4", "128,256,64,8,3"]
 
 
-def _gathered(fn_args):
+def _gathered(fa, tiles):
     """The same weight grad over gathered (and pre-scaled) contiguous copies: the copy's time
     is counted."""
-    l_src, l_tok, r_src, r_tok, roww, scale_left, counts, offsets = fn_args
+    l_src, l_tok, r_src, r_tok, roww, scale_left, counts, offsets = fa
     lm = L._gather_rows(l_src, l_tok, roww if scale_left else None)
     rm = L._gather_rows(r_src, r_tok, None if scale_left else roww)
-    return L.weight_grad(lm, None, rm, None, None, scale_left, counts, offsets, torch.bfloat16, False)
+    return L.weight_grad(lm, None, rm, None, None, scale_left, counts, offsets, torch.bfloat16,
+                         False, tiles=tiles)[0]
 
 
 def main():
@@ -37,9 +37,6 @@ def main():
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    variants = {c: {"MOEKIT_TRITON_DW_CONFIG": c} for c in a.configs}
-    variants[f"copy+{a.configs[-1]}"] = {"MOEKIT_TRITON_DW_CONFIG": a.configs[-1], "GATHER_COPY": "1"}
-    first = a.configs[0]
     rows = []
     for name in a.shapes:
         T, D, F, E, K = SHAPES[name]
@@ -55,30 +52,12 @@ def main():
         args = {"dW_up": (dh, None, x, plan.token_ids_N, None, False, plan.counts_E, plan.offsets_E),
                 "dW_down": (gy, plan.token_ids_N, act, None, roww, True, plan.counts_E, plan.offsets_E)}
         for which, fa in args.items():
-            def fn(fa=fa):
-                if os.environ.get("GATHER_COPY") == "1":
-                    return _gathered(fa)
-                return L.weight_grad(*fa, torch.bfloat16, False)
+            variants = {c: (lambda fa=fa, t={"dw": tile(c)}: L.weight_grad(
+                *fa, torch.bfloat16, False, tiles=t)[0]) for c in a.configs}
+            last = {"dw": tile(a.configs[-1])}
+            variants[f"copy+{a.configs[-1]}"] = lambda fa=fa, t=last: _gathered(fa, t)
             flops = 2 * N * D * (2 * F if which == "dW_up" else F)
-            res, outs = {}, {}
-            for rep in range(2):  # alternate the variants twice
-                for v, env in variants.items():
-                    old = {k: os.environ.get(k) for k in env}
-                    os.environ.update(env)
-                    try:
-                        outs[v] = fn()[0]
-                        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-                    finally:
-                        for k, o in old.items():
-                            os.environ.pop(k, None) if o is None else os.environ.__setitem__(k, o)
-                    res.setdefault(v, []).append(ms)
-            for v, ms in res.items():
-                best = min(ms)
-                same = (outs[v].float() - outs[first].float()).abs().max().item()
-                rows.append(dict(shape=name, gemm=which, variant=v, ms=best, runs=ms,
-                                 tflops=flops / best / 1e9, max_abs_diff=same))
-                print(f"{name:12s} {which:8s} {v:20s} {best:7.3f} ms {flops / best / 1e9:6.1f} TF/s "
-                      f"runs {['%.3f' % m for m in ms]} maxdiff={same:.2e}", flush=True)
+            rows += [dict(r, shape=name) for r in ab(variants, flops, f"{name} {which}")]
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rows, f, indent=1)

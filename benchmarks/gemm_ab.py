@@ -1,18 +1,17 @@
 """A/B of the forward GEMM kernels' launch configs at training shapes: the gated up projection
 (``up_kernel``: token gather + gate/up GEMM + SwiGLU) and the row GEMM (``rows_gemm_kernel``:
 the down projection), each timed alone (do_bench medians, the configs alternated twice).
-Configs are ``BM,BN,BK,warps,stages`` as ``MOEKIT_TRITON_UP_GATED_CONFIG`` /
-``MOEKIT_TRITON_ROWS_CONFIG`` take them (BN per accumulator for the gated kernel).
+Configs are ``BM,BN,BK,warps,stages``, passed as the launchers' ``tiles`` overrides (BN per
+accumulator for the gated kernel).
 
     PYTHONPATH=src python benchmarks/gemm_ab.py --shapes qwen3 olmoe --out ab.json
 """
 
 import argparse
 import json
-import os
 
 import torch
-import triton
+from ab_common import ab, tile
 
 from moekit.ops.triton import launchers as L
 from moekit.plan import make_plan
@@ -22,16 +21,6 @@ SHAPES = {"qwen3": (16384, 2048, 768, 128, 8), "olmoe": (16384, 2048, 1024, 64, 
 UP = ["128,128,64,8,3", "128,128,64,8,4", "128,128,32,8,4", "64,128,64,4,4", "128,64,64,4,4",
       "256,64,64,8,3"]
 ROWS = ["128,256,64,8,3", "128,256,64,8,4", "128,128,64,8,4", "256,128,64,8,3", "128,256,32,8,5"]
-
-
-def _timed(fn, var, cfg):
-    old = os.environ.get(var)
-    os.environ[var] = cfg
-    try:
-        out = fn()
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"), out
-    finally:
-        os.environ.pop(var, None) if old is None else os.environ.__setitem__(var, old)
 
 
 def main():
@@ -53,25 +42,15 @@ def main():
         w2 = torch.randn(E, D, F, device="cuda", dtype=torch.bfloat16) * F ** -0.5
         act = torch.randn(N, F, device="cuda", dtype=torch.bfloat16)
         kinds = [
-            ("up_gated", "MOEKIT_TRITON_UP_GATED_CONFIG", a.up, 2 * N * D * 2 * F,
-             lambda: L.up_forward(x, w1, None, plan.token_ids_N, None, plan.counts_E,
-                                  plan.offsets_E, "silu", True)[1]),
-            ("rows", "MOEKIT_TRITON_ROWS_CONFIG", a.rows, 2 * N * D * F,
-             lambda: L.rows_gemm(act, w2, None, plan.counts_E, plan.offsets_E)),
+            ("up_gated", a.up, 2 * N * D * 2 * F,
+             lambda t: L.up_forward(x, w1, None, plan.token_ids_N, None, plan.counts_E,
+                                    plan.offsets_E, "silu", True, tiles=t)[1]),
+            ("rows", a.rows, 2 * N * D * F,
+             lambda t: L.rows_gemm(act, w2, None, plan.counts_E, plan.offsets_E, tiles=t)),
         ]
-        for kind, var, cfgs, flops, fn in kinds:
-            res, outs = {}, {}
-            for _ in range(2):
-                for c in cfgs:
-                    ms, outs[c] = _timed(fn, var, c)
-                    res.setdefault(c, []).append(ms)
-            for c, ms in res.items():
-                best = min(ms)
-                diff = (outs[c].float() - outs[cfgs[0]].float()).abs().max().item()
-                rows.append(dict(shape=name, kernel=kind, config=c, ms=best, runs=ms,
-                                 tflops=flops / best / 1e9, max_abs_diff=diff))
-                print(f"{name:8s} {kind:9s} {c:16s} {best:7.3f} ms {flops / best / 1e9:6.1f} TF/s "
-                      f"runs {['%.3f' % m for m in ms]} maxdiff={diff:.1e}", flush=True)
+        for kind, cfgs, flops, fn in kinds:
+            variants = {c: (lambda fn=fn, t={kind: tile(c)}: fn(t)) for c in cfgs}
+            rows += [dict(r, shape=name, kernel=kind) for r in ab(variants, flops, f"{name} {kind}")]
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -1,0 +1,30 @@
+"""Shared by the kernel A/B scripts (``dw_ab.py``, ``gemm_ab.py``): time a few variants of one
+call, alternated, as do_bench medians, and compare their outputs with the first variant's."""
+
+import triton
+
+
+def tile(spec: str) -> tuple[int, ...]:
+    """``"BM,BN,BK,warps,stages"`` -> ints (a launch config as the launchers' ``tiles`` take it)."""
+    return tuple(int(v) for v in spec.split(","))
+
+
+def ab(variants: dict, flops: float, label: str, reps: int = 2) -> list[dict]:
+    """``variants``: name -> zero-argument callable returning the output tensor. Each is timed
+    ``reps`` times, the variants alternated; the best median is kept."""
+    res, outs = {}, {}
+    for _ in range(reps):
+        for v, fn in variants.items():
+            outs[v] = fn()
+            res.setdefault(v, []).append(
+                triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    first = next(iter(variants))
+    rows = []
+    for v, ms in res.items():
+        best = min(ms)
+        diff = (outs[v].float() - outs[first].float()).abs().max().item()
+        rows.append(dict(label=label, variant=v, ms=best, runs=ms, tflops=flops / best / 1e9,
+                         max_abs_diff=diff))
+        print(f"{label:22s} {v:26s} {best:7.3f} ms {flops / best / 1e9:6.1f} TF/s "
+              f"runs {['%.3f' % m for m in ms]} maxdiff={diff:.1e}", flush=True)
+    return rows
