@@ -8,6 +8,9 @@
 * :func:`config_from_hf`: the :class:`moekit.MoE.Config` of a model's sparse block.
 * :func:`from_hf_state_dict` / :func:`to_hf_state_dict`: checkpoint conversion.
 
+Modules: experts_impl (the experts backend), families (the per-family maps), layout (tensor
+correspondences), derive (configs), detect (structure detection), hf_moe (the stand-in
+module), build (one block), patching (patch/unpatch), convert (state dicts), tiny (test models).
 See docs/hf.md.
 """
 

@@ -23,19 +23,9 @@ from __future__ import annotations
 
 import torch
 
+from .derive import config_from_hf, generic_spec_from_config, text_config
 from .families import spec_for_model_type
-from .patching import (
-    FP32,
-    FP32_ROW,
-    ROW,
-    SAME,
-    _text_config,
-    block_param_map,
-    config_from_hf,
-    generic_spec_from_config,
-    to_hf,
-    to_moekit,
-)
+from .layout import FP32, FP32_ROW, ROW, SAME, block_param_map, to_hf, to_moekit
 
 __all__ = ["from_hf_state_dict", "to_hf_state_dict", "PER_EXPERT_NAMES"]
 
@@ -44,7 +34,7 @@ PER_EXPERT_NAMES = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
 
 
 def _spec_and_cfg(hf_config, layout):
-    cfg = _text_config(hf_config)
+    cfg = text_config(hf_config)
     spec = spec_for_model_type(getattr(cfg, "model_type", None)) or generic_spec_from_config(cfg)
     if layout is not None:
         spec = spec.with_(layout=layout)

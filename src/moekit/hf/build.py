@@ -1,0 +1,181 @@
+"""Building the :class:`HFMoE` of one transformers block: its config (named family or
+detected structure), its tensors taken from the block, the probe that checks it computes what
+the block computed, and the block's tensors replaced by placeholders (:func:`patch_block`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..moe import MoE
+from ..router import TokenChoiceTopKRouter
+from .derive import config_from_hf, text_config
+from .detect import generic_spec, router_matches
+from .families import RET_LOGITS, RET_TENSOR, RET_WEIGHTS, spec_for_block, top_k_of
+from .hf_moe import HFMoE
+from .layout import SAME, Entry, PatchError, block_param_map, get_path, to_moekit
+
+__all__ = ["patch_block"]
+
+
+def _build_moe(
+    cfg: MoE.Config, block: nn.Module, entries: list[Entry], where: str, returns: str
+) -> HFMoE:
+    with torch.device("meta"):
+        moe = HFMoE(cfg)
+    moe.hf_returns = returns
+    device = None
+    for en in entries:
+        _, _, t = get_path(block, en.hf)
+        if not isinstance(t, torch.Tensor):
+            raise PatchError(f"{where}: expected a tensor at {en.hf!r}")
+        mod, leaf, cur = get_path(moe, en.moekit)
+        if cur is None or tuple(cur.shape) != tuple(
+            to_moekit(en.kind, t.detach().to("meta")).shape
+        ):
+            raise PatchError(
+                f"{where}: {en.hf} {tuple(t.shape)} does not fit moekit's {en.moekit} "
+                f"{None if cur is None else tuple(cur.shape)}"
+            )
+        device = t.device
+        if isinstance(cur, nn.Parameter):
+            if en.kind == SAME and isinstance(t, nn.Parameter):
+                new = t  # the very same Parameter: shared storage, optimizer state stays valid
+            else:
+                new = nn.Parameter(to_moekit(en.kind, t.detach()), requires_grad=t.requires_grad)
+            setattr(mod, leaf, new)
+        else:
+            setattr(mod, leaf, to_moekit(en.kind, t.detach()))
+    for name, p in list(moe.named_parameters()):
+        if p.is_meta:
+            raise PatchError(f"{where}: moekit parameter {name} has no counterpart in the block")
+    for name, b in list(moe.named_buffers()):
+        if b.is_meta:
+            mod, leaf, _ = get_path(moe, name)
+            setattr(mod, leaf, torch.zeros(b.shape, dtype=b.dtype, device=device))
+    return moe
+
+
+def _strip(block: nn.Module, entries: list[Entry]) -> dict:
+    """Replace the block's mapped tensors by meta placeholders; return their dtypes."""
+    dtypes = {}
+    for en in entries:
+        mod, leaf, t = get_path(block, en.hf)
+        dtypes[en.hf] = t.dtype
+        ph = torch.empty(t.shape, dtype=t.dtype, device="meta")
+        setattr(
+            mod,
+            leaf,
+            nn.Parameter(ph, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else ph,
+        )
+    return dtypes
+
+
+def _probe_and_compare(block, moe, D, where, verify_tol):
+    p = next(iter(moe.parameters()))
+    if p.is_meta:
+        return None
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(2, 5, D, generator=g).to(p.device, p.dtype)
+    with torch.no_grad():
+        ref = block(x.clone())
+        got = moe(x.clone())
+    moe.reset_load()
+    ref_y = (ref[0] if isinstance(ref, tuple) else ref).reshape(-1, D)
+    got_y = (got[0] if isinstance(got, tuple) else got).reshape(-1, D)
+    if isinstance(ref, tuple) != isinstance(got, tuple):
+        return f"the block returns {type(ref).__name__}, moekit's returns {type(got).__name__}"
+    scale = ref_y.abs().max().item() + 1e-6
+    err = (ref_y.float() - got_y.float()).abs().max().item()
+    tol = (
+        verify_tol
+        if verify_tol is not None
+        else (1e-4 if p.dtype in (torch.float32, torch.float64) else 3e-2)
+    )
+    if err > tol * scale:
+        return f"output differs from the original block on a probe (max abs err {err:.3g} vs scale {scale:.3g})"
+    return None
+
+
+def _returns_of(block, D, E, K, device, dtype) -> str:
+    x = torch.randn(1, 3, D, device=device, dtype=dtype)
+    with torch.no_grad():
+        out = block(x)
+    if not isinstance(out, tuple):
+        return RET_TENSOR
+    if len(out) == 2 and isinstance(out[1], torch.Tensor):
+        if out[1].shape[-1] == E and K != E:
+            return RET_LOGITS
+        return RET_WEIGHTS
+    raise PatchError(
+        f"block returns a {len(out)}-tuple; moekit knows (y,), (y, weights), (y, logits)"
+    )
+
+
+def patch_block(
+    block: nn.Module, where: str, model_cfg, backend: str, verify: bool, verify_tol
+) -> HFMoE:
+    cfg_src = getattr(block.experts, "config", None) if hasattr(block, "experts") else None
+    hf_cfg = text_config(cfg_src if cfg_src is not None else model_cfg)
+    spec = spec_for_block(block)
+    if spec is not None:
+        try:
+            moe_cfg = config_from_hf(hf_cfg, backend=backend, spec=spec)
+        except PatchError as e:
+            raise PatchError(f"{where} ({type(block).__name__}): {e}") from None
+        returns = spec.returns
+    else:
+        spec, cands = generic_spec(block, hf_cfg, f"{where} ({type(block).__name__})")
+        router = getattr(block, spec.router)
+        lin = router.get_submodule(spec.router_linear) if spec.router_linear else router
+        E, D = lin.weight.shape
+        K = getattr(router, "top_k", None) or getattr(block, "top_k", None) or top_k_of(hf_cfg)
+        if not isinstance(K, int):
+            raise PatchError(f"{where} ({type(block).__name__}): cannot tell its top-k")
+        base = config_from_hf(hf_cfg, backend=backend, spec=spec, _num_experts=E, _top_k=K)
+        moe_cfg = None
+        for c in cands:
+            try:
+                rc = TokenChoiceTopKRouter.Config(
+                    top_k=base.router.top_k, router_dtype=base.router.router_dtype, **c
+                )
+            except ValueError:
+                continue
+            if router_matches(
+                router, rc, D, E, spec.router_linear, f"{where} ({type(block).__name__})"
+            ):
+                moe_cfg = base.replace(router=rc)
+                break
+        if moe_cfg is None:
+            raise PatchError(
+                f"{where} ({type(block).__name__}): its router {type(router).__name__} routes in a way "
+                "moekit's TokenChoiceTopKRouter does not express (tried softmax/sigmoid, "
+                "score-then-topk/topk-then-score, with and without normalisation, the config's "
+                "groups, scale and biases)"
+            )
+        p = lin.weight
+        returns = (
+            RET_TENSOR
+            if p.is_meta
+            else _returns_of(
+                block, D, E, moe_cfg.router.top_k, p.device, block.experts.down_proj.dtype
+            )
+        )
+    entries = block_param_map(spec, moe_cfg)
+    moe = _build_moe(moe_cfg, block, entries, f"{where} ({type(block).__name__})", returns)
+    if verify:
+        was_training = block.training
+        block.eval()
+        moe.eval()
+        why = _probe_and_compare(block, moe, moe_cfg.dim, where, verify_tol)
+        block.train(was_training)
+        moe.train(was_training)
+        if why:
+            raise PatchError(f"{where} ({type(block).__name__}, {spec.name}): {why}; not patched")
+    moe.train(block.training)
+    dtypes = _strip(block, entries)
+    moe.__dict__["_hf_block"] = block
+    moe.__dict__["_hf_entries"] = entries
+    moe.__dict__["_hf_dtypes"] = dtypes
+    moe.__dict__["_hf_family"] = spec.name
+    return moe
