@@ -26,7 +26,16 @@ except ImportError as e:  # pragma: no cover - exercised without transformers on
 from .convert import PER_EXPERT_NAMES, from_hf_state_dict, to_hf_state_dict
 from .experts_impl import EXPERTS_IMPLEMENTATION, moekit_experts_forward, register
 from .families import FAMILIES, FamilySpec
-from .patching import HFMoE, PatchError, config_from_hf, grads_by_hf_name, patch, unpatch
+from .patching import (
+    HFMoE,
+    PatchError,
+    PatchResult,
+    config_from_hf,
+    find_moe_blocks,
+    grads_by_hf_name,
+    patch,
+    unpatch,
+)
 
 register()
 
@@ -38,6 +47,8 @@ __all__ = [
     "HFMoE",
     "PER_EXPERT_NAMES",
     "PatchError",
+    "PatchResult",
+    "find_moe_blocks",
     "config_from_hf",
     "from_hf_state_dict",
     "moekit_experts_forward",

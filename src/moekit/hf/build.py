@@ -15,7 +15,7 @@ from .families import RET_LOGITS, RET_TENSOR, RET_WEIGHTS, spec_for_block, top_k
 from .hf_moe import HFMoE
 from .layout import SAME, Entry, PatchError, block_param_map, get_path, to_moekit
 
-__all__ = ["patch_block"]
+__all__ = ["patch_block", "attach_block"]
 
 
 def _build_moe(
@@ -173,9 +173,13 @@ def patch_block(
         if why:
             raise PatchError(f"{where} ({type(block).__name__}, {spec.name}): {why}; not patched")
     moe.train(block.training)
-    dtypes = _strip(block, entries)
-    moe.__dict__["_hf_block"] = block
     moe.__dict__["_hf_entries"] = entries
-    moe.__dict__["_hf_dtypes"] = dtypes
     moe.__dict__["_hf_family"] = spec.name
     return moe
+
+
+def attach_block(moe: HFMoE, block: nn.Module) -> None:
+    """Hand the block's tensors over to ``moe`` for good: the block keeps meta placeholders
+    and stays with ``moe`` (outside the module tree) for ``unpatch``."""
+    moe.__dict__["_hf_dtypes"] = _strip(block, moe.__dict__["_hf_entries"])
+    moe.__dict__["_hf_block"] = block

@@ -20,7 +20,10 @@ from .families import (
 )
 from .layout import PatchError
 
-__all__ = ["ROUTER_NAMES", "is_candidate_block", "generic_spec", "router_matches"]
+__all__ = [
+    "ROUTER_NAMES", "is_candidate_block", "is_moe_block", "why_not_patchable", "generic_spec",
+    "router_matches",
+]
 
 ROUTER_NAMES = ("gate", "router")
 _SHARED_NAMES = ("shared_expert", "shared_experts", "shared_mlp")
@@ -28,8 +31,77 @@ _SHARED_GATE_NAMES = ("shared_expert_gate",)
 
 
 def is_candidate_block(mod: nn.Module) -> bool:
+    """A block whose ``experts`` child is a transformers fused experts module (decorated with
+    ``@use_experts_implementation``): the kind ``generic_spec`` reads."""
     ex = getattr(mod, "experts", None)
     return isinstance(ex, nn.Module) and hasattr(ex, "has_gate") and hasattr(ex, "is_transposed")
+
+
+_ROUTER_CLASS_WORDS = ("Router", "Gating", "TopkGate", "TopKGate")
+_LAYER_CHILDREN = ("self_attn", "attention", "self_attention", "input_layernorm", "mixer_norm")
+
+
+def _experts_child(mod: nn.Module) -> nn.Module | None:
+    ex = getattr(mod, "experts", None)
+    if isinstance(ex, nn.Module):
+        return ex
+    return next(
+        (m for _, m in mod.named_children() if type(m).__name__.endswith("Experts")), None
+    )
+
+
+def _router_child(mod: nn.Module) -> nn.Module | None:
+    for n in ROUTER_NAMES + ("gating", "router_gate"):
+        r = getattr(mod, n, None)
+        if isinstance(r, nn.Module):
+            return r
+    return next(
+        (
+            m
+            for _, m in mod.named_children()
+            if any(w in type(m).__name__ for w in _ROUTER_CLASS_WORDS)
+        ),
+        None,
+    )
+
+
+def is_moe_block(mod: nn.Module) -> bool:
+    """Whether ``mod`` looks like a sparse MoE block: experts (an ``experts`` child, or a
+    child whose class name ends in ``Experts``) next to a router (a ``gate``/``router``/
+    ``gating`` child, or a child whose class name says Router or Gating)."""
+    ex, r = _experts_child(mod), _router_child(mod)
+    return ex is not None and r is not None and ex is not r
+
+
+def why_not_patchable(block: nn.Module) -> str | None:
+    """A reason an MoE block (:func:`is_moe_block`) is outside what ``patch`` can read, found
+    from its structure alone; None when it may be patchable (then the block is read and
+    verified in full)."""
+    if is_candidate_block(block):
+        layer = [n for n in _LAYER_CHILDREN if isinstance(getattr(block, n, None), nn.Module)]
+        if layer:
+            return (
+                f"its router and experts are children of a decoder layer (which also holds "
+                f"{layer}): there is no separate MoE block to replace; use "
+                "experts_implementation='moekit'"
+            )
+        return None
+    ex = _experts_child(block)
+    kind = type(ex).__name__
+    if isinstance(ex, (nn.ModuleList, nn.ModuleDict)):
+        return (
+            f"per-expert experts ({kind} of {len(ex)} modules) are not patched in a live "
+            "model; convert the checkpoint with moekit.hf.from_hf_state_dict instead"
+        )
+    if getattr(ex, "zero_expert_num", 0) or hasattr(ex, "identity_expert"):
+        return (
+            f"experts {kind} include zero-computation (identity) experts, which "
+            "moekit.MoE does not have"
+        )
+    return (
+        f"experts {kind} are not a transformers fused experts module "
+        "(@use_experts_implementation), so moekit cannot read their layout"
+    )
 
 
 def generic_spec(block: nn.Module, cfg, where: str) -> tuple[FamilySpec, list[dict]]:

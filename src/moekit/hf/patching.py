@@ -15,32 +15,49 @@ import torch
 from torch import nn
 
 from ..experts import GroupedExperts
-from .build import patch_block
+from .build import attach_block, patch_block
 from .derive import config_from_hf
-from .detect import ROUTER_NAMES, is_candidate_block
+from .detect import is_moe_block, why_not_patchable
 from .families import spec_for_block
 from .hf_moe import HFMoE
 from .layout import SAME, PatchError, block_param_map, find_tensor, get_path, to_hf
 
 __all__ = [
     "HFMoE", "config_from_hf", "patch", "unpatch", "block_param_map", "PatchError", "grads_by_hf_name",
-    "spec_for_block",
+    "spec_for_block", "PatchResult", "find_moe_blocks",
 ]
 
 
-def _iter_blocks(model: nn.Module):
+class PatchResult(list):
+    """What :func:`patch` returns: the qualified names of the blocks it replaced (a plain
+    ``list`` of them, so ``for name in patch(model)`` and ``len(...)`` work as they always
+    did), and ``skipped``, ``{name: reason}`` of the MoE blocks left as they were (only with
+    ``strict=False``; with ``strict=True`` those raise :class:`PatchError`)."""
+
+    def __init__(self, names=(), skipped: dict[str, str] | None = None):
+        super().__init__(names)
+        self.skipped: dict[str, str] = dict(skipped or {})
+
+    def __repr__(self) -> str:
+        return f"PatchResult({list(self)!r}, skipped={self.skipped!r})"
+
+
+def find_moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every sparse MoE block of ``model`` (outermost first; nothing inside a found block):
+    named families by class, then any module holding experts and a router (see
+    :func:`moekit.hf.detect.is_moe_block`). Already patched blocks are left out."""
+    out: list[tuple[str, nn.Module]] = []
+    done = [n for n, m in model.named_modules() if isinstance(m, HFMoE)]
+
+    def inside(name, prefixes):
+        return any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
+
     for name, mod in model.named_modules():
-        if isinstance(mod, HFMoE):
+        if inside(name, done) or inside(name, [n for n, _ in out]):
             continue
-        if spec_for_block(mod) is not None or is_candidate_block(mod):
-            yield name, mod
-        elif isinstance(getattr(mod, "experts", None), nn.ModuleList) and any(
-            isinstance(getattr(mod, n, None), nn.Module) for n in ROUTER_NAMES
-        ):
-            raise PatchError(
-                f"{name} ({type(mod).__name__}): per-expert ModuleList experts are not patched in a live "
-                "model; convert the checkpoint with moekit.hf.from_hf_state_dict instead"
-            )
+        if spec_for_block(mod) is not None or is_moe_block(mod):
+            out.append((name, mod))
+    return out
 
 
 def _set_child(model: nn.Module, qualname: str, new: nn.Module) -> None:
@@ -49,26 +66,76 @@ def _set_child(model: nn.Module, qualname: str, new: nn.Module) -> None:
     setattr(parent, leaf, new)
 
 
-def patch(
-    model: nn.Module, *, backend: str = "auto", verify: bool = True, verify_tol: float | None = None
-) -> list[str]:
-    """Replace, in place, every sparse MoE block of ``model`` by an :class:`HFMoE`; return the
-    qualified names replaced.
+def _try_block(block, name, model_cfg, backend, verify, verify_tol):
+    """(HFMoE, None) or (None, the reason the block cannot be patched)."""
+    where = f"{name or '<root>'} ({type(block).__name__})"
+    try:
+        unsupported = None if spec_for_block(block) is not None else why_not_patchable(block)
+        if unsupported:
+            return None, f"{where}: {unsupported}"
+        return patch_block(block, name, model_cfg, backend, verify, verify_tol), None
+    except PatchError as e:
+        msg = str(e)
+        return None, msg if msg.startswith(name) and name else f"{where}: {msg}"
+    except Exception as e:  # noqa: BLE001 - reported as this block's PatchError, chained
+        raise PatchError(
+            f"{where}: moekit failed while reading this block ({type(e).__name__}: {e})"
+        ) from e
 
-    Every block is checked before it is swapped: its config must be expressible (else
-    :class:`PatchError` naming the block and the reason) and, with ``verify`` (default), the
-    new module must reproduce the block's output on a small random probe (tolerance
-    ``verify_tol`` relative to the output's max, default 1e-4 in fp32 and 3e-2 in 16-bit).
-    Nothing is swapped unless every block passes.
+
+def patch(
+    model: nn.Module,
+    *,
+    backend: str = "auto",
+    verify: bool = True,
+    verify_tol: float | None = None,
+    strict: bool = True,
+) -> PatchResult:
+    """Replace, in place, every sparse MoE block of ``model`` by an :class:`HFMoE`; return a
+    :class:`PatchResult`: the qualified names replaced (a list), with ``.skipped``.
+
+    Every block that looks like an MoE block (experts next to a router, see
+    :func:`find_moe_blocks`) is either replaced or reported. Each is checked before anything
+    is swapped: its config must be expressible and, with ``verify`` (default), the new module
+    must reproduce the block's output on a small random probe (tolerance ``verify_tol``
+    relative to the output's max, default 1e-4 in fp32 and 3e-2 in 16-bit). With ``strict``
+    (default) one :class:`PatchError` names every block that cannot be expressed and why, and
+    nothing is swapped; with ``strict=False`` the others are swapped and the refused ones are
+    returned in ``.skipped`` (``{name: reason}``). A model without any MoE block raises
+    :class:`PatchError` (strict) or returns an empty result.
     """
-    blocks = [(n, m) for n, m in _iter_blocks(model)]
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch(model): model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(backend, str):
+        raise TypeError(f"patch(backend=...): a backend name (str), got {type(backend).__name__}")
+    if verify_tol is not None and not (isinstance(verify_tol, (int, float)) and verify_tol > 0):
+        raise ValueError(f"patch(verify_tol={verify_tol!r}): a positive number or None")
+    blocks = find_moe_blocks(model)
     if not blocks:
-        return []
+        if strict and not any(isinstance(m, HFMoE) for m in model.modules()):
+            raise PatchError(
+                f"{type(model).__name__}: no sparse MoE block found (a module with an 'experts' "
+                "child and a router); nothing to patch"
+            )
+        return PatchResult()
     model_cfg = getattr(model, "config", None)
-    new = [(n, patch_block(m, n, model_cfg, backend, verify, verify_tol)) for n, m in blocks]
-    for n, moe in new:
+    new, skipped = [], {}
+    for n, m in blocks:
+        moe, why = _try_block(m, n, model_cfg, backend, verify, verify_tol)
+        if moe is None:
+            skipped[n] = why
+        else:
+            new.append((n, m, moe))
+    if skipped and strict:
+        raise PatchError(
+            f"{len(skipped)} of {len(blocks)} MoE blocks cannot be expressed by moekit.MoE "
+            "(nothing was patched; patch(model, strict=False) replaces the others):\n  "
+            + "\n  ".join(skipped.values())
+        )
+    for n, block, moe in new:
+        attach_block(moe, block)
         _set_child(model, n, moe)
-    return [n for n, _ in new]
+    return PatchResult([n for n, _, _ in new], skipped)
 
 
 def unpatch(model: nn.Module) -> list[str]:

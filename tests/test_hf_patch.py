@@ -1,0 +1,100 @@
+"""``moekit.hf.patch`` never skips an MoE block silently, and a patched model behaves like the
+original to what uses it (save_pretrained, the meta device, an optimizer built before)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers", minversion="5.0")
+mh = pytest.importorskip("moekit.hf")
+
+from test_hf_families import _build, _cfg, _ids, _tol_close  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+
+def _odd_router_in_layer(model, layer: int):
+    """Give one layer a router that no moekit router config reproduces (it squares the
+    routing weights), in a block class outside the family map."""
+    mlp = model.model.layers[layer].mlp
+    gate = mlp.gate
+    orig = type(gate).forward
+
+    class OddRouter(type(gate)):
+        def forward(self, h):
+            logits, w, ids = orig(self, h)
+            return logits, w * w, ids
+
+    gate.__class__ = OddRouter
+    mlp.__class__ = type("OddSparseMoeBlock", (type(mlp),), {})
+
+
+def test_strict_names_every_refused_block_and_swaps_nothing():
+    ref = _build(_cfg("qwen3_moe"))
+    model = copy.deepcopy(ref)
+    _odd_router_in_layer(model, 1)
+    want = model(_ids()).logits
+    with pytest.raises(mh.PatchError, match=r"(?s)1 of 2 MoE blocks.*model\.layers\.1\.mlp") as e:
+        mh.patch(model)
+    assert "model.layers.0.mlp" not in str(e.value)
+    assert not any(isinstance(m, mh.HFMoE) for m in model.modules())
+    # the blocks that could be patched were left whole (their tensors not handed over)
+    _tol_close(model(_ids()).logits, want, "logits after a refused patch")
+
+
+def test_non_strict_replaces_the_others_and_reports_the_skipped():
+    ref = _build(_cfg("qwen3_moe"))
+    model = copy.deepcopy(ref)
+    _odd_router_in_layer(model, 1)
+    want = model(_ids()).logits
+    res = mh.patch(model, strict=False)
+    assert isinstance(res, list) and res == ["model.layers.0.mlp"]
+    assert list(res.skipped) == ["model.layers.1.mlp"]
+    assert "OddRouter" in res.skipped["model.layers.1.mlp"]
+    assert isinstance(model.model.layers[0].mlp, mh.HFMoE)
+    assert not isinstance(model.model.layers[1].mlp, mh.HFMoE)
+    _tol_close(model(_ids()).logits, want, "partly patched logits")
+
+
+class _ListExpertsBlock(nn.Module):
+    """An MoE block with per-expert ModuleList experts (remote-code models keep these)."""
+
+    def __init__(self, D=8, E=4):
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.experts = nn.ModuleList(nn.Linear(D, D) for _ in range(E))
+
+    def forward(self, x):
+        w = self.gate(x).softmax(-1)
+        return sum(w[..., i : i + 1] * e(x) for i, e in enumerate(self.experts))
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = _ListExpertsBlock()
+
+
+def test_list_experts_block_is_reported_not_skipped():
+    net = _Net()
+    with pytest.raises(mh.PatchError, match=r"(?s)block \(_ListExpertsBlock\).*ModuleList of 4"):
+        mh.patch(net)
+    res = mh.patch(net, strict=False)
+    assert res == [] and "per-expert" in res.skipped["block"]
+
+
+def test_no_moe_block_is_an_error():
+    with pytest.raises(mh.PatchError, match="no sparse MoE block"):
+        mh.patch(nn.Sequential(nn.Linear(4, 4)))
+    assert mh.patch(nn.Sequential(nn.Linear(4, 4)), strict=False) == []
+
+
+def test_patch_twice_is_a_no_op():
+    model = _build(_cfg("mixtral"))
+    first = mh.patch(model)
+    assert len(first) == 2 and mh.patch(model) == []
