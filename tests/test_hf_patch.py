@@ -7,7 +7,6 @@ import copy
 import warnings
 
 import pytest
-import torch
 from torch import nn
 
 transformers = pytest.importorskip("transformers", minversion="5.0")
