@@ -142,7 +142,8 @@ def patch_block(
             except ValueError:
                 continue
             if router_matches(
-                router, rc, D, E, spec.router_linear, f"{where} ({type(block).__name__})"
+                router, rc, D, E, spec.router_linear, f"{where} ({type(block).__name__})",
+                bias_arg=spec.extra.get("router_bias_arg", False),
             ):
                 moe_cfg = base.replace(router=rc)
                 break

@@ -69,7 +69,8 @@ def config_from_hf(
     if spec.shared is not None and spec.shared_hidden(cfg):
         shared = SharedExperts.Config(
             hidden_dim=int(spec.shared_hidden(cfg)),
-            activation=act,
+            activation=spec.extra.get("shared_activation") or act,
+            gated=spec.extra.get("shared_gated"),
             use_gate=spec.shared_gate is not None,
         )
     return MoE.Config(

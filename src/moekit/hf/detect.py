@@ -9,6 +9,7 @@ import copy
 import torch
 from torch import nn
 
+from ..activations import get_activation
 from ..router import TokenChoiceTopKRouter
 from .experts_impl import hf_activation_name
 from .families import (
@@ -104,6 +105,45 @@ def why_not_patchable(block: nn.Module) -> str | None:
     )
 
 
+def _router_bias_argument(router: nn.Module) -> str | None:
+    """The name of a selection-bias argument the router's forward takes after the hidden
+    states (e.g. ``expert_bias``, ``e_score_correction_bias``), or None."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(router.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    extra = [p for p in params[1:] if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(extra) == 1 and "bias" in extra[0].name:
+        return extra[0].name
+    return None
+
+
+def gate_activation(ex: nn.Module, concatenated: bool) -> str | None:
+    """The moekit gated activation that computes the experts' own ``_apply_gate``, found by
+    calling it on a float32 probe (values up to about +-12, so clamps show): ``silu``,
+    ``gelu`` or ``gelu_tanh`` on ``[gate | up]`` halves, or ``gpt_oss`` on alternating
+    columns; None when none of them does (or the experts are on the meta device)."""
+    w = getattr(ex, "down_proj", None)
+    if not isinstance(w, torch.Tensor) or w.is_meta:
+        return None
+    f = int(w.shape[1] if getattr(ex, "is_transposed", False) else w.shape[2])
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(11, 2 * f, generator=g) * 4.0
+    try:
+        with torch.no_grad():
+            got = ex._apply_gate(h.to(w.device)).float().cpu()
+    except Exception:  # noqa: BLE001 - a gate that needs more than its input: not ours
+        return None
+    names = ("silu", "gelu", "gelu_tanh") if concatenated else ("gpt_oss",)
+    for name in names:
+        want = get_activation(name)(h, gated=True, interleaved=not concatenated)
+        if got.shape == want.shape and torch.allclose(got, want, rtol=1e-5, atol=1e-6):
+            return name
+    return None
+
+
 def generic_spec(block: nn.Module, cfg, where: str) -> tuple[FamilySpec, list[dict]]:
     """Read a non-listed family's layout from its block; return the spec and the routing
     candidates to try (config-derived guess first)."""
@@ -138,25 +178,19 @@ def generic_spec(block: nn.Module, cfg, where: str) -> tuple[FamilySpec, list[di
 
     experts_kw: dict = {}
     if ex.has_gate and getattr(type(ex), "_apply_gate", None) is not _default_apply_gate:
-        if type(ex).__name__.startswith("GptOss") or "swiglu_limit" in vars(cfg):
-            from ..activations import GPT_OSS_ALPHA, GPT_OSS_LIMIT
-
-            a, lim = getattr(ex, "alpha", GPT_OSS_ALPHA), getattr(ex, "limit", GPT_OSS_LIMIT)
-            if float(a) != GPT_OSS_ALPHA or float(lim) != GPT_OSS_LIMIT:
-                raise PatchError(
-                    f"{where}: clamped GLU with alpha={a}, limit={lim}; moekit's 'gpt_oss' "
-                    f"activation is fixed at alpha={GPT_OSS_ALPHA}, limit={GPT_OSS_LIMIT}"
-                )
-            experts_kw["activation"] = "gpt_oss"
-        else:
+        act = gate_activation(ex, concat)
+        if act is None:
             raise PatchError(
-                f"{where}: experts {type(ex).__name__} use their own gate function (_apply_gate)"
+                f"{where}: experts {type(ex).__name__} use their own gate function (_apply_gate), "
+                "which computes none of moekit's gated activations (checked on a probe)"
             )
+        experts_kw["activation"] = act
     else:
         act = hf_activation_name(getattr(ex, "act_fn", None))
         if act is None:
             raise PatchError(
-                f"{where}: experts activation {type(getattr(ex, 'act_fn', None)).__name__} has no moekit equivalent"
+                f"{where}: experts activation {getattr(ex, 'act_fn', None)!r} has no moekit "
+                "equivalent"
             )
         experts_kw["activation"] = act
     if not ex.has_gate:
@@ -169,7 +203,7 @@ def generic_spec(block: nn.Module, cfg, where: str) -> tuple[FamilySpec, list[di
     shared_name = next(
         (n for n in _SHARED_NAMES if isinstance(getattr(block, n, None), nn.Module)), None
     )
-    shared_hidden = None
+    shared_hidden = sact = shared_gated = None
     if shared_name is not None:
         sm = getattr(block, shared_name)
         up = getattr(sm, "up_proj", None)
@@ -182,12 +216,14 @@ def generic_spec(block: nn.Module, cfg, where: str) -> tuple[FamilySpec, list[di
                 f"{where}: shared expert {shared_name!r} has biases (moekit's have none)"
             )
         shared_hidden = up.out_features
-        sact = hf_activation_name(getattr(sm, "act_fn", None) or getattr(sm, "activation_fn", None))
-        if (
-            sact != experts_kw.get("activation", "silu")
-            and experts_kw.get("activation") != "gpt_oss"
-        ):
-            raise PatchError(f"{where}: shared expert activation differs from the routed experts'")
+        shared_gated = isinstance(getattr(sm, "gate_proj", None), nn.Linear)
+        sfn = getattr(sm, "act_fn", None) or getattr(sm, "activation_fn", None)
+        sact = hf_activation_name(sfn)
+        if sact is None:
+            raise PatchError(
+                f"{where}: shared expert {shared_name!r} activation {sfn!r} has no moekit "
+                "equivalent"
+            )
     shared_gate = next(
         (n for n in _SHARED_GATE_NAMES if isinstance(getattr(block, n, None), nn.Linear)), None
     )
@@ -203,8 +239,35 @@ def generic_spec(block: nn.Module, cfg, where: str) -> tuple[FamilySpec, list[di
         raise PatchError(f"{where}: block has parameters moekit.MoE does not hold: {extra}")
 
     base = routing_from_config(cfg)
+    g_r = next((getattr(router, n) for n in ("n_group", "num_group") if hasattr(router, n)), None)
+    tg_r = getattr(router, "topk_group", None)
+    if isinstance(g_r, int) and isinstance(tg_r, int) and g_r > 1:
+        base.update(num_expert_groups=g_r, num_limited_groups=tg_r)
+    for n in ("routed_scaling_factor", "router_scaling_factor", "route_scale"):
+        v = getattr(router, n, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            base["route_scale"] = float(v)
+            break
+    if isinstance(getattr(router, "norm_topk_prob", None), bool):
+        base["route_norm"] = router.norm_topk_prob
     base["use_router_bias"] = isinstance(getattr(lin, "bias", None), torch.Tensor)
-    base["use_expert_bias"] = isinstance(
+    bias_arg = _router_bias_argument(router)
+    bias_attr = None
+    if bias_arg is not None:
+        bias_attr = next(
+            (
+                n
+                for n in (bias_arg, "expert_bias", "e_score_correction_bias")
+                if isinstance(getattr(block, n, None), torch.Tensor)
+            ),
+            None,
+        )
+        if bias_attr is None:
+            raise PatchError(
+                f"{where}: its router {type(router).__name__} takes {bias_arg!r}, which the block "
+                "does not hold as a tensor"
+            )
+    base["use_expert_bias"] = bias_attr is not None or isinstance(
         getattr(router, "e_score_correction_bias", None), torch.Tensor
     )
     spec = FamilySpec(
@@ -221,6 +284,12 @@ def generic_spec(block: nn.Module, cfg, where: str) -> tuple[FamilySpec, list[di
         routing=lambda c: dict(base),
         experts_kwargs=lambda c, kw=experts_kw: dict(kw),
         router_in_fp32=base["use_expert_bias"] or bool(base.get("num_expert_groups")),
+        expert_bias=bias_attr,
+        extra={
+            "router_bias_arg": bias_attr is not None,
+            "shared_activation": sact if shared_name else None,
+            "shared_gated": shared_gated if shared_name else None,
+        },
     )
     cands = [dict(base)]
     groups = [{}]
@@ -271,10 +340,13 @@ def router_matches(
     E: int,
     router_linear: str = "",
     where: str = "",
+    bias_arg: bool = False,
 ) -> bool:
     """Whether a moekit router with ``moe_router_cfg`` routes like ``hf_router`` (tested on a
     float64 copy with random weights and biases, so zero-initialised biases cannot hide a
-    difference)."""
+    difference). With ``bias_arg`` the router takes its selection bias as a second argument.
+    The weights may differ by the config's ``route_scale`` (families that apply it in the
+    block); ``patch``'s probe of the whole block then decides."""
     ref = copy.deepcopy(hf_router).to("cpu", torch.float64)
     g = torch.Generator().manual_seed(1234)
     with torch.no_grad():
@@ -284,9 +356,10 @@ def router_matches(
                     torch.randn(t.shape, generator=g, dtype=t.dtype)
                     * (0.5 if "bias" in name else 1.0)
                 )
-        x = torch.randn(97, D, generator=g, dtype=torch.float64)
+        x = torch.randn(97, D, generator=g, dtype=torch.float64) / D**0.5  # logits ~ N(0, 1)
+        bias = torch.randn(E, generator=g, dtype=torch.float64) * 0.5 if bias_arg else None
         try:
-            out = ref(x)
+            out = ref(x) if bias is None else ref(x, bias)
         except Exception as e:  # a router that is not self-contained (needs more inputs)
             raise PatchError(
                 f"{where}: its router {type(hf_router).__name__} cannot be called on hidden states "
@@ -311,7 +384,8 @@ def router_matches(
         if mr.gate.bias is not None:
             mr.gate.bias.copy_(lin.bias)
         if mr.expert_bias is not None:
-            mr.expert_bias = ref.e_score_correction_bias.detach().clone().double()
+            src = bias if bias is not None else ref.e_score_correction_bias
+            mr.expert_bias = src.detach().clone().double()
         r = mr(x)
     if w_hf.shape[-1] == E and ids_hf.shape[-1] != E:
         w_hf = w_hf.gather(1, ids_hf)
@@ -321,9 +395,8 @@ def router_matches(
     b_ids, b_ord = r.topk_ids.sort(dim=1)
     if not torch.equal(a_ids, b_ids):
         return False
-    return torch.allclose(
-        w_hf.double().gather(1, a_ord),
-        r.topk_weights.double().gather(1, b_ord),
-        atol=1e-6,
-        rtol=1e-5,
+    w_a, w_b = w_hf.double().gather(1, a_ord), r.topk_weights.double().gather(1, b_ord)
+    scale = float(moe_router_cfg.route_scale)
+    return any(
+        torch.allclose(w_a, w_b / s, atol=1e-6, rtol=1e-5) for s in dict.fromkeys((1.0, scale))
     )

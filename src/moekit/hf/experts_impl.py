@@ -61,9 +61,20 @@ HIDDEN_ACT_NAMES = {
 }
 
 
+def _function_names() -> dict:
+    import torch.nn.functional as F
+
+    return {F.silu: "silu", F.gelu: "gelu"}
+
+
 def hf_activation_name(act_fn) -> str | None:
-    """The moekit activation computing the same function as the transformers module
-    ``act_fn``, or None when moekit has none."""
+    """The moekit activation computing the same function as the transformers module (or
+    plain function, e.g. ``F.silu``) ``act_fn``, or None when moekit has none."""
+    if not isinstance(act_fn, torch.nn.Module):
+        try:
+            return _function_names().get(act_fn)
+        except TypeError:  # unhashable
+            return None
     name = type(act_fn).__name__
     if name == "GELU":
         return "gelu_tanh" if getattr(act_fn, "approximate", "none") == "tanh" else "gelu"

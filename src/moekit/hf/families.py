@@ -293,7 +293,7 @@ def routing_from_config(cfg) -> dict:
     norm = hf_get(cfg, "norm_topk_prob", "moe_renormalize", "route_norm")
     if norm is not None:
         kw["route_norm"] = bool(norm)
-    scale = hf_get(cfg, "routed_scaling_factor", "route_scale")
+    scale = hf_get(cfg, "routed_scaling_factor", "router_scaling_factor", "route_scale")
     if scale is not None:
         kw["route_scale"] = float(scale)
     g, tg = hf_get(cfg, "n_group", "num_expert_group"), hf_get(cfg, "topk_group")
