@@ -7,6 +7,7 @@ import copy
 import warnings
 
 import pytest
+import torch
 from torch import nn
 
 transformers = pytest.importorskip("transformers", minversion="5.0")
@@ -97,3 +98,47 @@ def test_patch_twice_is_a_no_op():
     model = _build(_cfg("mixtral"))
     first = mh.patch(model)
     assert len(first) == 2 and mh.patch(model) == []
+
+
+@pytest.mark.parametrize("family", ["llama4", "gpt_oss", "qwen2_moe"])
+def test_patched_block_returns_what_the_block_returns(family):
+    """Shape, tuple or not, and the second element (router logits / top-k weights)."""
+    model = _build(_cfg(family))
+    name, block = mh.find_moe_blocks(model)[-1]
+    orig = copy.deepcopy(block)
+    mh.patch(model)
+    moe = model.get_submodule(name)
+    x = torch.randn(2, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = orig(x), moe(x)
+    assert isinstance(got, tuple) == isinstance(want, tuple)
+    want_t = want if isinstance(want, tuple) else (want,)
+    got_t = got if isinstance(got, tuple) else (got,)
+    assert len(got_t) == len(want_t)
+    for a, b in zip(got_t, want_t):
+        assert a.shape == b.shape
+        _tol_close(a, b, f"{family} block output")
+
+
+def test_deepseek_v3_topk_beyond_the_kept_groups():
+    """transformers' DeepSeek-V3 test configuration: top-8 of 8 experts with 1 of 2 groups
+    kept; transformers still routes it (the masked experts fill the top-k)."""
+    cfg = _cfg("deepseek_v3", n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=8)
+    ref = _build(cfg)
+    ref.set_experts_implementation("eager")
+    want = ref(_ids()).logits
+    model = copy.deepcopy(ref)
+    assert mh.patch(model) == ["model.layers.1.mlp"]
+    assert model.model.layers[1].mlp.router.config.topk_beyond_groups
+    _tol_close(model(_ids()).logits, want, "deepseek_v3 top-8 logits")
+
+
+def test_router_rejects_topk_beyond_groups_unless_asked():
+    from moekit import TokenChoiceTopKRouter
+
+    kw = dict(top_k=8, score_func="sigmoid", num_expert_groups=2, num_limited_groups=1)
+    with pytest.raises(ValueError, match="topk_beyond_groups=True"):
+        TokenChoiceTopKRouter.Config(**kw).build(dim=8, num_experts=8)
+    r = TokenChoiceTopKRouter.Config(**kw, topk_beyond_groups=True).build(dim=8, num_experts=8)
+    out = r(torch.randn(5, 8))
+    assert out.topk_ids.sort(1).values.eq(torch.arange(8)).all()  # every expert once

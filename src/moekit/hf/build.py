@@ -19,11 +19,20 @@ __all__ = ["patch_block", "attach_block"]
 
 
 def _build_moe(
-    cfg: MoE.Config, block: nn.Module, entries: list[Entry], where: str, returns: str
+    cfg: MoE.Config,
+    block: nn.Module,
+    entries: list[Entry],
+    where: str,
+    returns: str,
+    flat: bool = False,
 ) -> HFMoE:
-    with torch.device("meta"):
-        moe = HFMoE(cfg)
+    try:
+        with torch.device("meta"):
+            moe = HFMoE(cfg)
+    except ValueError as e:  # a moekit check the block's configuration fails
+        raise PatchError(f"{where}: {e}") from e
     moe.hf_returns = returns
+    moe.hf_flat_output = flat
     device = None
     for en in entries:
         _, _, t = get_path(block, en.hf)
@@ -81,10 +90,13 @@ def _probe_and_compare(block, moe, D, where, verify_tol):
         ref = block(x.clone())
         got = moe(x.clone())
     moe.reset_load()
-    ref_y = (ref[0] if isinstance(ref, tuple) else ref).reshape(-1, D)
-    got_y = (got[0] if isinstance(got, tuple) else got).reshape(-1, D)
     if isinstance(ref, tuple) != isinstance(got, tuple):
         return f"the block returns {type(ref).__name__}, moekit's returns {type(got).__name__}"
+    ref_y = ref[0] if isinstance(ref, tuple) else ref
+    got_y = got[0] if isinstance(got, tuple) else got
+    if ref_y.shape != got_y.shape:
+        return f"the block returns shape {tuple(ref_y.shape)}, moekit's {tuple(got_y.shape)}"
+    ref_y, got_y = ref_y.reshape(-1, D), got_y.reshape(-1, D)
     scale = ref_y.abs().max().item() + 1e-6
     err = (ref_y.float() - got_y.float()).abs().max().item()
     tol = (
@@ -97,16 +109,20 @@ def _probe_and_compare(block, moe, D, where, verify_tol):
     return None
 
 
-def _returns_of(block, D, E, K, device, dtype) -> str:
+def _returns_of(block, D, E, K, device, dtype) -> tuple[str, bool]:
+    """What the block returns (a tensor, (y, weights) or (y, logits)) and whether its y is
+    flattened to ``[T, D]`` rows from a ``[B, S, D]`` input."""
     x = torch.randn(1, 3, D, device=device, dtype=dtype)
     with torch.no_grad():
         out = block(x)
+    y = out[0] if isinstance(out, tuple) else out
+    flat = isinstance(y, torch.Tensor) and y.dim() == 2
     if not isinstance(out, tuple):
-        return RET_TENSOR
+        return RET_TENSOR, flat
     if len(out) == 2 and isinstance(out[1], torch.Tensor):
         if out[1].shape[-1] == E and K != E:
-            return RET_LOGITS
-        return RET_WEIGHTS
+            return RET_LOGITS, flat
+        return RET_WEIGHTS, flat
     raise PatchError(
         f"block returns a {len(out)}-tuple; moekit knows (y,), (y, weights), (y, logits)"
     )
@@ -123,7 +139,7 @@ def patch_block(
             moe_cfg = config_from_hf(hf_cfg, backend=backend, spec=spec)
         except PatchError as e:
             raise PatchError(f"{where} ({type(block).__name__}): {e}") from None
-        returns = spec.returns
+        returns, flat = spec.returns, bool(spec.extra.get("flat_output"))
     else:
         spec, cands = generic_spec(block, hf_cfg, f"{where} ({type(block).__name__})")
         router = getattr(block, spec.router)
@@ -155,15 +171,15 @@ def patch_block(
                 "groups, scale and biases)"
             )
         p = lin.weight
-        returns = (
-            RET_TENSOR
+        returns, flat = (
+            (RET_TENSOR, False)
             if p.is_meta
             else _returns_of(
                 block, D, E, moe_cfg.router.top_k, p.device, block.experts.down_proj.dtype
             )
         )
     entries = block_param_map(spec, moe_cfg)
-    moe = _build_moe(moe_cfg, block, entries, f"{where} ({type(block).__name__})", returns)
+    moe = _build_moe(moe_cfg, block, entries, f"{where} ({type(block).__name__})", returns, flat)
     if verify:
         was_training = block.training
         block.eval()

@@ -57,30 +57,33 @@ def config_from_hf(
     Fh = spec.expert_hidden(cfg)
     if E is None or K is None or Fh is None:
         raise PatchError(f"{owner}: config has no number of experts / top-k / expert hidden size")
-    act = activation_of(cfg, owner)
-    router = TokenChoiceTopKRouter.Config(
-        top_k=int(K),
-        router_dtype=torch.float32 if spec.router_in_fp32 else None,
-        **spec.routing(cfg),
-    )
-    ekw = {"activation": act, **spec.experts_kwargs(cfg)}
-    experts = GroupedExperts.Config(backend=backend, **ekw)
-    shared = None
-    if spec.shared is not None and spec.shared_hidden(cfg):
-        shared = SharedExperts.Config(
-            hidden_dim=int(spec.shared_hidden(cfg)),
-            activation=spec.extra.get("shared_activation") or act,
-            gated=spec.extra.get("shared_gated"),
-            use_gate=spec.shared_gate is not None,
+    try:
+        act = activation_of(cfg, owner)
+        router = TokenChoiceTopKRouter.Config(
+            top_k=int(K),
+            router_dtype=torch.float32 if spec.router_in_fp32 else None,
+            **spec.routing(cfg),
         )
-    return MoE.Config(
-        dim=int(D),
-        hidden_dim=int(Fh),
-        num_experts=int(E),
-        router=router,
-        experts=experts,
-        shared_experts=shared,
-    )
+        ekw = {"activation": act, **spec.experts_kwargs(cfg)}
+        experts = GroupedExperts.Config(backend=backend, **ekw)
+        shared = None
+        if spec.shared is not None and spec.shared_hidden(cfg):
+            shared = SharedExperts.Config(
+                hidden_dim=int(spec.shared_hidden(cfg)),
+                activation=spec.extra.get("shared_activation") or act,
+                gated=spec.extra.get("shared_gated"),
+                use_gate=spec.shared_gate is not None,
+            )
+        return MoE.Config(
+            dim=int(D),
+            hidden_dim=int(Fh),
+            num_experts=int(E),
+            router=router,
+            experts=experts,
+            shared_experts=shared,
+        )
+    except ValueError as e:  # a moekit config check: the block is not expressible
+        raise PatchError(f"{owner}: {e}") from e
 
 
 def generic_spec_from_config(cfg) -> FamilySpec:

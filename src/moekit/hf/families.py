@@ -110,7 +110,7 @@ def _deepseek_routing(c):
         use_expert_bias=True,
     )
     if g > 1:
-        kw.update(num_expert_groups=g, num_limited_groups=tg)
+        kw.update(num_expert_groups=g, num_limited_groups=tg, topk_beyond_groups=True)
     return kw
 
 
@@ -268,6 +268,7 @@ FAMILIES: dict[str, FamilySpec] = {
             routing=lambda c: dict(score_func="sigmoid", topk_before_score=True),
             experts_kwargs=lambda c: dict(routing_weight_on="input"),
             check=_llama4_check,
+            extra={"flat_output": True},  # the block returns [T, D] rows
         ),
     ]
 }

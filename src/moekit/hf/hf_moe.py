@@ -30,12 +30,15 @@ class HFMoE(MoE):
     4's ``(y, router logits)``), and reports router logits to ``output_router_logits``."""
 
     hf_returns: str = RET_TENSOR
+    hf_flat_output: bool = False  # the block returns [T, D] rows (Llama 4)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):  # noqa: D401
         moe_kwargs = {
             k: kwargs[k] for k in ("input_ids", "token_mask", "router_logits") if k in kwargs
         }
         y = super().forward(hidden_states, **moe_kwargs)
+        if self.hf_flat_output:
+            y = y.reshape(-1, y.shape[-1])
         r = self.last_router_output
         if r is not None:
             _record_router_logits(r.logits)
