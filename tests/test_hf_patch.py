@@ -142,3 +142,69 @@ def test_router_rejects_topk_beyond_groups_unless_asked():
     r = TokenChoiceTopKRouter.Config(**kw, topk_beyond_groups=True).build(dim=8, num_experts=8)
     out = r(torch.randn(5, 8))
     assert out.topk_ids.sort(1).values.eq(torch.arange(8)).all()  # every expert once
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4", "deepseek_v3"])
+def test_save_pretrained_of_a_patched_model_is_a_transformers_checkpoint(family, tmp_path):
+    """save_pretrained writes the original layout: plain transformers reloads the same
+    logits (after moekit changed the weights), and the patched model stays patched."""
+    model = _build(_cfg(family))
+    mh.patch(model)
+    moe = next(m for m in model.modules() if isinstance(m, mh.HFMoE))
+    with torch.no_grad():
+        moe.experts.down_proj.mul_(1.5)
+        if moe.router.expert_bias is not None:
+            moe.router.expert_bias.add_(0.05)
+    want = model(_ids()).logits
+    model.save_pretrained(tmp_path)
+    assert isinstance(moe, mh.HFMoE) and moe in list(model.modules())
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    assert not any(isinstance(m, mh.HFMoE) for m in loaded.modules())
+    _tol_close(loaded(_ids()).logits, want, f"{family} reloaded logits")
+    assert set(mh.hf_state_dict(model)) == set(loaded.state_dict())
+    mh.unpatch(model)
+    assert "save_pretrained" not in vars(model)  # back to the class's own
+
+
+def test_patch_on_the_meta_device():
+    """Named families patch on the meta device (weights come later, converted with
+    from_hf_state_dict); families outside the map say why they cannot."""
+    ref = _build(_cfg("qwen3_moe"))
+    with torch.device("meta"):
+        meta = transformers.AutoModelForCausalLM.from_config(_cfg("qwen3_moe"))
+    assert mh.patch(meta) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    msd = mh.from_hf_state_dict(ref.state_dict(), ref.config)
+    assert set(meta.state_dict()) == set(msd)
+    meta.load_state_dict(msd, assign=True)
+    for n, b in ref.named_buffers():  # what loading does for the non-persistent buffers
+        mod, _, leaf = n.rpartition(".")
+        setattr(meta.get_submodule(mod), leaf, b)
+    meta.eval()
+    _tol_close(meta(_ids()).logits, ref(_ids()).logits, "meta-patched then loaded logits")
+
+    from moekit.hf.tiny import tiny_config
+
+    with torch.device("meta"):
+        generic = transformers.AutoModelForCausalLM.from_config(tiny_config("minimax"))
+    with pytest.raises(mh.PatchError, match="meta device.*after loading the weights"):
+        mh.patch(generic)
+
+
+def test_optimizer_after_patch_trains_and_new_parameters_warn():
+    model = _build(_cfg("gpt_oss"))
+    with pytest.warns(UserWarning, match="build the optimizer after patch"):
+        mh.patch(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mh.patch(_build(_cfg("qwen3_moe")))  # the same Parameter objects: no warning
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = _ids()
+    losses = []
+    model.train()
+    for _ in range(4):
+        out = model(ids, labels=ids)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0]

@@ -33,6 +33,7 @@ from .patching import (
     config_from_hf,
     find_moe_blocks,
     grads_by_hf_name,
+    hf_state_dict,
     patch,
     unpatch,
 )
@@ -41,6 +42,7 @@ register()
 
 __all__ = [
     "grads_by_hf_name",
+    "hf_state_dict",
     "EXPERTS_IMPLEMENTATION",
     "FAMILIES",
     "FamilySpec",

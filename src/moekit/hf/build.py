@@ -34,6 +34,7 @@ def _build_moe(
     moe.hf_returns = returns
     moe.hf_flat_output = flat
     device = None
+    assigned = set()
     for en in entries:
         _, _, t = get_path(block, en.hf)
         if not isinstance(t, torch.Tensor):
@@ -55,11 +56,12 @@ def _build_moe(
             setattr(mod, leaf, new)
         else:
             setattr(mod, leaf, to_moekit(en.kind, t.detach()))
+        assigned.add(en.moekit)
     for name, p in list(moe.named_parameters()):
-        if p.is_meta:
+        if name not in assigned:
             raise PatchError(f"{where}: moekit parameter {name} has no counterpart in the block")
     for name, b in list(moe.named_buffers()):
-        if b.is_meta:
+        if name not in assigned:
             mod, leaf, _ = get_path(moe, name)
             setattr(mod, leaf, torch.zeros(b.shape, dtype=b.dtype, device=device))
     return moe
@@ -141,6 +143,13 @@ def patch_block(
             raise PatchError(f"{where} ({type(block).__name__}): {e}") from None
         returns, flat = spec.returns, bool(spec.extra.get("flat_output"))
     else:
+        if any(t.is_meta for t in block.parameters()):
+            raise PatchError(
+                f"{where} ({type(block).__name__}): on the meta device; moekit recognises a "
+                "family outside its map by running the block's router on real weights, so "
+                "patch this one after loading the weights (families in moekit.hf.FAMILIES "
+                "patch on the meta device)"
+            )
         spec, cands = generic_spec(block, hf_cfg, f"{where} ({type(block).__name__})")
         router = getattr(block, spec.router)
         lin = router.get_submodule(spec.router_linear) if spec.router_linear else router

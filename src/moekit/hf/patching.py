@@ -11,6 +11,9 @@ gate/up), checks on a probe that it computes what the block computed, and swaps 
 
 from __future__ import annotations
 
+import types
+import warnings
+
 import torch
 from torch import nn
 
@@ -24,7 +27,7 @@ from .layout import SAME, PatchError, block_param_map, find_tensor, get_path, to
 
 __all__ = [
     "HFMoE", "config_from_hf", "patch", "unpatch", "block_param_map", "PatchError", "grads_by_hf_name",
-    "spec_for_block", "PatchResult", "find_moe_blocks",
+    "spec_for_block", "PatchResult", "find_moe_blocks", "hf_state_dict",
 ]
 
 
@@ -135,7 +138,56 @@ def patch(
     for n, block, moe in new:
         attach_block(moe, block)
         _set_child(model, n, moe)
+    if new:
+        _warn_new_parameters(new)
+        if callable(getattr(type(model), "save_pretrained", None)):
+            model.save_pretrained = types.MethodType(_save_pretrained_hf, model)
     return PatchResult([n for n, _, _ in new], skipped)
+
+
+def _warn_new_parameters(new) -> None:
+    """Warn, once per patch, when a block's weights live on in new Parameter objects (GPT-OSS's
+    converted gate/up, Llama 4's transposed views): an optimizer built before ``patch`` holds
+    the old ones, which receive no gradient any more."""
+    fresh = []
+    for n, block, moe in new:
+        for en in moe.__dict__["_hf_entries"]:
+            if isinstance(get_path(moe, en.moekit)[2], nn.Parameter) and en.kind != SAME:
+                fresh.append(f"{n}.{en.hf}")
+    if fresh:
+        warnings.warn(
+            f"moekit.hf.patch: {len(fresh)} weights now live in new Parameter objects (converted "
+            f"or transposed layouts), e.g. {fresh[:2]}; an optimizer built before patch() would "
+            "update tensors the model no longer uses: build the optimizer after patch()",
+            stacklevel=3,
+        )
+
+
+def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every patched block under the original block's names and
+    layouts (what the unpatched model's state dict would hold): a transformers checkpoint."""
+    sd = model.state_dict()
+    for qn, mod in model.named_modules():
+        if not isinstance(mod, HFMoE):
+            continue
+        prefix = f"{qn}." if qn else ""
+        for k in [k for k in sd if k.startswith(prefix)]:
+            del sd[k]
+        mapped = mod.hf_tensors("data")
+        for k, t in mod.hf_block.state_dict().items():
+            if k not in mapped and not t.is_meta:
+                sd[prefix + k] = t
+        for k, t in mapped.items():
+            sd[prefix + k] = t.contiguous()
+    return sd
+
+
+def _save_pretrained_hf(self, save_directory, *args, state_dict=None, **kwargs):
+    """``save_pretrained`` of a patched model: writes the transformers checkpoint of the
+    original layout (:func:`hf_state_dict`), which plain transformers loads."""
+    if state_dict is None:
+        state_dict = hf_state_dict(self)
+    return type(self).save_pretrained(self, save_directory, *args, state_dict=state_dict, **kwargs)
 
 
 def unpatch(model: nn.Module) -> list[str]:
@@ -179,6 +231,10 @@ def unpatch(model: nn.Module) -> list[str]:
         block.train(moe.training)
         _set_child(model, name, block)
         done.append(name)
+    if "save_pretrained" in model.__dict__ and not any(
+        isinstance(m, HFMoE) for m in model.modules()
+    ):
+        del model.__dict__["save_pretrained"]
     return done
 
 
