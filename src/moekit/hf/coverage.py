@@ -24,6 +24,7 @@ import copy
 import os
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -204,12 +205,16 @@ def _shrunk_kwargs(cfg) -> dict:
     for k, v in _SIZES.items():
         if k in d and (d[k] is None and k in _NONE_OK or _is_int(d[k])):
             d[k] = v
+    if _is_int(vars(cfg).get("qk_rope_head_dim")) and vars(cfg)["qk_rope_head_dim"] == 0:
+        d["qk_rope_head_dim"] = 0  # no rope (DSA layers): keep it so
     if _is_int(d.get("qk_rope_head_dim")):  # MLA: rope on qk_rope_head_dim features
-        d["head_dim"] = d["qk_rope_head_dim"]
-        if _is_int(d.get("num_key_value_heads")):
-            d["num_key_value_heads"] = d["num_attention_heads"]
+        prf = d.get("partial_rotary_factor")
+        rope = d["qk_rope_head_dim"]
+        d["head_dim"] = int(rope / prf) if isinstance(prf, float) and 0 < prf < 1 else rope
         if "qk_head_dim" in d:
             d["qk_head_dim"] = d["qk_rope_head_dim"] + d["qk_nope_head_dim"]
+        if "kv_lora_rank" in d and _is_int(d.get("num_key_value_heads")):
+            d["num_key_value_heads"] = d["num_attention_heads"]
     if _is_int(old_layers):
         d["num_hidden_layers"] = _shrink_layers(d, old_layers)
     for k in _EXPERTS:
@@ -396,7 +401,9 @@ def _check_patch_route(ref, ids, w, y_ref, g_ref) -> tuple[Outcome, list]:
     model = copy.deepcopy(ref)
     model.zero_grad(set_to_none=True)
     try:
-        names = patching.patch(model, strict=False)
+        with warnings.catch_warnings():  # "build the optimizer after patch": not for here
+            warnings.simplefilter("ignore")
+            names = patching.patch(model, strict=False)
     except PatchError as e:
         return Outcome("refused", " ".join(str(e).split())), []
     except Exception as e:
