@@ -26,7 +26,8 @@ from .hf_moe import HFMoE
 from .layout import SAME, PatchError, block_param_map, find_tensor, get_path, to_hf
 
 __all__ = [
-    "HFMoE", "config_from_hf", "patch", "unpatch", "block_param_map", "PatchError", "grads_by_hf_name",
+    "HFMoE", "config_from_hf", "patch", "unpatch", "block_param_map", "PatchError",
+    "grads_by_hf_name",
     "spec_for_block", "PatchResult", "find_moe_blocks", "hf_state_dict",
 ]
 
@@ -108,7 +109,9 @@ def patch(
     :class:`PatchError` (strict) or returns an empty result.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"patch(model): model must be a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(
+            f"patch(model): model must be a torch.nn.Module, got {type(model).__name__}"
+        )
     if not isinstance(backend, str):
         raise TypeError(f"patch(backend=...): a backend name (str), got {type(backend).__name__}")
     if verify_tol is not None and not (isinstance(verify_tol, (int, float)) and verify_tol > 0):
