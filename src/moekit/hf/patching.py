@@ -112,6 +112,10 @@ def patch(
         raise TypeError(
             f"patch(model): model must be a torch.nn.Module, got {type(model).__name__}"
         )
+    if not isinstance(strict, bool):
+        raise TypeError(f"patch(strict={strict!r}): True or False")
+    if not isinstance(verify, bool):
+        raise TypeError(f"patch(verify={verify!r}): True or False")
     if not isinstance(backend, str):
         raise TypeError(f"patch(backend=...): a backend name (str), got {type(backend).__name__}")
     if verify_tol is not None and not (isinstance(verify_tol, (int, float)) and verify_tol > 0):
