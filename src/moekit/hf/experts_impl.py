@@ -138,7 +138,9 @@ def moekit_experts_forward(
             or "auto"
         )
     if top_k_index.is_floating_point() or top_k_index.is_complex():
-        raise TypeError(f"top_k_index must be an integer tensor of expert ids, got {top_k_index.dtype}")
+        raise TypeError(
+            f"top_k_index must be an integer tensor of expert ids, got {top_k_index.dtype}"
+        )
     has_gate, w_up, b_up, w_down, b_down = _module_layout(self)
     E = w_up.shape[0]
     out_dtype = hidden_states.dtype
