@@ -9,8 +9,10 @@
 * :func:`from_hf_state_dict` / :func:`to_hf_state_dict`: checkpoint conversion.
 
 Modules: experts_impl (the experts backend), families (the per-family maps), layout (tensor
-correspondences), derive (configs), detect (structure detection), hf_moe (the stand-in
-module), build (one block), patching (patch/unpatch), convert (state dicts), tiny (test models).
+correspondences), derive (configs), detect (structure detection), probe (numerical checks of
+a router or a gate function), hf_moe (the stand-in module), build (one block), patching
+(patch/unpatch/save), convert (state dicts), tiny (test models), discover and coverage
+(every MoE family of the installed transformers through both routes).
 See docs/hf.md.
 """
 

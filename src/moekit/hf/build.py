@@ -10,10 +10,11 @@ from torch import nn
 from ..moe import MoE
 from ..router import TokenChoiceTopKRouter
 from .derive import config_from_hf, text_config
-from .detect import generic_spec, router_matches
+from .detect import generic_spec
 from .families import RET_LOGITS, RET_TENSOR, RET_WEIGHTS, spec_for_block, top_k_of
 from .hf_moe import HFMoE
 from .layout import SAME, Entry, PatchError, block_param_map, get_path, to_moekit
+from .probe import router_matches
 
 __all__ = ["patch_block", "attach_block"]
 

@@ -4,13 +4,9 @@ moekit router config routes like the block's router (:func:`router_matches`)."""
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
-from ..activations import get_activation
-from ..router import TokenChoiceTopKRouter
 from .experts_impl import hf_activation_name
 from .families import (
     CONCAT,
@@ -20,10 +16,10 @@ from .families import (
     routing_from_config,
 )
 from .layout import PatchError
+from .probe import gate_activation, router_bias_argument
 
 __all__ = [
     "ROUTER_NAMES", "is_candidate_block", "is_moe_block", "why_not_patchable", "generic_spec",
-    "router_matches",
 ]
 
 ROUTER_NAMES = ("gate", "router")
@@ -103,45 +99,6 @@ def why_not_patchable(block: nn.Module) -> str | None:
         f"experts {kind} are not a transformers fused experts module "
         "(@use_experts_implementation), so moekit cannot read their layout"
     )
-
-
-def _router_bias_argument(router: nn.Module) -> str | None:
-    """The name of a selection-bias argument the router's forward takes after the hidden
-    states (e.g. ``expert_bias``, ``e_score_correction_bias``), or None."""
-    import inspect
-
-    try:
-        params = list(inspect.signature(router.forward).parameters.values())
-    except (TypeError, ValueError):
-        return None
-    extra = [p for p in params[1:] if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(extra) == 1 and "bias" in extra[0].name:
-        return extra[0].name
-    return None
-
-
-def gate_activation(ex: nn.Module, concatenated: bool) -> str | None:
-    """The moekit gated activation that computes the experts' own ``_apply_gate``, found by
-    calling it on a float32 probe (values up to about +-12, so clamps show): ``silu``,
-    ``gelu`` or ``gelu_tanh`` on ``[gate | up]`` halves, or ``gpt_oss`` on alternating
-    columns; None when none of them does (or the experts are on the meta device)."""
-    w = getattr(ex, "down_proj", None)
-    if not isinstance(w, torch.Tensor) or w.is_meta:
-        return None
-    f = int(w.shape[1] if getattr(ex, "is_transposed", False) else w.shape[2])
-    g = torch.Generator().manual_seed(7)
-    h = torch.randn(11, 2 * f, generator=g) * 4.0
-    try:
-        with torch.no_grad():
-            got = ex._apply_gate(h.to(w.device)).float().cpu()
-    except Exception:  # noqa: BLE001 - a gate that needs more than its input: not ours
-        return None
-    names = ("silu", "gelu", "gelu_tanh") if concatenated else ("gpt_oss",)
-    for name in names:
-        want = get_activation(name)(h, gated=True, interleaved=not concatenated)
-        if got.shape == want.shape and torch.allclose(got, want, rtol=1e-5, atol=1e-6):
-            return name
-    return None
 
 
 def generic_spec(block: nn.Module, cfg, where: str) -> tuple[FamilySpec, list[dict]]:
@@ -251,7 +208,7 @@ def generic_spec(block: nn.Module, cfg, where: str) -> tuple[FamilySpec, list[di
     if isinstance(getattr(router, "norm_topk_prob", None), bool):
         base["route_norm"] = router.norm_topk_prob
     base["use_router_bias"] = isinstance(getattr(lin, "bias", None), torch.Tensor)
-    bias_arg = _router_bias_argument(router)
+    bias_arg = router_bias_argument(router)
     bias_attr = None
     if bias_arg is not None:
         bias_attr = next(
@@ -309,94 +266,3 @@ def generic_spec(block: nn.Module, cfg, where: str) -> tuple[FamilySpec, list[di
                     if c not in cands:
                         cands.append(c)
     return spec, cands
-
-
-def _split_router_output(out, E: int):
-    """(weights, indices) of a router's output tuple, whatever its order: the integer tensor
-    is the indices, the float tensor with K columns the weights (the conventional
-    ``(logits, weights, indices)`` order when K == E makes the two alike)."""
-    if (
-        not isinstance(out, tuple)
-        or len(out) != 3
-        or not all(isinstance(t, torch.Tensor) for t in out)
-    ):
-        return None, None
-    ints = [t for t in out if not t.is_floating_point()]
-    floats = [t for t in out if t.is_floating_point()]
-    if len(ints) != 1 or len(floats) != 2:
-        return None, None
-    ids = ints[0]
-    K = ids.shape[-1]
-    by_k = [t for t in floats if t.shape[-1] == K and t.shape[-1] != E]
-    if len(by_k) == 1:
-        return by_k[0], ids
-    return (out[1], ids) if out[2] is ids else (floats[1], ids)
-
-
-def router_matches(
-    hf_router: nn.Module,
-    moe_router_cfg: TokenChoiceTopKRouter.Config,
-    D: int,
-    E: int,
-    router_linear: str = "",
-    where: str = "",
-    bias_arg: bool = False,
-) -> bool:
-    """Whether a moekit router with ``moe_router_cfg`` routes like ``hf_router`` (tested on a
-    float64 copy with random weights and biases, so zero-initialised biases cannot hide a
-    difference). With ``bias_arg`` the router takes its selection bias as a second argument.
-    The weights may differ by the config's ``route_scale`` (families that apply it in the
-    block); ``patch``'s probe of the whole block then decides."""
-    ref = copy.deepcopy(hf_router).to("cpu", torch.float64)
-    g = torch.Generator().manual_seed(1234)
-    with torch.no_grad():
-        for name, t in list(ref.named_parameters()) + list(ref.named_buffers()):
-            if t.is_floating_point():
-                t.copy_(
-                    torch.randn(t.shape, generator=g, dtype=t.dtype)
-                    * (0.5 if "bias" in name else 1.0)
-                )
-        x = torch.randn(97, D, generator=g, dtype=torch.float64) / D**0.5  # logits ~ N(0, 1)
-        bias = torch.randn(E, generator=g, dtype=torch.float64) * 0.5 if bias_arg else None
-        try:
-            out = ref(x) if bias is None else ref(x, bias)
-        except Exception as e:  # a router that is not self-contained (needs more inputs)
-            raise PatchError(
-                f"{where}: its router {type(hf_router).__name__} cannot be called on hidden states "
-                f"alone ({type(e).__name__}: {e}); not a router moekit can stand in for"
-            ) from None
-        w_hf, ids_hf = _split_router_output(out, E)
-        if ids_hf is None:
-            raise PatchError(
-                f"{where}: its router {type(hf_router).__name__} does not return "
-                "(logits, weights, indices) in any order"
-            )
-        try:
-            mr = (
-                moe_router_cfg.replace(router_dtype=torch.float64)
-                .build(dim=D, num_experts=E)
-                .double()
-            )
-        except ValueError:
-            return False
-        lin = ref.get_submodule(router_linear) if router_linear else ref
-        mr.gate.weight.copy_(lin.weight)
-        if mr.gate.bias is not None:
-            mr.gate.bias.copy_(lin.bias)
-        if mr.expert_bias is not None:
-            src = bias if bias is not None else ref.e_score_correction_bias
-            mr.expert_bias = src.detach().clone().double()
-        r = mr(x)
-    if w_hf.shape[-1] == E and ids_hf.shape[-1] != E:
-        w_hf = w_hf.gather(1, ids_hf)
-    if ids_hf.shape != r.topk_ids.shape:
-        return False
-    a_ids, a_ord = ids_hf.sort(dim=1)
-    b_ids, b_ord = r.topk_ids.sort(dim=1)
-    if not torch.equal(a_ids, b_ids):
-        return False
-    w_a, w_b = w_hf.double().gather(1, a_ord), r.topk_weights.double().gather(1, b_ord)
-    scale = float(moe_router_cfg.route_scale)
-    return any(
-        torch.allclose(w_a, w_b / s, atol=1e-6, rtol=1e-5) for s in dict.fromkeys((1.0, scale))
-    )
