@@ -4,6 +4,7 @@ original to what uses it (save_pretrained, the meta device, an optimizer built b
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -208,3 +209,33 @@ def test_optimizer_after_patch_trains_and_new_parameters_warn():
         opt.step()
         losses.append(out.loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_parametric_activations():
+    from moekit.activations import canonical_activation, get_activation
+
+    g, u = torch.randn(6, 5) * 4, torch.randn(6, 5) * 4
+    a = get_activation("gpt_oss(alpha=1.2, limit=3)")
+    gc, uc = g.clamp(max=3.0), u.clamp(-3.0, 3.0)
+    assert torch.allclose(a.gated(g, u), (uc + 1) * gc * torch.sigmoid(1.2 * gc))
+    s = get_activation("silu(limit=2)")
+    want = torch.nn.functional.silu(g.clamp(max=2.0)) * u.clamp(-2, 2)
+    assert torch.allclose(s.gated(g, u), want)
+    assert canonical_activation("gpt_oss(alpha=1.702,limit=7)") == "gpt_oss"  # the defaults
+    for bad, phrase in [
+        ("gpt_oss(beta=1)", "takes ['alpha', 'limit']"),
+        ("relu2(limit=1)", "only ['gpt_oss', 'silu'] take them"),
+        ("silu(limit=-1)", "limit > 0"),
+        ("gpt_oss(limit=nan)", "must be finite"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(phrase)):
+            canonical_activation(bad)
+
+
+def test_parametric_activation_never_runs_the_fused_triton_kernels():
+    """The kernels compile the plain activations only: another GPT-OSS limit goes staged."""
+    model = _build(_cfg("gpt_oss", swiglu_limit=5.0))
+    mh.patch(model, backend="triton", verify=False)
+    ex = model.model.layers[0].mlp.experts
+    assert ex.activation == "gpt_oss(alpha=1.702,limit=5.0)"
+    assert ex.config.backend in ("grouped_mm", "loop")

@@ -131,6 +131,27 @@ def _returns_of(block, D, E, K, device, dtype) -> tuple[str, bool]:
     )
 
 
+def _staged_for_parametric(cfg: MoE.Config, block: nn.Module) -> MoE.Config:
+    """The fused Triton kernels compile the plain activations only (GPT-OSS's clamped GLU at
+    its released alpha/limit included): an activation with other parameters, e.g.
+    ``gpt_oss(alpha=1.702,limit=5.0)``, runs the staged path instead (the grouped linear of
+    torch grouped_mm, or of the loop, with the activation in PyTorch), where the backend
+    would otherwise be Triton: ``"triton"``, or ``"auto"`` on a CUDA device."""
+    from ..activations import is_parametric
+    from ..ops.api import available_backends
+
+    ec = cfg.experts
+    if not (isinstance(ec.backend, str) and is_parametric(ec.activation)):
+        return cfg
+    p = next(iter(block.parameters()), None)
+    on_cuda = p is not None and p.device.type == "cuda"
+    if ec.backend == "triton" or (ec.backend == "auto" and on_cuda):
+        names = available_backends(p.device, p.dtype) if p is not None else []
+        staged = "grouped_mm" if "grouped_mm" in names else "loop"
+        return cfg.replace(experts=ec.replace(backend=staged))
+    return cfg
+
+
 def patch_block(
     block: nn.Module, where: str, model_cfg, backend: str, verify: bool, verify_tol
 ) -> HFMoE:
@@ -188,6 +209,7 @@ def patch_block(
                 block, D, E, moe_cfg.router.top_k, p.device, block.experts.down_proj.dtype
             )
         )
+    moe_cfg = _staged_for_parametric(moe_cfg, block)
     entries = block_param_map(spec, moe_cfg)
     moe = _build_moe(moe_cfg, block, entries, f"{where} ({type(block).__name__})", returns, flat)
     if verify:

@@ -135,16 +135,12 @@ def _deepseek_v2_check(c):
     return None
 
 
-def _gpt_oss_check(c):
-    from ..activations import GPT_OSS_ALPHA, GPT_OSS_LIMIT
+def _gpt_oss_experts(c):
+    from ..activations import GPT_OSS_ALPHA, GPT_OSS_LIMIT, make_activation_name
 
-    a, lim = hf_get(c, "swiglu_alpha", default=1.702), hf_get(c, "swiglu_limit", default=7.0)
-    if float(a) != GPT_OSS_ALPHA or float(lim) != GPT_OSS_LIMIT:
-        return (
-            f"swiglu_alpha={a}, swiglu_limit={lim}: moekit's 'gpt_oss' activation is fixed at "
-            f"alpha={GPT_OSS_ALPHA}, limit={GPT_OSS_LIMIT}"
-        )
-    return None
+    a = hf_get(c, "swiglu_alpha", default=GPT_OSS_ALPHA)
+    lim = hf_get(c, "swiglu_limit", default=GPT_OSS_LIMIT)
+    return dict(activation=make_activation_name("gpt_oss", alpha=a, limit=lim), use_bias=True)
 
 
 def _llama4_check(c):
@@ -252,8 +248,7 @@ FAMILIES: dict[str, FamilySpec] = {
             routing=lambda c: dict(
                 score_func="softmax", topk_before_score=True, use_router_bias=True
             ),
-            experts_kwargs=lambda c: dict(activation="gpt_oss", use_bias=True),
-            check=_gpt_oss_check,
+            experts_kwargs=_gpt_oss_experts,
         ),
         FamilySpec(
             "llama4",

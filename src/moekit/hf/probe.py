@@ -11,7 +11,7 @@ import inspect
 import torch
 from torch import nn
 
-from ..activations import get_activation
+from ..activations import get_activation, make_activation_name
 from ..router import TokenChoiceTopKRouter
 from .layout import PatchError
 
@@ -34,8 +34,10 @@ def router_bias_argument(router: nn.Module) -> str | None:
 def gate_activation(ex: nn.Module, concatenated: bool) -> str | None:
     """The moekit gated activation that computes the experts' own ``_apply_gate``, found by
     calling it on a float32 probe (values up to about +-12, so clamps show): ``silu``,
-    ``gelu`` or ``gelu_tanh`` on ``[gate | up]`` halves, or ``gpt_oss`` on alternating
-    columns; None when none of them does (or the experts are on the meta device)."""
+    ``gelu``, ``gelu_tanh`` or a clamped SwiGLU ``silu(limit=l)`` on ``[gate | up]``
+    halves, or ``gpt_oss`` (with the module's ``alpha``/``limit``) on alternating columns,
+    ``l`` being the module's ``limit`` or its config's ``swiglu_limit``; None when none of
+    them does (or the experts are on the meta device)."""
     w = getattr(ex, "down_proj", None)
     if not isinstance(w, torch.Tensor) or w.is_meta:
         return None
@@ -47,7 +49,19 @@ def gate_activation(ex: nn.Module, concatenated: bool) -> str | None:
             got = ex._apply_gate(h.to(w.device)).float().cpu()
     except Exception:  # noqa: BLE001 - a gate that needs more than its input: not ours
         return None
-    names = ("silu", "gelu", "gelu_tanh") if concatenated else ("gpt_oss",)
+    cands = (getattr(ex, "limit", None), getattr(getattr(ex, "config", None), "swiglu_limit", None))
+    lim = next(
+        (float(v) for v in cands if isinstance(v, (int, float)) and not isinstance(v, bool)), None
+    )
+    alpha = getattr(ex, "alpha", None)
+    if concatenated:
+        names = ["silu", "gelu", "gelu_tanh"]
+        if lim is not None and lim > 0:
+            names.append(make_activation_name("silu", limit=lim))
+    else:
+        names = ["gpt_oss"]
+        if lim is not None and lim > 0 and isinstance(alpha, (int, float)):
+            names.append(make_activation_name("gpt_oss", alpha=alpha, limit=lim))
     for name in names:
         want = get_activation(name)(h, gated=True, interleaved=not concatenated)
         if got.shape == want.shape and torch.allclose(got, want, rtol=1e-5, atol=1e-6):
