@@ -264,6 +264,19 @@ def family_by_name(name: str) -> Family:
     return fams[name]
 
 
+def _randomize_hash_tables(model: torch.nn.Module, seed: int) -> None:
+    """Token-id -> experts tables of hash routing (DeepSeek-V4's ``tid2eid``) start as zeros:
+    every token on expert 0 twice, which makes the routing weights constant (and their
+    gradient zero). Give each token distinct random experts instead."""
+    g = torch.Generator().manual_seed(seed + 2)
+    for name, b in model.named_buffers():
+        if name.endswith("tid2eid") and b.dim() == 2 and not b.is_floating_point():
+            n_exp = int(getattr(model.config.get_text_config(), "n_routed_experts", 0) or 0)
+            n_exp = n_exp or int(b.max()) + b.shape[1]
+            rows = [torch.randperm(n_exp, generator=g)[: b.shape[1]] for _ in range(b.shape[0])]
+            b.copy_(torch.stack(rows).to(b.dtype))
+
+
 def build_model(family: Family, seed: int = 0) -> torch.nn.Module:
     """A random fp32 model of the family's tiny config, eager experts, in eval mode."""
     import transformers
@@ -275,6 +288,7 @@ def build_model(family: Family, seed: int = 0) -> torch.nn.Module:
     auto = transformers.AutoModelForCausalLM if family.causal_lm else transformers.AutoModel
     model = auto.from_config(cfg, dtype=torch.float32)
     randomize_routing(model, seed)
+    _randomize_hash_tables(model, seed)
     if family.decorated:
         model.set_experts_implementation("eager")
     return model.float().eval()
