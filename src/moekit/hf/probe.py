@@ -31,13 +31,24 @@ def router_bias_argument(router: nn.Module) -> str | None:
     return None
 
 
+def _constant(ex: nn.Module, *names: str) -> float | None:
+    """The first number among the experts' attributes ``names``, then their config's."""
+    for src in (ex, getattr(ex, "config", None)):
+        for n in names:
+            v = getattr(src, n, None)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                return float(v)
+    return None
+
+
 def gate_activation(ex: nn.Module, concatenated: bool) -> str | None:
     """The moekit gated activation that computes the experts' own ``_apply_gate``, found by
     calling it on a float32 probe (values up to about +-12, so clamps show): ``silu``,
     ``gelu``, ``gelu_tanh`` or a clamped SwiGLU ``silu(limit=l)`` on ``[gate | up]``
-    halves, or ``gpt_oss`` (with the module's ``alpha``/``limit``) on alternating columns,
-    ``l`` being the module's ``limit`` or its config's ``swiglu_limit``; None when none of
-    them does (or the experts are on the meta device)."""
+    halves, or GPT-OSS's clamped GLU ``gpt_oss`` (at its released constants, or the
+    module's ``alpha``/``limit``) on alternating columns or on halves; ``l`` and ``alpha``
+    are the module's ``limit``/``swiglu_limit`` and ``alpha``/``swiglu_alpha`` or its
+    config's. None when none of them does (or the experts are on the meta device)."""
     w = getattr(ex, "down_proj", None)
     if not isinstance(w, torch.Tensor) or w.is_meta:
         return None
@@ -49,19 +60,13 @@ def gate_activation(ex: nn.Module, concatenated: bool) -> str | None:
             got = ex._apply_gate(h.to(w.device)).float().cpu()
     except Exception:  # noqa: BLE001 - a gate that needs more than its input: not ours
         return None
-    cands = (getattr(ex, "limit", None), getattr(getattr(ex, "config", None), "swiglu_limit", None))
-    lim = next(
-        (float(v) for v in cands if isinstance(v, (int, float)) and not isinstance(v, bool)), None
-    )
-    alpha = getattr(ex, "alpha", None)
-    if concatenated:
-        names = ["silu", "gelu", "gelu_tanh"]
-        if lim is not None and lim > 0:
-            names.append(make_activation_name("silu", limit=lim))
-    else:
-        names = ["gpt_oss"]
-        if lim is not None and lim > 0 and isinstance(alpha, (int, float)):
-            names.append(make_activation_name("gpt_oss", alpha=alpha, limit=lim))
+    lim, alpha = _constant(ex, "limit", "swiglu_limit"), _constant(ex, "alpha", "swiglu_alpha")
+    names = ["silu", "gelu", "gelu_tanh"] if concatenated else []
+    if concatenated and lim is not None and lim > 0:
+        names.append(make_activation_name("silu", limit=lim))
+    names.append("gpt_oss")  # GPT-OSS's clamped GLU, on alternating columns or on halves
+    if lim is not None and lim > 0 and alpha is not None:
+        names.append(make_activation_name("gpt_oss", alpha=alpha, limit=lim))
     for name in names:
         want = get_activation(name)(h, gated=True, interleaved=not concatenated)
         if got.shape == want.shape and torch.allclose(got, want, rtol=1e-5, atol=1e-6):
