@@ -108,8 +108,22 @@ def _probe_and_compare(block, moe, D, where, verify_tol):
         else (1e-4 if p.dtype in (torch.float32, torch.float64) else 3e-2)
     )
     if err > tol * scale:
-        return f"output differs from the original block on a probe (max abs err {err:.3g} vs scale {scale:.3g})"
+        return (
+            "output differs from the original block on a probe "
+            f"(max abs err {err:.3g} vs scale {scale:.3g})"
+        )
     return None
+
+
+def _verify(block, moe, D, where, verify_tol) -> str | None:
+    was_training = block.training
+    block.eval()
+    moe.eval()
+    try:
+        return _probe_and_compare(block, moe, D, where, verify_tol)
+    finally:
+        block.train(was_training)
+        moe.train(was_training)
 
 
 def _returns_of(block, D, E, K, device, dtype) -> tuple[str, bool]:
@@ -160,7 +174,7 @@ def patch_block(
     spec = spec_for_block(block)
     if spec is not None:
         try:
-            moe_cfg = config_from_hf(hf_cfg, backend=backend, spec=spec)
+            configs = [config_from_hf(hf_cfg, backend=backend, spec=spec)]
         except PatchError as e:
             raise PatchError(f"{where} ({type(block).__name__}): {e}") from None
         returns, flat = spec.returns, bool(spec.extra.get("flat_output"))
@@ -180,7 +194,7 @@ def patch_block(
         if not isinstance(K, int):
             raise PatchError(f"{where} ({type(block).__name__}): cannot tell its top-k")
         base = config_from_hf(hf_cfg, backend=backend, spec=spec, _num_experts=E, _top_k=K)
-        moe_cfg = None
+        configs = []
         for c in cands:
             try:
                 rc = TokenChoiceTopKRouter.Config(
@@ -188,15 +202,20 @@ def patch_block(
                 )
             except ValueError:
                 continue
-            if router_matches(
+            factor = router_matches(
                 router, rc, D, E, spec.router_linear, f"{where} ({type(block).__name__})",
                 bias_arg=spec.extra.get("router_bias_arg", False),
-            ):
-                moe_cfg = base.replace(router=rc)
+            )
+            if factor is not None:
+                configs = [base.replace(router=rc)]
+                if abs(factor - 1.0) > 1e-9:  # a constant in the router, or in the block
+                    scaled = rc.replace(route_scale=rc.route_scale * factor)
+                    configs.insert(0, base.replace(router=scaled))
                 break
-        if moe_cfg is None:
+        if not configs:
             raise PatchError(
-                f"{where} ({type(block).__name__}): its router {type(router).__name__} routes in a way "
+                f"{where} ({type(block).__name__}): its router {type(router).__name__} routes "
+                "in a way "
                 "moekit's TokenChoiceTopKRouter does not express (tried softmax/sigmoid, "
                 "score-then-topk/topk-then-score, with and without normalisation, the config's "
                 "groups, scale and biases)"
@@ -205,21 +224,17 @@ def patch_block(
         returns, flat = (
             (RET_TENSOR, False)
             if p.is_meta
-            else _returns_of(
-                block, D, E, moe_cfg.router.top_k, p.device, block.experts.down_proj.dtype
-            )
+            else _returns_of(block, D, E, K, p.device, block.experts.down_proj.dtype)
         )
-    moe_cfg = _staged_for_parametric(moe_cfg, block)
-    entries = block_param_map(spec, moe_cfg)
-    moe = _build_moe(moe_cfg, block, entries, f"{where} ({type(block).__name__})", returns, flat)
-    if verify:
-        was_training = block.training
-        block.eval()
-        moe.eval()
-        why = _probe_and_compare(block, moe, moe_cfg.dim, where, verify_tol)
-        block.train(was_training)
-        moe.train(was_training)
-        if why:
+    for i, moe_cfg in enumerate(configs):
+        moe_cfg = _staged_for_parametric(moe_cfg, block)
+        entries = block_param_map(spec, moe_cfg)
+        name = f"{where} ({type(block).__name__})"
+        moe = _build_moe(moe_cfg, block, entries, name, returns, flat)
+        why = _verify(block, moe, moe_cfg.dim, where, verify_tol) if verify else None
+        if why is None:
+            break
+        if i == len(configs) - 1:
             raise PatchError(f"{where} ({type(block).__name__}, {spec.name}): {why}; not patched")
     moe.train(block.training)
     moe.__dict__["_hf_entries"] = entries

@@ -104,12 +104,14 @@ def router_matches(
     router_linear: str = "",
     where: str = "",
     bias_arg: bool = False,
-) -> bool:
-    """Whether a moekit router with ``moe_router_cfg`` routes like ``hf_router`` (tested on a
-    float64 copy with random weights and biases, so zero-initialised biases cannot hide a
-    difference). With ``bias_arg`` the router takes its selection bias as a second argument.
-    The weights may differ by the config's ``route_scale`` (families that apply it in the
-    block); ``patch``'s probe of the whole block then decides."""
+) -> float | None:
+    """Whether a moekit router with ``moe_router_cfg`` picks the experts ``hf_router`` picks
+    (tested on a float64 copy with random weights and biases, so zero-initialised biases
+    cannot hide a difference) with weights equal up to one constant factor ``c``: returns
+    ``c`` (1.0 when equal), or None. A family may apply a scale in its block rather than its
+    router, so ``patch``'s probe of the whole block decides between ``route_scale`` and
+    ``route_scale * c``. With ``bias_arg`` the router takes its selection bias as a second
+    argument."""
     ref = copy.deepcopy(hf_router).to("cpu", torch.float64)
     g = torch.Generator().manual_seed(1234)
     with torch.no_grad():
@@ -141,7 +143,7 @@ def router_matches(
                 .double()
             )
         except ValueError:
-            return False
+            return None
         lin = ref.get_submodule(router_linear) if router_linear else ref
         mr.gate.weight.copy_(lin.weight)
         if mr.gate.bias is not None:
@@ -153,13 +155,13 @@ def router_matches(
     if w_hf.shape[-1] == E and ids_hf.shape[-1] != E:
         w_hf = w_hf.gather(1, ids_hf)
     if ids_hf.shape != r.topk_ids.shape:
-        return False
+        return None
     a_ids, a_ord = ids_hf.sort(dim=1)
     b_ids, b_ord = r.topk_ids.sort(dim=1)
     if not torch.equal(a_ids, b_ids):
-        return False
+        return None
     w_a, w_b = w_hf.double().gather(1, a_ord), r.topk_weights.double().gather(1, b_ord)
-    scale = float(moe_router_cfg.route_scale)
-    return any(
-        torch.allclose(w_a, w_b / s, atol=1e-6, rtol=1e-5) for s in dict.fromkeys((1.0, scale))
-    )
+    if (w_b.abs() < 1e-12).any():
+        return 1.0 if torch.allclose(w_a, w_b, atol=1e-6, rtol=1e-5) else None
+    c = float((w_a / w_b).mean())
+    return c if torch.allclose(w_a, w_b * c, atol=1e-6, rtol=1e-5) else None
