@@ -131,7 +131,9 @@ _NONE_OK = ("moe_intermediate_size", "head_dim")  # None in some defaults (MoE o
 _EXPERTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 _TOPK = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k", "moe_k",
          "top_k_experts")
-_DENSE_FIRST = ("first_k_dense_replace", "first_k_dense", "num_dense_layers")
+_DENSE_FIRST = (
+    "first_k_dense_replace", "first_k_dense", "num_dense_layers", "moe_layer_start_index",
+)
 
 
 def _shrink_layers(d: dict, old: int) -> int:

@@ -234,7 +234,10 @@ FAMILIES: dict[str, FamilySpec] = {
             routing=lambda c: dict(score_func="softmax", route_norm=True, use_expert_bias=True),
             router_in_fp32=True,
             check=lambda c: (
-                "use_bias=True (biased MLPs) is not supported" if hf_get(c, "use_bias") else None
+                "use_bias=True: its shared experts have biases, which moekit's SharedExperts "
+                "has not"
+                if hf_get(c, "use_bias")
+                else None
             ),
         ),
         FamilySpec(
