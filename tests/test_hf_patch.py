@@ -239,3 +239,17 @@ def test_parametric_activation_never_runs_the_fused_triton_kernels():
     ex = model.model.layers[0].mlp.experts
     assert ex.activation == "gpt_oss(alpha=1.702,limit=5.0)"
     assert ex.config.backend in ("grouped_mm", "loop")
+
+
+def test_patched_model_pickles_and_deepcopies(tmp_path):
+    import pickle
+
+    model = _build(_cfg("qwen3_moe"))
+    mh.patch(model)
+    with torch.no_grad():  # (a grad-enabled forward leaves graph state in moekit.MoE)
+        want = model(_ids()).logits
+    for other in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert other.save_pretrained.model is other  # saves itself, not the original
+        _tol_close(other(_ids()).logits, want, "copied patched model")
+    other.save_pretrained(tmp_path)
+    _tol_close(type(model).from_pretrained(tmp_path)(_ids()).logits, want, "reloaded copy")

@@ -11,7 +11,6 @@ gate/up), checks on a probe that it computes what the block computed, and swaps 
 
 from __future__ import annotations
 
-import types
 import warnings
 
 import torch
@@ -148,7 +147,7 @@ def patch(
     if new:
         _warn_new_parameters(new)
         if callable(getattr(type(model), "save_pretrained", None)):
-            model.save_pretrained = types.MethodType(_save_pretrained_hf, model)
+            model.save_pretrained = HFSavePretrained(model)
     return PatchResult([n for n, _, _ in new], skipped)
 
 
@@ -189,12 +188,20 @@ def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _save_pretrained_hf(self, save_directory, *args, state_dict=None, **kwargs):
-    """``save_pretrained`` of a patched model: writes the transformers checkpoint of the
-    original layout (:func:`hf_state_dict`), which plain transformers loads."""
-    if state_dict is None:
-        state_dict = hf_state_dict(self)
-    return type(self).save_pretrained(self, save_directory, *args, state_dict=state_dict, **kwargs)
+class HFSavePretrained:
+    """``save_pretrained`` of a patched model (an instance attribute set by :func:`patch`):
+    writes the transformers checkpoint of the original layout (:func:`hf_state_dict`), which
+    plain transformers loads. A plain object holding the model, so that ``copy.deepcopy`` and
+    ``pickle`` of the model carry it along."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, save_directory, *args, state_dict=None, **kwargs):
+        m = self.model
+        if state_dict is None:
+            state_dict = hf_state_dict(m)
+        return type(m).save_pretrained(m, save_directory, *args, state_dict=state_dict, **kwargs)
 
 
 def unpatch(model: nn.Module) -> list[str]:
