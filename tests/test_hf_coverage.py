@@ -30,7 +30,8 @@ CI_FAMILIES = {
     "diffusion_gemma": ("pass", "refused"),  # random noise in the forward; decoder-layer MoE
     "muse_spark": ("pass", "refused"),  # post-expert norm
     "phimoe": ("pass", "refused"),  # sparsemixer routing
-    "dbrx": ("refused", "refused"),  # undecorated experts
+    "dbrx": ("refused", "pass"),  # undecorated experts; per-expert rows [E * F, D]
+    "jetmoe": ("refused", "refused"),  # undecorated experts moekit cannot read
 }
 
 
@@ -78,7 +79,7 @@ def test_expected_outcomes(results):
     if transformers.__version__ == "5.24.0":
         s = cov.summary(results)
         assert (s["families"], s["decorated"]) == (72, 66)
-        assert s["patch"]["pass"] >= 55
+        assert s["patch"]["pass"] >= 56
 
 
 def test_docs_table_is_current(results):

@@ -253,3 +253,34 @@ def test_patched_model_pickles_and_deepcopies(tmp_path):
         _tol_close(other(_ids()).logits, want, "copied patched model")
     other.save_pretrained(tmp_path)
     _tol_close(type(model).from_pretrained(tmp_path)(_ids()).logits, want, "reloaded copy")
+
+
+def test_dbrx_row_experts(tmp_path):
+    """DBRX keeps each expert projection as one [E * F, D] matrix (w1 gate, v1 up, w2 down):
+    patch stacks w1/v1 into gate_up (a copy) and views w2; logits and every gradient equal,
+    unpatch / save_pretrained / the state-dict conversion write the rows back exactly."""
+    from moekit.hf import discover
+
+    ref = discover.build_model(discover.family_by_name("dbrx"))
+    ids = _ids()
+    want = ref(ids)
+    (want.logits * want.logits).sum().backward()
+    model = copy.deepcopy(ref)
+    model.zero_grad(set_to_none=True)
+    assert mh.patch(model) == [f"transformer.blocks.{i}.ffn" for i in range(2)]
+    out = model(ids)
+    _tol_close(out.logits, want.logits, "dbrx logits")
+    (out.logits * out.logits).sum().backward()
+    got = mh.grads_by_hf_name(model)
+    for n, p in ref.named_parameters():
+        _tol_close(got[n], p.grad, f"dbrx grad {n}")
+    sd = ref.state_dict()
+    back = mh.to_hf_state_dict(mh.from_hf_state_dict(sd, ref.config), ref.config)
+    assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    model.save_pretrained(tmp_path)
+    _tol_close(type(ref).from_pretrained(tmp_path)(ids).logits, want.logits, "dbrx reloaded")
+    mh.unpatch(model)
+    mlp = model.transformer.blocks[0].ffn.experts.mlp
+    ref_mlp = ref.transformer.blocks[0].ffn.experts.mlp
+    for name in ("w1", "v1", "w2"):
+        assert torch.equal(getattr(mlp, name), getattr(ref_mlp, name)), name

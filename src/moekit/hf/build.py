@@ -13,7 +13,7 @@ from .derive import config_from_hf, text_config
 from .detect import generic_spec
 from .families import RET_LOGITS, RET_TENSOR, RET_WEIGHTS, spec_for_block, top_k_of
 from .hf_moe import HFMoE
-from .layout import SAME, Entry, PatchError, block_param_map, get_path, to_moekit
+from .layout import PARTS, SAME, Entry, PatchError, block_param_map, get_path, to_moekit
 from .probe import router_matches
 
 __all__ = ["patch_block", "attach_block"]
@@ -36,28 +36,44 @@ def _build_moe(
     moe.hf_flat_output = flat
     device = None
     assigned = set()
+    E = cfg.num_experts
+    parts: dict[str, list] = {}  # moekit path -> [(entry, HF tensor)] of its parts
     for en in entries:
         _, _, t = get_path(block, en.hf)
         if not isinstance(t, torch.Tensor):
             raise PatchError(f"{where}: expected a tensor at {en.hf!r}")
+        device = t.device
+        if en.kind in PARTS:
+            parts.setdefault(en.moekit, []).append((en, t))
+            continue
         mod, leaf, cur = get_path(moe, en.moekit)
         if cur is None or tuple(cur.shape) != tuple(
-            to_moekit(en.kind, t.detach().to("meta")).shape
+            to_moekit(en.kind, t.detach().to("meta"), E).shape
         ):
             raise PatchError(
                 f"{where}: {en.hf} {tuple(t.shape)} does not fit moekit's {en.moekit} "
                 f"{None if cur is None else tuple(cur.shape)}"
             )
-        device = t.device
         if isinstance(cur, nn.Parameter):
             if en.kind == SAME and isinstance(t, nn.Parameter):
                 new = t  # the very same Parameter: shared storage, optimizer state stays valid
             else:
-                new = nn.Parameter(to_moekit(en.kind, t.detach()), requires_grad=t.requires_grad)
+                new = nn.Parameter(to_moekit(en.kind, t.detach(), E), requires_grad=t.requires_grad)
             setattr(mod, leaf, new)
         else:
-            setattr(mod, leaf, to_moekit(en.kind, t.detach()))
+            setattr(mod, leaf, to_moekit(en.kind, t.detach(), E))
         assigned.add(en.moekit)
+    for path, items in parts.items():  # e.g. DBRX's w1 and v1 -> gate_up_proj (a copy)
+        items.sort(key=lambda it: PARTS.index(it[0].kind))
+        mod, leaf, cur = get_path(moe, path)
+        val = torch.cat([to_moekit(en.kind, t.detach(), E) for en, t in items], dim=1)
+        if cur is None or tuple(cur.shape) != tuple(val.shape):
+            raise PatchError(
+                f"{where}: {[en.hf for en, _ in items]} do not fit moekit's {path} "
+                f"{None if cur is None else tuple(cur.shape)}"
+            )
+        setattr(mod, leaf, nn.Parameter(val, requires_grad=items[0][1].requires_grad))
+        assigned.add(path)
     for name, p in list(moe.named_parameters()):
         if name not in assigned:
             raise PatchError(f"{where}: moekit parameter {name} has no counterpart in the block")

@@ -51,14 +51,15 @@ def config_from_hf(
     reason = spec.check(cfg)
     if reason:
         raise PatchError(f"{owner}: cannot be expressed by moekit.MoE: {reason}")
-    E = _num_experts or num_experts_of(cfg)
-    K = _top_k or top_k_of(cfg)
+    E = _num_experts or spec.extra.get("num_experts", num_experts_of)(cfg)
+    K = _top_k or spec.extra.get("top_k", top_k_of)(cfg)
     D = cfg.hidden_size
     Fh = spec.expert_hidden(cfg)
     if E is None or K is None or Fh is None:
         raise PatchError(f"{owner}: config has no number of experts / top-k / expert hidden size")
     try:
-        act = activation_of(cfg, owner)
+        hidden_act = spec.extra.get("hidden_act")
+        act = activation_of(cfg, owner, hidden_act(cfg) if hidden_act else None)
         router = TokenChoiceTopKRouter.Config(
             top_k=int(K),
             router_dtype=torch.float32 if spec.router_in_fp32 else None,

@@ -34,7 +34,8 @@ OVERRIDES: dict[str, dict] = {
         "mrope_section": [2, 1, 1]}},
     "ernie4_5_vl_moe": {"text_config": {"moe_intermediate_size": [16, 8], "rope_parameters": {
         "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}}},
-    "dbrx": {"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}},
+    "dbrx": {"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0},
+             "ffn_config": {"moe_top_k": 2}},
     "step3p7": {"text_config": {"sliding_window": 4}},
     "qwen4_exp": {"indexer_budget": 8, "indexer_compress_ratio": 4, "indexer_n_heads": 2,
                   "indexer_kv_heads": 1, "indexer_head_dim": 8},

@@ -19,7 +19,8 @@ __all__ = ["FamilySpec", "FAMILIES", "spec_for_model_type", "hf_get", "routing_f
 CONCAT = "concat"  # gate_up_proj [E, 2F, D], down_proj [E, D, F]
 TRANSPOSED = "transposed"  # gate_up_proj [E, D, 2F] (gate cols first), down_proj [E, F, D]
 INTERLEAVED_TRANSPOSED = "interleaved_transposed"  # [E, D, 2F] with gate/up columns alternating
-LAYOUTS = (CONCAT, TRANSPOSED, INTERLEAVED_TRANSPOSED)
+DBRX_ROWS = "dbrx_rows"  # mlp.w1 / v1 / w2 [E * F, D] each (gate, up, down transposed)
+LAYOUTS = (CONCAT, TRANSPOSED, INTERLEAVED_TRANSPOSED, DBRX_ROWS)
 
 # what a block's forward returns
 RET_TENSOR = "tensor"
@@ -44,8 +45,8 @@ def top_k_of(cfg) -> int | None:
     return hf_get(cfg, "num_experts_per_tok", "moe_topk", "top_k", "moe_k")
 
 
-def activation_of(cfg, owner: str) -> str:
-    act = hf_get(cfg, "hidden_act", "hidden_activation", default="silu")
+def activation_of(cfg, owner: str, act: str | None = None) -> str:
+    act = act or hf_get(cfg, "hidden_act", "hidden_activation", default="silu")
     if act not in HIDDEN_ACT_NAMES:
         raise ValueError(
             f"{owner}: hidden_act={act!r} has no moekit activation; supported: {sorted(HIDDEN_ACT_NAMES)}"
@@ -141,6 +142,18 @@ def _gpt_oss_experts(c):
     a = hf_get(c, "swiglu_alpha", default=GPT_OSS_ALPHA)
     lim = hf_get(c, "swiglu_limit", default=GPT_OSS_LIMIT)
     return dict(activation=make_activation_name("gpt_oss", alpha=a, limit=lim), use_bias=True)
+
+
+def _dbrx_check(c):
+    f = c.ffn_config
+    if getattr(f, "moe_jitter_eps", None):
+        return f"ffn_config.moe_jitter_eps={f.moe_jitter_eps} scales the router input by noise in training"
+    if getattr(f, "moe_normalize_expert_weights", 1.0) not in (None, 1, 1.0):
+        return (
+            f"ffn_config.moe_normalize_expert_weights={f.moe_normalize_expert_weights}: moekit "
+            "renormalises by the sum (the p=1 norm) only"
+        )
+    return None
 
 
 def _llama4_check(c):
@@ -252,6 +265,25 @@ FAMILIES: dict[str, FamilySpec] = {
                 score_func="softmax", topk_before_score=True, use_router_bias=True
             ),
             experts_kwargs=_gpt_oss_experts,
+        ),
+        FamilySpec(
+            "dbrx",
+            ("dbrx",),
+            ("DbrxFFN",),
+            router="router",
+            router_linear="layer",
+            layout=DBRX_ROWS,
+            expert_hidden=lambda c: c.ffn_config.ffn_hidden_size,
+            routing=lambda c: dict(
+                score_func="softmax",
+                route_norm=c.ffn_config.moe_normalize_expert_weights is not None,
+            ),
+            check=_dbrx_check,
+            extra={
+                "num_experts": lambda c: c.ffn_config.moe_num_experts,
+                "top_k": lambda c: c.ffn_config.moe_top_k,
+                "hidden_act": lambda c: (c.ffn_config.ffn_act_fn or {}).get("name", "silu"),
+            },
         ),
         FamilySpec(
             "llama4",

@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 from ..moe import MoE
-from .families import CONCAT, INTERLEAVED_TRANSPOSED, TRANSPOSED, FamilySpec
+from .families import CONCAT, DBRX_ROWS, INTERLEAVED_TRANSPOSED, TRANSPOSED, FamilySpec
 
 __all__ = [
     "PatchError", "Entry", "block_param_map", "to_moekit", "to_hf", "get_path", "find_tensor",
-    "SAME", "TRANS", "INTERLEAVE_T", "INTERLEAVE_BIAS", "FP32", "FP32_ROW", "ROW",
+    "SAME", "TRANS", "INTERLEAVE_T", "INTERLEAVE_BIAS", "FP32", "FP32_ROW", "ROW", "PARTS",
+    "ROWS_GATE", "ROWS_UP", "ROWS_T",
 ]
 
 
@@ -33,11 +34,21 @@ SAME, TRANS, INTERLEAVE_T, INTERLEAVE_BIAS, FP32, FP32_ROW, ROW = (
     "fp32_row",  # the same, stored [1, E] in HF (ERNIE's moe_statics)
     "row",  # [1, E] <-> [E], dtype kept (state-dict conversion of fp32_row)
 )
+# DBRX keeps each projection as one [E * F, D] matrix: w1 (gate) and v1 (up) become the two
+# halves of gate_up_proj [E, 2F, D] (PARTS: their order there), w2 the down projection
+ROWS_GATE, ROWS_UP, ROWS_T = "rows_gate", "rows_up", "rows_t"
+PARTS = (ROWS_GATE, ROWS_UP)
 
 
-def to_moekit(kind: str, t: torch.Tensor) -> torch.Tensor:
+def to_moekit(kind: str, t: torch.Tensor, num_experts: int | None = None) -> torch.Tensor:
+    """The moekit tensor of HF tensor ``t`` (for the :data:`PARTS` kinds its part
+    ``[E, F, D]``; ``num_experts`` is needed by the DBRX row kinds)."""
     if kind == SAME:
         return t
+    if kind in PARTS:
+        return t.reshape(num_experts, -1, t.shape[-1])
+    if kind == ROWS_T:  # [E * F, D] -> [E, D, F]
+        return t.reshape(num_experts, -1, t.shape[-1]).transpose(1, 2)
     if kind == TRANS:  # [E, I, O] -> [E, O, I] view
         return t.transpose(1, 2)
     if kind == INTERLEAVE_T:  # [E, D, 2F] gate/up columns alternating -> [E, 2F, D] gate first
@@ -57,6 +68,12 @@ def to_moekit(kind: str, t: torch.Tensor) -> torch.Tensor:
 def to_hf(kind: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     if kind == SAME:
         return t
+    if kind in PARTS:  # gate_up [E, 2F, D] -> its gate or up rows [E * F, D]
+        f = t.shape[1] // 2
+        half = t[:, :f] if kind == ROWS_GATE else t[:, f:]
+        return half.reshape(-1, t.shape[-1])
+    if kind == ROWS_T:  # [E, D, F] -> [E * F, D]
+        return t.transpose(1, 2).reshape(-1, t.shape[1])
     if kind == TRANS:
         return t.transpose(1, 2)
     if kind == INTERLEAVE_T:
@@ -97,6 +114,15 @@ def block_param_map(spec: FamilySpec, moe_cfg: MoE.Config) -> list[Entry]:
         eb = spec.expert_bias or f"{r}.e_score_correction_bias"
         out.append(Entry(eb, "router.expert_bias", FP32_ROW if spec.expert_bias_row else FP32))
     up = "gate_up_proj" if ec.is_gated else "up_proj"
+    if spec.layout == DBRX_ROWS:
+        if not ec.is_gated or ec.use_bias or moe_cfg.shared_experts is not None:
+            raise PatchError(f"{spec.name}: the per-expert row layout is gated, without biases")
+        m = f"{e}.mlp"
+        return out + [
+            Entry(f"{m}.w1", "experts.gate_up_proj", ROWS_GATE),
+            Entry(f"{m}.v1", "experts.gate_up_proj", ROWS_UP),
+            Entry(f"{m}.w2", "experts.down_proj", ROWS_T),
+        ]
     w_kind = {CONCAT: SAME, TRANSPOSED: TRANS, INTERLEAVED_TRANSPOSED: INTERLEAVE_T}[spec.layout]
     if spec.layout == INTERLEAVED_TRANSPOSED and not ec.is_gated:
         raise PatchError(f"{spec.name}: an interleaved gate/up layout needs gated experts")
