@@ -79,7 +79,7 @@ def test_expected_outcomes(results):
     if transformers.__version__ == "5.24.0":
         s = cov.summary(results)
         assert (s["families"], s["decorated"]) == (72, 66)
-        assert s["patch"]["pass"] >= 56
+        assert s["patch"]["pass"] >= 57
 
 
 def test_docs_table_is_current(results):

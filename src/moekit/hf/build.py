@@ -11,7 +11,14 @@ from ..moe import MoE
 from ..router import TokenChoiceTopKRouter
 from .derive import config_from_hf, text_config
 from .detect import generic_spec
-from .families import RET_LOGITS, RET_TENSOR, RET_WEIGHTS, spec_for_block, top_k_of
+from .families import (
+    RET_FLAT_LOGITS,
+    RET_LOGITS,
+    RET_TENSOR,
+    RET_WEIGHTS,
+    spec_for_block,
+    top_k_of,
+)
 from .hf_moe import HFMoE
 from .layout import PARTS, SAME, Entry, PatchError, block_param_map, get_path, to_moekit
 from .probe import router_matches
@@ -143,8 +150,9 @@ def _verify(block, moe, D, where, verify_tol) -> str | None:
 
 
 def _returns_of(block, D, E, K, device, dtype) -> tuple[str, bool]:
-    """What the block returns (a tensor, (y, weights) or (y, logits)) and whether its y is
-    flattened to ``[T, D]`` rows from a ``[B, S, D]`` input."""
+    """What the block returns (a tensor, (y, weights), (y, logits), or both flattened to 1-D
+    as ERNIE-VL's do) and whether its y is flattened to ``[T, D]`` rows from a ``[B, S, D]``
+    input."""
     x = torch.randn(1, 3, D, device=device, dtype=dtype)
     with torch.no_grad():
         out = block(x)
@@ -153,6 +161,8 @@ def _returns_of(block, D, E, K, device, dtype) -> tuple[str, bool]:
     if not isinstance(out, tuple):
         return RET_TENSOR, flat
     if len(out) == 2 and isinstance(out[1], torch.Tensor):
+        if y.dim() == 1 and out[1].dim() == 1 and out[1].numel() == 3 * E:
+            return RET_FLAT_LOGITS, False
         if out[1].shape[-1] == E and K != E:
             return RET_LOGITS, flat
         return RET_WEIGHTS, flat
@@ -221,6 +231,7 @@ def patch_block(
             factor = router_matches(
                 router, rc, D, E, spec.router_linear, f"{where} ({type(block).__name__})",
                 bias_arg=spec.extra.get("router_bias_arg", False),
+                bias_path=spec.extra.get("router_bias_path"),
             )
             if factor is not None:
                 configs = [base.replace(router=rc)]

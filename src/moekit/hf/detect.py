@@ -15,7 +15,7 @@ from .families import (
     FamilySpec,
     routing_from_config,
 )
-from .layout import PatchError
+from .layout import PatchError, get_path
 from .probe import gate_activation, router_bias_argument
 
 __all__ = [
@@ -99,6 +99,16 @@ def why_not_patchable(block: nn.Module) -> str | None:
         f"experts {kind} are not a transformers fused experts module "
         "(@use_experts_implementation), so moekit cannot read their layout"
     )
+
+
+def _selection_bias_in_router(router: nn.Module, E: int) -> str | None:
+    """The path, inside the router, of its selection bias: ``e_score_correction_bias`` on the
+    router or on one of its submodules (ERNIE's ``moe_statics``), ``[E]`` or ``[1, E]``."""
+    for name, mod in router.named_modules():
+        t = getattr(mod, "e_score_correction_bias", None)
+        if isinstance(t, torch.Tensor) and t.numel() == E and t.dim() <= 2:
+            return f"{name}.e_score_correction_bias" if name else "e_score_correction_bias"
+    return None
 
 
 def generic_spec(block: nn.Module, cfg, where: str) -> tuple[FamilySpec, list[dict]]:
@@ -224,9 +234,10 @@ def generic_spec(block: nn.Module, cfg, where: str) -> tuple[FamilySpec, list[di
                 f"{where}: its router {type(router).__name__} takes {bias_arg!r}, which the block "
                 "does not hold as a tensor"
             )
-    base["use_expert_bias"] = bias_attr is not None or isinstance(
-        getattr(router, "e_score_correction_bias", None), torch.Tensor
-    )
+    in_router = _selection_bias_in_router(router, E)
+    if bias_attr is None and in_router not in (None, "e_score_correction_bias"):
+        bias_attr = f"{router_name}.{in_router}"  # e.g. ERNIE-VL's gate.moe_statics.*
+    base["use_expert_bias"] = bias_attr is not None or in_router is not None
     spec = FamilySpec(
         name=f"generic:{type(block).__name__}",
         model_types=(),
@@ -242,8 +253,10 @@ def generic_spec(block: nn.Module, cfg, where: str) -> tuple[FamilySpec, list[di
         experts_kwargs=lambda c, kw=experts_kw: dict(kw),
         router_in_fp32=base["use_expert_bias"] or bool(base.get("num_expert_groups")),
         expert_bias=bias_attr,
+        expert_bias_row=bias_attr is not None and get_path(block, bias_attr)[2].dim() == 2,
         extra={
-            "router_bias_arg": bias_attr is not None,
+            "router_bias_arg": bias_arg is not None,
+            "router_bias_path": in_router,
             "shared_activation": sact if shared_name else None,
             "shared_gated": shared_gated if shared_name else None,
         },

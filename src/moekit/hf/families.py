@@ -26,6 +26,7 @@ LAYOUTS = (CONCAT, TRANSPOSED, INTERLEAVED_TRANSPOSED, DBRX_ROWS)
 RET_TENSOR = "tensor"
 RET_WEIGHTS = "tuple_weights"  # (y, topk weights [T, K])  (GPT-OSS)
 RET_LOGITS = "tuple_logits"  # (y, router logits [T, E])  (Llama 4)
+RET_FLAT_LOGITS = "tuple_flat_logits"  # (y.flatten(), router logits.flatten())  (ERNIE-VL)
 
 
 def hf_get(cfg: Any, *names: str, default: Any = None) -> Any:
@@ -147,7 +148,10 @@ def _gpt_oss_experts(c):
 def _dbrx_check(c):
     f = c.ffn_config
     if getattr(f, "moe_jitter_eps", None):
-        return f"ffn_config.moe_jitter_eps={f.moe_jitter_eps} scales the router input by noise in training"
+        return (
+            f"ffn_config.moe_jitter_eps={f.moe_jitter_eps} scales the router input by noise in "
+            "training; moekit's MoE has no such option"
+        )
     if getattr(f, "moe_normalize_expert_weights", 1.0) not in (None, 1, 1.0):
         return (
             f"ffn_config.moe_normalize_expert_weights={f.moe_normalize_expert_weights}: moekit "

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..moe import MoE
-from .families import RET_LOGITS, RET_TENSOR, RET_WEIGHTS
+from .families import RET_FLAT_LOGITS, RET_LOGITS, RET_TENSOR, RET_WEIGHTS
 from .layout import get_path, to_hf
 
 __all__ = ["HFMoE"]
@@ -27,7 +27,8 @@ def _record_router_logits(logits: torch.Tensor) -> None:
 class HFMoE(MoE):
     """A :class:`moekit.MoE` standing in for a transformers sparse MoE block: takes the block's
     input, returns what the block returned (a tensor, or GPT-OSS's ``(y, topk weights)`` / Llama
-    4's ``(y, router logits)``), and reports router logits to ``output_router_logits``."""
+    4's ``(y, router logits)`` / ERNIE-VL's both flattened), and reports router logits to
+    ``output_router_logits``."""
 
     hf_returns: str = RET_TENSOR
     hf_flat_output: bool = False  # the block returns [T, D] rows (Llama 4)
@@ -46,6 +47,8 @@ class HFMoE(MoE):
             return y, r.topk_weights.to(y.dtype)
         if self.hf_returns == RET_LOGITS:
             return y, r.logits
+        if self.hf_returns == RET_FLAT_LOGITS:
+            return y.reshape(-1), r.logits.reshape(-1)
         return y
 
     def hf_tensors(self, which: str = "data") -> dict[str, torch.Tensor]:

@@ -104,6 +104,7 @@ def router_matches(
     router_linear: str = "",
     where: str = "",
     bias_arg: bool = False,
+    bias_path: str | None = None,
 ) -> float | None:
     """Whether a moekit router with ``moe_router_cfg`` picks the experts ``hf_router`` picks
     (tested on a float64 copy with random weights and biases, so zero-initialised biases
@@ -111,7 +112,8 @@ def router_matches(
     ``c`` (1.0 when equal), or None. A family may apply a scale in its block rather than its
     router, so ``patch``'s probe of the whole block decides between ``route_scale`` and
     ``route_scale * c``. With ``bias_arg`` the router takes its selection bias as a second
-    argument."""
+    argument; else ``bias_path`` names it inside the router (default
+    ``e_score_correction_bias``)."""
     ref = copy.deepcopy(hf_router).to("cpu", torch.float64)
     g = torch.Generator().manual_seed(1234)
     with torch.no_grad():
@@ -149,8 +151,10 @@ def router_matches(
         if mr.gate.bias is not None:
             mr.gate.bias.copy_(lin.bias)
         if mr.expert_bias is not None:
-            src = bias if bias is not None else ref.e_score_correction_bias
-            mr.expert_bias = src.detach().clone().double()
+            if bias is None:
+                mod, _, leaf = (bias_path or "e_score_correction_bias").rpartition(".")
+                bias = getattr(ref.get_submodule(mod) if mod else ref, leaf)
+            mr.expert_bias = bias.detach().reshape(-1).clone().double()
         r = mr(x)
     if w_hf.shape[-1] == E and ids_hf.shape[-1] != E:
         w_hf = w_hf.gather(1, ids_hf)
