@@ -31,6 +31,7 @@ CI_FAMILIES = {
     "muse_spark": ("pass", "refused"),  # post-expert norm
     "phimoe": ("pass", "refused"),  # sparsemixer routing
     "dbrx": ("refused", "pass"),  # undecorated experts; per-expert rows [E * F, D]
+    "step3p7": ("refused", "pass"),  # undecorated experts in the standard fused layout
     "jetmoe": ("refused", "refused"),  # undecorated experts moekit cannot read
 }
 
@@ -79,7 +80,7 @@ def test_expected_outcomes(results):
     if transformers.__version__ == "5.24.0":
         s = cov.summary(results)
         assert (s["families"], s["decorated"]) == (72, 66)
-        assert s["patch"]["pass"] >= 57
+        assert s["patch"]["pass"] >= 58
 
 
 def test_docs_table_is_current(results):

@@ -70,6 +70,30 @@ def is_moe_block(mod: nn.Module) -> bool:
     return ex is not None and r is not None and ex is not r
 
 
+def _plain_fused(ex: nn.Module) -> bool:
+    """Undecorated experts holding exactly the standard fused layout: ``gate_up_proj``
+    ``[E, 2F, D]`` and ``down_proj`` ``[E, D, F]`` (3-D, consistent shapes, no other
+    parameters), e.g. Step3p7's."""
+    gu, dn = getattr(ex, "gate_up_proj", None), getattr(ex, "down_proj", None)
+    if not (isinstance(gu, nn.Parameter) and isinstance(dn, nn.Parameter)):
+        return False
+    if gu.dim() != 3 or dn.dim() != 3 or len(list(ex.parameters())) != 2:
+        return False
+    E, H, D = gu.shape
+    return dn.shape[0] == E and dn.shape[1] == D and H == 2 * dn.shape[2]
+
+
+def _layout_flags(ex: nn.Module) -> tuple[bool, bool, bool, bool, bool]:
+    """(has_gate, is_transposed, is_concatenated, has_bias, has_post_expert_norm) of the
+    experts: the decorator's flags, or the standard fused layout (:func:`_plain_fused`)."""
+    if hasattr(ex, "has_gate") and hasattr(ex, "is_transposed"):
+        return (
+            bool(ex.has_gate), bool(ex.is_transposed), bool(getattr(ex, "is_concatenated", True)),
+            bool(getattr(ex, "has_bias", False)), bool(getattr(ex, "has_post_expert_norm", False)),
+        )
+    return True, False, True, False, False
+
+
 def why_not_patchable(block: nn.Module) -> str | None:
     """A reason an MoE block (:func:`is_moe_block`) is outside what ``patch`` can read, found
     from its structure alone; None when it may be patchable (then the block is read and
@@ -95,6 +119,8 @@ def why_not_patchable(block: nn.Module) -> str | None:
             f"experts {kind} include zero-computation (identity) experts, which "
             "moekit.MoE does not have"
         )
+    if _plain_fused(ex):
+        return None  # read as the standard fused layout; patch's probe confirms it
     return (
         f"experts {kind} are not a transformers fused experts module "
         "(@use_experts_implementation), so moekit cannot read their layout"
@@ -133,18 +159,19 @@ def generic_spec(block: nn.Module, cfg, where: str) -> tuple[FamilySpec, list[di
         raise PatchError(
             f"{where}: router {router_name!r} has no gate weight [num_experts={E}, hidden]"
         )
-    if getattr(ex, "has_post_expert_norm", False):
+    has_gate, transposed, concat, has_bias, post_norm = _layout_flags(ex)
+    if post_norm:
         raise PatchError(
             f"{where}: experts apply a post-expert norm, which moekit.MoE does not have"
         )
-    transposed, concat = bool(ex.is_transposed), bool(getattr(ex, "is_concatenated", True))
     if not concat and not transposed:
         raise PatchError(f"{where}: interleaved, non-transposed experts layout is not supported")
     layout = CONCAT if not transposed else (TRANSPOSED if concat else INTERLEAVED_TRANSPOSED)
     from transformers.integrations.moe import _default_apply_gate
 
     experts_kw: dict = {}
-    if ex.has_gate and getattr(type(ex), "_apply_gate", None) is not _default_apply_gate:
+    own_gate = getattr(type(ex), "_apply_gate", _default_apply_gate)
+    if has_gate and own_gate is not _default_apply_gate:
         act = gate_activation(ex, concat)
         if act is None:
             raise PatchError(
@@ -160,11 +187,11 @@ def generic_spec(block: nn.Module, cfg, where: str) -> tuple[FamilySpec, list[di
                 "equivalent"
             )
         experts_kw["activation"] = act
-    if not ex.has_gate:
+    if not has_gate:
         experts_kw["gated"] = False
-    if getattr(ex, "has_bias", False):
+    if has_bias:
         experts_kw["use_bias"] = True
-    if not ex.has_gate and layout == INTERLEAVED_TRANSPOSED:
+    if not has_gate and layout == INTERLEAVED_TRANSPOSED:
         raise PatchError(f"{where}: interleaved layout without a gate")
 
     shared_name = next(

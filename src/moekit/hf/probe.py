@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 
 import torch
 from torch import nn
@@ -61,6 +62,8 @@ def gate_activation(ex: nn.Module, concatenated: bool) -> str | None:
     except Exception:  # noqa: BLE001 - a gate that needs more than its input: not ours
         return None
     lim, alpha = _constant(ex, "limit", "swiglu_limit"), _constant(ex, "alpha", "swiglu_alpha")
+    if lim is not None and not math.isfinite(lim):
+        lim = None  # an infinite limit clamps nothing: the plain activations cover it
     names = ["silu", "gelu", "gelu_tanh"] if concatenated else []
     if concatenated and lim is not None and lim > 0:
         names.append(make_activation_name("silu", limit=lim))
