@@ -27,6 +27,7 @@ CI_FAMILIES = {
     "hy_v3": ("pass", "pass"),  # bias as a router argument, router-held scale
     "nemotron_h": ("pass", "pass"),  # non-gated relu2 experts and shared expert
     "kimi_linear": ("pass", "pass"),  # linear attention, grouped routing
+    "inkling2": ("pass", "pass"),  # softcapped SwiGLU; a router with its dtype fixed to fp32
     "diffusion_gemma": ("pass", "refused"),  # random noise in the forward; decoder-layer MoE
     "muse_spark": ("pass", "refused"),  # post-expert norm
     "phimoe": ("pass", "refused"),  # sparsemixer routing
@@ -80,7 +81,7 @@ def test_expected_outcomes(results):
     if transformers.__version__ == "5.24.0":
         s = cov.summary(results)
         assert (s["families"], s["decorated"]) == (72, 66)
-        assert s["patch"]["pass"] >= 58
+        assert s["patch"]["pass"] >= 60
 
 
 def test_docs_table_is_current(results):

@@ -221,11 +221,15 @@ def test_parametric_activations():
     s = get_activation("silu(limit=2)")
     want = torch.nn.functional.silu(g.clamp(max=2.0)) * u.clamp(-2, 2)
     assert torch.allclose(s.gated(g, u), want)
+    c = get_activation("silu_softcap(gate=3, up=5)")
+    want = 3 * torch.tanh(g / 3) * torch.sigmoid(g) * 5 * torch.tanh(u / 5)
+    assert torch.allclose(c.gated(g, u), want)
+    assert canonical_activation("silu_softcap()") == "silu"  # no caps
     assert canonical_activation("gpt_oss(alpha=1.702,limit=7)") == "gpt_oss"  # the defaults
     for bad, phrase in [
         ("gpt_oss(beta=1)", "takes ['alpha', 'limit']"),
-        ("relu2(limit=1)", "only ['gpt_oss', 'silu'] take them"),
-        ("silu(limit=-1)", "limit > 0"),
+        ("relu2(limit=1)", "only ['gpt_oss', 'silu', 'silu_softcap'] take them"),
+        ("silu(limit=-1)", "limit or cap > 0"),
         ("gpt_oss(limit=nan)", "must be finite"),
     ]:
         with pytest.raises(ValueError, match=re.escape(phrase)):

@@ -14,6 +14,8 @@ name           gated  formula
 ``gpt_oss(alpha=a,limit=l)``  the same with other constants (e.g. GPT-OSS configs with
                       another ``swiglu_alpha`` / ``swiglu_limit``)
 ``silu(limit=l)``  yes  ``silu(gate.clamp(max=l)) * up.clamp(-l, l)`` (clamped SwiGLU)
+``silu_softcap(gate=a,up=b)``  ``cap_a(gate) * sigmoid(gate) * cap_b(up)``,
+                      ``cap_c(v) = c * tanh(v / c)`` (softcapped SwiGLU)
 ``relu2``      no     ``relu(h) ** 2``
 ``silu``       no     ``silu(h)`` (when the experts are configured non-gated)
 ``gelu``       no     ``gelu(h)``; ``gelu_tanh`` likewise
@@ -52,6 +54,16 @@ def _gpt_oss_glu(
 
 def _clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
     return F.silu(gate.clamp(max=limit)) * up.clamp(min=-limit, max=limit)
+
+
+def _softcap(v: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return v if cap is None else torch.tanh(v / cap) * cap
+
+
+def _softcapped_swiglu(
+    gate: torch.Tensor, up: torch.Tensor, gate_cap: float | None, up_cap: float | None
+) -> torch.Tensor:
+    return _softcap(gate, gate_cap) * torch.sigmoid(gate) * _softcap(up, up_cap)
 
 
 def _relu2(h: torch.Tensor) -> torch.Tensor:
@@ -113,6 +125,7 @@ ALIASES = {"swiglu": "silu", "geglu": "gelu", "gpt_oss_glu": "gpt_oss", "squared
 PARAMETRIC = {
     "gpt_oss": {"alpha": GPT_OSS_ALPHA, "limit": GPT_OSS_LIMIT},
     "silu": {"limit": None},  # no limit: plain silu
+    "silu_softcap": {"gate": None, "up": None},  # no caps: plain silu
 }
 
 
@@ -134,8 +147,8 @@ def _parse(name: str) -> tuple[str, dict[str, float]]:
             params[k] = float(v)
         except ValueError:
             raise ValueError(f"activation={name!r}: {k}={v!r} is not a number") from None
-        if not math.isfinite(params[k]) or (k == "limit" and params[k] <= 0):
-            raise ValueError(f"activation={name!r}: {k} must be finite (and a limit > 0)")
+        if not math.isfinite(params[k]) or (k != "alpha" and params[k] <= 0):
+            raise ValueError(f"activation={name!r}: {k} must be finite (and a limit or cap > 0)")
     return base, params
 
 
@@ -145,7 +158,7 @@ def make_activation_name(base: str, **params: float) -> str:
     defaults = PARAMETRIC[base]
     vals = {k: (None if v is None else float(v)) for k, v in params.items()}
     if all(vals.get(k, d) == d for k, d in defaults.items()):
-        return base
+        return base if base in ACTIVATIONS else "silu"  # silu_softcap without caps
     inner = ",".join(
         f"{k}={vals.get(k, d)!r}" for k, d in defaults.items() if vals.get(k, d) is not None
     )
@@ -171,6 +184,9 @@ def get_activation(name: str) -> Activation:
     if base == "gpt_oss":
         glu = functools.partial(_gpt_oss_glu, alpha=p.get("alpha", GPT_OSS_ALPHA),
                                 limit=p.get("limit", GPT_OSS_LIMIT))
+        return Activation(key, None, True, glu=glu)
+    if base == "silu_softcap":
+        glu = functools.partial(_softcapped_swiglu, gate_cap=p.get("gate"), up_cap=p.get("up"))
         return Activation(key, None, True, glu=glu)
     return Activation(key, None, True, glu=functools.partial(_clamped_swiglu, limit=p["limit"]))
 

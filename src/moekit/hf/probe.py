@@ -67,6 +67,9 @@ def gate_activation(ex: nn.Module, concatenated: bool) -> str | None:
     names = ["silu", "gelu", "gelu_tanh"] if concatenated else []
     if concatenated and lim is not None and lim > 0:
         names.append(make_activation_name("silu", limit=lim))
+    caps = _constant(ex, "mlp_gate_softcap"), _constant(ex, "mlp_up_softcap")
+    if concatenated and any(c is not None and 0 < c < math.inf for c in caps):
+        names.append(make_activation_name("silu_softcap", gate=caps[0], up=caps[1]))
     names.append("gpt_oss")  # GPT-OSS's clamped GLU, on alternating columns or on halves
     if lim is not None and lim > 0 and alpha is not None:
         names.append(make_activation_name("gpt_oss", alpha=alpha, limit=lim))
@@ -99,6 +102,25 @@ def _split_router_output(out, E: int):
     return (out[1], ids) if out[2] is ids else (floats[1], ids)
 
 
+def _run_router(hf_router: nn.Module, D: int, E: int, bias_arg: bool, dt: torch.dtype):
+    """A ``dt`` copy of the router with random weights and biases, run on random hidden
+    states: (copy, x, the bias argument or None, its output, None) or (..., the error)."""
+    ref = copy.deepcopy(hf_router).to("cpu", dt)
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name, t in list(ref.named_parameters()) + list(ref.named_buffers()):
+            if t.is_floating_point():
+                scale = 0.5 if "bias" in name else 1.0
+                t.copy_(torch.randn(t.shape, generator=g, dtype=t.dtype) * scale)
+        x = torch.randn(97, D, generator=g, dtype=dt) / D**0.5  # logits ~ N(0, 1)
+        bias = torch.randn(E, generator=g, dtype=dt) * 0.5 if bias_arg else None
+        try:
+            out = ref(x) if bias is None else ref(x, bias)
+        except Exception as e:  # noqa: BLE001 - reported by the caller
+            return ref, x, bias, None, e
+    return ref, x, bias, out, None
+
+
 def router_matches(
     hf_router: nn.Module,
     moe_router_cfg: TokenChoiceTopKRouter.Config,
@@ -110,31 +132,24 @@ def router_matches(
     bias_path: str | None = None,
 ) -> float | None:
     """Whether a moekit router with ``moe_router_cfg`` picks the experts ``hf_router`` picks
-    (tested on a float64 copy with random weights and biases, so zero-initialised biases
-    cannot hide a difference) with weights equal up to one constant factor ``c``: returns
+    (tested on a float64 copy, or a float32 one for routers that fix their dtype, with random
+    weights and biases, so zero-initialised biases cannot hide a difference) with weights
+    equal up to one constant factor ``c``: returns
     ``c`` (1.0 when equal), or None. A family may apply a scale in its block rather than its
     router, so ``patch``'s probe of the whole block decides between ``route_scale`` and
     ``route_scale * c``. With ``bias_arg`` the router takes its selection bias as a second
     argument; else ``bias_path`` names it inside the router (default
     ``e_score_correction_bias``)."""
-    ref = copy.deepcopy(hf_router).to("cpu", torch.float64)
-    g = torch.Generator().manual_seed(1234)
+    for dt in (torch.float64, torch.float32):  # float32 for routers that fix their dtype
+        ref, x, bias, out, err = _run_router(hf_router, D, E, bias_arg, dt)
+        if err is None:
+            break
+    if err is not None:  # a router that is not self-contained (needs more inputs)
+        raise PatchError(
+            f"{where}: its router {type(hf_router).__name__} cannot be called on hidden states "
+            f"alone ({type(err).__name__}: {err}); not a router moekit can stand in for"
+        ) from None
     with torch.no_grad():
-        for name, t in list(ref.named_parameters()) + list(ref.named_buffers()):
-            if t.is_floating_point():
-                t.copy_(
-                    torch.randn(t.shape, generator=g, dtype=t.dtype)
-                    * (0.5 if "bias" in name else 1.0)
-                )
-        x = torch.randn(97, D, generator=g, dtype=torch.float64) / D**0.5  # logits ~ N(0, 1)
-        bias = torch.randn(E, generator=g, dtype=torch.float64) * 0.5 if bias_arg else None
-        try:
-            out = ref(x) if bias is None else ref(x, bias)
-        except Exception as e:  # a router that is not self-contained (needs more inputs)
-            raise PatchError(
-                f"{where}: its router {type(hf_router).__name__} cannot be called on hidden states "
-                f"alone ({type(e).__name__}: {e}); not a router moekit can stand in for"
-            ) from None
         w_hf, ids_hf = _split_router_output(out, E)
         if ids_hf is None:
             raise PatchError(
@@ -142,11 +157,7 @@ def router_matches(
                 "(logits, weights, indices) in any order"
             )
         try:
-            mr = (
-                moe_router_cfg.replace(router_dtype=torch.float64)
-                .build(dim=D, num_experts=E)
-                .double()
-            )
+            mr = moe_router_cfg.replace(router_dtype=dt).build(dim=D, num_experts=E).to(dt)
         except ValueError:
             return None
         lin = ref.get_submodule(router_linear) if router_linear else ref
@@ -157,7 +168,7 @@ def router_matches(
             if bias is None:
                 mod, _, leaf = (bias_path or "e_score_correction_bias").rpartition(".")
                 bias = getattr(ref.get_submodule(mod) if mod else ref, leaf)
-            mr.expert_bias = bias.detach().reshape(-1).clone().double()
+            mr.expert_bias = bias.detach().reshape(-1).clone().to(dt)
         r = mr(x)
     if w_hf.shape[-1] == E and ids_hf.shape[-1] != E:
         w_hf = w_hf.gather(1, ids_hf)
