@@ -18,6 +18,7 @@ from test_hf_families import _build, _cfg, _ids, _tol_close  # noqa: E402
 from moekit.hf import coverage, tiny  # noqa: E402
 
 warnings.filterwarnings("ignore")
+pytestmark = pytest.mark.filterwarnings("ignore:moekit.hf.patch:UserWarning")
 
 
 @pytest.fixture(scope="module")

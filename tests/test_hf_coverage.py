@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers", minversion="5.0")
 cov = pytest.importorskip("moekit.hf.coverage")
 
 warnings.filterwarnings("ignore")
+pytestmark = pytest.mark.filterwarnings("ignore:moekit.hf.patch:UserWarning")
 
 # family -> (experts_implementation="moekit", patch): one family per path of the code
 CI_FAMILIES = {

@@ -26,6 +26,7 @@ from moekit.hf.tiny import COMMON_FIELDS as COMMON  # noqa: E402
 from moekit.hf.tiny import build_tiny, tiny_config  # noqa: E402
 
 warnings.filterwarnings("ignore")
+pytestmark = pytest.mark.filterwarnings("ignore:moekit.hf.patch:UserWarning")
 transformers.logging.set_verbosity_error()
 
 V = 97  # the tiny models' vocabulary (moekit.hf.tiny)
