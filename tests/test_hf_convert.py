@@ -20,6 +20,7 @@ mh = pytest.importorskip("moekit.hf")
 from test_hf_families import _build, _cfg, _ids, _tol_close  # noqa: E402
 
 warnings.filterwarnings("ignore")
+pytestmark = pytest.mark.filterwarnings("ignore:moekit.hf.patch:UserWarning")
 
 CASES = [
     ("mixtral", {}),

@@ -26,6 +26,7 @@ from moekit.hf.tiny import COMMON_FIELDS as COMMON  # noqa: E402
 from moekit.hf.tiny import build_tiny, tiny_config  # noqa: E402
 
 warnings.filterwarnings("ignore")
+pytestmark = pytest.mark.filterwarnings("ignore:moekit.hf.patch:UserWarning")
 transformers.logging.set_verbosity_error()
 
 V = 97  # the tiny models' vocabulary (moekit.hf.tiny)
@@ -218,8 +219,9 @@ def test_config_from_hf():
 def test_inexpressible_raises():
     with pytest.raises(mh.PatchError, match="router_jitter_noise"):
         mh.config_from_hf(_cfg("mixtral", router_jitter_noise=0.1))
-    with pytest.raises(mh.PatchError, match="swiglu_limit"):
-        mh.config_from_hf(_cfg("gpt_oss", swiglu_limit=5.0))
+    assert mh.config_from_hf(_cfg("gpt_oss", swiglu_limit=5.0)).experts.activation == (
+        "gpt_oss(alpha=1.702,limit=5.0)"
+    )
     model = _build(_cfg("mixtral", router_jitter_noise=0.1))
     with pytest.raises(mh.PatchError, match=r"model\.layers\.0\.mlp.*router_jitter_noise"):
         mh.patch(model)
@@ -468,18 +470,29 @@ def test_patched_model_expert_parallel():
     mp.spawn(_ep_worker, args=(2, port), nprocs=2, join=True)
 
 
-def test_gpt_oss_custom_glu_limit_via_experts_implementation():
-    """A non-default swiglu_limit: the experts implementation uses the family's own gate
-    function (exact); patch refuses, naming the reason."""
-    ref = _build(_cfg("gpt_oss", swiglu_limit=0.5))
+@pytest.mark.parametrize("over", [{"swiglu_limit": 0.5}, {"swiglu_alpha": 1.2, "swiglu_limit": 3.0}])
+def test_gpt_oss_other_glu_constants(over):
+    """Another swiglu_alpha / swiglu_limit: the experts implementation uses the family's own
+    gate function; patch the parametrised ``gpt_oss(alpha=..,limit=..)`` activation. Both
+    exact, gradients too."""
+    ref = _build(_cfg("gpt_oss", **over))
     ref.set_experts_implementation("eager")
     ids = _ids()
-    want = ref(ids).logits
+    want = ref(ids)
+    _loss(want).backward()
     fast = copy.deepcopy(ref)
+    fast.zero_grad(set_to_none=True)
     fast.set_experts_implementation("moekit")
-    _tol_close(fast(ids).logits, want, "gpt_oss limit=0.5 logits")
-    with pytest.raises(mh.PatchError, match="swiglu_limit"):
-        mh.patch(copy.deepcopy(ref))
+    patched = copy.deepcopy(ref)
+    patched.zero_grad(set_to_none=True)
+    mh.patch(patched)
+    act = patched.model.layers[0].mlp.experts.activation
+    assert act.startswith("gpt_oss(") and f"limit={float(over['swiglu_limit'])}" in act
+    for name, m in (("experts_implementation", fast), ("patch", patched)):
+        out = m(ids)
+        _tol_close(out.logits, want.logits, f"gpt_oss {over} {name} logits")
+        _loss(out).backward()
+        _check_grads(m, ref)
 
 
 def test_gpt_oss_experts_implementation_takes_the_fused_path(monkeypatch):
@@ -509,5 +522,5 @@ def test_gpt_oss_experts_implementation_takes_the_fused_path(monkeypatch):
     _tol_close(got.logits, want.logits, "gpt_oss experts_implementation logits")
     (got.logits.square().mean()).backward()
     _check_grads(fast, ref)
-    assert experts_impl._has_gpt_oss_gate(
-        next(m for m in fast.modules() if type(m).__name__ == "GptOssExperts"))
+    assert experts_impl._gpt_oss_activation(
+        next(m for m in fast.modules() if type(m).__name__ == "GptOssExperts")) == "gpt_oss"

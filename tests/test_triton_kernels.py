@@ -557,6 +557,25 @@ else:
             ids[ids == 3] = 5
         _check_fp32(ts, ids, gy, "silu", case == "woi", case != "woi")
 
+    @pytest.mark.parametrize("act", ["gpt_oss(alpha=1.25,limit=3.0)", "silu(limit=2.0)"])
+    def test_parametrised_activations(monkeypatch, act):
+        """Activations with parameters on the triton backend: GPT-OSS's clamped GLU with other
+        constants runs the fused kernels (the constants are kernel arguments), a clamped
+        SwiGLU the staged path over the triton grouped linear; both equal the float64 loop."""
+        import moekit.ops.triton as triton_pkg
+
+        calls = []
+        real = triton_pkg.fused_experts
+        monkeypatch.setattr(triton_pkg, "fused_experts",
+                            lambda *a, **k: calls.append(k.get("limit")) or real(*a, **k))
+        ts, ids, gy = _inputs(17, 24, 20, 5, 2, True, bias=True, seed=95, scale=3.0)
+        truth = _run("loop", ts, ids, gy, torch.float64, act, False)
+        fast = _run("triton", ts, ids, gy, torch.float32, act, False)
+        for name, a, t in zip(_names(True), fast, truth):
+            err, s = _max_err(a, t), _scale(t)
+            assert err <= 2e-5 * s, f"{name}: max err {err:.3e}"
+        assert calls == ([3.0] if act.startswith("gpt_oss") else [])
+
     def _gpt_oss_ref(x, w1, w2, b1, b2, ids, wts, alpha, limit):
         """float64 GPT-OSS experts on interleaved ``w1 [E, 2F, D]``, written out per slot."""
         h = torch.einsum("td,tkhd->tkh", x, w1[ids]) + b1[ids]

@@ -11,6 +11,11 @@ name           gated  formula
 ``gelu_tanh``  yes    ``gelu_tanh(gate) * up``
 ``gpt_oss``    yes    ``(up.clamp(-l, l) + 1) * g * sigmoid(alpha * g)``, ``g = gate.clamp(max=l)``
                       with ``alpha = 1.702``, ``l = 7.0`` (GPT-OSS's clamped GLU)
+``gpt_oss(alpha=a,limit=l)``  the same with other constants (e.g. GPT-OSS configs with
+                      another ``swiglu_alpha`` / ``swiglu_limit``)
+``silu(limit=l)``  yes  ``silu(gate.clamp(max=l)) * up.clamp(-l, l)`` (clamped SwiGLU)
+``silu_softcap(gate=a,up=b)``  ``cap_a(gate) * sigmoid(gate) * cap_b(up)``,
+                      ``cap_c(v) = c * tanh(v / c)`` (softcapped SwiGLU)
 ``relu2``      no     ``relu(h) ** 2``
 ``silu``       no     ``silu(h)`` (when the experts are configured non-gated)
 ``gelu``       no     ``gelu(h)``; ``gelu_tanh`` likewise
@@ -22,6 +27,8 @@ activation's natural form (every name above but ``relu2`` is gated by default).
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "Activation", "get_activation", "ACTIVATIONS", "ALIASES", "canonical_activation", "is_gpt_oss_glu",
+    "Activation", "get_activation", "ACTIVATIONS", "ALIASES", "canonical_activation",
+    "make_activation_name", "is_parametric", "is_gpt_oss_glu", "activation_params",
 ]
 
 GPT_OSS_ALPHA = 1.702
@@ -37,16 +45,39 @@ GPT_OSS_LIMIT = 7.0
 
 
 def is_gpt_oss_glu(alpha, limit) -> bool:
-    """Whether a clamped GLU with ``alpha`` and ``limit`` is moekit's ``gpt_oss`` activation
-    (fixed at ``GPT_OSS_ALPHA``, ``GPT_OSS_LIMIT``); False when either is None."""
+    """Whether a clamped GLU with ``alpha`` and ``limit`` is moekit's plain ``gpt_oss``
+    activation (``GPT_OSS_ALPHA``, ``GPT_OSS_LIMIT``); False when either is None."""
     return (alpha is not None and limit is not None
             and float(alpha) == GPT_OSS_ALPHA and float(limit) == GPT_OSS_LIMIT)
 
 
-def _gpt_oss_glu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    gate = gate.clamp(max=GPT_OSS_LIMIT)
-    up = up.clamp(min=-GPT_OSS_LIMIT, max=GPT_OSS_LIMIT)
-    return (up + 1) * (gate * torch.sigmoid(gate * GPT_OSS_ALPHA))
+def activation_params(name: str) -> tuple[str, dict[str, float]]:
+    """``(base name, parameters)`` of an activation name, e.g. ``"gpt_oss(alpha=1.5,limit=5.0)"``
+    -> ``("gpt_oss", {"alpha": 1.5, "limit": 5.0})``; ``(name, {})`` for a plain one."""
+    key = canonical_activation(name)
+    return _parse(key) if "(" in key else (key, {})
+
+
+def _gpt_oss_glu(
+    gate: torch.Tensor, up: torch.Tensor, alpha: float = GPT_OSS_ALPHA, limit: float = GPT_OSS_LIMIT
+) -> torch.Tensor:
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def _clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    return F.silu(gate.clamp(max=limit)) * up.clamp(min=-limit, max=limit)
+
+
+def _softcap(v: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return v if cap is None else torch.tanh(v / cap) * cap
+
+
+def _softcapped_swiglu(
+    gate: torch.Tensor, up: torch.Tensor, gate_cap: float | None, up_cap: float | None
+) -> torch.Tensor:
+    return _softcap(gate, gate_cap) * torch.sigmoid(gate) * _softcap(up, up_cap)
 
 
 def _relu2(h: torch.Tensor) -> torch.Tensor:
@@ -104,16 +135,80 @@ ACTIVATIONS: dict[str, Activation] = {
 ALIASES = {"swiglu": "silu", "geglu": "gelu", "gpt_oss_glu": "gpt_oss", "squared_relu": "relu2"}
 
 
+# activations that take parameters: name -> (allowed parameters, their defaults)
+PARAMETRIC = {
+    "gpt_oss": {"alpha": GPT_OSS_ALPHA, "limit": GPT_OSS_LIMIT},
+    "silu": {"limit": None},  # no limit: plain silu
+    "silu_softcap": {"gate": None, "up": None},  # no caps: plain silu
+}
+
+
+def _parse(name: str) -> tuple[str, dict[str, float]]:
+    """``"gpt_oss(alpha=1.5,limit=5)"`` -> ``("gpt_oss", {"alpha": 1.5, "limit": 5.0})``."""
+    base, _, rest = name.partition("(")
+    base = ALIASES.get(base.strip(), base.strip())
+    if not rest.endswith(")") or base not in PARAMETRIC:
+        raise ValueError(
+            f"activation={name!r}: parameters are written name(key=value, ...) and only "
+            f"{sorted(PARAMETRIC)} take them"
+        )
+    allowed, params = PARAMETRIC[base], {}
+    for item in filter(None, (x.strip() for x in rest[:-1].split(","))):
+        k, eq, v = (x.strip() for x in item.partition("="))
+        if not eq or k not in allowed:
+            raise ValueError(f"activation={name!r}: {base} takes {sorted(allowed)}, got {item!r}")
+        try:
+            params[k] = float(v)
+        except ValueError:
+            raise ValueError(f"activation={name!r}: {k}={v!r} is not a number") from None
+        if not math.isfinite(params[k]) or (k != "alpha" and params[k] <= 0):
+            raise ValueError(f"activation={name!r}: {k} must be finite (and a limit or cap > 0)")
+    return base, params
+
+
+def make_activation_name(base: str, **params: float) -> str:
+    """The canonical name of ``base`` with ``params`` (the plain name when every parameter
+    is its default), e.g. ``make_activation_name("gpt_oss", alpha=1.702, limit=5.0)``."""
+    defaults = PARAMETRIC[base]
+    vals = {k: (None if v is None else float(v)) for k, v in params.items()}
+    if all(vals.get(k, d) == d for k, d in defaults.items()):
+        return base if base in ACTIVATIONS else "silu"  # silu_softcap without caps
+    inner = ",".join(
+        f"{k}={vals.get(k, d)!r}" for k, d in defaults.items() if vals.get(k, d) is not None
+    )
+    return f"{base}({inner})"
+
+
 def canonical_activation(name: str) -> str:
+    if isinstance(name, str) and "(" in name:
+        base, params = _parse(name)
+        return make_activation_name(base, **params)
     key = ALIASES.get(name, name)
     if key not in ACTIVATIONS:
-        allowed = sorted(ACTIVATIONS) + sorted(ALIASES)
+        allowed = sorted(ACTIVATIONS) + sorted(ALIASES) + [f"{p}(...)" for p in PARAMETRIC]
         raise ValueError(f"activation={name!r} is unknown; allowed: {allowed}")
     return key
 
 
 def get_activation(name: str) -> Activation:
-    return ACTIVATIONS[canonical_activation(name)]
+    key = canonical_activation(name)
+    if "(" not in key:
+        return ACTIVATIONS[key]
+    base, p = _parse(key)
+    if base == "gpt_oss":
+        glu = functools.partial(_gpt_oss_glu, alpha=p.get("alpha", GPT_OSS_ALPHA),
+                                limit=p.get("limit", GPT_OSS_LIMIT))
+        return Activation(key, None, True, glu=glu)
+    if base == "silu_softcap":
+        glu = functools.partial(_softcapped_swiglu, gate_cap=p.get("gate"), up_cap=p.get("up"))
+        return Activation(key, None, True, glu=glu)
+    return Activation(key, None, True, glu=functools.partial(_clamped_swiglu, limit=p["limit"]))
+
+
+def is_parametric(name: str) -> bool:
+    """Whether ``name`` is an activation with non-default parameters (the fused Triton
+    kernels compile only the plain names)."""
+    return "(" in canonical_activation(name)
 
 
 def resolve_gated(name: str, gated: bool | None, owner: str = "activation") -> bool:

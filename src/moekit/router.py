@@ -90,6 +90,10 @@ class TokenChoiceTopKRouter(Module):
         num_expert_groups: int | None = None
         num_limited_groups: int | None = None
         group_score: str = "top2_sum"
+        # top_k above the experts of the kept groups: False rejects the config; True picks the
+        # rest from the masked groups in torch.topk's order of their -inf ties (transformers'
+        # DeepSeek-V3 routes such configs that way)
+        topk_beyond_groups: bool = False
         router_dtype: torch.dtype | None = torch.float32
         force_load_balance: bool = False
         routing: str = "learned"
@@ -159,10 +163,11 @@ class TokenChoiceTopKRouter(Module):
                     raise ValueError(
                         f"{o}: group_score='top2_sum' needs >= 2 experts per group; got {per_group}"
                     )
-                if self.top_k > self.num_limited_groups * per_group:
+                if self.top_k > self.num_limited_groups * per_group and not self.topk_beyond_groups:
                     raise ValueError(
                         f"{o}: top_k={self.top_k} exceeds the {self.num_limited_groups} kept groups "
-                        f"x {per_group} experts = {self.num_limited_groups * per_group} eligible experts"
+                        f"x {per_group} experts = {self.num_limited_groups * per_group} eligible experts "
+                        "(topk_beyond_groups=True picks the rest from the masked groups)"
                     )
 
     def __init__(self, config: Config, *, dim: int, num_experts: int):

@@ -8,6 +8,11 @@
 * :func:`config_from_hf`: the :class:`moekit.MoE.Config` of a model's sparse block.
 * :func:`from_hf_state_dict` / :func:`to_hf_state_dict`: checkpoint conversion.
 
+Modules: experts_impl (the experts backend), families (the per-family maps), layout (tensor
+correspondences), derive (configs), detect (structure detection), probe (numerical checks of
+a router or a gate function), hf_moe (the stand-in module), build (one block), patching
+(patch/unpatch/save), convert (state dicts), tiny (test models), discover and coverage
+(every MoE family of the installed transformers through both routes).
 See docs/hf.md.
 """
 
@@ -23,18 +28,31 @@ except ImportError as e:  # pragma: no cover - exercised without transformers on
 from .convert import PER_EXPERT_NAMES, from_hf_state_dict, to_hf_state_dict
 from .experts_impl import EXPERTS_IMPLEMENTATION, moekit_experts_forward, register
 from .families import FAMILIES, FamilySpec
-from .patching import HFMoE, PatchError, config_from_hf, grads_by_hf_name, patch, unpatch
+from .patching import (
+    HFMoE,
+    PatchError,
+    PatchResult,
+    config_from_hf,
+    find_moe_blocks,
+    grads_by_hf_name,
+    hf_state_dict,
+    patch,
+    unpatch,
+)
 
 register()
 
 __all__ = [
     "grads_by_hf_name",
+    "hf_state_dict",
     "EXPERTS_IMPLEMENTATION",
     "FAMILIES",
     "FamilySpec",
     "HFMoE",
     "PER_EXPERT_NAMES",
     "PatchError",
+    "PatchResult",
+    "find_moe_blocks",
     "config_from_hf",
     "from_hf_state_dict",
     "moekit_experts_forward",

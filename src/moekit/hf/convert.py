@@ -23,19 +23,9 @@ from __future__ import annotations
 
 import torch
 
+from .derive import config_from_hf, generic_spec_from_config, text_config
 from .families import spec_for_model_type
-from .patching import (
-    FP32,
-    FP32_ROW,
-    ROW,
-    SAME,
-    _text_config,
-    block_param_map,
-    config_from_hf,
-    generic_spec_from_config,
-    to_hf,
-    to_moekit,
-)
+from .layout import FP32, FP32_ROW, PARTS, ROW, SAME, block_param_map, to_hf, to_moekit
 
 __all__ = ["from_hf_state_dict", "to_hf_state_dict", "PER_EXPERT_NAMES"]
 
@@ -44,7 +34,7 @@ PER_EXPERT_NAMES = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
 
 
 def _spec_and_cfg(hf_config, layout):
-    cfg = _text_config(hf_config)
+    cfg = text_config(hf_config)
     spec = spec_for_model_type(getattr(cfg, "model_type", None)) or generic_spec_from_config(cfg)
     if layout is not None:
         spec = spec.with_(layout=layout)
@@ -66,7 +56,7 @@ def from_hf_state_dict(state_dict: dict, hf_config, *, layout: str | None = None
     entries = block_param_map(spec, moe_cfg)
     E = moe_cfg.num_experts
     gated = moe_cfg.experts.is_gated
-    router_suffix = f".{spec.router}.weight"
+    router_suffix = f".{entries[0].hf}"  # the gate weight, e.g. ".gate.weight"
     out: dict = {}
     consumed: set = set()
     prefixes = []
@@ -78,6 +68,7 @@ def from_hf_state_dict(state_dict: dict, hf_config, *, layout: str | None = None
         if (
             f"{ex}.gate_up_proj" in state_dict
             or f"{ex}.up_proj" in state_dict
+            or f"{ex}.mlp.w1" in state_dict  # DBRX's rows
             or any(f"{ex}.0.{n[2]}.weight" in state_dict for n in PER_EXPERT_NAMES)
         ):
             prefixes.append(p)
@@ -92,7 +83,9 @@ def from_hf_state_dict(state_dict: dict, hf_config, *, layout: str | None = None
                 continue
             if hk not in state_dict:
                 raise KeyError(f"{p}: expected {hk!r} in the state dict ({spec.name} layout)")
-            out[mk] = to_moekit(_conv_kind(en.kind), state_dict[hk])
+            part = to_moekit(_conv_kind(en.kind), state_dict[hk], E)
+            # PARTS (DBRX's w1, v1) are the halves of one tensor, in entry order
+            out[mk] = torch.cat([out[mk], part], dim=1) if en.kind in PARTS and mk in out else part
             consumed.add(hk)
         if per_expert is not None:
             g, u, d = per_expert

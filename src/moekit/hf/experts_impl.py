@@ -11,12 +11,13 @@ Layouts are honoured with views, never copies at call time:
 * concatenated ``gate_up_proj [E, 2F, D]`` / ``down_proj [E, D, F]``: passed as they are to
   :func:`moekit.ops.moe_experts`;
 * transposed ``[E, D, 2F]`` / ``[E, F, D]``: passed as ``.transpose(1, 2)`` views;
-* GPT-OSS's gate (its clamped GLU on alternating gate/up columns) at moekit's ``alpha`` and
-  ``limit`` (1.702, 7.0: every released GPT-OSS): the weights as they are, with
-  ``gate_up_interleaved=True`` and the ``gpt_oss`` activation (the fused kernels read the
-  interleaved rows in place);
-* a family's own ``_apply_gate`` otherwise (e.g. GPT-OSS with another ``swiglu_limit``), an
-  activation moekit has no name for, or a post-expert norm: the staged path (moekit's routing
+* GPT-OSS's gate (its clamped GLU on alternating gate/up columns), with whatever
+  ``swiglu_alpha``/``swiglu_limit`` the module has: the weights as they are, with
+  ``gate_up_interleaved=True`` and the ``gpt_oss`` activation with those constants (the fused
+  kernels read the interleaved, transposed rows in place and take the constants as
+  arguments);
+* a family's own ``_apply_gate`` otherwise, an activation moekit has no name for, or a
+  post-expert norm: the staged path (moekit's routing
   plan, permute, the backend's grouped linear layers, unpermute) with the module's own gate /
   activation / norm in the middle.
 """
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from ..activations import is_gpt_oss_glu
+from ..activations import make_activation_name
 from ..ops import api as _api
 from ..ops import permute, resolve_backend, unpermute
 
@@ -60,9 +61,20 @@ HIDDEN_ACT_NAMES = {
 }
 
 
+def _function_names() -> dict:
+    import torch.nn.functional as F
+
+    return {F.silu: "silu", F.gelu: "gelu"}
+
+
 def hf_activation_name(act_fn) -> str | None:
-    """The moekit activation computing the same function as the transformers module
-    ``act_fn``, or None when moekit has none."""
+    """The moekit activation computing the same function as the transformers module (or
+    plain function, e.g. ``F.silu``) ``act_fn``, or None when moekit has none."""
+    if not isinstance(act_fn, torch.nn.Module):
+        try:
+            return _function_names().get(act_fn)
+        except TypeError:  # unhashable
+            return None
     name = type(act_fn).__name__
     if name == "GELU":
         return "gelu_tanh" if getattr(act_fn, "approximate", "none") == "tanh" else "gelu"
@@ -79,16 +91,20 @@ def _has_default_gate(module) -> bool:
     return getattr(type(module), "_apply_gate", None) is _default_apply_gate
 
 
-def _has_gpt_oss_gate(module) -> bool:
-    """Whether the module's gate is GPT-OSS's clamped GLU with the constants moekit's
-    ``gpt_oss`` activation uses."""
+def _gpt_oss_activation(module) -> str | None:
+    """moekit's name of the module's gate when it is GPT-OSS's clamped GLU (``gpt_oss``, with
+    the module's ``alpha``/``limit`` as parameters where they differ from the released
+    model's), else None."""
     try:
         from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
     except ImportError:  # pragma: no cover - every transformers>=5 has it
-        return False
+        return None
     if getattr(type(module), "_apply_gate", None) is not GptOssExperts._apply_gate:
-        return False
-    return is_gpt_oss_glu(getattr(module, "alpha", None), getattr(module, "limit", None))
+        return None
+    alpha, limit = getattr(module, "alpha", None), getattr(module, "limit", None)
+    if alpha is None or limit is None:
+        return None
+    return make_activation_name("gpt_oss", alpha=float(alpha), limit=float(limit))
 
 
 def _module_layout(module):
@@ -123,6 +139,10 @@ def moekit_experts_forward(
             or getattr(getattr(self, "config", None), "moekit_backend", None)
             or "auto"
         )
+    if top_k_index.is_floating_point() or top_k_index.is_complex():
+        raise TypeError(
+            f"top_k_index must be an integer tensor of expert ids, got {top_k_index.dtype}"
+        )
     has_gate, w_up, b_up, w_down, b_down = _module_layout(self)
     E = w_up.shape[0]
     out_dtype = hidden_states.dtype
@@ -149,9 +169,11 @@ def moekit_experts_forward(
     )
     # GPT-OSS's gate slices the up projection's columns alternately (gate ::2, up 1::2),
     # whatever the layout flag says: that is moekit's gpt_oss activation on interleaved rows
-    gpt_oss = has_gate and not default_gate and post_norm is None and _has_gpt_oss_gate(self)
+    gpt_oss_name = (_gpt_oss_activation(self)
+                    if has_gate and not default_gate and post_norm is None else None)
+    gpt_oss = gpt_oss_name is not None
     if gpt_oss:
-        act_name = "gpt_oss"
+        act_name = gpt_oss_name
     fast = (
         act_name is not None
         and post_norm is None

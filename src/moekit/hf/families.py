@@ -19,12 +19,14 @@ __all__ = ["FamilySpec", "FAMILIES", "spec_for_model_type", "hf_get", "routing_f
 CONCAT = "concat"  # gate_up_proj [E, 2F, D], down_proj [E, D, F]
 TRANSPOSED = "transposed"  # gate_up_proj [E, D, 2F] (gate cols first), down_proj [E, F, D]
 INTERLEAVED_TRANSPOSED = "interleaved_transposed"  # [E, D, 2F] with gate/up columns alternating
-LAYOUTS = (CONCAT, TRANSPOSED, INTERLEAVED_TRANSPOSED)
+DBRX_ROWS = "dbrx_rows"  # mlp.w1 / v1 / w2 [E * F, D] each (gate, up, down transposed)
+LAYOUTS = (CONCAT, TRANSPOSED, INTERLEAVED_TRANSPOSED, DBRX_ROWS)
 
 # what a block's forward returns
 RET_TENSOR = "tensor"
 RET_WEIGHTS = "tuple_weights"  # (y, topk weights [T, K])  (GPT-OSS)
 RET_LOGITS = "tuple_logits"  # (y, router logits [T, E])  (Llama 4)
+RET_FLAT_LOGITS = "tuple_flat_logits"  # (y.flatten(), router logits.flatten())  (ERNIE-VL)
 
 
 def hf_get(cfg: Any, *names: str, default: Any = None) -> Any:
@@ -44,8 +46,8 @@ def top_k_of(cfg) -> int | None:
     return hf_get(cfg, "num_experts_per_tok", "moe_topk", "top_k", "moe_k")
 
 
-def activation_of(cfg, owner: str) -> str:
-    act = hf_get(cfg, "hidden_act", "hidden_activation", default="silu")
+def activation_of(cfg, owner: str, act: str | None = None) -> str:
+    act = act or hf_get(cfg, "hidden_act", "hidden_activation", default="silu")
     if act not in HIDDEN_ACT_NAMES:
         raise ValueError(
             f"{owner}: hidden_act={act!r} has no moekit activation; supported: {sorted(HIDDEN_ACT_NAMES)}"
@@ -110,7 +112,7 @@ def _deepseek_routing(c):
         use_expert_bias=True,
     )
     if g > 1:
-        kw.update(num_expert_groups=g, num_limited_groups=tg)
+        kw.update(num_expert_groups=g, num_limited_groups=tg, topk_beyond_groups=True)
     return kw
 
 
@@ -135,14 +137,25 @@ def _deepseek_v2_check(c):
     return None
 
 
-def _gpt_oss_check(c):
-    from ..activations import GPT_OSS_ALPHA, GPT_OSS_LIMIT
+def _gpt_oss_experts(c):
+    from ..activations import GPT_OSS_ALPHA, GPT_OSS_LIMIT, make_activation_name
 
-    a, lim = hf_get(c, "swiglu_alpha", default=1.702), hf_get(c, "swiglu_limit", default=7.0)
-    if float(a) != GPT_OSS_ALPHA or float(lim) != GPT_OSS_LIMIT:
+    a = hf_get(c, "swiglu_alpha", default=GPT_OSS_ALPHA)
+    lim = hf_get(c, "swiglu_limit", default=GPT_OSS_LIMIT)
+    return dict(activation=make_activation_name("gpt_oss", alpha=a, limit=lim), use_bias=True)
+
+
+def _dbrx_check(c):
+    f = c.ffn_config
+    if getattr(f, "moe_jitter_eps", None):
         return (
-            f"swiglu_alpha={a}, swiglu_limit={lim}: moekit's 'gpt_oss' activation is fixed at "
-            f"alpha={GPT_OSS_ALPHA}, limit={GPT_OSS_LIMIT}"
+            f"ffn_config.moe_jitter_eps={f.moe_jitter_eps} scales the router input by noise in "
+            "training; moekit's MoE has no such option"
+        )
+    if getattr(f, "moe_normalize_expert_weights", 1.0) not in (None, 1, 1.0):
+        return (
+            f"ffn_config.moe_normalize_expert_weights={f.moe_normalize_expert_weights}: moekit "
+            "renormalises by the sum (the p=1 norm) only"
         )
     return None
 
@@ -238,7 +251,10 @@ FAMILIES: dict[str, FamilySpec] = {
             routing=lambda c: dict(score_func="softmax", route_norm=True, use_expert_bias=True),
             router_in_fp32=True,
             check=lambda c: (
-                "use_bias=True (biased MLPs) is not supported" if hf_get(c, "use_bias") else None
+                "use_bias=True: its shared experts have biases, which moekit's SharedExperts "
+                "has not"
+                if hf_get(c, "use_bias")
+                else None
             ),
         ),
         FamilySpec(
@@ -252,8 +268,26 @@ FAMILIES: dict[str, FamilySpec] = {
             routing=lambda c: dict(
                 score_func="softmax", topk_before_score=True, use_router_bias=True
             ),
-            experts_kwargs=lambda c: dict(activation="gpt_oss", use_bias=True),
-            check=_gpt_oss_check,
+            experts_kwargs=_gpt_oss_experts,
+        ),
+        FamilySpec(
+            "dbrx",
+            ("dbrx",),
+            ("DbrxFFN",),
+            router="router",
+            router_linear="layer",
+            layout=DBRX_ROWS,
+            expert_hidden=lambda c: c.ffn_config.ffn_hidden_size,
+            routing=lambda c: dict(
+                score_func="softmax",
+                route_norm=c.ffn_config.moe_normalize_expert_weights is not None,
+            ),
+            check=_dbrx_check,
+            extra={
+                "num_experts": lambda c: c.ffn_config.moe_num_experts,
+                "top_k": lambda c: c.ffn_config.moe_top_k,
+                "hidden_act": lambda c: (c.ffn_config.ffn_act_fn or {}).get("name", "silu"),
+            },
         ),
         FamilySpec(
             "llama4",
@@ -268,6 +302,7 @@ FAMILIES: dict[str, FamilySpec] = {
             routing=lambda c: dict(score_func="sigmoid", topk_before_score=True),
             experts_kwargs=lambda c: dict(routing_weight_on="input"),
             check=_llama4_check,
+            extra={"flat_output": True},  # the block returns [T, D] rows
         ),
     ]
 }
@@ -293,7 +328,7 @@ def routing_from_config(cfg) -> dict:
     norm = hf_get(cfg, "norm_topk_prob", "moe_renormalize", "route_norm")
     if norm is not None:
         kw["route_norm"] = bool(norm)
-    scale = hf_get(cfg, "routed_scaling_factor", "route_scale")
+    scale = hf_get(cfg, "routed_scaling_factor", "router_scaling_factor", "route_scale")
     if scale is not None:
         kw["route_scale"] = float(scale)
     g, tg = hf_get(cfg, "n_group", "num_expert_group"), hf_get(cfg, "topk_group")

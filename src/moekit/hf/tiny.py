@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["TINY_FAMILIES", "tiny_config", "build_tiny", "tiny_model"]
+__all__ = ["TINY_FAMILIES", "tiny_config", "build_tiny", "tiny_model", "randomize_routing"]
 
 TINY_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "llama4")
 
@@ -56,6 +56,20 @@ def tiny_config(family: str, **overrides):
     return getattr(transformers, cls_name)(**{**c, **fields, **overrides})
 
 
+def randomize_routing(model: torch.nn.Module, seed: int = 0) -> None:
+    """Randomise ``model``'s routing weights and its (zero-initialised) routing and expert
+    biases in place, so that a wrong bias, scale or layout shows."""
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if not t.is_floating_point() or "rotary" in name or "inv_freq" in name:
+                continue
+            if "e_score_correction_bias" in name:
+                t.copy_(torch.rand(t.shape, generator=g) * 0.3)
+            elif any(s in name for s in ("bias", "router", "gate.weight")):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.5)
+
+
 def build_tiny(config, seed: int = 0) -> torch.nn.Module:
     """A causal LM for ``config`` with random weights (``seed``), its routing weights and
     zero-initialised routing / expert biases randomised."""
@@ -66,15 +80,7 @@ def build_tiny(config, seed: int = 0) -> torch.nn.Module:
         model = transformers.Llama4ForCausalLM(config)
     else:
         model = transformers.AutoModelForCausalLM.from_config(config)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if not t.is_floating_point() or "rotary" in name or "inv_freq" in name:
-                continue
-            if "e_score_correction_bias" in name:
-                t.copy_(torch.rand(t.shape, generator=g) * 0.3)
-            elif any(s in name for s in ("bias", "router", "gate.weight")):
-                t.copy_(torch.randn(t.shape, generator=g) * 0.5)
+    randomize_routing(model, seed)
     return model
 
 

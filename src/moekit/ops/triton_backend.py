@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..activations import activation_params
 from ..plan import RoutingPlan
 from .backends import ExpertsBackend
 
@@ -265,6 +266,21 @@ class TritonBackend(ExpertsBackend):
     def fused(self, x_TD, gate_up_proj, down_proj, plan, topk_weights_TK, **kw) -> torch.Tensor:
         return self._kernels.fused_experts(x_TD, gate_up_proj, down_proj, plan, topk_weights_TK,
                                            settings=self.config, tiles=self.tiles, **kw)
+
+    def experts(self, x_TD, gate_up_proj, down_proj, plan, topk_weights_TK, *, activation, **kw):
+        """The fused kernels for the activations they compile (``gpt_oss`` with any
+        ``alpha``/``limit``: the constants are kernel arguments); any other activation with
+        parameters (e.g. a clamped SwiGLU ``silu(limit=..)``) runs the staged path over this
+        backend's grouped linear, with the activation in PyTorch."""
+        base, params = activation_params(activation)
+        if not params:
+            return self.fused(x_TD, gate_up_proj, down_proj, plan, topk_weights_TK,
+                              activation=base, **kw)
+        if base == "gpt_oss":
+            return self.fused(x_TD, gate_up_proj, down_proj, plan, topk_weights_TK,
+                              activation=base, alpha=params["alpha"], limit=params["limit"], **kw)
+        return self.staged_experts(x_TD, gate_up_proj, down_proj, plan, topk_weights_TK,
+                                   activation=activation, **kw)
 
     def make_plan(self, topk_ids_TK, num_experts, *, capacity_factor=None, drop_policy="position",
                   topk_weights_TK=None, capacity=None) -> RoutingPlan:
