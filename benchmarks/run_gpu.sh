@@ -15,7 +15,7 @@ export PYTHONPATH=src:/tmp/site:.peers
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch,triton,transformers;print('torch',torch.__version__,'triton',triton.__version__,'transformers',transformers.__version__)"
   if [ -z "$SKIP_TESTS" ]; then
-    timeout "${TEST_TIMEOUT:-170}" python3 -m pytest -q -p no:cacheprovider tests/test_triton_gpu.py 2>&1
+    timeout "${TEST_TIMEOUT:-170}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_gpu.py tests/test_bad_ops.py 2>&1
   fi
 } > "$OUT/gpu_tests.log"
 tail -3 "$OUT/gpu_tests.log"
