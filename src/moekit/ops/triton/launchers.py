@@ -513,7 +513,7 @@ def dw_uses_grouped_mm(n_rows: int, n_experts: int, dim: int, hidden: int, dtype
     Mixtral, DeepSeek), where cuBLAS's grouped GEMM is faster than ``dw_kernel`` (about 330
     TFLOP/s there) at the price of a gathered [N, D] copy (measured on an H100, 2026-11-23:
     fwd+bwd mixtral 34.8 vs 41.5 ms, deepseek-64e 39.8 vs 42.2, gpt-oss 24.6 vs 24.8, same
-    peak memory; benchmarks/results/H100-80GB-HBM3-dw-auto.json). The fine-grained shapes
+    peak memory). The fine-grained shapes
     (Qwen3, OLMoE) are best with the gather-in-prologue kernel (no copy, less memory)."""
     if mode not in ("auto", "triton", "grouped_mm"):
         raise ValueError(f"dw={mode!r}; allowed: 'auto', 'triton', 'grouped_mm'")
