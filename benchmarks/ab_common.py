@@ -1,7 +1,10 @@
 """Shared by the kernel A/B scripts (``dw_ab.py``, ``gemm_ab.py``): time a few variants of one
 call, alternated, as do_bench medians, and compare their outputs with the first variant's."""
 
+import torch
 import triton
+
+from moekit.plan import make_plan
 
 
 def tile(spec: str) -> tuple[int, ...]:
@@ -28,3 +31,9 @@ def ab(variants: dict, flops: float, label: str, reps: int = 2) -> list[dict]:
         print(f"{label:22s} {v:26s} {best:7.3f} ms {flops / best / 1e9:6.1f} TF/s "
               f"runs {['%.3f' % m for m in ms]} maxdiff={diff:.1e}", flush=True)
     return rows
+
+
+def routed_plan(T: int, E: int, K: int):
+    """The routing plan of a random top-K routing of T tokens over E experts, on the GPU."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    return make_plan(torch.randn(T, E, generator=g).topk(K, -1).indices.cuda(), E)

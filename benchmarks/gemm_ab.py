@@ -11,10 +11,9 @@ import argparse
 import json
 
 import torch
-from ab_common import ab, tile
+from ab_common import ab, routed_plan, tile
 
 from moekit.ops.triton import launchers as L
-from moekit.plan import make_plan
 
 SHAPES = {"qwen3": (16384, 2048, 768, 128, 8), "olmoe": (16384, 2048, 1024, 64, 8),
           "gpt-oss": (16384, 2880, 2880, 32, 4), "mixtral": (8192, 4096, 14336, 8, 2)}
@@ -33,9 +32,7 @@ def main():
     rows = []
     for name in a.shapes:
         T, D, F, E, K = SHAPES[name]
-        g = torch.Generator(device="cpu").manual_seed(0)
-        ids = torch.randn(T, E, generator=g).topk(K, -1).indices.cuda()
-        plan = make_plan(ids, E)
+        plan = routed_plan(T, E, K)
         N = T * K
         x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
         w1 = torch.randn(E, 2 * F, D, device="cuda", dtype=torch.bfloat16) * D ** -0.5

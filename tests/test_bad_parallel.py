@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import time
 import traceback
 from datetime import timedelta
@@ -24,6 +23,7 @@ import torch.multiprocessing as mp
 from moekit import MoE, TokenChoiceTopKRouter
 from moekit.parallel import apply_ep
 from moekit.parallel.checks import RankInputError
+from test_parallel import _free_port
 
 D, F, E, K = 8, 16, 4, 2
 
@@ -108,12 +108,6 @@ def _worker(rank, world, port, out_path):
         raise
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
