@@ -161,10 +161,8 @@ class MoE(Module):
             if not all_ranks or torch.compiler.is_compiling():
                 raise
             problem = e
-        if all_ranks and not torch.compiler.is_compiling():
-            from .parallel.checks import raise_on_every_rank
-
-            raise_on_every_rank(self.dispatch.group, problem, x, None if r is None else r.topk_ids.shape[1])
+        if problem is not None:  # every rank raises together: its status travels with the
+            self.dispatch.fail_together(problem, x)  # counts exchange the others are in
         shape = x.shape
         x_TD = x.reshape(-1, self.dim)
         T = x_TD.shape[0]

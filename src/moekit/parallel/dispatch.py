@@ -2,9 +2,10 @@
 
 A dispatcher has a small interface (:class:`Dispatcher`):
 
-* ``exchange_counts(counts_CP)`` — every rank's rows per (chunk, global slot), gathered on
-  every rank as a host ``[W, C, P]`` int64 tensor (one collective, one host sync per
-  forward). From it each rank derives the send and receive split sizes.
+* ``exchange_counts(counts_CP, header)`` — every rank's rows per (chunk, global slot), gathered
+  on every rank as a host ``[W, C, P]`` int64 tensor (one collective, one host sync per
+  forward), with every rank's few ``header`` integers (``[W, H]``; the layer's fail-together
+  status travels there). From the counts each rank derives the send and receive split sizes.
 * ``dispatch(x_ND, layout)`` — rows sorted by global slot go out, ``[R, D]`` rows come in
   (sender-major: all of rank 0's rows, then rank 1's, ...).
 * ``combine(y_RD, layout)`` — the inverse exchange, ``[N, D]`` back in the sender's order.
@@ -62,7 +63,8 @@ class Dispatcher(ABC):
     group: object
 
     @abstractmethod
-    def exchange_counts(self, counts_CP: torch.Tensor) -> torch.Tensor: ...
+    def exchange_counts(self, counts_CP: torch.Tensor, header: list[int]) -> tuple[torch.Tensor, list]:
+        """``(counts [W, C, P] on the host, headers: W lists of ints)``."""
 
     @abstractmethod
     def dispatch(self, x_ND: torch.Tensor, layout: Layout, *, async_op: bool = False): ...
@@ -174,9 +176,12 @@ class AllToAllDispatcher(Dispatcher):
             self._streams[x.device] = torch.cuda.Stream(device=x.device)
         return self._streams[x.device]
 
-    def exchange_counts(self, counts_CP: torch.Tensor) -> torch.Tensor:
-        c = counts_CP.to(torch.int64).contiguous()
-        return _all_gather_flat(c, self.group).view((self.world_size,) + tuple(c.shape)).cpu()
+    def exchange_counts(self, counts_CP: torch.Tensor, header: list[int]) -> tuple[torch.Tensor, list]:
+        c = counts_CP.to(torch.int64).reshape(-1)
+        flat = torch.cat([c, torch.tensor(header, dtype=torch.int64, device=c.device)])
+        got = _all_gather_flat(flat, self.group).view(self.world_size, -1).cpu()
+        n = c.numel()
+        return got[:, :n].reshape((self.world_size,) + tuple(counts_CP.shape)), got[:, n:].tolist()
 
     def dispatch(self, x_ND: torch.Tensor, layout: Layout, *, async_op: bool = False):
         return exchange(x_ND, layout.recv, layout.send, self.group, async_op=async_op,

@@ -47,6 +47,7 @@ from ..experts import GroupedExperts
 from ..ops.api import moe_experts
 from ..ops.stages import permute, unpermute
 from ..plan import RoutingPlan, capacity_for
+from .checks import exchange_device, raise_from_rows, raise_on_every_rank, status_row
 from .dispatch import AllToAllDispatcher, Dispatcher, Layout
 from .placement import Placement
 from .tp import tp_gather, tp_scatter
@@ -212,7 +213,8 @@ class ExpertParallel(nn.Module):
                 f"must both be [T={x_TD.shape[0]}, K]"
             )
         T_full = x_TD.shape[0]
-        if self.tp_group is not None:
+        if self.tp_group is not None:  # its gather comes before the counts exchange
+            raise_on_every_rank(self.group, None, x_TD, topk_ids_TK.shape[1])
             x_TD, topk_ids_TK, topk_weights_TK = tp_scatter(
                 self.tp_group, x_TD, topk_ids_TK, topk_weights_TK
             )
@@ -220,6 +222,18 @@ class ExpertParallel(nn.Module):
         if self.tp_group is not None:
             y_TD = tp_gather(self.tp_group, y_TD, T_full)
         return y_TD
+
+    def fail_together(self, error: BaseException, x: torch.Tensor | None) -> None:
+        """This rank failed on its input before its forward: join the forward's first
+        collective (the counts exchange, with zero counts and a failed status), so that every
+        rank raises (:mod:`moekit.parallel.checks`); raises ``error`` here."""
+        if self.tp_group is not None:  # a tensor-parallel gather comes first
+            raise_on_every_rank(self.group, error, x, None)
+        dev = exchange_device(self.group)
+        counts = torch.zeros(self.num_chunks, self.num_ext_slots, dtype=torch.int64, device=dev)
+        _, headers = self.dispatcher.exchange_counts(counts, status_row(error, x, None))
+        raise_from_rows(self.group, headers, error)
+        raise error  # (raise_from_rows raised already: this rank's status says it failed)
 
     def _params(self, experts: GroupedExperts) -> list[torch.Tensor | None]:
         """(w_up, w_down, b_up, b_down) of the local experts; the replicas of redundant experts
@@ -264,8 +278,10 @@ class ExpertParallel(nn.Module):
             sends.append(permute(x_TD[a:b], p, wc if on_input else None))
         self.last_plans = plans
 
-        # 3. counts: [W, C, Q] on the host
-        counts = self.dispatcher.exchange_counts(torch.stack([p.counts_E for p in plans]))
+        # 3. counts: [W, C, Q] on the host, with every rank's fail-together status
+        counts, headers = self.dispatcher.exchange_counts(
+            torch.stack([p.counts_E for p in plans]), status_row(None, x_TD, K))
+        raise_from_rows(self.group, headers, None)
         st, nq = self.ext_starts, self.ext_counts
         layouts, recv_counts = [], []
         for c in range(C):
