@@ -16,7 +16,8 @@ from ab_common import ab, routed_plan, tile
 from moekit.ops.triton import launchers as L
 
 SHAPES = {"qwen3": (16384, 2048, 768, 128, 8), "olmoe": (16384, 2048, 1024, 64, 8),
-          "gpt-oss": (16384, 2880, 2880, 32, 4), "mixtral": (8192, 4096, 14336, 8, 2)}
+          "gpt-oss": (16384, 2880, 2880, 32, 4), "mixtral": (8192, 4096, 14336, 8, 2),
+          "deepseek-64e": (8192, 7168, 2048, 64, 8)}
 UP = ["128,128,64,8,3", "128,128,64,8,4", "128,128,32,8,4", "64,128,64,4,4", "128,64,64,4,4",
       "256,64,64,8,3"]
 ROWS = ["128,256,64,8,3", "128,256,64,8,4", "128,128,64,8,4", "256,128,64,8,3", "128,256,32,8,5"]
@@ -27,6 +28,7 @@ def main():
     p.add_argument("--shapes", nargs="+", default=["qwen3", "olmoe"])
     p.add_argument("--up", nargs="*", default=UP)
     p.add_argument("--rows", nargs="*", default=ROWS)
+    p.add_argument("--cublas", action="store_true", help="also the row GEMM by torch grouped_mm")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     rows = []
@@ -47,6 +49,9 @@ def main():
         ]
         for kind, cfgs, flops, fn in kinds:
             variants = {c: (lambda fn=fn, t={kind: tile(c)}: fn(t)) for c in cfgs}
+            if kind == "rows" and a.cublas:  # the same GEMM by torch's grouped GEMM (cuBLAS)
+                w2_t = w2.transpose(1, 2)
+                variants["grouped_mm"] = lambda w=w2_t: L.grouped_mm(act, w, plan.offsets_E)
             rows += [dict(r, shape=name, kernel=kind) for r in ab(variants, flops, f"{name} {kind}")]
     if a.out:
         with open(a.out, "w") as f:

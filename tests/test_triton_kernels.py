@@ -325,7 +325,20 @@ else:
         ts, ids, gy = _inputs(T, D, F, E, K, True, bias=bias, seed=21)
         ids[ids == 2] = 3  # an expert without rows
         _check_fp32(ts, ids, gy, "silu", woi, bias, backend=TritonBackend.Config(dw="grouped_mm"))
-        assert calls  # the input grad's rows by torch grouped_mm
+        # the input grad's rows, the dgrad GEMM and (without a down bias) the forward's down
+        # projection by torch grouped_mm
+        assert len(calls) == (2 if bias else 3)
+        calls.clear()
+        # inference (no grad), without a down bias: the down projection by grouped_mm too
+        x, w1, w2, b1, _, wts = [None if t is None else t.float() for t in ts]
+        with torch.no_grad():
+            got = moe_experts(x, w1, w2, ids, wts, activation="silu", gate_up_proj_bias=b1,
+                              backend=TritonBackend.Config(dw="grouped_mm"))
+            want = moe_experts(x.double(), w1.double(), w2.double(), ids, wts.double(),
+                               activation="silu", gate_up_proj_bias=None if b1 is None else b1.double(),
+                               backend="loop")
+        assert _max_err(got, want) <= 2e-5 * _scale(want)
+        assert calls == [1]
         calls.clear()
         assert not launchers.dw_uses_grouped_mm(T * K, E, D, F, torch.float32, torch.device("cpu"), "triton")
         assert launchers.dw_uses_grouped_mm(T * K, E, D, F, torch.float32, torch.device("cpu"), "grouped_mm")
@@ -584,7 +597,8 @@ else:
         y = torch.einsum("tkf,tkdf->tkd", a, w2[ids]) + b2[ids]
         return (y * wts[..., None]).sum(1)
 
-    @pytest.mark.parametrize("mode", ["fused", "split", "recompute", "grouped_mm", "inference"])
+    @pytest.mark.parametrize("mode", ["fused", "split", "recompute", "grouped_mm", "inference",
+                                      "grouped_mm-inference"])
     def test_transposed_weights_and_glu_constants(mode):
         """transformers' GPT-OSS layout: both weights stored ``(in, out)`` and passed as
         transposed views, gate/up interleaved, with swiglu_alpha/limit other than GPT-OSS's.
@@ -595,7 +609,8 @@ else:
         # grouped_mm: the large experts' path (dgrad GEMM, dX and dW on grouped_mm)
         settings = TritonBackend.Config(
             dgrad={"split": "split", "grouped_mm": "auto"}.get(mode, "fused"),
-            recompute_act=mode == "recompute", dw="grouped_mm" if mode == "grouped_mm" else "auto")
+            recompute_act=mode == "recompute", dw="grouped_mm" if "grouped_mm" in mode else "auto")
+        inference = mode.endswith("inference")
         T = 1 if mode == "inference" else 19
         alpha, limit = 1.25, 3.0
         ts, ids, gy = _inputs(T, 24, 20, 5, 2, True, bias=True, seed=93, scale=3.0)
@@ -606,14 +621,14 @@ else:
         tx, tw1, tw2, tb1, tb2, twts = truth_leaves
         truth = _gpt_oss_ref(tx, tw1.transpose(1, 2), tw2.transpose(1, 2), tb1, tb2, ids, twts,
                              alpha, limit)
-        leaves = [t.float().requires_grad_(mode != "inference") for t in params]
+        leaves = [t.float().requires_grad_(not inference) for t in params]
         fx, fw1, fw2, fb1, fb2, fwts = leaves
         y = fused_experts(fx, fw1.transpose(1, 2), fw2.transpose(1, 2), make_plan(ids, 5), fwts,
                           activation="gpt_oss", gated=True, gate_up_proj_bias=fb1,
                           down_proj_bias=fb2, gate_up_interleaved=True, settings=settings,
                           alpha=alpha, limit=limit)
         assert _max_err(y.detach(), truth.detach()) <= 2e-5 * _scale(truth)
-        if mode == "inference":
+        if inference:
             return
         got = torch.autograd.grad(y, leaves, gy.float())
         want = torch.autograd.grad(truth, truth_leaves, gy)

@@ -164,7 +164,7 @@ class TritonBackend(ExpertsBackend):
         """Settings of the fused kernels (docs/architecture.md has a table of them)."""
 
         dgrad: str = "auto"  # backward's first step: one fused kernel, or split in two (Triton or cuBLAS GEMM)
-        dw: str = "auto"  # weight grads: dw_kernel ("triton") or torch grouped_mm
+        dw: str = "auto"  # weight grads (and the plain row GEMMs): Triton or torch grouped_mm
         recompute_act: bool | None = None  # None: wherever the dgrad is split
         inplace_dgrad: bool = True  # eager backward writes dH over the saved pre-activation
         fused_decode_tokens: int = 1  # inference at <= this many tokens: down + combine fused

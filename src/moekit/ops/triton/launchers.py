@@ -505,9 +505,10 @@ _grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch,
 def dw_uses_grouped_mm(n_rows: int, n_experts: int, dim: int, hidden: int, dtype, device,
                        mode: str = "auto") -> bool:
     """Whether the weight grads run as torch grouped_mm (cuBLAS) GEMMs over gathered copies
-    instead of ``dw_kernel`` (and the input grad's rows ``dH @ W_up`` by :func:`grouped_mm`
-    instead of ``rows_gemm_kernel``): ``mode`` (``TritonBackend.Config.dw``) = ``auto`` (the
-    default) | ``triton`` | ``grouped_mm``.
+    instead of ``dw_kernel`` (and the plain row GEMMs, the input grad's rows ``dH @ W_up`` and,
+    without a down bias, the forward's down projection, by :func:`grouped_mm` instead of
+    ``rows_gemm_kernel``): ``mode`` (``TritonBackend.Config.dw``) = ``auto`` (the default) |
+    ``triton`` | ``grouped_mm``.
 
     ``auto`` uses cuBLAS on a Hopper GPU in bf16 for large experts (``F >= 2048``: GPT-OSS,
     Mixtral, DeepSeek), where cuBLAS's grouped GEMM is faster than ``dw_kernel`` (about 330

@@ -159,7 +159,7 @@ class FusedExperts(torch.autograd.Function):
         roww = topk_w.reshape(-1).to(torch.float32).index_select(0, sorted_slots)
         h, a = up_op(x, w_up, b_up, token_ids, roww if woi else None, counts, offsets, act, gated,
                      True, False, interleaved, tiles, alpha, limit)
-        y = rows_gemm_op(a, w_down, b_down, counts, offsets, tiles)
+        y = _down_projection(a, w_down, b_down, counts, offsets, tiles, cublas)
         out, _ = combine_op(y, inverse, None if woi else topk_w, None)
         # the rows' experts are read only for the down bias's routing-weight-grad term of the
         # split dgrad: not kept otherwise (an [N] int64 vector held to the end of the backward)
@@ -242,6 +242,16 @@ class FusedExperts(torch.autograd.Function):
                 None, None, None, None, None, None, None)
 
 
+def _down_projection(a, w_down, b_down, counts, offsets, tiles, cublas: bool) -> torch.Tensor:
+    """The forward's down projection ``[N, D]``: torch's grouped GEMM (cuBLAS) for large
+    experts without a down bias (its rows are already sorted; H200, the GEMM alone: mixtral
+    3.45 -> 2.91 ms, deepseek-64e 3.96 -> 3.23, the same output bit for bit), else
+    ``rows_gemm_kernel``."""
+    if cublas and b_down is None:
+        return L.grouped_mm(a, w_down.transpose(1, 2), offsets)
+    return rows_gemm_op(a, w_down, b_down, counts, offsets, tiles)
+
+
 def _stored_transposed(w_EOI: torch.Tensor) -> bool:
     """Whether the weight ``[E, O, I]`` is a transposed view of a contiguous ``[E, I, O]``
     (transformers' experts stored ``(in, out)``): its grad is then made in that layout."""
@@ -315,6 +325,8 @@ def fused_experts(
     if fuse:
         return down_combine_op(a, down_proj, down_proj_bias, plan.inverse_TK, plan.expert_ids_N,
                                combine_w, pdl, tiles)
-    y = rows_gemm_op(a, down_proj, down_proj_bias, plan.counts_E, plan.offsets_E, tiles)
+    cublas = L.dw_uses_grouped_mm(plan.num_rows, plan.num_experts, x_TD.shape[1],
+                                  down_proj.shape[2], x_TD.dtype, x_TD.device, s.dw)
+    y = _down_projection(a, down_proj, down_proj_bias, plan.counts_E, plan.offsets_E, tiles, cublas)
     out, _ = combine_op(y, plan.inverse_TK, combine_w, None)
     return out
