@@ -37,18 +37,11 @@ import torch.nn.functional as F
 
 __all__ = [
     "Activation", "get_activation", "ACTIVATIONS", "ALIASES", "canonical_activation",
-    "make_activation_name", "is_parametric", "is_gpt_oss_glu", "activation_params",
+    "make_activation_name", "activation_params",
 ]
 
 GPT_OSS_ALPHA = 1.702
 GPT_OSS_LIMIT = 7.0
-
-
-def is_gpt_oss_glu(alpha, limit) -> bool:
-    """Whether a clamped GLU with ``alpha`` and ``limit`` is moekit's plain ``gpt_oss``
-    activation (``GPT_OSS_ALPHA``, ``GPT_OSS_LIMIT``); False when either is None."""
-    return (alpha is not None and limit is not None
-            and float(alpha) == GPT_OSS_ALPHA and float(limit) == GPT_OSS_LIMIT)
 
 
 def activation_params(name: str) -> tuple[str, dict[str, float]]:
@@ -203,12 +196,6 @@ def get_activation(name: str) -> Activation:
         glu = functools.partial(_softcapped_swiglu, gate_cap=p.get("gate"), up_cap=p.get("up"))
         return Activation(key, None, True, glu=glu)
     return Activation(key, None, True, glu=functools.partial(_clamped_swiglu, limit=p["limit"]))
-
-
-def is_parametric(name: str) -> bool:
-    """Whether ``name`` is an activation with non-default parameters (the fused Triton
-    kernels compile only the plain names)."""
-    return "(" in canonical_activation(name)
 
 
 def resolve_gated(name: str, gated: bool | None, owner: str = "activation") -> bool:

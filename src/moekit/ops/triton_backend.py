@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -39,48 +39,48 @@ def _ints(owner: str, values, n: int) -> tuple[int, ...]:
     return vals
 
 
+class _Tile:
+    """A launch config: positive integer fields, also written as their comma-separated text
+    (``_spec`` names them)."""
+
+    _spec: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        _ints(type(self).__name__, dataclasses.astuple(self), len(dataclasses.fields(self)))
+
+    @classmethod
+    def parse(cls, text: str, what: str | None = None):
+        """From the text form, e.g. ``"128,256,64,8,3"``."""
+        n = len(dataclasses.fields(cls))
+        parts = [p.strip() for p in str(text).split(",")]
+        if len(parts) != n or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(
+                f"{what or cls.__name__}={text!r}: expected {n} positive integers '{cls._spec}'")
+        return cls(*map(int, parts))
+
+
 @dataclass(frozen=True)
-class GemmTile:
+class GemmTile(_Tile):
     """A launch config of a row-tiled grouped GEMM (or, for the weight grads, ``block_m`` =
     output rows, ``block_n`` = output columns). Gated kernels take ``block_n`` per accumulator."""
 
+    _spec: ClassVar[str] = "BM,BN,BK,warps,stages"
     block_m: int
     block_n: int
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
 
-    def __post_init__(self) -> None:
-        _ints("GemmTile", dataclasses.astuple(self), 5)
-
-    @classmethod
-    def parse(cls, text: str, what: str = "GemmTile") -> GemmTile:
-        """From ``"BM,BN,BK,warps,stages"``."""
-        parts = [p.strip() for p in str(text).split(",")]
-        if len(parts) != 5 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise ValueError(f"{what}={text!r}: expected 5 positive integers 'BM,BN,BK,warps,stages'")
-        return cls(*map(int, parts))
-
 
 @dataclass(frozen=True)
-class DownCombineTile:
+class DownCombineTile(_Tile):
     """The launch config of the fused decode down projection + combine kernel."""
 
+    _spec: ClassVar[str] = "BD,BF,warps,stages"
     block_d: int
     block_f: int
     num_warps: int = 4
     num_stages: int = 1
-
-    def __post_init__(self) -> None:
-        _ints("DownCombineTile", dataclasses.astuple(self), 4)
-
-    @classmethod
-    def parse(cls, text: str, what: str = "DownCombineTile") -> DownCombineTile:
-        """From ``"BD,BF,warps,stages"``."""
-        parts = [p.strip() for p in str(text).split(",")]
-        if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise ValueError(f"{what}={text!r}: expected 4 positive integers 'BD,BF,warps,stages'")
-        return cls(*map(int, parts))
 
 
 def _as(tile_cls, owner: str, name: str, v):
