@@ -2,9 +2,12 @@
 (``up_kernel``: token gather + gate/up GEMM + SwiGLU) and the row GEMM (``rows_gemm_kernel``:
 the down projection), each timed alone (do_bench medians, the configs alternated twice).
 Configs are ``BM,BN,BK,warps,stages``, passed as the launchers' ``tiles`` overrides (BN per
-accumulator for the gated kernel).
+accumulator for the gated kernel). ``--tma`` times each config with its tiles read through tensor
+descriptors (``TritonBackend.Config.tma=True``; the row GEMMs also as a persistent kernel) beside
+the pointer loads (``tma=False``); the
+kind ``rows_t`` is the backward's input grad (``dh @ gate_up``, the weight seen transposed).
 
-    PYTHONPATH=src python benchmarks/gemm_ab.py --shapes qwen3 olmoe --out ab.json
+    PYTHONPATH=src python benchmarks/gemm_ab.py --shapes qwen3 olmoe --tma --out ab.json
 """
 
 import argparse
@@ -28,7 +31,9 @@ def main():
     p.add_argument("--shapes", nargs="+", default=["qwen3", "olmoe"])
     p.add_argument("--up", nargs="*", default=UP)
     p.add_argument("--rows", nargs="*", default=ROWS)
+    p.add_argument("--rows-t", nargs="*", default=[], help="configs of the input-grad row GEMM")
     p.add_argument("--cublas", action="store_true", help="also the row GEMM by torch grouped_mm")
+    p.add_argument("--tma", action="store_true", help="each config with and without descriptors")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     rows = []
@@ -40,15 +45,28 @@ def main():
         w1 = torch.randn(E, 2 * F, D, device="cuda", dtype=torch.bfloat16) * D ** -0.5
         w2 = torch.randn(E, D, F, device="cuda", dtype=torch.bfloat16) * F ** -0.5
         act = torch.randn(N, F, device="cuda", dtype=torch.bfloat16)
+        dh = torch.randn(N, 2 * F, device="cuda", dtype=torch.bfloat16)
         kinds = [
             ("up_gated", a.up, 2 * N * D * 2 * F,
              lambda t: L.up_forward(x, w1, None, plan.token_ids_N, None, plan.counts_E,
                                     plan.offsets_E, "silu", True, tiles=t)[1]),
             ("rows", a.rows, 2 * N * D * F,
              lambda t: L.rows_gemm(act, w2, None, plan.counts_E, plan.offsets_E, tiles=t)),
+            ("rows_t", a.rows_t, 2 * N * D * 2 * F,
+             lambda t: L.rows_gemm(dh, w1.transpose(1, 2), None, plan.counts_E, plan.offsets_E,
+                                   tiles=t)),
         ]
         for kind, cfgs, flops, fn in kinds:
-            variants = {c: (lambda fn=fn, t={kind: tile(c)}: fn(t)) for c in cfgs}
+            key = "rows" if kind == "rows_t" else kind
+            variants = {}
+            modes = {"": {}}
+            if a.tma:
+                modes = {" ptr": {"tma": (0,)}, " tma": {"tma": (1,)}}
+                if kind != "up_gated":
+                    modes[" tma persistent"] = {"tma": (1,), "persistent": (1,)}
+            for c in cfgs:
+                for suffix, extra in modes.items():
+                    variants[c + suffix] = lambda fn=fn, t={key: tile(c), **extra}: fn(t)
             if kind == "rows" and a.cublas:  # the same GEMM by torch's grouped GEMM (cuBLAS)
                 w2_t = w2.transpose(1, 2)
                 variants["grouped_mm"] = lambda w=w2_t: L.grouped_mm(act, w, plan.offsets_E)

@@ -3,6 +3,8 @@
 # benchmark beside transformers' grouped_mm and ScatterMoE (carried in .peers), and the
 # end-to-end model benchmark. Everything it writes goes to $OUT (at most 8 files come back).
 # Usage (device tool, carry .whl and .peers): MOEKIT_COMMIT=<sha> bash benchmarks/run_gpu.sh
+# Knobs (environment): SKIP_TESTS, TEST_K (pytest -k), TEST_TIMEOUT, SHAPES, SWEEP (settings for
+# --sweep), SWEEP_SHAPES, REP_MS, BENCH_TIMEOUT, SKIP_MODEL, MODEL_TIMEOUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -15,14 +17,15 @@ export PYTHONPATH=src:/tmp/site:.peers
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch,triton,transformers;print('torch',torch.__version__,'triton',triton.__version__,'transformers',transformers.__version__)"
   if [ -z "$SKIP_TESTS" ]; then
-    timeout "${TEST_TIMEOUT:-170}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_gpu.py tests/test_bad_ops.py 2>&1
+    timeout "${TEST_TIMEOUT:-170}" python3 -m pytest -q -p no:cacheprovider -m gpu ${TEST_K:+-k "$TEST_K"} \
+      tests/test_triton_gpu.py tests/test_bad_ops.py 2>&1
   fi
 } > "$OUT/gpu_tests.log"
 tail -3 "$OUT/gpu_tests.log"
 timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_experts.py --out "$OUT" --peers .peers \
   --rep-ms "${REP_MS:-20}" --impls moekit-triton hf-grouped_mm scattermoe \
   --shapes ${SHAPES:-qwen3-30b-a3b olmoe gpt-oss-20b mixtral-8x7b deepseek-v3-64e qwen3-decode-T1 qwen3-decode-T8 qwen3-decode-T64} \
-  ${SWEEP:+--sweep-shapes qwen3-30b-a3b olmoe --sweep $SWEEP} > "$OUT/bench.log" 2>&1
+  ${SWEEP:+--sweep-shapes ${SWEEP_SHAPES:-qwen3-30b-a3b olmoe} --sweep $SWEEP} > "$OUT/bench.log" 2>&1
 grep -E "fwd\+bwd|decode|^#" "$OUT/bench.log" | tail -40
 if [ -z "$SKIP_MODEL" ]; then
   timeout "${MODEL_TIMEOUT:-230}" python3 benchmarks/bench_model.py --out "$OUT" 2>&1 | tail -16

@@ -92,6 +92,7 @@ if not INTERP:
             (dict(inplace_dgrad=1), TypeError, "inplace_dgrad=1"),
             (dict(fused_decode_tokens=-1), ValueError, "fused_decode_tokens=-1"),
             (dict(pdl="yes"), TypeError, "pdl='yes'"),
+            (dict(tma=1), TypeError, "tma=1; allowed: None (auto), True, False"),
             (dict(gemm_tile=(128, 0, 64)), ValueError, "expected 5 positive integers"),
             (dict(kind_tiles={"down": GemmTile(16, 16, 16)}), ValueError, "has key 'down'"),
             (dict(dw_tile="128,128,64,8,3"), TypeError, "dw_tile must be a GemmTile"),
@@ -101,17 +102,18 @@ if not INTERP:
                 C(**bad)
         env = {"MOEKIT_TRITON_DGRAD": "split", "MOEKIT_TRITON_DW": "grouped_mm",
                "MOEKIT_TRITON_RECOMPUTE_ACT": "1", "MOEKIT_TRITON_INPLACE_DGRAD": "0",
-               "MOEKIT_TRITON_FUSED_DECODE_T": "8", "MOEKIT_TRITON_PDL": "0",
+               "MOEKIT_TRITON_FUSED_DECODE_T": "8", "MOEKIT_TRITON_PDL": "0", "MOEKIT_TRITON_TMA": "0",
                "MOEKIT_TRITON_CONFIG": "128,256,64,8,3", "MOEKIT_TRITON_DW_CONFIG": "64,64,32,4,3",
                "MOEKIT_TRITON_DOWN_COMBINE_CONFIG": "4,64,4,1",
                "MOEKIT_TRITON_DECODE_UP_GATED_CONFIG": "16,32,128,4,4"}
         c = C.from_env(env)
-        assert (c.dgrad, c.dw, c.recompute_act, c.inplace_dgrad, c.fused_decode_tokens, c.pdl) == (
-            "split", "grouped_mm", True, False, 8, False)
+        assert (c.dgrad, c.dw, c.recompute_act, c.inplace_dgrad, c.fused_decode_tokens, c.pdl, c.tma) == (
+            "split", "grouped_mm", True, False, 8, False, False)
+        assert "tma=0" in c.tiles_spec() and C.from_env({"MOEKIT_TRITON_TMA": "auto"}).tma is None
         assert c.gemm_tile == GemmTile(128, 256, 64, 8, 3) and c.dw_tile == GemmTile(64, 64, 32, 4, 3)
         assert c.kind_tiles == {"decode_up_gated": GemmTile(16, 32, 128, 4, 4)}
         assert c.down_combine_tile.block_f == 64
-        assert C.from_env({}) == C() and len(ENV_VARS) == 17
+        assert C.from_env({}) == C() and len(ENV_VARS) == 18
         d = C(dgrad="fused").to_dict()
         assert d["name"] == "triton" and d["dgrad"] == "fused"
         for var, text, msg in [("MOEKIT_TRITON_DW_CONFIG", "128,128,64", "MOEKIT_TRITON_DW_CONFIG='128,128,64': expected 5"),
@@ -760,3 +762,39 @@ else:
         torch.save(twin, io.BytesIO())
         assert torch.equal(twin(x, ids, w), y)
         assert isinstance(twin.backend_for(x.device, x.dtype), TritonBackend)
+
+    class _Counted:
+        """A kernel whose launches (``kernel[grid](...)``) are counted in ``calls``."""
+
+        def __init__(self, kernel, calls, name):
+            self.kernel, self.calls, self.name = kernel, calls, name
+
+        def __getitem__(self, grid):
+            self.calls.append(self.name)
+            return self.kernel[grid]
+
+    @pytest.mark.parametrize("act,gated,bias,woi", [("silu", True, True, False), ("relu2", False, False, True),
+                                                   ("gpt_oss", True, True, True)])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+    def test_tensor_descriptor_kernels(monkeypatch, act, gated, bias, woi, dtype):
+        """tma=True: the up projection and the row GEMMs (the down projection, and the input
+        grad through the transposed gate_up view) read their tiles through tensor descriptors,
+        with the same results as the pointer kernels (tma=False), and fp32 within the float64
+        loop's tolerance."""
+        from moekit.ops.triton import launchers
+
+        calls = []
+        for name in ("up_tma_kernel", "rows_gemm_tma_kernel"):
+            monkeypatch.setattr(launchers.KT, name, _Counted(getattr(launchers.KT, name), calls, name))
+        ts, ids, gy = _inputs(37, 32, 24, 5, 2, gated, bias=bias, seed=91,
+                              scale=6.0 if act == "gpt_oss" else 1.0)
+        ids[ids == 2] = 4  # an expert without rows
+        tma = TritonBackend.Config(dgrad="split", tma=True)
+        if dtype == torch.float32:
+            _check_fp32(ts, ids, gy, act, woi, bias, backend=tma)
+        else:
+            fast = _run(tma, ts, ids, gy, dtype, act, woi)
+            plain = _run(TritonBackend.Config(dgrad="split", tma=False), ts, ids, gy, dtype, act, woi)
+            for name, a, p in zip(_names(bias), fast, plain):
+                torch.testing.assert_close(a, p, rtol=2e-3, atol=2e-3, msg=name)
+        assert "up_tma_kernel" in calls and calls.count("rows_gemm_tma_kernel") >= 2, calls

@@ -116,6 +116,7 @@ ENV_VARS = {
     "inplace_dgrad": "MOEKIT_TRITON_INPLACE_DGRAD",
     "fused_decode_tokens": "MOEKIT_TRITON_FUSED_DECODE_T",
     "pdl": "MOEKIT_TRITON_PDL",
+    "tma": "MOEKIT_TRITON_TMA",
     "gemm_tile": "MOEKIT_TRITON_CONFIG",
     "dw_tile": "MOEKIT_TRITON_DW_CONFIG",
     "down_combine_tile": "MOEKIT_TRITON_DOWN_COMBINE_CONFIG",
@@ -130,7 +131,7 @@ def _from_env(name: str, var: str, text: str) -> Any:
         if text not in allowed:
             raise ValueError(f"{where}; allowed: {allowed}")
         return text
-    if name == "recompute_act":
+    if name in ("recompute_act", "tma"):
         if text not in ("auto", "0", "1"):
             raise ValueError(f"{where}; allowed: 'auto', '0', '1'")
         return None if text == "auto" else text == "1"
@@ -169,6 +170,7 @@ class TritonBackend(ExpertsBackend):
         inplace_dgrad: bool = True  # eager backward writes dH over the saved pre-activation
         fused_decode_tokens: int = 1  # inference at <= this many tokens: down + combine fused
         pdl: bool = True  # decode: programmatic dependent launch (CUDA, SM >= 9)
+        tma: bool | None = None  # row GEMMs' tiles through tensor descriptors; None: auto
         gemm_tile: GemmTile | None = None  # training row-GEMM tile (BN halved for 2 accumulators)
         kind_tiles: dict[str, GemmTile] = field(default_factory=dict)  # per kind, BN per accumulator
         dw_tile: GemmTile | None = None  # weight-grad kernel tile
@@ -181,8 +183,10 @@ class TritonBackend(ExpertsBackend):
                 raise ValueError(f"{o}.dgrad={self.dgrad!r} is not supported; allowed: {_DGRAD}")
             if self.dw not in _DW:
                 raise ValueError(f"{o}.dw={self.dw!r} is not supported; allowed: {_DW}")
-            if self.recompute_act is not None and not isinstance(self.recompute_act, bool):
-                raise TypeError(f"{o}.recompute_act={self.recompute_act!r}; allowed: None (auto), True, False")
+            for name in ("recompute_act", "tma"):
+                v = getattr(self, name)
+                if v is not None and not isinstance(v, bool):
+                    raise TypeError(f"{o}.{name}={v!r}; allowed: None (auto), True, False")
             for name in ("inplace_dgrad", "pdl"):
                 if not isinstance(getattr(self, name), bool):
                     raise TypeError(f"{o}.{name}={getattr(self, name)!r}; it must be True or False")
@@ -206,6 +210,8 @@ class TritonBackend(ExpertsBackend):
                            ("down_combine", self.down_combine_tile)):
                 if t is not None:
                     parts.append(f"{key}={_tile_spec(t)}")
+            if self.tma is not None:
+                parts.append(f"tma={int(self.tma)}")
             return ";".join(parts)
 
         def with_env_overrides(self, environ=None) -> TritonBackend.Config:

@@ -267,6 +267,19 @@ def up_kernel(
             wu_ptrs += BLOCK_K * stride_wd
         x_ptrs += BLOCK_K
         wg_ptrs += BLOCK_K * stride_wd
+    if not GATED:
+        acc_u = acc_g
+    _up_epilogue(acc_g, acc_u, e64, rows64, mask_m, cols, mask_n, B, ROWW,
+                 H_OUT, A_OUT, F, stride_be, stride_hn, stride_an, GATED, ACT, HAS_BIAS, WOI,
+                 STORE_H, ALPHA, LIMIT)
+
+
+@triton.jit
+def _up_epilogue(acc_g, acc_u, e64, rows64, mask_m, cols, mask_n, B, ROWW, H_OUT, A_OUT, F,
+                 stride_be, stride_hn, stride_an, GATED: tl.constexpr, ACT: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, WOI: tl.constexpr, STORE_H: tl.constexpr, ALPHA, LIMIT):
+    """The up projection's epilogue on its fp32 gate (and, ``GATED``, up) accumulators: routing
+    weight (``WOI``), bias, store of h (``STORE_H``) and of the activation."""
     if WOI:
         rw = tl.load(ROWW + rows64, mask=mask_m, other=0.0)
         acc_g = acc_g * rw[:, None]
@@ -315,6 +328,13 @@ def rows_gemm_kernel(
     w_ptrs = W + e64 * stride_we + cols[None, :].to(tl.int64) * stride_wo + ks[:, None] * stride_wi
     acc = _rows_mainloop(a_ptrs, w_ptrs, mask_m, mask_n, I, BLOCK_K * stride_wi, PREC,
                          BLOCK_M, BLOCK_N, BLOCK_K)
+    _rows_epilogue(acc, e64, rows64, mask_m, cols, mask_n, B, Y, stride_be, stride_yn, HAS_BIAS)
+
+
+@triton.jit
+def _rows_epilogue(acc, e64, rows64, mask_m, cols, mask_n, B, Y, stride_be, stride_yn,
+                   HAS_BIAS: tl.constexpr):
+    """A row GEMM's epilogue: ``Y[rows, cols] = acc (+ B[e, cols])``."""
     if HAS_BIAS:
         b = tl.load(B + e64 * stride_be + cols, mask=mask_n, other=0.0).to(tl.float32)
         acc = acc + b[None, :]

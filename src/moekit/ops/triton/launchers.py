@@ -25,6 +25,12 @@ import triton
 from ...activations import GPT_OSS_ALPHA, GPT_OSS_LIMIT
 from ...plan import RoutingPlan
 from . import kernels as K
+from . import kernels_tma as KT
+
+try:  # host-side tensor descriptors (TMA); absent from Triton before 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    TensorDescriptor = None
 
 __all__ = [
     "GemmConfig",
@@ -144,6 +150,45 @@ def _e_p2(n_experts: int) -> int:
     return max(2, triton.next_power_of_2(int(n_experts)))
 
 
+def _tma_wanted(tiles: dict | None, t: torch.Tensor, n_rows: int, n_experts: int) -> bool:
+    """Whether a row GEMM reads its tiles through tensor descriptors: the ``tma`` setting
+    (``TritonBackend.Config.tma``) when given; by default (None) at training sizes, in 16-bit
+    floats, on GPUs of compute capability 9 or newer."""
+    v = tiles.get("tma") if tiles else None
+    if TensorDescriptor is None:
+        if v == (1,):
+            raise RuntimeError("TritonBackend.Config.tma=True needs Triton >= 3.4 "
+                               "(triton.tools.tensor_descriptor); pip install -U triton")
+        return False
+    if v is not None:
+        if v == (1,) and t.device.type == "cuda" and _major(t.device) < 9:
+            raise ValueError("TritonBackend.Config.tma=True needs a GPU of compute capability >= 9 "
+                             f"(TMA); {t.device} has {_major(t.device)}; use tma=None or False")
+        return v == (1,)
+    return (t.device.type == "cuda" and not interpreting() and t.dtype != torch.float32
+            and n_rows / max(1, n_experts) > 64 and _major(t.device) >= 9)
+
+
+def _aligned(t: torch.Tensor, inner: int) -> bool:
+    """A tensor descriptor's requirements on ``t`` with ``inner`` as its contiguous dim: unit
+    stride there, 16-byte aligned base and other strides."""
+    size = t.element_size()
+    return (t.stride(inner) == 1 and t.data_ptr() % 16 == 0
+            and all((s * size) % 16 == 0 for i, s in enumerate(t.stride()) if i != inner % t.dim()))
+
+
+def _weight_descriptor(w_EOI: torch.Tensor, block_n: int, block_k: int):
+    """``(descriptor, k_contig)`` of a ``[E, O, I]`` weight view for ``kernels_tma._w_tile``, or
+    None when neither O nor I is contiguous and aligned."""
+    E, O, I = w_EOI.shape
+    if _aligned(w_EOI, 2):
+        return TensorDescriptor(w_EOI, [E, O, I], list(w_EOI.stride()), [1, block_n, block_k]), True
+    if _aligned(w_EOI, 1):
+        w_EIO = w_EOI.transpose(1, 2)
+        return TensorDescriptor(w_EIO, [E, I, O], list(w_EIO.stride()), [1, block_k, block_n]), False
+    return None
+
+
 # ----------------------------------------------------------------------------- forward
 def up_forward(
     x_TD: torch.Tensor,
@@ -182,6 +227,23 @@ def up_forward(
     cfg = _gemm_config(N, E, F, "up_gated" if gated else "up", x_TD.dtype, tiles)
     num_pid_m = _max_tiles(N, E, cfg.BLOCK_M)
     grid = (num_pid_m * triton.cdiv(F, cfg.BLOCK_N),)
+    w_desc = (_weight_descriptor(w_EHD, cfg.BLOCK_N, cfg.BLOCK_K)
+              if not (interleaved or pdl) and _tma_wanted(tiles, x_TD, N, E) else None)
+    if w_desc is not None:
+        KT.up_tma_kernel[grid](
+            x_TD, w_desc[0], b_EH if b_EH is not None else x_TD, token_ids_N,
+            roww_N if roww_N is not None else x_TD, h, a,
+            counts_E, offsets_E,
+            E, D, F, num_pid_m,
+            x_TD.stride(0), b_EH.stride(0) if b_EH is not None else 0,
+            h.stride(0) if store_h else 0, a.stride(0),
+            GATED=gated, ACT=K.ACT_CODES[act], HAS_BIAS=b_EH is not None, WOI=roww_N is not None,
+            STORE_H=store_h, W_K_CONTIG=w_desc[1], E_P2=_e_p2(E), PREC=_prec(x_TD.dtype),
+            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+            ALPHA=float(alpha), LIMIT=float(limit),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return h, a
     K.up_kernel[grid](
         x_TD, w_EHD, b_EH if b_EH is not None else x_TD, token_ids_N,
         roww_N if roww_N is not None else x_TD, h, a,
@@ -220,6 +282,24 @@ def rows_gemm(
     cfg = _gemm_config(N, E, O, "rows", a_NI.dtype, tiles)
     num_pid_m = _max_tiles(N, E, cfg.BLOCK_M)
     grid = (num_pid_m * triton.cdiv(O, cfg.BLOCK_N),)
+    w_desc = (_weight_descriptor(w_EOI, cfg.BLOCK_N, cfg.BLOCK_K)
+              if _tma_wanted(tiles, a_NI, N, E) and _aligned(a_NI, 1) else None)
+    if w_desc is not None:
+        a_desc = TensorDescriptor(a_NI, [N, I], list(a_NI.stride()), [cfg.BLOCK_M, cfg.BLOCK_K])
+        kernel, last = KT.rows_gemm_tma_kernel, num_pid_m
+        if tiles and tiles.get("persistent") == (1,):
+            kernel, last = KT.rows_gemm_tma_persistent_kernel, min(grid[0], _num_sms(a_NI.device))
+            grid = (last,)
+        kernel[grid](
+            a_desc, w_desc[0], b_EO if b_EO is not None else a_NI, y,
+            counts_E, offsets_E,
+            E, O, I, last,
+            b_EO.stride(0) if b_EO is not None else 0, y.stride(0),
+            HAS_BIAS=b_EO is not None, W_K_CONTIG=w_desc[1], E_P2=_e_p2(E), PREC=_prec(a_NI.dtype),
+            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return y
     K.rows_gemm_kernel[grid](
         a_NI, w_EOI, b_EO if b_EO is not None else a_NI, y,
         counts_E, offsets_E,
@@ -287,6 +367,18 @@ _HAS_PDL = hasattr(getattr(getattr(triton.language, "extra", None), "cuda", None
 @functools.cache
 def _major_of(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
+
+
+@functools.cache
+def _num_sms_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 elsewhere: the interpreter)."""
+    if device.type != "cuda":
+        return 4
+    return _num_sms_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _major(device: torch.device) -> int:
