@@ -2,7 +2,10 @@
 the launchers' ``tiles`` overrides) at training shapes: the two dW GEMMs of one backward, timed
 alone (do_bench medians, the configs alternated twice), and the same weight grads over gathered
 contiguous copies (the copy's time counted: ``copy+`` rows); outputs compared with the first
-config's. Prints a table; with --out writes it as JSON.
+config's. ``--tma``: each config also with the sorted operand through a tensor descriptor
+(``TritonBackend.Config.tma``); ``--cublas``: torch grouped_mm over gathered copies too. The
+down projection's dW is timed as the layer runs it by default (the recomputed activation carries
+the routing weight, so no operand is scaled). Prints a table; with --out writes it as JSON.
 
     PYTHONPATH=src python benchmarks/dw_ab.py --shapes qwen3 olmoe --configs 128,128,64,8,4 128,256,64,8,3
 """
@@ -16,7 +19,8 @@ from ab_common import ab, routed_plan, tile
 from moekit.ops.triton import launchers as L
 
 SHAPES = {"qwen3": (16384, 2048, 768, 128, 8), "olmoe": (16384, 2048, 1024, 64, 8),
-          "gpt-oss": (16384, 2880, 2880, 32, 4), "deepseek-64e": (8192, 7168, 2048, 64, 8)}
+          "gpt-oss": (16384, 2880, 2880, 32, 4), "mixtral": (8192, 4096, 14336, 8, 2),
+          "deepseek-64e": (8192, 7168, 2048, 64, 8)}
 DEFAULT_CONFIGS = ["128,128,64,8,4", "128,256,64,8,3"]
 
 
@@ -34,6 +38,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", nargs="+", default=list(SHAPES))
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
+    p.add_argument("--tma", action="store_true", help="each config with and without descriptors")
+    p.add_argument("--cublas", action="store_true", help="also torch grouped_mm on gathered copies")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     rows = []
@@ -45,14 +51,20 @@ def main():
         dh = torch.randn(N, 2 * F, device="cuda", dtype=torch.bfloat16)
         gy = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
         act = torch.randn(N, F, device="cuda", dtype=torch.bfloat16)
-        roww = torch.rand(N, device="cuda")
         args = {"dW_up": (dh, None, x, plan.token_ids_N, None, False, plan.counts_E, plan.offsets_E),
-                "dW_down": (gy, plan.token_ids_N, act, None, roww, True, plan.counts_E, plan.offsets_E)}
+                "dW_down": (gy, plan.token_ids_N, act, None, None, True, plan.counts_E, plan.offsets_E)}
+        modes = {" ptr": {"tma": (0,)}, " tma": {"tma": (1,)}} if a.tma else {"": {}}
         for which, fa in args.items():
-            variants = {c: (lambda fa=fa, t={"dw": tile(c)}: L.weight_grad(
-                *fa, torch.bfloat16, False, tiles=t)[0]) for c in a.configs}
-            last = {"dw": tile(a.configs[-1])}
+            variants = {}
+            for c in a.configs:
+                for suffix, extra in modes.items():
+                    variants[c + suffix] = lambda fa=fa, t={"dw": tile(c), **extra}: L.weight_grad(
+                        *fa, torch.bfloat16, False, tiles=t)[0]
+            last = {"dw": tile(a.configs[-1]), "tma": (0,)}
             variants[f"copy+{a.configs[-1]}"] = lambda fa=fa, t=last: _gathered(fa, t)
+            if a.cublas:
+                variants["grouped_mm"] = lambda fa=fa: L.weight_grad(
+                    *fa, torch.bfloat16, False, use_grouped_mm=True)[0]
             flops = 2 * N * D * (2 * F if which == "dW_up" else F)
             rows += [dict(r, shape=name) for r in ab(variants, flops, f"{name} {which}")]
     if a.out:

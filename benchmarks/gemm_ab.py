@@ -3,7 +3,7 @@
 the down projection), each timed alone (do_bench medians, the configs alternated twice).
 Configs are ``BM,BN,BK,warps,stages``, passed as the launchers' ``tiles`` overrides (BN per
 accumulator for the gated kernel). ``--tma`` times each config with its tiles read through tensor
-descriptors (``TritonBackend.Config.tma=True``; the row GEMMs also as a persistent kernel) beside
+descriptors (``TritonBackend.Config.tma=True``), one program per tile and persistent, beside
 the pointer loads (``tma=False``); the
 kind ``rows_t`` is the backward's input grad (``dh @ gate_up``, the weight seen transposed).
 
@@ -61,15 +61,16 @@ def main():
             variants = {}
             modes = {"": {}}
             if a.tma:
-                modes = {" ptr": {"tma": (0,)}, " tma": {"tma": (1,)}}
-                if kind != "up_gated":
-                    modes[" tma persistent"] = {"tma": (1,), "persistent": (1,)}
+                modes = {" ptr": {"tma": (0,)}, " tma": {"tma": (1,), "persistent": (0,)},
+                         " tma persistent": {"tma": (1,), "persistent": (1,)}}
             for c in cfgs:
                 for suffix, extra in modes.items():
                     variants[c + suffix] = lambda fn=fn, t={key: tile(c), **extra}: fn(t)
             if kind == "rows" and a.cublas:  # the same GEMM by torch's grouped GEMM (cuBLAS)
                 w2_t = w2.transpose(1, 2)
                 variants["grouped_mm"] = lambda w=w2_t: L.grouped_mm(act, w, plan.offsets_E)
+            if kind == "rows_t" and a.cublas:
+                variants["grouped_mm"] = lambda: L.grouped_mm(dh, w1, plan.offsets_E)
             rows += [dict(r, shape=name, kernel=kind) for r in ab(variants, flops, f"{name} {kind}")]
     if a.out:
         with open(a.out, "w") as f:

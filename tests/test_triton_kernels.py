@@ -113,7 +113,7 @@ if not INTERP:
         assert c.gemm_tile == GemmTile(128, 256, 64, 8, 3) and c.dw_tile == GemmTile(64, 64, 32, 4, 3)
         assert c.kind_tiles == {"decode_up_gated": GemmTile(16, 32, 128, 4, 4)}
         assert c.down_combine_tile.block_f == 64
-        assert C.from_env({}) == C() and len(ENV_VARS) == 18
+        assert C.from_env({}) == C() and len(ENV_VARS) == 19
         d = C(dgrad="fused").to_dict()
         assert d["name"] == "triton" and d["dgrad"] == "fused"
         for var, text, msg in [("MOEKIT_TRITON_DW_CONFIG", "128,128,64", "MOEKIT_TRITON_DW_CONFIG='128,128,64': expected 5"),
@@ -777,19 +777,19 @@ else:
                                                    ("gpt_oss", True, True, True)])
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
     def test_tensor_descriptor_kernels(monkeypatch, act, gated, bias, woi, dtype):
-        """tma=True: the up projection and the row GEMMs (the down projection, and the input
-        grad through the transposed gate_up view) read their tiles through tensor descriptors,
-        with the same results as the pointer kernels (tma=False), and fp32 within the float64
-        loop's tolerance."""
+        """tma=True: the up projection, the row GEMMs (the down projection, and the input grad
+        through the transposed gate_up view) and the weight grads read their tiles through
+        tensor descriptors (persistent or not), with the same results as the pointer kernels
+        (tma=False), and fp32 within the float64 loop's tolerance."""
         from moekit.ops.triton import launchers
 
         calls = []
-        for name in ("up_tma_kernel", "rows_gemm_tma_kernel"):
+        for name in ("up_tma_kernel", "rows_gemm_tma_kernel", "dw_tma_kernel"):
             monkeypatch.setattr(launchers.KT, name, _Counted(getattr(launchers.KT, name), calls, name))
         ts, ids, gy = _inputs(37, 32, 24, 5, 2, gated, bias=bias, seed=91,
                               scale=6.0 if act == "gpt_oss" else 1.0)
         ids[ids == 2] = 4  # an expert without rows
-        tma = TritonBackend.Config(dgrad="split", tma=True)
+        tma = TritonBackend.Config(dgrad="split", tma=True, persistent=dtype == torch.float32)
         if dtype == torch.float32:
             _check_fp32(ts, ids, gy, act, woi, bias, backend=tma)
         else:
@@ -798,3 +798,6 @@ else:
             for name, a, p in zip(_names(bias), fast, plain):
                 torch.testing.assert_close(a, p, rtol=2e-3, atol=2e-3, msg=name)
         assert "up_tma_kernel" in calls and calls.count("rows_gemm_tma_kernel") >= 2, calls
+        # the weight grads with one operand gathered and neither scaled (the routing weight on
+        # the input scales x's rows)
+        assert calls.count("dw_tma_kernel") == (1 if woi else 2), calls

@@ -117,6 +117,7 @@ ENV_VARS = {
     "fused_decode_tokens": "MOEKIT_TRITON_FUSED_DECODE_T",
     "pdl": "MOEKIT_TRITON_PDL",
     "tma": "MOEKIT_TRITON_TMA",
+    "persistent": "MOEKIT_TRITON_PERSISTENT",
     "gemm_tile": "MOEKIT_TRITON_CONFIG",
     "dw_tile": "MOEKIT_TRITON_DW_CONFIG",
     "down_combine_tile": "MOEKIT_TRITON_DOWN_COMBINE_CONFIG",
@@ -135,7 +136,7 @@ def _from_env(name: str, var: str, text: str) -> Any:
         if text not in ("auto", "0", "1"):
             raise ValueError(f"{where}; allowed: 'auto', '0', '1'")
         return None if text == "auto" else text == "1"
-    if name in ("inplace_dgrad", "pdl"):
+    if name in ("inplace_dgrad", "pdl", "persistent"):
         if text not in _BOOL_ENV:
             raise ValueError(f"{where}; it must be 0 or 1")
         return _BOOL_ENV[text]
@@ -170,7 +171,8 @@ class TritonBackend(ExpertsBackend):
         inplace_dgrad: bool = True  # eager backward writes dH over the saved pre-activation
         fused_decode_tokens: int = 1  # inference at <= this many tokens: down + combine fused
         pdl: bool = True  # decode: programmatic dependent launch (CUDA, SM >= 9)
-        tma: bool | None = None  # row GEMMs' tiles through tensor descriptors; None: auto
+        tma: bool | None = None  # GEMM tiles through tensor descriptors; None: auto
+        persistent: bool = True  # TMA row GEMMs: one program per SM walking the tiles
         gemm_tile: GemmTile | None = None  # training row-GEMM tile (BN halved for 2 accumulators)
         kind_tiles: dict[str, GemmTile] = field(default_factory=dict)  # per kind, BN per accumulator
         dw_tile: GemmTile | None = None  # weight-grad kernel tile
@@ -187,7 +189,7 @@ class TritonBackend(ExpertsBackend):
                 v = getattr(self, name)
                 if v is not None and not isinstance(v, bool):
                     raise TypeError(f"{o}.{name}={v!r}; allowed: None (auto), True, False")
-            for name in ("inplace_dgrad", "pdl"):
+            for name in ("inplace_dgrad", "pdl", "persistent"):
                 if not isinstance(getattr(self, name), bool):
                     raise TypeError(f"{o}.{name}={getattr(self, name)!r}; it must be True or False")
             n = self.fused_decode_tokens
@@ -212,6 +214,8 @@ class TritonBackend(ExpertsBackend):
                     parts.append(f"{key}={_tile_spec(t)}")
             if self.tma is not None:
                 parts.append(f"tma={int(self.tma)}")
+            if not self.persistent:
+                parts.append("persistent=0")
             return ";".join(parts)
 
         def with_env_overrides(self, environ=None) -> TritonBackend.Config:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ...plan import RoutingPlan
+from ..triton_backend import parse_tiles
 from . import launchers as L
 from .ops import rows_gemm_op, weight_grad_op
 
@@ -20,9 +21,10 @@ __all__ = ["GroupedLinear", "triton_grouped_linear"]
 
 class GroupedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_NI, w_EOI, bias_EO, counts_E, offsets_E, cublas, tiles):
+    def forward(ctx, x_NI, w_EOI, bias_EO, counts_E, offsets_E, cublas, rows_cublas, tiles):
         ctx.save_for_backward(x_NI, w_EOI, counts_E, offsets_E)
         ctx.has_bias, ctx.cublas, ctx.tiles = bias_EO is not None, cublas, tiles
+        ctx.rows_cublas = rows_cublas
         ctx.bias_dtype = None if bias_EO is None else bias_EO.dtype
         return rows_gemm_op(x_NI, w_EOI, bias_EO, counts_E, offsets_E, tiles)
 
@@ -33,7 +35,7 @@ class GroupedLinear(torch.autograd.Function):
         g_NO = g_NO.to(x_NI.dtype).contiguous()
         dx = dw = db = None
         if need[0]:
-            if ctx.cublas:
+            if ctx.rows_cublas:
                 dx = L.grouped_mm(g_NO, w_EOI, offsets_E)
             else:
                 dx = rows_gemm_op(g_NO, w_EOI.transpose(1, 2), None, counts_E, offsets_E, ctx.tiles)
@@ -42,7 +44,7 @@ class GroupedLinear(torch.autograd.Function):
                                     ctx.has_bias, ctx.cublas, ctx.tiles)
             dw = dw.to(w_EOI.dtype)
             db = db.to(ctx.bias_dtype) if ctx.has_bias else None
-        return dx, dw if need[1] else None, db if need[2] else None, None, None, None, None
+        return dx, dw if need[1] else None, db if need[2] else None, None, None, None, None, None
 
 
 def triton_grouped_linear(
@@ -69,5 +71,7 @@ def triton_grouped_linear(
         raise ValueError(f"grouped_linear: bias must be [E, O]={tuple(w_EOI.shape[:2])}, got {tuple(bias_EO.shape)}")
     E, O, I = w_EOI.shape
     cublas = L.dw_uses_grouped_mm(x_NI.shape[0], E, I, O, x_NI.dtype, x_NI.device, s.dw)
+    tiles = s.tiles_spec() if tiles is None else tiles
+    rows_cublas = L.rows_on_cublas(cublas, parse_tiles(tiles), x_NI, x_NI.shape[0], E)
     return GroupedLinear.apply(x_NI, w_EOI, bias_EO, plan.counts_E, plan.offsets_E, cublas,
-                               s.tiles_spec() if tiles is None else tiles)
+                               rows_cublas, tiles)

@@ -1,13 +1,19 @@
-"""Row-tiled grouped GEMMs that read their tiles through tensor descriptors (TMA on Hopper and
-newer; plain loads under the interpreter): ``rows_gemm_kernel`` and ``up_kernel`` of
-``kernels`` with the same tile schedule and epilogues, but their operand tiles fetched by the
-copy engine, so that the warps spend no instructions on addresses and masks.
+"""Grouped GEMMs that read their tiles through tensor descriptors (TMA on Hopper and newer;
+plain loads under the interpreter): ``rows_gemm_kernel``, ``up_kernel`` and ``dw_kernel`` of
+``kernels`` with the same tile schedule and epilogues, but the operand tiles of sorted rows and
+of weights fetched by the copy engine, so that the warps spend no instructions on their
+addresses and masks. A token-gathered operand (``x[tok]``) stays a pointer load.
 
 A descriptor covers a whole tensor, so a row tile that runs past its expert's last row reads
 the next expert's rows (its results are masked at the store), and a tile past the tensor's end
 reads zeros. The weight descriptor is 3-D, ``[E, O, I]`` when I is contiguous (``W_K_CONTIG``),
 else ``[E, I, O]`` (a transposed view, e.g. ``gate_up`` seen as ``[E, D, H]``): the tile is
 loaded in memory order and transposed in shared memory for the MMA.
+
+``PERSISTENT``: one program per SM walks the real tiles (their number computed in the kernel
+from the counts) in one flattened loop over tiles and k, so that the next tile's loads are in
+flight during this tile's epilogue (H200, bf16, the row GEMM alone: 3-8% faster than one
+program per tile).
 """
 
 from __future__ import annotations
@@ -28,64 +34,76 @@ def _w_tile(W_DESC, e, n0, k0, W_K_CONTIG: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
-def _tile(num_pid_m, num_pid_n, COUNTS, OFFSETS, E, n_cols, E_P2: tl.constexpr,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """``(e, row0, rows64, mask_m, n0, cols, mask_n)`` of this program (``e == E``: none)."""
-    pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
-    e, row0, row_end = _find_tile(pid_m, COUNTS, OFFSETS, E, E_P2, BLOCK_M)
-    rows = row0 + tl.arange(0, BLOCK_M)
+def _num_row_tiles(COUNTS, E, E_P2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The real number of row tiles, ``sum_e ceil(count_e / BLOCK_M)``."""
+    es = tl.arange(0, E_P2)
+    cnt = tl.load(COUNTS + es, mask=es < E, other=0)
+    return tl.sum((cnt + BLOCK_M - 1) // BLOCK_M, 0)
+
+
+@triton.jit
+def _rows_tile(A_DESC, W_DESC, B, Y, e, row0, row_end, pid_n, O, I, stride_be, stride_yn,
+               HAS_BIAS: tl.constexpr, W_K_CONTIG: tl.constexpr, PREC: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     n0 = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kt in range(tl.cdiv(I, BLOCK_K)):
+        at = A_DESC.load([row0, kt * BLOCK_K])
+        wt = _w_tile(W_DESC, e, n0, kt * BLOCK_K, W_K_CONTIG, BLOCK_N, BLOCK_K)
+        acc = tl.dot(at, wt, acc, input_precision=PREC)
+    rows = row0 + tl.arange(0, BLOCK_M)
     cols = n0 + tl.arange(0, BLOCK_N)
-    return e, row0, rows.to(tl.int64), rows < row_end, n0, cols, cols < n_cols
+    _rows_epilogue(acc, e.to(tl.int64), rows.to(tl.int64), rows < row_end, cols, cols < O, B, Y,
+                   stride_be, stride_yn, HAS_BIAS)
 
 
 @triton.jit
 def rows_gemm_tma_kernel(
     A_DESC, W_DESC, B, Y,
     COUNTS, OFFSETS,
-    E, O, I, num_pid_m,
+    E, O, I, num_pid_m, num_programs,
     stride_be, stride_yn,
     HAS_BIAS: tl.constexpr, W_K_CONTIG: tl.constexpr, E_P2: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PERSISTENT: tl.constexpr,
 ):
-    """``y[rows of e] = a[rows of e] @ W[e].T (+ b[e])``, ``a`` and ``W`` through descriptors."""
-    e, row0, rows64, mask_m, n0, cols, mask_n = _tile(num_pid_m, tl.cdiv(O, BLOCK_N), COUNTS,
-                                                      OFFSETS, E, O, E_P2, BLOCK_M, BLOCK_N, GROUP_M)
-    if e >= E:
-        return
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, I, BLOCK_K):
-        at = A_DESC.load([row0, k0])
-        wt = _w_tile(W_DESC, e, n0, k0, W_K_CONTIG, BLOCK_N, BLOCK_K)
-        acc = tl.dot(at, wt, acc, input_precision=PREC)
-    _rows_epilogue(acc, e.to(tl.int64), rows64, mask_m, cols, mask_n, B, Y, stride_be, stride_yn,
-                   HAS_BIAS)
+    """``y[rows of e] = a[rows of e] @ W[e].T (+ b[e])``, ``a`` and ``W`` through descriptors.
+    ``num_pid_m``: the grid's bound on row tiles (one program per tile); ``num_programs``: the
+    persistent grid."""
+    num_pid_n = tl.cdiv(O, BLOCK_N)
+    if PERSISTENT:
+        num_pid_m = _num_row_tiles(COUNTS, E, E_P2, BLOCK_M)
+        for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, num_programs, flatten=True):
+            pid_m, pid_n = _swizzle(tile, num_pid_m, num_pid_n, GROUP_M)
+            e, row0, row_end = _find_tile(pid_m, COUNTS, OFFSETS, E, E_P2, BLOCK_M)
+            _rows_tile(A_DESC, W_DESC, B, Y, e, row0, row_end, pid_n, O, I, stride_be, stride_yn,
+                       HAS_BIAS, W_K_CONTIG, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
+        e, row0, row_end = _find_tile(pid_m, COUNTS, OFFSETS, E, E_P2, BLOCK_M)
+        if e < E:
+            _rows_tile(A_DESC, W_DESC, B, Y, e, row0, row_end, pid_n, O, I, stride_be, stride_yn,
+                       HAS_BIAS, W_K_CONTIG, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
-def up_tma_kernel(
-    X, W_DESC, B, TOK, ROWW, H_OUT, A_OUT,
-    COUNTS, OFFSETS,
-    E, D, F, num_pid_m,
-    stride_xt, stride_be, stride_hn, stride_an,
-    GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, WOI: tl.constexpr,
-    STORE_H: tl.constexpr, W_K_CONTIG: tl.constexpr, E_P2: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    ALPHA=1.702, LIMIT=7.0,
-):
-    """``up_kernel`` (gate rows first; W ``[E, H, D]``, or a transposed view of ``[E, D, H]``)
-    with the weight tiles through a descriptor; the token gather of x stays a pointer load."""
-    e, row0, rows64, mask_m, n0, cols, mask_n = _tile(num_pid_m, tl.cdiv(F, BLOCK_N), COUNTS,
-                                                      OFFSETS, E, F, E_P2, BLOCK_M, BLOCK_N, GROUP_M)
-    if e >= E:
-        return
+def _up_tile(X, W_DESC, B, TOK, ROWW, H_OUT, A_OUT, e, row0, row_end, pid_n, D, F,
+             stride_xt, stride_be, stride_hn, stride_an,
+             GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, WOI: tl.constexpr,
+             STORE_H: tl.constexpr, W_K_CONTIG: tl.constexpr, PREC: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALPHA, LIMIT):
+    rows = row0 + tl.arange(0, BLOCK_M)
+    rows64 = rows.to(tl.int64)
+    mask_m = rows < row_end
+    n0 = pid_n * BLOCK_N
     tok = tl.load(TOK + rows64, mask=mask_m, other=0).to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = X + tok[:, None] * stride_xt + ks[None, :]
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GATED:
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
+    for kt in range(tl.cdiv(D, BLOCK_K)):
+        k0 = kt * BLOCK_K
         xt = tl.load(x_ptrs, mask=mask_m[:, None] & ((k0 + ks) < D)[None, :], other=0.0)
         acc_g = tl.dot(xt, _w_tile(W_DESC, e, n0, k0, W_K_CONTIG, BLOCK_N, BLOCK_K), acc_g,
                        input_precision=PREC)
@@ -95,39 +113,99 @@ def up_tma_kernel(
         x_ptrs += BLOCK_K
     if not GATED:
         acc_u = acc_g
-    _up_epilogue(acc_g, acc_u, e.to(tl.int64), rows64, mask_m, cols, mask_n, B, ROWW, H_OUT,
+    cols = n0 + tl.arange(0, BLOCK_N)
+    _up_epilogue(acc_g, acc_u, e.to(tl.int64), rows64, mask_m, cols, cols < F, B, ROWW, H_OUT,
                  A_OUT, F, stride_be, stride_hn, stride_an, GATED, ACT, HAS_BIAS, WOI, STORE_H,
                  ALPHA, LIMIT)
 
 
 @triton.jit
-def rows_gemm_tma_persistent_kernel(
-    A_DESC, W_DESC, B, Y,
+def up_tma_kernel(
+    X, W_DESC, B, TOK, ROWW, H_OUT, A_OUT,
     COUNTS, OFFSETS,
-    E, O, I, num_programs,
-    stride_be, stride_yn,
-    HAS_BIAS: tl.constexpr, W_K_CONTIG: tl.constexpr, E_P2: tl.constexpr, PREC: tl.constexpr,
+    E, D, F, num_pid_m, num_programs,
+    stride_xt, stride_be, stride_hn, stride_an,
+    GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, WOI: tl.constexpr,
+    STORE_H: tl.constexpr, W_K_CONTIG: tl.constexpr, E_P2: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PERSISTENT: tl.constexpr, ALPHA=1.702, LIMIT=7.0,
 ):
-    """``rows_gemm_tma_kernel`` as a persistent kernel: ``num_programs`` programs walk the real
-    tiles (their number computed here from the counts), one flattened loop over tiles and k so
-    that the next tile's loads are in flight during this tile's epilogue."""
-    es = tl.arange(0, E_P2)
-    cnt = tl.load(COUNTS + es, mask=es < E, other=0)
-    num_pid_m = tl.sum((cnt + BLOCK_M - 1) // BLOCK_M, 0)
-    num_pid_n = tl.cdiv(O, BLOCK_N)
-    k_tiles = tl.cdiv(I, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, num_programs, flatten=True):
-        pid_m, pid_n = _swizzle(tile, num_pid_m, num_pid_n, GROUP_M)
+    """``up_kernel`` (gate rows first; W ``[E, H, D]``, or a transposed view of ``[E, D, H]``)
+    with the weight tiles through a descriptor; the token gather of x stays a pointer load."""
+    num_pid_n = tl.cdiv(F, BLOCK_N)
+    if PERSISTENT:
+        num_pid_m = _num_row_tiles(COUNTS, E, E_P2, BLOCK_M)
+        for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, num_programs, flatten=True):
+            pid_m, pid_n = _swizzle(tile, num_pid_m, num_pid_n, GROUP_M)
+            e, row0, row_end = _find_tile(pid_m, COUNTS, OFFSETS, E, E_P2, BLOCK_M)
+            _up_tile(X, W_DESC, B, TOK, ROWW, H_OUT, A_OUT, e, row0, row_end, pid_n, D, F,
+                     stride_xt, stride_be, stride_hn, stride_an, GATED, ACT, HAS_BIAS, WOI,
+                     STORE_H, W_K_CONTIG, PREC, BLOCK_M, BLOCK_N, BLOCK_K, ALPHA, LIMIT)
+    else:
+        pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
         e, row0, row_end = _find_tile(pid_m, COUNTS, OFFSETS, E, E_P2, BLOCK_M)
-        n0 = pid_n * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kt in range(k_tiles):
-            k0 = kt * BLOCK_K
-            at = A_DESC.load([row0, k0])
-            wt = _w_tile(W_DESC, e, n0, k0, W_K_CONTIG, BLOCK_N, BLOCK_K)
-            acc = tl.dot(at, wt, acc, input_precision=PREC)
-        rows = row0 + tl.arange(0, BLOCK_M)
-        cols = n0 + tl.arange(0, BLOCK_N)
-        _rows_epilogue(acc, e.to(tl.int64), rows.to(tl.int64), rows < row_end, cols, cols < O, B, Y,
-                       stride_be, stride_yn, HAS_BIAS)
+        if e < E:
+            _up_tile(X, W_DESC, B, TOK, ROWW, H_OUT, A_OUT, e, row0, row_end, pid_n, D, F,
+                     stride_xt, stride_be, stride_hn, stride_an, GATED, ACT, HAS_BIAS, WOI,
+                     STORE_H, W_K_CONTIG, PREC, BLOCK_M, BLOCK_N, BLOCK_K, ALPHA, LIMIT)
+
+
+@triton.jit
+def dw_tma_kernel(
+    G, S_DESC, TOK, DW,
+    COUNTS, OFFSETS,
+    O, I,
+    stride_g, stride_we, stride_wo, stride_wi,
+    L_SORTED: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``dW[e] = L[rows of e].T @ R[rows of e]`` where one operand is read in sorted row order
+    through the descriptor ``S_DESC`` and the other is gathered by token (``G[TOK[row]]``):
+    ``L_SORTED`` says which is which. Whole blocks of an expert's rows go straight from the
+    copy engine to the MMA; its last, partial block is masked in registers (the descriptor
+    would read the next expert's rows there). The gathered rows' tokens are loaded one block
+    ahead, as in ``dw_kernel``."""
+    e = tl.program_id(1)
+    pid = tl.program_id(0)
+    num_pid_i = tl.cdiv(I, BLOCK_I)
+    o0 = (pid // num_pid_i) * BLOCK_O
+    i0 = (pid % num_pid_i) * BLOCK_I
+    end = tl.load(OFFSETS + e)
+    start = end - tl.load(COUNTS + e)
+    os_ = o0 + tl.arange(0, BLOCK_O)
+    is_ = i0 + tl.arange(0, BLOCK_I)
+    mask_o = os_ < O
+    mask_i = is_ < I
+    ks = tl.arange(0, BLOCK_K)
+    if L_SORTED:
+        g_cols, g_mask, s_col0 = is_, mask_i, o0
+    else:
+        g_cols, g_mask, s_col0 = os_, mask_o, i0
+    acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+    n_full = (end - start) // BLOCK_K
+    rows = start + ks
+    tok_next = tl.load(TOK + rows.to(tl.int64), mask=rows < end, other=0).to(tl.int64)
+    for b in range(n_full):
+        r0 = start + b * BLOCK_K
+        tok = tok_next
+        nxt = r0 + BLOCK_K + ks
+        tok_next = tl.load(TOK + nxt.to(tl.int64), mask=nxt < end, other=0).to(tl.int64)
+        gt = tl.load(G + tok[:, None] * stride_g + g_cols[None, :], mask=g_mask[None, :], other=0.0)
+        st = S_DESC.load([r0, s_col0])
+        if L_SORTED:
+            acc = tl.dot(tl.trans(st), gt, acc, input_precision=PREC)
+        else:
+            acc = tl.dot(tl.trans(gt), st, acc, input_precision=PREC)
+    r0 = start + n_full * BLOCK_K
+    if r0 < end:
+        mr = (r0 + ks) < end
+        gt = tl.load(G + tok_next[:, None] * stride_g + g_cols[None, :],
+                     mask=mr[:, None] & g_mask[None, :], other=0.0)
+        st = tl.where(mr[:, None], S_DESC.load([r0, s_col0]), 0.0)
+        if L_SORTED:
+            acc = tl.dot(tl.trans(st), gt, acc, input_precision=PREC)
+        else:
+            acc = tl.dot(tl.trans(gt), st, acc, input_precision=PREC)
+    dw_ptrs = (DW + e.to(tl.int64) * stride_we + os_[:, None].to(tl.int64) * stride_wo
+               + is_[None, :].to(tl.int64) * stride_wi)
+    tl.store(dw_ptrs, acc.to(DW.dtype.element_ty), mask=mask_o[:, None] & mask_i[None, :])

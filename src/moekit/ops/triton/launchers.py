@@ -44,6 +44,7 @@ __all__ = [
     "interpreting",
     "recompute_activation",
     "rows_gemm",
+    "rows_on_cublas",
     "small_plan",
     "up_forward",
     "use_pdl",
@@ -169,6 +170,14 @@ def _tma_wanted(tiles: dict | None, t: torch.Tensor, n_rows: int, n_experts: int
             and n_rows / max(1, n_experts) > 64 and _major(t.device) >= 9)
 
 
+def _persistent(tiles: dict | None, grid: tuple[int], device: torch.device) -> tuple[bool, tuple[int]]:
+    """``(persistent, grid)`` of a TMA GEMM: one program per SM (at most one per tile) when
+    ``TritonBackend.Config.persistent`` (the default), else one program per tile."""
+    if tiles and tiles.get("persistent") == (0,):
+        return False, grid
+    return True, (min(grid[0], _num_sms(device)),)
+
+
 def _aligned(t: torch.Tensor, inner: int) -> bool:
     """A tensor descriptor's requirements on ``t`` with ``inner`` as its contiguous dim: unit
     stride there, 16-byte aligned base and other strides."""
@@ -230,17 +239,18 @@ def up_forward(
     w_desc = (_weight_descriptor(w_EHD, cfg.BLOCK_N, cfg.BLOCK_K)
               if not (interleaved or pdl) and _tma_wanted(tiles, x_TD, N, E) else None)
     if w_desc is not None:
+        persistent, grid = _persistent(tiles, grid, x_TD.device)
         KT.up_tma_kernel[grid](
             x_TD, w_desc[0], b_EH if b_EH is not None else x_TD, token_ids_N,
             roww_N if roww_N is not None else x_TD, h, a,
             counts_E, offsets_E,
-            E, D, F, num_pid_m,
+            E, D, F, num_pid_m, grid[0],
             x_TD.stride(0), b_EH.stride(0) if b_EH is not None else 0,
             h.stride(0) if store_h else 0, a.stride(0),
             GATED=gated, ACT=K.ACT_CODES[act], HAS_BIAS=b_EH is not None, WOI=roww_N is not None,
             STORE_H=store_h, W_K_CONTIG=w_desc[1], E_P2=_e_p2(E), PREC=_prec(x_TD.dtype),
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-            ALPHA=float(alpha), LIMIT=float(limit),
+            PERSISTENT=persistent, ALPHA=float(alpha), LIMIT=float(limit),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return h, a
@@ -286,18 +296,15 @@ def rows_gemm(
               if _tma_wanted(tiles, a_NI, N, E) and _aligned(a_NI, 1) else None)
     if w_desc is not None:
         a_desc = TensorDescriptor(a_NI, [N, I], list(a_NI.stride()), [cfg.BLOCK_M, cfg.BLOCK_K])
-        kernel, last = KT.rows_gemm_tma_kernel, num_pid_m
-        if tiles and tiles.get("persistent") == (1,):
-            kernel, last = KT.rows_gemm_tma_persistent_kernel, min(grid[0], _num_sms(a_NI.device))
-            grid = (last,)
-        kernel[grid](
+        persistent, grid = _persistent(tiles, grid, a_NI.device)
+        KT.rows_gemm_tma_kernel[grid](
             a_desc, w_desc[0], b_EO if b_EO is not None else a_NI, y,
             counts_E, offsets_E,
-            E, O, I, last,
+            E, O, I, num_pid_m, grid[0],
             b_EO.stride(0) if b_EO is not None else 0, y.stride(0),
             HAS_BIAS=b_EO is not None, W_K_CONTIG=w_desc[1], E_P2=_e_p2(E), PREC=_prec(a_NI.dtype),
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            PERSISTENT=persistent, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return y
     K.rows_gemm_kernel[grid](
@@ -520,7 +527,7 @@ def down_dgrad(
 _DGRAD_MODES = ("auto", "fused", "split", "grouped_mm")
 
 
-def dgrad_mode(hidden: int, use_grouped_mm: bool, setting: str = "auto") -> str:
+def dgrad_mode(hidden: int, use_grouped_mm: bool, setting: str = "auto", rows_cublas: bool | None = None) -> str:
     """How the backward's first step runs (``setting``, ``TritonBackend.Config.dgrad`` =
     ``auto``, the default, | ``fused`` | ``split`` | ``grouped_mm``):
 
@@ -534,8 +541,10 @@ def dgrad_mode(hidden: int, use_grouped_mm: bool, setting: str = "auto") -> str:
       of the output grad's rows (H200, gpt-oss fwd+bwd 19.24 ms against 21.44 fused and 19.32
       split; deepseek-64e 33.64, 35.61, 34.05).
 
-    ``auto``: ``grouped_mm`` where the weight grads use cuBLAS (``use_grouped_mm``, large
-    experts), else ``split`` when the wide tile divides ``F``, else ``fused``. The peak memory
+    ``auto``: where the weight grads use cuBLAS (``use_grouped_mm``, large experts)
+    ``grouped_mm`` if the row GEMMs do too (``rows_cublas``, :func:`rows_on_cublas`; default:
+    ``use_grouped_mm``), else ``split``; for smaller experts ``split`` when the wide tile
+    divides ``F``, else ``fused``. The peak memory
     is the same for all three: the ``[N, F]`` buffer (and the gathered copy) live only during
     this step."""
     if setting not in _DGRAD_MODES:
@@ -545,7 +554,7 @@ def dgrad_mode(hidden: int, use_grouped_mm: bool, setting: str = "auto") -> str:
     if setting != "auto":
         return setting
     if use_grouped_mm:
-        return "grouped_mm"
+        return "grouped_mm" if rows_cublas is None or rows_cublas else "split"
     return "split" if hidden % 256 == 0 else "fused"
 
 
@@ -617,6 +626,17 @@ def dw_uses_grouped_mm(n_rows: int, n_experts: int, dim: int, hidden: int, dtype
         return aligned and dtype in (torch.float32, torch.bfloat16)
     return (device.type == "cuda" and not interpreting() and dtype == torch.bfloat16 and aligned
             and hidden >= 2048 and _major(device) >= 9)
+
+
+def rows_on_cublas(use_grouped_mm: bool, tiles: dict | None, t: torch.Tensor, n_rows: int,
+                   n_experts: int) -> bool:
+    """Whether the row GEMMs (the forward's down projection without a down bias, the input
+    grad's ``dH @ W_up``, the dgrad's ``gout[tok] @ down``) run on torch's grouped GEMM: where
+    the weight grads do (``use_grouped_mm``, large experts) and the Triton row GEMMs do not
+    read through tensor descriptors (H200, bf16, the GEMM alone: the descriptor-fed persistent
+    row GEMM at 670 TFLOP/s against cuBLAS's 642 at Mixtral's shape, 507 against 497 at
+    Qwen3's)."""
+    return use_grouped_mm and not _tma_wanted(tiles, t, n_rows, n_experts)
 
 
 def activation_prescaled(mode: str, woi: bool) -> bool:
@@ -745,6 +765,24 @@ def _dw_triton(l_src, l_tok_arg, l_gather, r_src, r_tok, roww_N, scale_left, cou
     bo, bi, bk, nw, ns = _dw_config(l_src.dtype, tiles)
     scale = roww_N is not None
     grid = (triton.cdiv(O, bo) * triton.cdiv(I, bi), E)
+    # one operand in sorted order, the other gathered by token, neither scaled: the sorted one
+    # through a descriptor
+    r_gather = r_tok is not None
+    sorted_src = r_src if l_gather else l_src
+    if (l_gather != r_gather and not scale and _aligned(sorted_src, 1)
+            and _tma_wanted(tiles, sorted_src, sorted_src.shape[0], E)):
+        block = [bk, bi if l_gather else bo]
+        KT.dw_tma_kernel[grid](
+            l_src if l_gather else r_src,
+            TensorDescriptor(sorted_src, list(sorted_src.shape), list(sorted_src.stride()), block),
+            l_tok_arg if l_gather else r_tok, dw,
+            counts_E, offsets_E,
+            O, I,
+            (l_src if l_gather else r_src).stride(0), dw.stride(0), dw.stride(1), dw.stride(2),
+            L_SORTED=not l_gather, PREC=_prec(l_src.dtype),
+            BLOCK_O=bo, BLOCK_I=bi, BLOCK_K=bk, num_warps=nw, num_stages=ns,
+        )
+        return dw
     K.dw_kernel[grid](
         l_src, r_src, l_tok_arg, r_tok if r_tok is not None else counts_E,
         roww_N if scale else l_src, dw,

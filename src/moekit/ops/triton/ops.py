@@ -147,19 +147,20 @@ def _(l_src, l_tok, r_src, r_tok, roww, scale_left, counts, offsets, with_bias, 
 # ----------------------------------------------------------------------------- autograd
 class FusedExperts(torch.autograd.Function):
     """The fused experts, forward and backward. The code-path choices come resolved as plain
-    arguments: ``cublas`` (weight grads on torch grouped_mm), ``recompute`` (the backward
+    arguments: ``cublas`` (weight grads on torch grouped_mm), ``rows_cublas`` (the row GEMMs on
+    it too, ``launchers.rows_on_cublas``), ``recompute`` (the backward
     recomputes the activation), ``dgrad`` (the dgrad step's mode, ``launchers.dgrad_mode``),
     ``inplace`` (the eager backward may write dH over h), ``tiles`` (launch-config overrides)
     and ``alpha``, ``limit`` (the ``gpt_oss`` activation's constants)."""
 
     @staticmethod
     def forward(ctx, x, w_up, w_down, b_up, b_down, topk_w, token_ids, sorted_slots, counts,
-                offsets, inverse, expert_ids, act, gated, woi, interleaved, cublas, recompute,
-                dgrad, inplace, tiles, alpha, limit):
+                offsets, inverse, expert_ids, act, gated, woi, interleaved, cublas, rows_cublas,
+                recompute, dgrad, inplace, tiles, alpha, limit):
         roww = topk_w.reshape(-1).to(torch.float32).index_select(0, sorted_slots)
         h, a = up_op(x, w_up, b_up, token_ids, roww if woi else None, counts, offsets, act, gated,
                      True, False, interleaved, tiles, alpha, limit)
-        y = _down_projection(a, w_down, b_down, counts, offsets, tiles, cublas)
+        y = _down_projection(a, w_down, b_down, counts, offsets, tiles, rows_cublas)
         out, _ = combine_op(y, inverse, None if woi else topk_w, None)
         # the rows' experts are read only for the down bias's routing-weight-grad term of the
         # split dgrad: not kept otherwise (an [N] int64 vector held to the end of the backward)
@@ -167,7 +168,8 @@ class FusedExperts(torch.autograd.Function):
         ctx.save_for_backward(x, w_up, w_down, b_up, b_down, topk_w, token_ids, counts, offsets,
                               inverse, expert_ids if keep_eids else None, roww, h,
                               None if recompute else a)
-        ctx.cublas, ctx.recompute, ctx.dgrad, ctx.inplace = cublas, recompute, dgrad, inplace
+        ctx.cublas, ctx.rows_cublas, ctx.recompute = cublas, rows_cublas, recompute
+        ctx.dgrad, ctx.inplace = dgrad, inplace
         ctx.act, ctx.gated, ctx.woi, ctx.interleaved = act, gated, woi, interleaved
         ctx.tiles, ctx.alpha, ctx.limit = tiles, alpha, limit
         return out
@@ -201,7 +203,7 @@ class FusedExperts(torch.autograd.Function):
         # memory order: dX first (its [rows, D] buffer is freed before the weight grads exist),
         # then dW_down (the last use of a recomputed activation, freed before dW_up)
         if need[0] or (woi and need[5]):
-            if cublas:  # large experts: cuBLAS's grouped GEMM (dH rows are already in order)
+            if ctx.rows_cublas:  # large experts: cuBLAS's grouped GEMM (dH rows are in order)
                 dx_rows = L.grouped_mm(dh, w_up, offsets)
             else:
                 dx_rows = rows_gemm_op(dh, w_up.transpose(1, 2), None, counts, offsets, tiles)
@@ -239,14 +241,14 @@ class FusedExperts(torch.autograd.Function):
                 dw_down if need[2] else None, db_up if need[3] else None,
                 db_down if need[4] else None, dtopk if need[5] else None,
                 None, None, None, None, None, None, None, None, None, None,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def _down_projection(a, w_down, b_down, counts, offsets, tiles, cublas: bool) -> torch.Tensor:
-    """The forward's down projection ``[N, D]``: torch's grouped GEMM (cuBLAS) for large
-    experts without a down bias (its rows are already sorted; H200, the GEMM alone: mixtral
-    3.45 -> 2.91 ms, deepseek-64e 3.96 -> 3.23, the same output bit for bit), else
-    ``rows_gemm_kernel``."""
+    """The forward's down projection ``[N, D]``: torch's grouped GEMM (cuBLAS) where
+    ``cublas`` (``launchers.rows_on_cublas``) and there is no down bias (its rows are already
+    sorted; H200, the GEMM alone against the pointer-fed Triton kernel: mixtral 3.45 -> 2.91
+    ms, deepseek-64e 3.96 -> 3.23, the same output bit for bit), else the Triton row GEMM."""
     if cublas and b_down is None:
         return L.grouped_mm(a, w_down.transpose(1, 2), offsets)
     return rows_gemm_op(a, w_down, b_down, counts, offsets, tiles)
@@ -304,12 +306,15 @@ def fused_experts(
         D, F = x_TD.shape[1], down_proj.shape[2]
         cublas = L.dw_uses_grouped_mm(plan.num_rows, plan.num_experts, D, F, x_TD.dtype,
                                       x_TD.device, s.dw)
-        dgrad = L.dgrad_mode(F, cublas, s.dgrad)
+        rows_cublas = L.rows_on_cublas(cublas, parse_tiles(tiles), x_TD, plan.num_rows,
+                                       plan.num_experts)
+        dgrad = L.dgrad_mode(F, cublas, s.dgrad, rows_cublas)
         return FusedExperts.apply(
             *args, plan.token_ids_N, plan.sorted_slots_N, plan.counts_E, plan.offsets_E,
             plan.inverse_TK, plan.expert_ids_N, activation, gated, weight_on_input,
-            gate_up_interleaved, cublas, L.recompute_activation(dgrad, s.recompute_act), dgrad,
-            s.inplace_dgrad, tiles, float(alpha), float(limit),
+            gate_up_interleaved, cublas, rows_cublas,
+            L.recompute_activation(dgrad, s.recompute_act), dgrad, s.inplace_dgrad, tiles,
+            float(alpha), float(limit),
         )
     # inference: no pre-activation is stored; for a token or so (decode) the down projection
     # and the combine are one kernel
@@ -327,6 +332,8 @@ def fused_experts(
                                combine_w, pdl, tiles)
     cublas = L.dw_uses_grouped_mm(plan.num_rows, plan.num_experts, x_TD.shape[1],
                                   down_proj.shape[2], x_TD.dtype, x_TD.device, s.dw)
-    y = _down_projection(a, down_proj, down_proj_bias, plan.counts_E, plan.offsets_E, tiles, cublas)
+    rows_cublas = L.rows_on_cublas(cublas, parse_tiles(tiles), x_TD, plan.num_rows, plan.num_experts)
+    y = _down_projection(a, down_proj, down_proj_bias, plan.counts_E, plan.offsets_E, tiles,
+                         rows_cublas)
     out, _ = combine_op(y, plan.inverse_TK, combine_w, None)
     return out
