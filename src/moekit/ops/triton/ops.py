@@ -147,16 +147,17 @@ def _(l_src, l_tok, r_src, r_tok, roww, scale_left, counts, offsets, with_bias, 
 # ----------------------------------------------------------------------------- autograd
 class FusedExperts(torch.autograd.Function):
     """The fused experts, forward and backward. The code-path choices come resolved as plain
-    arguments: ``cublas`` (weight grads on torch grouped_mm), ``rows_cublas`` (the row GEMMs on
-    it too, ``launchers.rows_on_cublas``), ``recompute`` (the backward
+    arguments: ``cublas`` (the weight grads on torch grouped_mm), ``cublas_up`` (the up
+    projection's, ``launchers.dw_up_uses_grouped_mm``), ``rows_cublas`` (the row GEMMs,
+    ``launchers.rows_on_cublas``), ``recompute`` (the backward
     recomputes the activation), ``dgrad`` (the dgrad step's mode, ``launchers.dgrad_mode``),
     ``inplace`` (the eager backward may write dH over h), ``tiles`` (launch-config overrides)
     and ``alpha``, ``limit`` (the ``gpt_oss`` activation's constants)."""
 
     @staticmethod
     def forward(ctx, x, w_up, w_down, b_up, b_down, topk_w, token_ids, sorted_slots, counts,
-                offsets, inverse, expert_ids, act, gated, woi, interleaved, cublas, rows_cublas,
-                recompute, dgrad, inplace, tiles, alpha, limit):
+                offsets, inverse, expert_ids, act, gated, woi, interleaved, cublas, cublas_up,
+                rows_cublas, recompute, dgrad, inplace, tiles, alpha, limit):
         roww = topk_w.reshape(-1).to(torch.float32).index_select(0, sorted_slots)
         h, a = up_op(x, w_up, b_up, token_ids, roww if woi else None, counts, offsets, act, gated,
                      True, False, interleaved, tiles, alpha, limit)
@@ -168,7 +169,8 @@ class FusedExperts(torch.autograd.Function):
         ctx.save_for_backward(x, w_up, w_down, b_up, b_down, topk_w, token_ids, counts, offsets,
                               inverse, expert_ids if keep_eids else None, roww, h,
                               None if recompute else a)
-        ctx.cublas, ctx.rows_cublas, ctx.recompute = cublas, rows_cublas, recompute
+        ctx.cublas, ctx.cublas_up, ctx.rows_cublas = cublas, cublas_up, rows_cublas
+        ctx.recompute = recompute
         ctx.dgrad, ctx.inplace = dgrad, inplace
         ctx.act, ctx.gated, ctx.woi, ctx.interleaved = act, gated, woi, interleaved
         ctx.tiles, ctx.alpha, ctx.limit = tiles, alpha, limit
@@ -222,7 +224,7 @@ class FusedExperts(torch.autograd.Function):
         del a, a_saved
         if need[1] or need[3]:
             dw_up, db_up = weight_grad_op(dh, None, x, token_ids, roww if woi else None, False,
-                                          counts, offsets, b_up is not None, cublas, tiles,
+                                          counts, offsets, b_up is not None, ctx.cublas_up, tiles,
                                           _stored_transposed(w_up))
             if b_up is None:
                 db_up = None
@@ -241,7 +243,7 @@ class FusedExperts(torch.autograd.Function):
                 dw_down if need[2] else None, db_up if need[3] else None,
                 db_down if need[4] else None, dtopk if need[5] else None,
                 None, None, None, None, None, None, None, None, None, None,
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
 def _down_projection(a, w_down, b_down, counts, offsets, tiles, cublas: bool) -> torch.Tensor:
@@ -306,13 +308,15 @@ def fused_experts(
         D, F = x_TD.shape[1], down_proj.shape[2]
         cublas = L.dw_uses_grouped_mm(plan.num_rows, plan.num_experts, D, F, x_TD.dtype,
                                       x_TD.device, s.dw)
+        cublas_up = L.dw_up_uses_grouped_mm(plan.num_rows, plan.num_experts, D, F, x_TD.dtype,
+                                            x_TD.device, s.dw)
         rows_cublas = L.rows_on_cublas(cublas, parse_tiles(tiles), x_TD, plan.num_rows,
                                        plan.num_experts)
         dgrad = L.dgrad_mode(F, cublas, s.dgrad, rows_cublas)
         return FusedExperts.apply(
             *args, plan.token_ids_N, plan.sorted_slots_N, plan.counts_E, plan.offsets_E,
             plan.inverse_TK, plan.expert_ids_N, activation, gated, weight_on_input,
-            gate_up_interleaved, cublas, rows_cublas,
+            gate_up_interleaved, cublas, cublas_up, rows_cublas,
             L.recompute_activation(dgrad, s.recompute_act), dgrad, s.inplace_dgrad, tiles,
             float(alpha), float(limit),
         )
