@@ -87,39 +87,6 @@ def rows_gemm_tma_kernel(
 
 
 @triton.jit
-def _up_tile(X, W_DESC, B, TOK, ROWW, H_OUT, A_OUT, e, row0, row_end, pid_n, D, F,
-             stride_xt, stride_be, stride_hn, stride_an,
-             GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, WOI: tl.constexpr,
-             STORE_H: tl.constexpr, W_K_CONTIG: tl.constexpr, PREC: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALPHA, LIMIT):
-    rows = row0 + tl.arange(0, BLOCK_M)
-    rows64 = rows.to(tl.int64)
-    mask_m = rows < row_end
-    n0 = pid_n * BLOCK_N
-    tok = tl.load(TOK + rows64, mask=mask_m, other=0).to(tl.int64)
-    ks = tl.arange(0, BLOCK_K)
-    x_ptrs = X + tok[:, None] * stride_xt + ks[None, :]
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if GATED:
-        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kt in range(tl.cdiv(D, BLOCK_K)):
-        k0 = kt * BLOCK_K
-        xt = tl.load(x_ptrs, mask=mask_m[:, None] & ((k0 + ks) < D)[None, :], other=0.0)
-        acc_g = tl.dot(xt, _w_tile(W_DESC, e, n0, k0, W_K_CONTIG, BLOCK_N, BLOCK_K), acc_g,
-                       input_precision=PREC)
-        if GATED:
-            acc_u = tl.dot(xt, _w_tile(W_DESC, e, F + n0, k0, W_K_CONTIG, BLOCK_N, BLOCK_K), acc_u,
-                           input_precision=PREC)
-        x_ptrs += BLOCK_K
-    if not GATED:
-        acc_u = acc_g
-    cols = n0 + tl.arange(0, BLOCK_N)
-    _up_epilogue(acc_g, acc_u, e.to(tl.int64), rows64, mask_m, cols, cols < F, B, ROWW, H_OUT,
-                 A_OUT, F, stride_be, stride_hn, stride_an, GATED, ACT, HAS_BIAS, WOI, STORE_H,
-                 ALPHA, LIMIT)
-
-
-@triton.jit
 def up_tma_kernel(
     X, W_DESC, B, TOK, ROWW, H_OUT, A_OUT,
     COUNTS, OFFSETS,
@@ -128,7 +95,7 @@ def up_tma_kernel(
     GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, WOI: tl.constexpr,
     STORE_H: tl.constexpr, W_K_CONTIG: tl.constexpr, E_P2: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    ALPHA=1.702, LIMIT=7.0,
+    ONE_ACC: tl.constexpr = False, ALPHA=1.702, LIMIT=7.0,
 ):
     """``up_kernel`` (gate rows first; W ``[E, H, D]``, or a transposed view of ``[E, D, H]``)
     with the weight tiles through a descriptor; the token gather of x stays a pointer load.
@@ -145,20 +112,32 @@ def up_tma_kernel(
     tok = tl.load(TOK + rows64, mask=mask_m, other=0).to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = X + tok[:, None] * stride_xt + ks[None, :]
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if GATED:
-        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kt in range(tl.cdiv(D, BLOCK_K)):
-        k0 = kt * BLOCK_K
-        xt = tl.load(x_ptrs, mask=mask_m[:, None] & ((k0 + ks) < D)[None, :], other=0.0)
-        acc_g = tl.dot(xt, _w_tile(W_DESC, e, n0, k0, W_K_CONTIG, BLOCK_N, BLOCK_K), acc_g,
-                       input_precision=PREC)
+    if ONE_ACC:
+        # W seen as [E, 2, F, D]: the gate and up tiles come in one copy and feed one
+        # [BLOCK_M, 2 * BLOCK_N] MMA (x's tile read once per k step, not once per accumulator)
+        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+        for kt in range(tl.cdiv(D, BLOCK_K)):
+            k0 = kt * BLOCK_K
+            xt = tl.load(x_ptrs, mask=mask_m[:, None] & ((k0 + ks) < D)[None, :], other=0.0)
+            wt = tl.reshape(W_DESC.load([e, 0, n0, k0]), (2 * BLOCK_N, BLOCK_K))
+            acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PREC)
+            x_ptrs += BLOCK_K
+        acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+    else:
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if GATED:
-            acc_u = tl.dot(xt, _w_tile(W_DESC, e, F + n0, k0, W_K_CONTIG, BLOCK_N, BLOCK_K), acc_u,
+            acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kt in range(tl.cdiv(D, BLOCK_K)):
+            k0 = kt * BLOCK_K
+            xt = tl.load(x_ptrs, mask=mask_m[:, None] & ((k0 + ks) < D)[None, :], other=0.0)
+            acc_g = tl.dot(xt, _w_tile(W_DESC, e, n0, k0, W_K_CONTIG, BLOCK_N, BLOCK_K), acc_g,
                            input_precision=PREC)
-        x_ptrs += BLOCK_K
-    if not GATED:
-        acc_u = acc_g
+            if GATED:
+                acc_u = tl.dot(xt, _w_tile(W_DESC, e, F + n0, k0, W_K_CONTIG, BLOCK_N, BLOCK_K), acc_u,
+                               input_precision=PREC)
+            x_ptrs += BLOCK_K
+        if not GATED:
+            acc_u = acc_g
     cols = n0 + tl.arange(0, BLOCK_N)
     _up_epilogue(acc_g, acc_u, e.to(tl.int64), rows64, mask_m, cols, cols < F, B, ROWW, H_OUT,
                  A_OUT, F, stride_be, stride_hn, stride_an, GATED, ACT, HAS_BIAS, WOI, STORE_H,

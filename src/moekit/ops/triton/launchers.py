@@ -239,6 +239,11 @@ def up_forward(
     grid = (num_pid_m * triton.cdiv(F, cfg.BLOCK_N),)
     w_desc = (_weight_descriptor(w_EHD, cfg.BLOCK_N, cfg.BLOCK_K)
               if not (interleaved or pdl) and _tma_wanted(tiles, x_TD, N, E) else None)
+    one_acc = bool(w_desc is not None and w_desc[1] and gated and tiles
+                   and tiles.get("up_one_acc") == (1,))
+    if one_acc:  # W seen as [E, 2, F, D]: gate and up tiles in one copy
+        w4 = w_EHD.view(E, 2, F, D)
+        w_desc = TensorDescriptor(w4, list(w4.shape), list(w4.stride()), [1, 2, cfg.BLOCK_N, cfg.BLOCK_K]), True
     if w_desc is not None:
         KT.up_tma_kernel[grid](
             x_TD, w_desc[0], b_EH if b_EH is not None else x_TD, token_ids_N,
@@ -250,7 +255,7 @@ def up_forward(
             GATED=gated, ACT=K.ACT_CODES[act], HAS_BIAS=b_EH is not None, WOI=roww_N is not None,
             STORE_H=store_h, W_K_CONTIG=w_desc[1], E_P2=_e_p2(E), PREC=_prec(x_TD.dtype),
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-            ALPHA=float(alpha), LIMIT=float(limit),
+            ONE_ACC=one_acc, ALPHA=float(alpha), LIMIT=float(limit),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return h, a
