@@ -57,15 +57,16 @@ def main():
                                    tiles=t)),
         ]
         for kind, cfgs, flops, fn in kinds:
+            if not cfgs:
+                continue
             key = "rows" if kind == "rows_t" else kind
             variants = {}
             modes = {"": {}}
             if a.tma:
                 modes = {" ptr": {"tma": (0,)}, " tma": {"tma": (1,), "persistent": (0,)},
                          " tma persistent": {"tma": (1,), "persistent": (1,)}}
-                if kind == "up_gated":  # gate and up tiles in one copy, one accumulator
-                    modes = {" ptr": {"tma": (0,)}, " tma": {"tma": (1,)},
-                             " tma one_acc": {"tma": (1,), "up_one_acc": (1,)}}
+                if kind == "up_gated":
+                    modes = {" ptr": {"tma": (0,)}, " tma": {"tma": (1,)}}
             for c in cfgs:
                 for suffix, extra in modes.items():
                     variants[c + suffix] = lambda fn=fn, t={key: tile(c), **extra}: fn(t)

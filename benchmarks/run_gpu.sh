@@ -4,7 +4,7 @@
 # end-to-end model benchmark. Everything it writes goes to $OUT (at most 8 files come back).
 # Usage (device tool, carry .whl and .peers): MOEKIT_COMMIT=<sha> bash benchmarks/run_gpu.sh
 # Knobs (environment): SKIP_TESTS, TEST_K (pytest -k), TEST_TIMEOUT, SHAPES, SWEEP (settings for
-# --sweep), SWEEP_SHAPES, REP_MS, BENCH_TIMEOUT, SKIP_MODEL, MODEL_TIMEOUT.
+# --sweep), SWEEP_SHAPES, PROFILE (shapes to profile), REP_MS, BENCH_TIMEOUT, SKIP_MODEL, MODEL_TIMEOUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -25,7 +25,8 @@ tail -3 "$OUT/gpu_tests.log"
 timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_experts.py --out "$OUT" --peers .peers \
   --rep-ms "${REP_MS:-20}" --impls moekit-triton hf-grouped_mm scattermoe \
   --shapes ${SHAPES:-qwen3-30b-a3b olmoe gpt-oss-20b mixtral-8x7b deepseek-v3-64e qwen3-decode-T1 qwen3-decode-T8 qwen3-decode-T64} \
-  ${SWEEP:+--sweep-shapes ${SWEEP_SHAPES:-qwen3-30b-a3b olmoe} --sweep $SWEEP} > "$OUT/bench.log" 2>&1
+  ${SWEEP:+--sweep-shapes ${SWEEP_SHAPES:-qwen3-30b-a3b olmoe} --sweep $SWEEP} \
+  ${PROFILE:+--profile $PROFILE} > "$OUT/bench.log" 2>&1
 grep -E "fwd\+bwd|decode|^#" "$OUT/bench.log" | tail -40
 if [ -z "$SKIP_MODEL" ]; then
   timeout "${MODEL_TIMEOUT:-230}" python3 benchmarks/bench_model.py --out "$OUT" 2>&1 | tail -16

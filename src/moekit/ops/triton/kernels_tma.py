@@ -99,8 +99,9 @@ def up_tma_kernel(
 ):
     """``up_kernel`` (gate rows first; W ``[E, H, D]``, or a transposed view of ``[E, D, H]``)
     with the weight tiles through a descriptor; the token gather of x stays a pointer load.
-    One program per tile: as a persistent kernel it was 15-20% slower at every training shape
-    (H200, bf16: qwen3 2.04 against 1.68 ms)."""
+    ``ONE_ACC`` (gated, W_DESC over W seen as ``[E, 2, F, D]``): one accumulator for the gate
+    and up columns. One program per tile: as a persistent kernel it was 15-20% slower at every
+    training shape (H200, bf16: qwen3 2.04 against 1.68 ms)."""
     pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, tl.cdiv(F, BLOCK_N), GROUP_M)
     e, row0, row_end = _find_tile(pid_m, COUNTS, OFFSETS, E, E_P2, BLOCK_M)
     if e >= E:
