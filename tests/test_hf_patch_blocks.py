@@ -57,10 +57,10 @@ def _out(model, ids):
     return y.detach()
 
 
-def _patched_equals_eager(ref, ids):
-    """Patch a copy of ``ref``; assert its output and every gradient equal the eager model's
-    (by the original names); return the patched copy."""
-    model = copy.deepcopy(ref)
+def _patched_equals_eager(ref, ids, model=None):
+    """Patch ``model`` (default: a copy of ``ref``); assert its output and every gradient
+    equal the eager model's (by the original names); return it."""
+    model = copy.deepcopy(ref) if model is None else model
     y_ref = _out(ref, ids)
     names = mh.patch(model)
     assert names and not names.skipped
@@ -101,3 +101,41 @@ def test_switch_training_noise_is_refused():
     ref = _model("switch_transformers", router_jitter_noise=0.0, dropout_rate=0.1)
     with pytest.raises(mh.PatchError, match=r"dropout_rate=0.1 applies dropout inside"):
         mh.patch(ref)
+
+
+def test_jetmoe_output_bias_same_parameters():
+    """JetMoE's MoE block: input_linear / output_linear [E, 2F, D] / [E, D, F] are moekit's
+    layout (the same Parameter objects, no warning) and a [D] bias on the output
+    (``MoE.Config.output_bias``); its mixture-of-attention modules (whose forward only raises)
+    are not MoE blocks and stay as they are."""
+    ref = _model("jetmoe")
+    block = ref.model.layers[0].mlp
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = copy.deepcopy(ref)
+        w = model.model.layers[0].mlp.input_linear.weight
+        _patched_equals_eager(ref, _ids(), model)
+    assert [n for n, m in model.named_modules() if isinstance(m, mh.HFMoE)] == [
+        f"model.layers.{i}.mlp" for i in range(2)
+    ]
+    moe = model.model.layers[0].mlp
+    assert moe.config.output_bias and moe.experts.gate_up_proj is w
+    assert type(model.model.layers[0].self_attention.experts).__name__ == "JetMoeMoA"
+    assert block.bias.abs().sum() > 0  # randomised: a dropped bias shows
+
+
+def test_axk1_norm_on_the_block_output():
+    """A.X-K1 is DeepSeek-V3 with an RMSNorm on the block output (after the shared expert):
+    ``MoE.Config.output_norm_eps``, its scale the block's own Parameter."""
+    ref = _model("axk1")
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if n.endswith("post_mlp_layernorm.weight"):
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
+    model = copy.deepcopy(ref)
+    w = model.model.layers[0].mlp.post_mlp_layernorm.weight
+    _patched_equals_eager(ref, _ids(), model)
+    moe = model.model.layers[0].mlp
+    assert moe.config.output_norm_eps == ref.config.rms_norm_eps
+    assert moe.output_norm.weight is w

@@ -4,6 +4,10 @@ moekit router config routes like the block's router (:func:`router_matches`)."""
 
 from __future__ import annotations
 
+import ast
+import inspect
+import textwrap
+
 import torch
 from torch import nn
 
@@ -62,12 +66,28 @@ def _router_child(mod: nn.Module) -> nn.Module | None:
     )
 
 
+def _forward_only_raises(mod: nn.Module) -> bool:
+    """Whether the module's ``forward`` does nothing but raise (a module its owner uses
+    through other methods, e.g. JetMoE's mixture-of-attention experts: map/reduce)."""
+    fn = getattr(type(mod), "forward", None)
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    body = tree.body[0].body if tree.body and hasattr(tree.body[0], "body") else []
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]  # the docstring
+    return len(body) == 1 and isinstance(body[0], ast.Raise)
+
+
 def is_moe_block(mod: nn.Module) -> bool:
     """Whether ``mod`` looks like a sparse MoE block: experts (an ``experts`` child, or a
     child whose class name ends in ``Experts``) next to a router (a ``gate``/``router``/
-    ``gating`` child, or a child whose class name says Router or Gating)."""
+    ``gating`` child, or a child whose class name says Router or Gating), and a ``forward``
+    that computes something (not one that only raises: such a module is no layer that
+    anything calls, e.g. JetMoE's mixture of attention heads)."""
     ex, r = _experts_child(mod), _router_child(mod)
-    return ex is not None and r is not None and ex is not r
+    return ex is not None and r is not None and ex is not r and not _forward_only_raises(mod)
 
 
 def _plain_fused(ex: nn.Module) -> bool:
@@ -125,6 +145,28 @@ def why_not_patchable(block: nn.Module) -> str | None:
         f"experts {kind} are not a transformers fused experts module "
         "(@use_experts_implementation), so moekit cannot read their layout"
     )
+
+
+_RMSNORM_EPS_NAMES = ("variance_epsilon", "eps")
+
+
+def _output_norm_child(block: nn.Module) -> tuple[str | None, float | None]:
+    """``(name, eps)`` of a norm the block applies to its output, read as an RMSNorm with a
+    ``[D]`` scale: a child named ``post_*norm*`` (A.X-K1's ``post_mlp_layernorm``) whose class
+    is an RMSNorm; ``(None, None)`` when there is none. (``patch``'s probe confirms that the
+    block computes it there and that way.)"""
+    for name, m in block.named_children():
+        if not (name.startswith("post") and "norm" in name and "RMSNorm" in type(m).__name__):
+            continue
+        w = getattr(m, "weight", None)
+        eps = next(
+            (getattr(m, n) for n in _RMSNORM_EPS_NAMES if isinstance(getattr(m, n, None), float)),
+            None,
+        )
+        if isinstance(w, torch.Tensor) and w.dim() == 1 and eps is not None:
+            if len(list(m.parameters())) == 1:
+                return name, eps
+    return None, None
 
 
 def _selection_bias_in_router(router: nn.Module, E: int) -> str | None:
@@ -224,7 +266,8 @@ def generic_spec(block: nn.Module, cfg, where: str) -> tuple[FamilySpec, list[di
     if shared_gate is not None and shared_name is None:
         raise PatchError(f"{where}: shared expert gate without a shared expert")
 
-    known = {router_name, "experts", shared_name, shared_gate} - {None}
+    post_norm, norm_eps = _output_norm_child(block)
+    known = {router_name, "experts", shared_name, shared_gate, post_norm} - {None}
     extra = [
         n for n, m in block.named_children() if n not in known and any(True for _ in m.parameters())
     ]
@@ -286,6 +329,8 @@ def generic_spec(block: nn.Module, cfg, where: str) -> tuple[FamilySpec, list[di
             "router_bias_path": in_router,
             "shared_activation": sact if shared_name else None,
             "shared_gated": shared_gated if shared_name else None,
+            "output_norm": post_norm,
+            "moe_kwargs": lambda c, eps=norm_eps: {} if eps is None else {"output_norm_eps": eps},
         },
     )
     cands = [dict(base)]

@@ -331,6 +331,22 @@ FAMILIES: dict[str, FamilySpec] = {
             },
         ),
         FamilySpec(
+            "jetmoe",
+            ("jetmoe",),
+            ("JetMoeMoE",),
+            router="router",
+            router_linear="layer",
+            expert_hidden=lambda c: c.intermediate_size,
+            routing=lambda c: dict(score_func="softmax", topk_before_score=True),
+            extra={
+                "hidden_act": lambda c: c.activation_function,
+                # input_linear [E, 2F, D] (gate rows first) and output_linear [E, D, F]
+                "expert_paths": ("input_linear.weight", "output_linear.weight"),
+                "output_bias": "bias",  # a [D] bias added to the block's output
+                "moe_kwargs": lambda c: dict(output_bias=True),
+            },
+        ),
+        FamilySpec(
             "llama4",
             ("llama4_text", "llama4"),
             ("Llama4TextMoe",),

@@ -159,10 +159,9 @@ def block_param_map(spec: FamilySpec, moe_cfg: MoE.Config) -> list[Entry]:
     w_kind = {CONCAT: SAME, TRANSPOSED: TRANS, INTERLEAVED_TRANSPOSED: INTERLEAVE_T}[spec.layout]
     if spec.layout == INTERLEAVED_TRANSPOSED and not ec.is_gated:
         raise PatchError(f"{spec.name}: an interleaved gate/up layout needs gated experts")
-    out.append(Entry(f"{e}.{up}", f"experts.{up}", w_kind))
-    out.append(
-        Entry(f"{e}.down_proj", "experts.down_proj", SAME if spec.layout == CONCAT else TRANS)
-    )
+    up_hf, down_hf = spec.extra.get("expert_paths", (f"{e}.{up}", f"{e}.down_proj"))
+    out.append(Entry(up_hf, f"experts.{up}", w_kind))
+    out.append(Entry(down_hf, "experts.down_proj", SAME if spec.layout == CONCAT else TRANS))
     if ec.use_bias:
         b_kind = INTERLEAVE_BIAS if spec.layout == INTERLEAVED_TRANSPOSED else SAME
         out.append(Entry(f"{e}.{up}_bias", f"experts.{up}_bias", b_kind))
