@@ -139,3 +139,71 @@ def test_axk1_norm_on_the_block_output():
     moe = model.model.layers[0].mlp
     assert moe.config.output_norm_eps == ref.config.rms_norm_eps
     assert moe.output_norm.weight is w
+
+
+def test_minimax_m3_shared_expert_with_fused_gate_up():
+    """MiniMax-M3-VL's shared expert is one gate_up_proj Linear and a down_proj with GPT-OSS's
+    clamped GLU on [gate | up] halves: ``SharedExperts.Config(fused_gate_up=True)`` holding
+    the block's own Parameter, the activation found on a probe."""
+    ref = _model("minimax_m3_vl")
+    model = copy.deepcopy(ref)
+    lm = model.model.language_model if hasattr(model.model, "language_model") else model.model
+    w = lm.layers[0].mlp.shared_experts.gate_up_proj.weight
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _patched_equals_eager(ref, _ids(), model)
+    sh = lm.layers[0].mlp.shared_experts
+    assert sh.config.fused_gate_up and sh.gate_up_proj.weight is w
+    assert sh.config.activation.startswith("gpt_oss")
+
+
+def test_moe_config_checks_of_the_new_fields():
+    from moekit import MoE, SharedExperts
+
+    with pytest.raises(ValueError, match="two capacity rules"):
+        MoE.Config(dim=8, hidden_dim=4, num_experts=4, sequence_capacity=2, capacity_factor=1.0)
+    with pytest.raises(ValueError, match="sequence_capacity=0"):
+        MoE.Config(dim=8, hidden_dim=4, num_experts=4, sequence_capacity=0)
+    with pytest.raises(TypeError, match="output_bias"):
+        MoE.Config(dim=8, hidden_dim=4, num_experts=4, output_bias="yes")
+    with pytest.raises(ValueError, match="output_norm_eps"):
+        MoE.Config(dim=8, hidden_dim=4, num_experts=4, output_norm_eps=-1.0)
+    with pytest.raises(ValueError, match="fused_gate_up=True needs a gated activation"):
+        SharedExperts.Config(hidden_dim=4, activation="relu2", fused_gate_up=True)
+
+
+def test_fused_shared_experts_equal_separate_ones():
+    from moekit import SharedExperts
+
+    torch.manual_seed(0)
+    sep = SharedExperts.Config(hidden_dim=6, activation="gelu").build(dim=8)
+    fused = SharedExperts.Config(hidden_dim=6, activation="gelu", fused_gate_up=True).build(dim=8)
+    assert fused.gate_proj is None and fused.up_proj is None
+    with torch.no_grad():
+        fused.gate_up_proj.weight.copy_(torch.cat([sep.gate_proj.weight, sep.up_proj.weight]))
+        fused.down_proj.weight.copy_(sep.down_proj.weight)
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(fused(x), sep(x))
+
+
+def test_sequence_capacity_drops_by_position_in_each_sequence():
+    """Each expert keeps its first ``sequence_capacity`` slots of each sequence: a dropped
+    token's output is the shared part only (here none: zero), a kept one is unchanged."""
+    from moekit import MoE
+
+    torch.manual_seed(0)
+    cfg = MoE.Config(dim=8, hidden_dim=4, num_experts=2, output_bias=True)
+    free = cfg.build()
+    capped = cfg.replace(sequence_capacity=2).build()
+    capped.load_state_dict(free.state_dict())
+    with torch.no_grad():
+        free.output_bias.fill_(0.5)
+        capped.output_bias.fill_(0.5)
+    x = torch.randn(3, 5, 8)
+    y_free, y_cap = free(x), capped(x)
+    ids = free.last_router_output.topk_ids.view(3, 5)
+    for b in range(3):
+        for s in range(5):
+            kept = int((ids[b, : s + 1] == ids[b, s]).sum()) <= 2
+            want = y_free[b, s] if kept else torch.full((8,), 0.5)
+            torch.testing.assert_close(y_cap[b, s], want)

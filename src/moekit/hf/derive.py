@@ -74,6 +74,7 @@ def config_from_hf(
                 activation=spec.extra.get("shared_activation") or act,
                 gated=spec.extra.get("shared_gated"),
                 use_gate=spec.shared_gate is not None,
+                fused_gate_up=bool(spec.extra.get("shared_fused")),
             )
         return MoE.Config(
             dim=int(D),

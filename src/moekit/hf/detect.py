@@ -20,7 +20,7 @@ from .families import (
     routing_from_config,
 )
 from .layout import PatchError, get_path
-from .probe import gate_activation, router_bias_argument
+from .probe import gate_activation, router_bias_argument, shared_activation
 
 __all__ = [
     "ROUTER_NAMES", "is_candidate_block", "is_moe_block", "why_not_patchable", "generic_spec",
@@ -169,6 +169,30 @@ def _output_norm_child(block: nn.Module) -> tuple[str | None, float | None]:
     return None, None
 
 
+def _fused_shared(sm: nn.Module, where: str, name: str, experts_act: str) -> tuple[int, str]:
+    """``(hidden size, moekit activation)`` of a shared MLP with one fused ``gate_up_proj``
+    Linear and a ``down_proj`` (MiniMax-M3's), its activation found on a probe."""
+    gu, down = sm.gate_up_proj, getattr(sm, "down_proj", None)
+    if not isinstance(down, nn.Linear) or gu.bias is not None or down.bias is not None:
+        raise PatchError(
+            f"{where}: shared expert {name!r} has a fused gate_up_proj but no bias-free down_proj"
+        )
+    if len(list(sm.parameters())) != 2 or gu.out_features != 2 * down.in_features:
+        raise PatchError(
+            f"{where}: shared expert {name!r}: gate_up_proj {tuple(gu.weight.shape)} and "
+            f"down_proj {tuple(down.weight.shape)} are not one gated MLP (or it has more weights)"
+        )
+    if gu.weight.is_meta:
+        raise PatchError(f"{where}: shared expert {name!r}: its activation is read on real weights")
+    act = shared_activation(sm, gu.in_features, down.in_features, [experts_act])
+    if act is None:
+        raise PatchError(
+            f"{where}: shared expert {name!r} computes none of moekit's gated activations on "
+            "its fused gate_up_proj (checked on a probe)"
+        )
+    return down.in_features, act
+
+
 def _selection_bias_in_router(router: nn.Module, E: int) -> str | None:
     """The path, inside the router, of its selection bias: ``e_score_correction_bias`` on the
     router or on one of its submodules (ERNIE's ``moe_statics``), ``[E]`` or ``[1, E]``."""
@@ -240,26 +264,34 @@ def generic_spec(block: nn.Module, cfg, where: str) -> tuple[FamilySpec, list[di
         (n for n in _SHARED_NAMES if isinstance(getattr(block, n, None), nn.Module)), None
     )
     shared_hidden = sact = shared_gated = None
+    shared_fused = False
     if shared_name is not None:
         sm = getattr(block, shared_name)
         up = getattr(sm, "up_proj", None)
         down = getattr(sm, "down_proj", None)
-        if not isinstance(up, nn.Linear) or not isinstance(down, nn.Linear):
-            raise PatchError(f"{where}: shared expert {shared_name!r} is not a gate/up/down MLP")
-        lin = [m for m in (getattr(sm, "gate_proj", None), up, down) if m is not None]
-        if any(m.bias is not None for m in lin):
+        if isinstance(getattr(sm, "gate_up_proj", None), nn.Linear) and up is None:
+            shared_hidden, sact = _fused_shared(sm, where, shared_name, experts_kw["activation"])
+            shared_gated = shared_fused = True
+        elif not isinstance(up, nn.Linear) or not isinstance(down, nn.Linear):
             raise PatchError(
-                f"{where}: shared expert {shared_name!r} has biases (moekit's have none)"
+                f"{where}: shared expert {shared_name!r} is neither a gate/up/down MLP nor one "
+                "with a fused gate_up_proj"
             )
-        shared_hidden = up.out_features
-        shared_gated = isinstance(getattr(sm, "gate_proj", None), nn.Linear)
-        sfn = getattr(sm, "act_fn", None) or getattr(sm, "activation_fn", None)
-        sact = hf_activation_name(sfn)
-        if sact is None:
-            raise PatchError(
-                f"{where}: shared expert {shared_name!r} activation {sfn!r} has no moekit "
-                "equivalent"
-            )
+        else:
+            lin = [m for m in (getattr(sm, "gate_proj", None), up, down) if m is not None]
+            if any(m.bias is not None for m in lin):
+                raise PatchError(
+                    f"{where}: shared expert {shared_name!r} has biases (moekit's have none)"
+                )
+            shared_hidden = up.out_features
+            shared_gated = isinstance(getattr(sm, "gate_proj", None), nn.Linear)
+            sfn = getattr(sm, "act_fn", None) or getattr(sm, "activation_fn", None)
+            sact = hf_activation_name(sfn)
+            if sact is None:
+                raise PatchError(
+                    f"{where}: shared expert {shared_name!r} activation {sfn!r} has no moekit "
+                    "equivalent"
+                )
     shared_gate = next(
         (n for n in _SHARED_GATE_NAMES if isinstance(getattr(block, n, None), nn.Linear)), None
     )
@@ -329,6 +361,7 @@ def generic_spec(block: nn.Module, cfg, where: str) -> tuple[FamilySpec, list[di
             "router_bias_path": in_router,
             "shared_activation": sact if shared_name else None,
             "shared_gated": shared_gated if shared_name else None,
+            "shared_fused": shared_fused,
             "output_norm": post_norm,
             "moe_kwargs": lambda c, eps=norm_eps: {} if eps is None else {"output_norm_eps": eps},
         },

@@ -168,9 +168,12 @@ def block_param_map(spec: FamilySpec, moe_cfg: MoE.Config) -> list[Entry]:
         out.append(Entry(f"{e}.down_proj_bias", "experts.down_proj_bias", SAME))
     if moe_cfg.shared_experts is not None:
         s = spec.shared
+        sc = moe_cfg.shared_experts
         names = (
-            ["gate_proj", "up_proj", "down_proj"]
-            if moe_cfg.shared_experts.is_gated
+            ["gate_up_proj", "down_proj"]
+            if sc.fused_gate_up
+            else ["gate_proj", "up_proj", "down_proj"]
+            if sc.is_gated
             else ["up_proj", "down_proj"]
         )
         out += [Entry(f"{s}.{n}.weight", f"shared_experts.{n}.weight", SAME) for n in names]
