@@ -4,13 +4,10 @@ moekit router config routes like the block's router (:func:`router_matches`)."""
 
 from __future__ import annotations
 
-import ast
-import inspect
-import textwrap
-
 import torch
 from torch import nn
 
+from .block_parts import forward_only_raises, fused_shared_mlp, output_norm_child
 from .experts_impl import hf_activation_name
 from .families import (
     CONCAT,
@@ -20,7 +17,7 @@ from .families import (
     routing_from_config,
 )
 from .layout import PatchError, get_path
-from .probe import gate_activation, router_bias_argument, shared_activation
+from .probe import gate_activation, router_bias_argument
 
 __all__ = [
     "ROUTER_NAMES", "is_candidate_block", "is_moe_block", "why_not_patchable", "generic_spec",
@@ -66,20 +63,6 @@ def _router_child(mod: nn.Module) -> nn.Module | None:
     )
 
 
-def _forward_only_raises(mod: nn.Module) -> bool:
-    """Whether the module's ``forward`` does nothing but raise (a module its owner uses
-    through other methods, e.g. JetMoE's mixture-of-attention experts: map/reduce)."""
-    fn = getattr(type(mod), "forward", None)
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-    except (OSError, TypeError, SyntaxError):
-        return False
-    body = tree.body[0].body if tree.body and hasattr(tree.body[0], "body") else []
-    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
-        body = body[1:]  # the docstring
-    return len(body) == 1 and isinstance(body[0], ast.Raise)
-
-
 def is_moe_block(mod: nn.Module) -> bool:
     """Whether ``mod`` looks like a sparse MoE block: experts (an ``experts`` child, or a
     child whose class name ends in ``Experts``) next to a router (a ``gate``/``router``/
@@ -87,7 +70,7 @@ def is_moe_block(mod: nn.Module) -> bool:
     that computes something (not one that only raises: such a module is no layer that
     anything calls, e.g. JetMoE's mixture of attention heads)."""
     ex, r = _experts_child(mod), _router_child(mod)
-    return ex is not None and r is not None and ex is not r and not _forward_only_raises(mod)
+    return ex is not None and r is not None and ex is not r and not forward_only_raises(mod)
 
 
 def _plain_fused(ex: nn.Module) -> bool:
@@ -147,52 +130,6 @@ def why_not_patchable(block: nn.Module) -> str | None:
     )
 
 
-_RMSNORM_EPS_NAMES = ("variance_epsilon", "eps")
-
-
-def _output_norm_child(block: nn.Module) -> tuple[str | None, float | None]:
-    """``(name, eps)`` of a norm the block applies to its output, read as an RMSNorm with a
-    ``[D]`` scale: a child named ``post_*norm*`` (A.X-K1's ``post_mlp_layernorm``) whose class
-    is an RMSNorm; ``(None, None)`` when there is none. (``patch``'s probe confirms that the
-    block computes it there and that way.)"""
-    for name, m in block.named_children():
-        if not (name.startswith("post") and "norm" in name and "RMSNorm" in type(m).__name__):
-            continue
-        w = getattr(m, "weight", None)
-        eps = next(
-            (getattr(m, n) for n in _RMSNORM_EPS_NAMES if isinstance(getattr(m, n, None), float)),
-            None,
-        )
-        if isinstance(w, torch.Tensor) and w.dim() == 1 and eps is not None:
-            if len(list(m.parameters())) == 1:
-                return name, eps
-    return None, None
-
-
-def _fused_shared(sm: nn.Module, where: str, name: str, experts_act: str) -> tuple[int, str]:
-    """``(hidden size, moekit activation)`` of a shared MLP with one fused ``gate_up_proj``
-    Linear and a ``down_proj`` (MiniMax-M3's), its activation found on a probe."""
-    gu, down = sm.gate_up_proj, getattr(sm, "down_proj", None)
-    if not isinstance(down, nn.Linear) or gu.bias is not None or down.bias is not None:
-        raise PatchError(
-            f"{where}: shared expert {name!r} has a fused gate_up_proj but no bias-free down_proj"
-        )
-    if len(list(sm.parameters())) != 2 or gu.out_features != 2 * down.in_features:
-        raise PatchError(
-            f"{where}: shared expert {name!r}: gate_up_proj {tuple(gu.weight.shape)} and "
-            f"down_proj {tuple(down.weight.shape)} are not one gated MLP (or it has more weights)"
-        )
-    if gu.weight.is_meta:
-        raise PatchError(f"{where}: shared expert {name!r}: its activation is read on real weights")
-    act = shared_activation(sm, gu.in_features, down.in_features, [experts_act])
-    if act is None:
-        raise PatchError(
-            f"{where}: shared expert {name!r} computes none of moekit's gated activations on "
-            "its fused gate_up_proj (checked on a probe)"
-        )
-    return down.in_features, act
-
-
 def _selection_bias_in_router(router: nn.Module, E: int) -> str | None:
     """The path, inside the router, of its selection bias: ``e_score_correction_bias`` on the
     router or on one of its submodules (ERNIE's ``moe_statics``), ``[E]`` or ``[1, E]``."""
@@ -227,8 +164,15 @@ def generic_spec(block: nn.Module, cfg, where: str) -> tuple[FamilySpec, list[di
         )
     has_gate, transposed, concat, has_bias, post_norm = _layout_flags(ex)
     if post_norm:
+        norm = type(getattr(ex, "post_expert_norm", None)).__name__
+        around = [
+            n for n, m in block.named_children()
+            if n not in ("experts", router_name) and any(True for _ in m.parameters())
+        ]
         raise PatchError(
-            f"{where}: experts apply a post-expert norm, which moekit.MoE does not have"
+            f"{where}: experts apply a post-expert norm ({norm} on each expert's output, before "
+            "its routing weight), which moekit's grouped experts do not have"
+            + (f"; the block also runs {around} around the experts" if around else "")
         )
     if not concat and not transposed:
         raise PatchError(f"{where}: interleaved, non-transposed experts layout is not supported")
@@ -270,7 +214,7 @@ def generic_spec(block: nn.Module, cfg, where: str) -> tuple[FamilySpec, list[di
         up = getattr(sm, "up_proj", None)
         down = getattr(sm, "down_proj", None)
         if isinstance(getattr(sm, "gate_up_proj", None), nn.Linear) and up is None:
-            shared_hidden, sact = _fused_shared(sm, where, shared_name, experts_kw["activation"])
+            shared_hidden, sact = fused_shared_mlp(sm, where, shared_name, experts_kw["activation"])
             shared_gated = shared_fused = True
         elif not isinstance(up, nn.Linear) or not isinstance(down, nn.Linear):
             raise PatchError(
@@ -298,7 +242,7 @@ def generic_spec(block: nn.Module, cfg, where: str) -> tuple[FamilySpec, list[di
     if shared_gate is not None and shared_name is None:
         raise PatchError(f"{where}: shared expert gate without a shared expert")
 
-    post_norm, norm_eps = _output_norm_child(block)
+    post_norm, norm_eps = output_norm_child(block)
     known = {router_name, "experts", shared_name, shared_gate, post_norm} - {None}
     extra = [
         n for n, m in block.named_children() if n not in known and any(True for _ in m.parameters())
