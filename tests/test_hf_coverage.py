@@ -34,7 +34,9 @@ CI_FAMILIES = {
     "phimoe": ("pass", "refused"),  # sparsemixer routing
     "dbrx": ("refused", "pass"),  # undecorated experts; per-expert rows [E * F, D]
     "step3p7": ("refused", "pass"),  # undecorated experts in the standard fused layout
-    "jetmoe": ("refused", "refused"),  # undecorated experts moekit cannot read
+    "jetmoe": ("refused", "pass"),  # undecorated stacked experts, an output bias, MoA left alone
+    "switch_transformers": ("refused", "pass"),  # per-expert modules stacked at patch time
+    "axk1": ("pass", "pass"),  # an RMSNorm on the block output
 }
 
 

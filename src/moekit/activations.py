@@ -16,6 +16,7 @@ name           gated  formula
 ``silu(limit=l)``  yes  ``silu(gate.clamp(max=l)) * up.clamp(-l, l)`` (clamped SwiGLU)
 ``silu_softcap(gate=a,up=b)``  ``cap_a(gate) * sigmoid(gate) * cap_b(up)``,
                       ``cap_c(v) = c * tanh(v / c)`` (softcapped SwiGLU)
+``relu``       yes    ``relu(gate) * up`` (ReGLU); non-gated ``relu(h)`` (Switch Transformers)
 ``relu2``      no     ``relu(h) ** 2``
 ``silu``       no     ``silu(h)`` (when the experts are configured non-gated)
 ``gelu``       no     ``gelu(h)``; ``gelu_tanh`` likewise
@@ -123,6 +124,7 @@ ACTIVATIONS: dict[str, Activation] = {
     "gelu": Activation("gelu", F.gelu, True),
     "gelu_tanh": Activation("gelu_tanh", _gelu_tanh, True),
     "gpt_oss": Activation("gpt_oss", None, True, glu=_gpt_oss_glu),
+    "relu": Activation("relu", torch.relu, True),
     "relu2": Activation("relu2", _relu2, False),
 }
 ALIASES = {"swiglu": "silu", "geglu": "gelu", "gpt_oss_glu": "gpt_oss", "squared_relu": "relu2"}

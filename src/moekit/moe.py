@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 import torch
 
 from . import balance
-from .config import Config, Module, check_choice, check_nonneg, check_positive
+from .config import Config, Module, check_bool, check_choice, check_nonneg, check_positive
 from .experts import GroupedExperts, depth_scaled_std
-from .plan import DROP_POLICIES
+from .plan import DROP_POLICIES, sequence_capacity_keep
 from .router import RouterOutput, TokenChoiceTopKRouter
 from .shared import SharedExperts
 
@@ -43,6 +43,14 @@ class MoE(Module):
     ``tokens_per_expert`` (int64 [E] buffer, accumulated across forwards until
     ``update_expert_bias()`` or ``reset_load()``; not counted again when activation
     checkpointing recomputes the forward).
+
+    Optional config fields for layers that do more around the experts:
+    ``sequence_capacity`` (each expert takes at most this many routed slots of each sequence,
+    the rows of a [B, S, D] input or the whole of a [T, D] one, earliest positions first; the
+    others get weight zero, hence zero output and zero gradient: Switch Transformers'
+    ``expert_capacity``), ``output_bias`` (a learned [D] bias added to the layer's output,
+    JetMoE's) and ``output_norm_eps`` (an RMSNorm with that epsilon and a learned [D] scale on
+    the layer's output, after the shared experts and the bias: A.X-K1's post-MLP norm).
     """
 
     @dataclass(kw_only=True)
@@ -59,6 +67,9 @@ class MoE(Module):
         seq_aux_loss_coeff: float = 0.0
         z_loss_coeff: float = 0.0
         expert_bias_update_rate: float = 1e-3
+        sequence_capacity: int | None = None
+        output_bias: bool = False
+        output_norm_eps: float | None = None
 
         def __post_init__(self) -> None:
             o = "MoE.Config"
@@ -81,6 +92,16 @@ class MoE(Module):
             for name in ("load_balance_coeff", "seq_aux_loss_coeff", "z_loss_coeff"):
                 check_nonneg(o, name, getattr(self, name))
             check_positive(o, "expert_bias_update_rate", self.expert_bias_update_rate, integer=False)
+            if self.sequence_capacity is not None:
+                check_positive(o, "sequence_capacity", self.sequence_capacity)
+                if self.capacity_factor is not None:
+                    raise ValueError(
+                        f"{o}: sequence_capacity={self.sequence_capacity} and capacity_factor="
+                        f"{self.capacity_factor} are two capacity rules; set one of them"
+                    )
+            check_bool(o, "output_bias", self.output_bias)
+            if self.output_norm_eps is not None:
+                check_positive(o, "output_norm_eps", self.output_norm_eps, integer=False)
             if isinstance(self.router, TokenChoiceTopKRouter.Config):
                 self.router.validate_for(self.num_experts)
 
@@ -99,6 +120,14 @@ class MoE(Module):
         )
         self.shared_experts = (
             config.shared_experts.build(dim=config.dim) if config.shared_experts is not None else None
+        )
+        self.output_bias = (
+            torch.nn.Parameter(torch.zeros(config.dim)) if config.output_bias else None
+        )
+        self.output_norm = (
+            torch.nn.RMSNorm(config.dim, eps=config.output_norm_eps)
+            if config.output_norm_eps is not None
+            else None
         )
         # dispatch/combine across ranks, the sibling of the experts: set by
         # moekit.parallel.apply_ep (expert parallelism); None runs the experts on this
@@ -120,6 +149,11 @@ class MoE(Module):
         self.experts.init_weights(init_std, out_std=out_std)
         if self.shared_experts is not None:
             self.shared_experts.init_weights(init_std, out_std=out_std)
+        with torch.no_grad():
+            if self.output_bias is not None:
+                self.output_bias.zero_()
+            if self.output_norm is not None:
+                self.output_norm.weight.fill_(1.0)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -166,6 +200,8 @@ class MoE(Module):
         shape = x.shape
         x_TD = x.reshape(-1, self.dim)
         T = x_TD.shape[0]
+        if self.config.sequence_capacity is not None and T > 0:
+            r = self._drop_over_sequence_capacity(r, shape)
         self.last_router_output = r.detach()  # no graph kept between calls (deepcopy, pickle)
         mask_T = None if token_mask is None else token_mask.reshape(-1)
 
@@ -185,11 +221,27 @@ class MoE(Module):
             y_TD = self.dispatch(x_TD, r.topk_ids, r.topk_weights, self.experts)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
+        if self.output_bias is not None:
+            y_TD = y_TD + self.output_bias
+        if self.output_norm is not None:
+            y_TD = self.output_norm(y_TD)
         if T > 0:
             y_TD = self._attach_losses(y_TD, r, mask_T, shape, load_E)
         else:
             self.aux_losses = {}
         return y_TD.reshape(shape), r
+
+    def _drop_over_sequence_capacity(self, r: RouterOutput, shape) -> RouterOutput:
+        """``r`` with the weights of the slots beyond ``sequence_capacity`` set to zero (a
+        constant mask: no gradient reaches them, as if they had not been routed)."""
+        keep = sequence_capacity_keep(
+            r.topk_ids, shape[0] if len(shape) == 3 else 1, self.num_experts,
+            self.config.sequence_capacity,
+        )
+        return RouterOutput(
+            topk_ids=r.topk_ids, topk_weights=r.topk_weights * keep.to(r.topk_weights.dtype),
+            scores=r.scores, logits=r.logits,
+        )
 
     def _route(self, x, input_ids, router_logits) -> RouterOutput:
         kwargs = {}

@@ -22,6 +22,7 @@ __all__ = [
     "DROP_POLICIES",
     "RoutingPlan",
     "capacity_for",
+    "sequence_capacity_keep",
     "check_plan",
     "count_per_expert",
     "ids_fingerprint",
@@ -155,6 +156,21 @@ def count_per_expert(
     src = torch.ones_like(ids) if weights is None else weights.reshape(-1)
     out = torch.zeros(num_experts, dtype=src.dtype, device=ids.device)
     return out.scatter_add_(0, ids, src)
+
+
+def sequence_capacity_keep(
+    topk_ids_TK: torch.Tensor, num_sequences: int, num_experts: int, capacity: int
+) -> torch.Tensor:
+    """bool ``[T, K]``: whether each routed slot is within its expert's ``capacity`` in its
+    sequence (the T tokens are ``num_sequences`` sequences of equal length, in order); slots
+    count in token order, then k order, so the earliest positions are kept (Switch
+    Transformers' ``expert_capacity``)."""
+    T, K = topk_ids_TK.shape
+    onehot = torch.nn.functional.one_hot(
+        topk_ids_TK.reshape(num_sequences, -1).to(torch.int64), num_experts
+    )  # [B, S*K, E]
+    rank = (onehot.cumsum(dim=1) * onehot).sum(dim=-1)  # 1-based rank within (sequence, expert)
+    return (rank <= capacity).reshape(T, K)
 
 
 def capacity_for(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:

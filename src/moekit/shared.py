@@ -1,7 +1,9 @@
 """SharedExperts: a dense MLP every token goes through, added to the routed output.
 
 ``gate_proj``/``up_proj``/``down_proj`` are ``nn.Linear`` (no bias); a non-gated activation
-has no ``gate_proj``. With ``use_gate`` a Linear ``expert_gate`` (D -> 1) scales the output by
+has no ``gate_proj``. With ``fused_gate_up`` (gated only) one ``gate_up_proj`` Linear
+(D -> 2F, gate rows first) stands for ``gate_proj`` and ``up_proj`` (both None then), as
+MiniMax-M3's shared expert keeps them. With ``use_gate`` a Linear ``expert_gate`` (D -> 1) scales the output by
 ``sigmoid(expert_gate(x))`` per token (Qwen2-MoE's shared expert gate).
 """
 
@@ -25,13 +27,20 @@ class SharedExperts(Module):
         activation: str = "silu"
         gated: bool | None = None
         use_gate: bool = False
+        fused_gate_up: bool = False
 
         def __post_init__(self) -> None:
             o = "SharedExperts.Config"
             check_positive(o, "hidden_dim", self.hidden_dim)
             check_bool(o, "use_gate", self.use_gate)
+            check_bool(o, "fused_gate_up", self.fused_gate_up)
             self.activation = canonical_activation(self.activation)
             resolve_gated(self.activation, self.gated, o)  # validates the pairing
+            if self.fused_gate_up and not self.is_gated:
+                raise ValueError(
+                    f"{o}: fused_gate_up=True needs a gated activation (activation="
+                    f"{self.activation!r}, gated={self.gated!r})"
+                )
 
         @property
         def is_gated(self) -> bool:
@@ -44,8 +53,10 @@ class SharedExperts(Module):
         self.config = config
         self.dim, self.hidden_dim = dim, config.hidden_dim
         self._act = get_activation(config.activation)
-        self.gate_proj = nn.Linear(dim, config.hidden_dim, bias=False) if config.is_gated else None
-        self.up_proj = nn.Linear(dim, config.hidden_dim, bias=False)
+        F, fused = config.hidden_dim, config.fused_gate_up
+        self.gate_up_proj = nn.Linear(dim, 2 * F, bias=False) if fused else None
+        self.gate_proj = nn.Linear(dim, F, bias=False) if config.is_gated and not fused else None
+        self.up_proj = None if fused else nn.Linear(dim, F, bias=False)
         self.down_proj = nn.Linear(config.hidden_dim, dim, bias=False)
         self.expert_gate = nn.Linear(dim, 1, bias=False) if config.use_gate else None
         self.init_weights()
@@ -55,13 +66,18 @@ class SharedExperts(Module):
         expert gate ~ N(0, 0.02); the up projection of a gated MLP and the down projection
         ~ N(0, ``out_std``) (defaults to ``init_std``)."""
         std = init_std if out_std is None else out_std
-        first = self.gate_proj if self.gate_proj is not None else self.up_proj
-        for lin in (first, self.expert_gate):
-            if lin is not None:
-                nn.init.trunc_normal_(lin.weight, mean=0.0, std=0.02)
-        if self.gate_proj is not None:
-            nn.init.trunc_normal_(self.up_proj.weight, mean=0.0, std=std)
-        nn.init.trunc_normal_(self.down_proj.weight, mean=0.0, std=std)
+        F = self.hidden_dim
+        fused = self.gate_up_proj.weight if self.gate_up_proj is not None else None
+        gate = fused[:F] if fused is not None else getattr(self.gate_proj, "weight", None)
+        up = fused[F:] if fused is not None else self.up_proj.weight
+        with torch.no_grad():
+            first = gate if gate is not None else up
+            for w in (first, getattr(self.expert_gate, "weight", None)):
+                if w is not None:
+                    nn.init.trunc_normal_(w, mean=0.0, std=0.02)
+            if gate is not None:
+                nn.init.trunc_normal_(up, mean=0.0, std=std)
+            nn.init.trunc_normal_(self.down_proj.weight, mean=0.0, std=std)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         if not isinstance(x_TD, torch.Tensor) or x_TD.dim() < 1 or x_TD.shape[-1] != self.dim:
@@ -69,13 +85,16 @@ class SharedExperts(Module):
                 f"SharedExperts input must be [..., {self.dim}], got "
                 f"{tuple(x_TD.shape) if isinstance(x_TD, torch.Tensor) else type(x_TD).__name__}"
             )
-        if x_TD.dtype != self.up_proj.weight.dtype:
+        if x_TD.dtype != self.down_proj.weight.dtype:
             raise TypeError(
-                f"SharedExperts input has dtype {x_TD.dtype} but its weights are {self.up_proj.weight.dtype}; "
+                f"SharedExperts input has dtype {x_TD.dtype} but its weights are {self.down_proj.weight.dtype}; "
                 "cast one of them"
             )
-        up = self.up_proj(x_TD)
-        h = self._act.gated(self.gate_proj(x_TD), up) if self.gate_proj is not None else self._act.unary(up)
+        if self.gate_up_proj is not None:
+            h = self._act(self.gate_up_proj(x_TD), gated=True)
+        else:
+            up = self.up_proj(x_TD)
+            h = self._act.gated(self.gate_proj(x_TD), up) if self.gate_proj is not None else self._act.unary(up)
         y = self.down_proj(h)
         if self.expert_gate is not None:
             y = torch.sigmoid(self.expert_gate(x_TD)) * y

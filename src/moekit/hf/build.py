@@ -20,7 +20,16 @@ from .families import (
     top_k_of,
 )
 from .hf_moe import HFMoE
-from .layout import PARTS, SAME, Entry, PatchError, block_param_map, get_path, to_moekit
+from .layout import (
+    PARTS,
+    SAME,
+    Entry,
+    PatchError,
+    block_param_map,
+    expert_index,
+    get_path,
+    to_moekit,
+)
 from .probe import router_matches
 
 __all__ = ["patch_block", "attach_block"]
@@ -50,7 +59,7 @@ def _build_moe(
         if not isinstance(t, torch.Tensor):
             raise PatchError(f"{where}: expected a tensor at {en.hf!r}")
         device = t.device
-        if en.kind in PARTS:
+        if en.kind in PARTS or expert_index(en.kind) is not None:
             parts.setdefault(en.moekit, []).append((en, t))
             continue
         mod, leaf, cur = get_path(moe, en.moekit)
@@ -71,9 +80,13 @@ def _build_moe(
             setattr(mod, leaf, to_moekit(en.kind, t.detach(), E))
         assigned.add(en.moekit)
     for path, items in parts.items():  # e.g. DBRX's w1 and v1 -> gate_up_proj (a copy)
-        items.sort(key=lambda it: PARTS.index(it[0].kind))
         mod, leaf, cur = get_path(moe, path)
-        val = torch.cat([to_moekit(en.kind, t.detach(), E) for en, t in items], dim=1)
+        if expert_index(items[0][0].kind) is not None:  # per-expert weights, stacked (a copy)
+            items.sort(key=lambda it: expert_index(it[0].kind))
+            val = torch.stack([t.detach() for _, t in items])
+        else:
+            items.sort(key=lambda it: PARTS.index(it[0].kind))
+            val = torch.cat([to_moekit(en.kind, t.detach(), E) for en, t in items], dim=1)
         if cur is None or tuple(cur.shape) != tuple(val.shape):
             raise PatchError(
                 f"{where}: {[en.hf for en, _ in items]} do not fit moekit's {path} "

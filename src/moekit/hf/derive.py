@@ -74,6 +74,7 @@ def config_from_hf(
                 activation=spec.extra.get("shared_activation") or act,
                 gated=spec.extra.get("shared_gated"),
                 use_gate=spec.shared_gate is not None,
+                fused_gate_up=bool(spec.extra.get("shared_fused")),
             )
         return MoE.Config(
             dim=int(D),
@@ -82,6 +83,7 @@ def config_from_hf(
             router=router,
             experts=experts,
             shared_experts=shared,
+            **spec.extra.get("moe_kwargs", lambda c: {})(cfg),  # e.g. an output bias or norm
         )
     except ValueError as e:  # a moekit config check: the block is not expressible
         raise PatchError(f"{owner}: {e}") from e

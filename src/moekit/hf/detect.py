@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .block_parts import forward_only_raises, fused_shared_mlp, output_norm_child
 from .experts_impl import hf_activation_name
 from .families import (
     CONCAT,
@@ -65,9 +66,11 @@ def _router_child(mod: nn.Module) -> nn.Module | None:
 def is_moe_block(mod: nn.Module) -> bool:
     """Whether ``mod`` looks like a sparse MoE block: experts (an ``experts`` child, or a
     child whose class name ends in ``Experts``) next to a router (a ``gate``/``router``/
-    ``gating`` child, or a child whose class name says Router or Gating)."""
+    ``gating`` child, or a child whose class name says Router or Gating), and a ``forward``
+    that computes something (not one that only raises: such a module is no layer that
+    anything calls, e.g. JetMoE's mixture of attention heads)."""
     ex, r = _experts_child(mod), _router_child(mod)
-    return ex is not None and r is not None and ex is not r
+    return ex is not None and r is not None and ex is not r and not forward_only_raises(mod)
 
 
 def _plain_fused(ex: nn.Module) -> bool:
@@ -161,8 +164,15 @@ def generic_spec(block: nn.Module, cfg, where: str) -> tuple[FamilySpec, list[di
         )
     has_gate, transposed, concat, has_bias, post_norm = _layout_flags(ex)
     if post_norm:
+        norm = type(getattr(ex, "post_expert_norm", None)).__name__
+        around = [
+            n for n, m in block.named_children()
+            if n not in ("experts", router_name) and any(True for _ in m.parameters())
+        ]
         raise PatchError(
-            f"{where}: experts apply a post-expert norm, which moekit.MoE does not have"
+            f"{where}: experts apply a post-expert norm ({norm} on each expert's output, before "
+            "its routing weight), which moekit's grouped experts do not have"
+            + (f"; the block also runs {around} around the experts" if around else "")
         )
     if not concat and not transposed:
         raise PatchError(f"{where}: interleaved, non-transposed experts layout is not supported")
@@ -198,33 +208,42 @@ def generic_spec(block: nn.Module, cfg, where: str) -> tuple[FamilySpec, list[di
         (n for n in _SHARED_NAMES if isinstance(getattr(block, n, None), nn.Module)), None
     )
     shared_hidden = sact = shared_gated = None
+    shared_fused = False
     if shared_name is not None:
         sm = getattr(block, shared_name)
         up = getattr(sm, "up_proj", None)
         down = getattr(sm, "down_proj", None)
-        if not isinstance(up, nn.Linear) or not isinstance(down, nn.Linear):
-            raise PatchError(f"{where}: shared expert {shared_name!r} is not a gate/up/down MLP")
-        lin = [m for m in (getattr(sm, "gate_proj", None), up, down) if m is not None]
-        if any(m.bias is not None for m in lin):
+        if isinstance(getattr(sm, "gate_up_proj", None), nn.Linear) and up is None:
+            shared_hidden, sact = fused_shared_mlp(sm, where, shared_name, experts_kw["activation"])
+            shared_gated = shared_fused = True
+        elif not isinstance(up, nn.Linear) or not isinstance(down, nn.Linear):
             raise PatchError(
-                f"{where}: shared expert {shared_name!r} has biases (moekit's have none)"
+                f"{where}: shared expert {shared_name!r} is neither a gate/up/down MLP nor one "
+                "with a fused gate_up_proj"
             )
-        shared_hidden = up.out_features
-        shared_gated = isinstance(getattr(sm, "gate_proj", None), nn.Linear)
-        sfn = getattr(sm, "act_fn", None) or getattr(sm, "activation_fn", None)
-        sact = hf_activation_name(sfn)
-        if sact is None:
-            raise PatchError(
-                f"{where}: shared expert {shared_name!r} activation {sfn!r} has no moekit "
-                "equivalent"
-            )
+        else:
+            lin = [m for m in (getattr(sm, "gate_proj", None), up, down) if m is not None]
+            if any(m.bias is not None for m in lin):
+                raise PatchError(
+                    f"{where}: shared expert {shared_name!r} has biases (moekit's have none)"
+                )
+            shared_hidden = up.out_features
+            shared_gated = isinstance(getattr(sm, "gate_proj", None), nn.Linear)
+            sfn = getattr(sm, "act_fn", None) or getattr(sm, "activation_fn", None)
+            sact = hf_activation_name(sfn)
+            if sact is None:
+                raise PatchError(
+                    f"{where}: shared expert {shared_name!r} activation {sfn!r} has no moekit "
+                    "equivalent"
+                )
     shared_gate = next(
         (n for n in _SHARED_GATE_NAMES if isinstance(getattr(block, n, None), nn.Linear)), None
     )
     if shared_gate is not None and shared_name is None:
         raise PatchError(f"{where}: shared expert gate without a shared expert")
 
-    known = {router_name, "experts", shared_name, shared_gate} - {None}
+    post_norm, norm_eps = output_norm_child(block)
+    known = {router_name, "experts", shared_name, shared_gate, post_norm} - {None}
     extra = [
         n for n, m in block.named_children() if n not in known and any(True for _ in m.parameters())
     ]
@@ -286,6 +305,9 @@ def generic_spec(block: nn.Module, cfg, where: str) -> tuple[FamilySpec, list[di
             "router_bias_path": in_router,
             "shared_activation": sact if shared_name else None,
             "shared_gated": shared_gated if shared_name else None,
+            "shared_fused": shared_fused,
+            "output_norm": post_norm,
+            "moe_kwargs": lambda c, eps=norm_eps: {} if eps is None else {"output_norm_eps": eps},
         },
     )
     cands = [dict(base)]

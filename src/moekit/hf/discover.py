@@ -37,6 +37,8 @@ OVERRIDES: dict[str, dict] = {
     "dbrx": {"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0},
              "ffn_config": {"moe_top_k": 2}},
     "step3p7": {"text_config": {"sliding_window": 4}},
+    # training-only noise (router jitter, dropout inside the experts) that patch refuses
+    "switch_transformers": {"router_jitter_noise": 0.0, "dropout_rate": 0.0},
     "qwen4_exp": {"indexer_budget": 8, "indexer_compress_ratio": 4, "indexer_n_heads": 2,
                   "indexer_kv_heads": 1, "indexer_head_dim": 8},
 }

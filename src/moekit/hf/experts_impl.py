@@ -45,6 +45,7 @@ _ACT_CLASSES = {
     "FastGELUActivation": "gelu_tanh",
     "PytorchGELUTanh": "gelu_tanh",
     "ReLUSquaredActivation": "relu2",
+    "ReLU": "relu",
 }
 
 # config.hidden_act strings -> moekit activation names
@@ -58,6 +59,7 @@ HIDDEN_ACT_NAMES = {
     "gelu_new": "gelu_tanh",
     "gelu_fast": "gelu_tanh",
     "relu2": "relu2",
+    "relu": "relu",
 }
 
 

@@ -20,7 +20,10 @@ CONCAT = "concat"  # gate_up_proj [E, 2F, D], down_proj [E, D, F]
 TRANSPOSED = "transposed"  # gate_up_proj [E, D, 2F] (gate cols first), down_proj [E, F, D]
 INTERLEAVED_TRANSPOSED = "interleaved_transposed"  # [E, D, 2F] with gate/up columns alternating
 DBRX_ROWS = "dbrx_rows"  # mlp.w1 / v1 / w2 [E * F, D] each (gate, up, down transposed)
-LAYOUTS = (CONCAT, TRANSPOSED, INTERLEAVED_TRANSPOSED, DBRX_ROWS)
+# one nn.Linear-style module per expert (``experts.expert_{i}.wi / wo``, non-gated), stacked once
+# into moekit's [E, F, D] / [E, D, F] at patch time (extra: expert_key, expert_linears)
+PER_EXPERT = "per_expert"
+LAYOUTS = (CONCAT, TRANSPOSED, INTERLEAVED_TRANSPOSED, DBRX_ROWS, PER_EXPERT)
 
 # what a block's forward returns
 RET_TENSOR = "tensor"
@@ -160,6 +163,22 @@ def _dbrx_check(c):
     return None
 
 
+def _switch_check(c):
+    if hf_get(c, "router_jitter_noise", default=0.0):
+        return (
+            f"router_jitter_noise={c.router_jitter_noise} multiplies the router input by random "
+            "noise in training; moekit's router has no such option (set it to 0.0 to patch)"
+        )
+    if hf_get(c, "dropout_rate", default=0.0):
+        return (
+            f"dropout_rate={c.dropout_rate} applies dropout inside every expert in training; "
+            "moekit's experts have none (set it to 0.0 to patch)"
+        )
+    if hf_get(c, "router_dtype", default="float32") != "float32":
+        return f"router_dtype={c.router_dtype!r}: moekit patches Switch routers in float32 only"
+    return None
+
+
 def _llama4_check(c):
     if hf_get(c, "router_jitter_noise", default=0.0):
         return f"router_jitter_noise={c.router_jitter_noise} is not supported by moekit's MoE"
@@ -287,6 +306,44 @@ FAMILIES: dict[str, FamilySpec] = {
                 "num_experts": lambda c: c.ffn_config.moe_num_experts,
                 "top_k": lambda c: c.ffn_config.moe_top_k,
                 "hidden_act": lambda c: (c.ffn_config.ffn_act_fn or {}).get("name", "silu"),
+            },
+        ),
+        FamilySpec(
+            "switch_transformers",
+            ("switch_transformers",),
+            ("SwitchTransformersSparseMLP",),
+            router="router",
+            router_linear="classifier",
+            layout=PER_EXPERT,
+            expert_hidden=lambda c: c.d_ff,
+            routing=lambda c: dict(score_func="softmax", use_router_bias=bool(c.router_bias)),
+            experts_kwargs=lambda c: dict(gated=False),
+            check=_switch_check,
+            router_in_fp32=True,
+            extra={
+                "num_experts": lambda c: c.num_experts,
+                "top_k": lambda c: 1,
+                "hidden_act": lambda c: c.dense_act_fn,
+                "expert_key": "expert_{}",
+                "expert_linears": ("wi", "wo"),
+                # capacity per sequence, earliest positions first
+                "moe_kwargs": lambda c: dict(sequence_capacity=int(c.expert_capacity)),
+            },
+        ),
+        FamilySpec(
+            "jetmoe",
+            ("jetmoe",),
+            ("JetMoeMoE",),
+            router="router",
+            router_linear="layer",
+            expert_hidden=lambda c: c.intermediate_size,
+            routing=lambda c: dict(score_func="softmax", topk_before_score=True),
+            extra={
+                "hidden_act": lambda c: c.activation_function,
+                # input_linear [E, 2F, D] (gate rows first) and output_linear [E, D, F]
+                "expert_paths": ("input_linear.weight", "output_linear.weight"),
+                "output_bias": "bias",  # a [D] bias added to the block's output
+                "moe_kwargs": lambda c: dict(output_bias=True),
             },
         ),
         FamilySpec(

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..moe import MoE
 from .families import RET_FLAT_LOGITS, RET_LOGITS, RET_TENSOR, RET_WEIGHTS
-from .layout import get_path, to_hf
+from .layout import expert_index, get_path, to_hf
 
 __all__ = ["HFMoE"]
 
@@ -52,13 +52,18 @@ class HFMoE(MoE):
 
     def hf_tensors(self, which: str = "data") -> dict[str, torch.Tensor]:
         """This module's tensors (``which="data"``) or gradients (``"grad"``) under the original
-        block's names and layout (relative to the block), e.g. to compare with the original."""
+        block's names and layout (relative to the block), e.g. to compare with the original.
+        A per-expert module's gradient that is all zeros is left out, as the original leaves
+        the gradient of an expert that no token reached at None."""
         out = {}
         for en in self.__dict__.get("_hf_entries", []):
             _, _, cur = get_path(self, en.moekit)
             t = cur.detach() if which == "data" else cur.grad
             if t is not None:
-                out[en.hf] = to_hf(en.kind, t, self.__dict__["_hf_dtypes"][en.hf])
+                t = to_hf(en.kind, t, self.__dict__["_hf_dtypes"][en.hf])
+                if which == "grad" and expert_index(en.kind) is not None and not t.any():
+                    continue
+                out[en.hf] = t
         return out
 
     @property

@@ -11,12 +11,19 @@ import torch
 from torch import nn
 
 from ..moe import MoE
-from .families import CONCAT, DBRX_ROWS, INTERLEAVED_TRANSPOSED, TRANSPOSED, FamilySpec
+from .families import (
+    CONCAT,
+    DBRX_ROWS,
+    INTERLEAVED_TRANSPOSED,
+    PER_EXPERT,
+    TRANSPOSED,
+    FamilySpec,
+)
 
 __all__ = [
     "PatchError", "Entry", "block_param_map", "to_moekit", "to_hf", "get_path", "find_tensor",
     "SAME", "TRANS", "INTERLEAVE_T", "INTERLEAVE_BIAS", "FP32", "FP32_ROW", "ROW", "PARTS",
-    "ROWS_GATE", "ROWS_UP", "ROWS_T",
+    "ROWS_GATE", "ROWS_UP", "ROWS_T", "expert_kind", "expert_index",
 ]
 
 
@@ -38,12 +45,24 @@ SAME, TRANS, INTERLEAVE_T, INTERLEAVE_BIAS, FP32, FP32_ROW, ROW = (
 # halves of gate_up_proj [E, 2F, D] (PARTS: their order there), w2 the down projection
 ROWS_GATE, ROWS_UP, ROWS_T = "rows_gate", "rows_up", "rows_t"
 PARTS = (ROWS_GATE, ROWS_UP)
+# a per-expert module's weight [O, I] <-> row i of moekit's stacked [E, O, I] (kind "expert:i";
+# the rows are stacked once, into a new Parameter, when the block is patched)
+_EXPERT = "expert:"
+
+
+def expert_kind(i: int) -> str:
+    return f"{_EXPERT}{i}"
+
+
+def expert_index(kind: str) -> int | None:
+    """The expert of a per-expert kind (:func:`expert_kind`), None for every other kind."""
+    return int(kind[len(_EXPERT):]) if kind.startswith(_EXPERT) else None
 
 
 def to_moekit(kind: str, t: torch.Tensor, num_experts: int | None = None) -> torch.Tensor:
     """The moekit tensor of HF tensor ``t`` (for the :data:`PARTS` kinds its part
     ``[E, F, D]``; ``num_experts`` is needed by the DBRX row kinds)."""
-    if kind == SAME:
+    if kind == SAME or expert_index(kind) is not None:  # one expert's row of the stack
         return t
     if kind in PARTS:
         return t.reshape(num_experts, -1, t.shape[-1])
@@ -68,6 +87,8 @@ def to_moekit(kind: str, t: torch.Tensor, num_experts: int | None = None) -> tor
 def to_hf(kind: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     if kind == SAME:
         return t
+    if expert_index(kind) is not None:  # stacked [E, O, I] -> the expert's [O, I]
+        return t[expert_index(kind)]
     if kind in PARTS:  # gate_up [E, 2F, D] -> its gate or up rows [E * F, D]
         f = t.shape[1] // 2
         half = t[:, :f] if kind == ROWS_GATE else t[:, f:]
@@ -113,7 +134,19 @@ def block_param_map(spec: FamilySpec, moe_cfg: MoE.Config) -> list[Entry]:
     if rc.use_expert_bias:
         eb = spec.expert_bias or f"{r}.e_score_correction_bias"
         out.append(Entry(eb, "router.expert_bias", FP32_ROW if spec.expert_bias_row else FP32))
+    for key, path in (("output_bias", ""), ("output_norm", ".weight")):
+        if spec.extra.get(key) and getattr(moe_cfg, "output_norm_eps" if path else key):
+            out.append(Entry(spec.extra[key] + path, key + path, SAME))
     up = "gate_up_proj" if ec.is_gated else "up_proj"
+    if spec.layout == PER_EXPERT:
+        if ec.is_gated or ec.use_bias or moe_cfg.shared_experts is not None:
+            raise PatchError(f"{spec.name}: per-expert modules are read as non-gated, no biases")
+        key, (up_hf, down_hf) = spec.extra["expert_key"], spec.extra["expert_linears"]
+        for i in range(moe_cfg.num_experts):
+            m = f"{e}.{key.format(i)}"
+            out.append(Entry(f"{m}.{up_hf}.weight", f"experts.{up}", expert_kind(i)))
+            out.append(Entry(f"{m}.{down_hf}.weight", "experts.down_proj", expert_kind(i)))
+        return out
     if spec.layout == DBRX_ROWS:
         if not ec.is_gated or ec.use_bias or moe_cfg.shared_experts is not None:
             raise PatchError(f"{spec.name}: the per-expert row layout is gated, without biases")
@@ -126,19 +159,21 @@ def block_param_map(spec: FamilySpec, moe_cfg: MoE.Config) -> list[Entry]:
     w_kind = {CONCAT: SAME, TRANSPOSED: TRANS, INTERLEAVED_TRANSPOSED: INTERLEAVE_T}[spec.layout]
     if spec.layout == INTERLEAVED_TRANSPOSED and not ec.is_gated:
         raise PatchError(f"{spec.name}: an interleaved gate/up layout needs gated experts")
-    out.append(Entry(f"{e}.{up}", f"experts.{up}", w_kind))
-    out.append(
-        Entry(f"{e}.down_proj", "experts.down_proj", SAME if spec.layout == CONCAT else TRANS)
-    )
+    up_hf, down_hf = spec.extra.get("expert_paths", (f"{e}.{up}", f"{e}.down_proj"))
+    out.append(Entry(up_hf, f"experts.{up}", w_kind))
+    out.append(Entry(down_hf, "experts.down_proj", SAME if spec.layout == CONCAT else TRANS))
     if ec.use_bias:
         b_kind = INTERLEAVE_BIAS if spec.layout == INTERLEAVED_TRANSPOSED else SAME
         out.append(Entry(f"{e}.{up}_bias", f"experts.{up}_bias", b_kind))
         out.append(Entry(f"{e}.down_proj_bias", "experts.down_proj_bias", SAME))
     if moe_cfg.shared_experts is not None:
         s = spec.shared
+        sc = moe_cfg.shared_experts
         names = (
-            ["gate_proj", "up_proj", "down_proj"]
-            if moe_cfg.shared_experts.is_gated
+            ["gate_up_proj", "down_proj"]
+            if sc.fused_gate_up
+            else ["gate_proj", "up_proj", "down_proj"]
+            if sc.is_gated
             else ["up_proj", "down_proj"]
         )
         out += [Entry(f"{s}.{n}.weight", f"shared_experts.{n}.weight", SAME) for n in names]

@@ -162,8 +162,8 @@ def _warn_new_parameters(new) -> None:
                 fresh.append(f"{n}.{en.hf}")
     if fresh:
         warnings.warn(
-            f"moekit.hf.patch: {len(fresh)} weights now live in new Parameter objects (converted "
-            f"or transposed layouts), e.g. {fresh[:2]}; an optimizer built before patch() would "
+            f"moekit.hf.patch: {len(fresh)} weights now live in new Parameter objects "
+            f"(converted, stacked or transposed layouts), e.g. {fresh[:2]}; an optimizer built before patch() would "
             "update tensors the model no longer uses: build the optimizer after patch()",
             stacklevel=3,
         )

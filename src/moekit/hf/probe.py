@@ -16,7 +16,7 @@ from ..activations import get_activation, make_activation_name
 from ..router import TokenChoiceTopKRouter
 from .layout import PatchError
 
-__all__ = ["router_matches", "gate_activation", "router_bias_argument"]
+__all__ = ["router_matches", "gate_activation", "router_bias_argument", "shared_activation"]
 
 
 def router_bias_argument(router: nn.Module) -> str | None:
@@ -183,3 +183,42 @@ def router_matches(
         return 1.0 if torch.allclose(w_a, w_b, atol=1e-6, rtol=1e-5) else None
     c = float((w_a / w_b).mean())
     return c if torch.allclose(w_a, w_b * c, atol=1e-6, rtol=1e-5) else None
+
+
+def shared_activation(sm: nn.Module, dim: int, hidden: int, preferred=()) -> str | None:
+    """The moekit activation with which a :class:`~moekit.shared.SharedExperts` on one fused
+    ``gate_up_proj`` computes what the shared MLP ``sm`` computes: ``preferred`` (e.g. the
+    routed experts' activation), ``silu``, ``gelu``, ``gelu_tanh``, ``gpt_oss`` and, with the
+    module's ``swiglu_alpha``/``swiglu_limit`` (or ``alpha``/``limit``), the clamped SwiGLU and
+    GPT-OSS GLU at those constants. Checked on float64 copies with random weights and inputs
+    large enough to show clamps. None when none does."""
+    from ..shared import SharedExperts
+
+    lim, alpha = _constant(sm, "swiglu_limit", "limit"), _constant(sm, "swiglu_alpha", "alpha")
+    candidates = [*preferred, "silu", "gelu", "gelu_tanh", "gpt_oss"]
+    if lim is not None and math.isfinite(lim) and lim > 0:
+        candidates.append(make_activation_name("silu", limit=lim))
+        if alpha is not None:
+            candidates.append(make_activation_name("gpt_oss", alpha=alpha, limit=lim))
+
+    ref = copy.deepcopy(sm).to("cpu", torch.float64)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) / dim**0.5)
+        x = torch.randn(13, dim, generator=g, dtype=torch.float64) * 4.0
+        try:
+            want = ref(x)
+        except Exception:  # noqa: BLE001 - not a plain MLP of its input
+            return None
+        for name in candidates:
+            try:
+                cfg = SharedExperts.Config(hidden_dim=hidden, activation=name, fused_gate_up=True)
+            except ValueError:
+                continue
+            m = cfg.build(dim=dim).to(torch.float64)
+            m.gate_up_proj.weight.copy_(ref.gate_up_proj.weight)
+            m.down_proj.weight.copy_(ref.down_proj.weight)
+            if torch.allclose(m(x), want, rtol=1e-7, atol=1e-9):
+                return name
+    return None

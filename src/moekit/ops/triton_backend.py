@@ -280,10 +280,11 @@ class TritonBackend(ExpertsBackend):
     def experts(self, x_TD, gate_up_proj, down_proj, plan, topk_weights_TK, *, activation, **kw):
         """The fused kernels for the activations they compile (``gpt_oss`` with any
         ``alpha``/``limit``: the constants are kernel arguments); any other activation with
-        parameters (e.g. a clamped SwiGLU ``silu(limit=..)``) runs the staged path over this
+        parameters (e.g. a clamped SwiGLU ``silu(limit=..)``), or that the kernels do not
+        compile (``relu``), runs the staged path over this
         backend's grouped linear, with the activation in PyTorch."""
         base, params = activation_params(activation)
-        if not params:
+        if not params and base in self._kernels.launchers.K.ACT_CODES:
             return self.fused(x_TD, gate_up_proj, down_proj, plan, topk_weights_TK,
                               activation=base, **kw)
         if base == "gpt_oss":

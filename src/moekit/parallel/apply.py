@@ -199,6 +199,10 @@ def sync_replicated_grads(moe: MoE, group=None, *, op: str = "sum") -> None:
     params = list(moe.router.parameters())
     if moe.shared_experts is not None:
         params += [p for p in moe.shared_experts.parameters()]
+    if moe.output_bias is not None:  # the output bias and norm are replicated like the router
+        params.append(moe.output_bias)
+    if moe.output_norm is not None:
+        params += list(moe.output_norm.parameters())
     for p in params:
         if not p.requires_grad:
             continue

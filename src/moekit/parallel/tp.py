@@ -121,6 +121,12 @@ class TPSharedExperts(nn.Module):
     def __init__(self, shared: nn.Module, tp_group):
         super().__init__()
         self.group = tp_group
+        if getattr(shared, "gate_up_proj", None) is not None:
+            raise ValueError(
+                "TP-sharded shared experts need separate gate_proj/up_proj: shared experts with "
+                "fused_gate_up=True run local or external (apply_ep(shared_experts='local' or "
+                "'external'))"
+            )
         n, i = dist.get_world_size(tp_group), dist.get_rank(tp_group)
         m = copy.deepcopy(shared)
         Fh = m.up_proj.weight.shape[0]
