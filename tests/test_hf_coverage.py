@@ -31,7 +31,7 @@ CI_FAMILIES = {
     "inkling2": ("pass", "pass"),  # softcapped SwiGLU; a router with its dtype fixed to fp32
     "diffusion_gemma": ("pass", "refused"),  # random noise in the forward; decoder-layer MoE
     "muse_spark": ("pass", "refused"),  # post-expert norm
-    "phimoe": ("pass", "refused"),  # sparsemixer routing
+    "phimoe": ("pass", "pass"),  # sparsemixer routing (a named family)
     "dbrx": ("refused", "pass"),  # undecorated experts; per-expert rows [E * F, D]
     "step3p7": ("refused", "pass"),  # undecorated experts in the standard fused layout
     "jetmoe": ("refused", "refused"),  # undecorated experts moekit cannot read

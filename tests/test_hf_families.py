@@ -305,14 +305,28 @@ def test_generic_families(model_type):
     _tol_close(model(ids).logits, want.logits, f"{model_type} unpatched logits")
 
 
-def test_generic_inexpressible_family_phimoe():
-    """PhiMoE's sparsemixer routing has no TokenChoiceTopKRouter config: refused, by name."""
-    model = _build(_generic_config("phimoe"))
-    with pytest.raises(
-        mh.PatchError, match=r"model\.layers\.0\.mlp \(PhimoeSparseMoeBlock\).*PhimoeTopKRouter"
-    ):
-        mh.patch(model)
-    assert not any(isinstance(m, mh.HFMoE) for m in model.modules())
+def test_phimoe_sparsemixer_patch_matches_in_training():
+    """PhiMoE's sparsemixer routing, in training mode: the patched block samples the same
+    experts from the same RNG state and gets transformers' custom gradient."""
+    ref = _build(_generic_config("phimoe")).train()
+    for m in ref.modules():  # no dropout: only the routing samples
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    model = copy.deepcopy(ref)
+    names = mh.patch(model)
+    assert len(names) == 2 and model.model.layers[0].mlp.router.config.routing == "sparsemixer"
+    assert model.training
+    outs = []
+    for m in (ref, model):
+        torch.manual_seed(11)
+        out = m(_ids(B=3, S=9))
+        _loss(out).backward()
+        outs.append(out.logits)
+    _tol_close(outs[1], outs[0], "phimoe training logits")
+    _check_grads(model, ref)
+    with pytest.raises(mh.PatchError, match="input_jitter_noise=0.1"):
+        mh.config_from_hf(_generic_config("phimoe").__class__(**{
+            **_generic_config("phimoe").to_dict(), "input_jitter_noise": 0.1}))
 
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])

@@ -145,6 +145,15 @@ def _gpt_oss_experts(c):
     return dict(activation=make_activation_name("gpt_oss", alpha=a, limit=lim), use_bias=True)
 
 
+def _phimoe_check(c):
+    if hf_get(c, "input_jitter_noise", default=0.0):
+        return (
+            f"input_jitter_noise={c.input_jitter_noise} multiplies the block input by random "
+            "noise in training; moekit's MoE has no such option (set it to 0.0 to patch)"
+        )
+    return None
+
+
 def _dbrx_check(c):
     f = c.ffn_config
     if getattr(f, "moe_jitter_eps", None):
@@ -269,6 +278,20 @@ FAMILIES: dict[str, FamilySpec] = {
                 score_func="softmax", topk_before_score=True, use_router_bias=True
             ),
             experts_kwargs=_gpt_oss_experts,
+        ),
+        FamilySpec(
+            "phimoe",
+            ("phimoe",),
+            ("PhimoeSparseMoeBlock",),
+            router="router",
+            expert_hidden=lambda c: c.intermediate_size,
+            routing=lambda c: dict(
+                routing="sparsemixer",
+                sparsemixer_eps=float(hf_get(c, "router_jitter_noise", default=0.0)),
+            ),
+            check=_phimoe_check,
+            # transformers' sparsemixer picks two experts whatever num_experts_per_tok says
+            extra={"top_k": lambda c: 2},
         ),
         FamilySpec(
             "dbrx",
