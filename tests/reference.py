@@ -107,7 +107,8 @@ def moe_experts_ref(x_TD, w_up, w_down, topk_ids, topk_weights, *, activation="s
                     b_up=None, b_down=None, weight_on_input=False, kept=None):
     """``y[t] = sum_k w[t,k] * expert_{ids[t,k]}(x[t])`` by a loop over tokens and picks.
     ``weight_on_input``: ``expert(w[t,k] * x[t])`` instead. ``kept`` ([T, K] bool): slots not
-    kept contribute nothing (capacity drops)."""
+    kept contribute nothing (capacity drops). Ids from ``E = w_up.shape[0]`` on name
+    zero-computation experts: the identity."""
     T, D = x_TD.shape
     K = topk_ids.shape[1] if topk_ids.dim() == 2 else 0
     outs = []
@@ -119,6 +120,9 @@ def moe_experts_ref(x_TD, w_up, w_down, topk_ids, topk_weights, *, activation="s
             e = int(topk_ids[t, k])
             w = topk_weights[t, k].to(x_TD.dtype)
             xin = x_TD[t] * w if weight_on_input else x_TD[t]
+            if e >= w_up.shape[0]:  # a zero-computation (identity) expert
+                acc = acc + (xin if weight_on_input else w * xin)
+                continue
             y = expert_forward(
                 xin, w_up[e], w_down[e], None if b_up is None else b_up[e],
                 None if b_down is None else b_down[e], activation=activation, gated=gated,

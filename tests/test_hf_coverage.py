@@ -32,6 +32,7 @@ CI_FAMILIES = {
     "diffusion_gemma": ("pass", "refused"),  # random noise in the forward; decoder-layer MoE
     "muse_spark": ("pass", "refused"),  # post-expert norm
     "phimoe": ("pass", "pass"),  # sparsemixer routing (a named family)
+    "longcat_flash": ("refused", "pass"),  # zero-computation experts (a named family)
     "dbrx": ("refused", "pass"),  # undecorated experts; per-expert rows [E * F, D]
     "step3p7": ("refused", "pass"),  # undecorated experts in the standard fused layout
     "jetmoe": ("refused", "refused"),  # undecorated experts moekit cannot read

@@ -538,3 +538,30 @@ def test_gpt_oss_experts_implementation_takes_the_fused_path(monkeypatch):
     _check_grads(fast, ref)
     assert experts_impl._gpt_oss_activation(
         next(m for m in fast.modules() if type(m).__name__ == "GptOssExperts")) == "gpt_oss"
+
+
+def test_longcat_flash_zero_experts_patch():
+    """LongCat-Flash's zero-computation experts: patched exactly (logits, every grad, the
+    never-read zero-expert rows of gate_up_proj included), tokens do reach the zero experts,
+    and unpatch / hf_state_dict give back the original tensors bit for bit."""
+    from moekit.hf.discover import build_model, family_by_name
+
+    ref = build_model(family_by_name("longcat_flash"))
+    sd0 = {k: v.clone() for k, v in ref.state_dict().items()}
+    model = copy.deepcopy(ref)
+    assert len(mh.patch(model)) == 2
+    moe = model.model.layers[0].mlp
+    E, Z = ref.config.n_routed_experts, ref.config.zero_expert_num
+    assert moe.config.zero_experts == Z and moe.experts.w_up.shape[0] == E
+    ids = _ids()
+    outs = [m(ids) for m in (ref, model)]
+    for out in outs:
+        _loss(out).backward()
+    _tol_close(outs[1].logits, outs[0].logits, "longcat logits")
+    assert int(moe.tokens_per_expert[E:].sum()) > 0  # some tokens took a zero expert
+    _check_grads(model, ref)
+    sd = mh.hf_state_dict(model)
+    assert set(sd) == set(sd0) and all(torch.equal(sd[k], sd0[k]) for k in sd0)
+    mh.unpatch(model)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], sd0[k]) for k in sd0)

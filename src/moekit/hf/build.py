@@ -20,7 +20,7 @@ from .families import (
     top_k_of,
 )
 from .hf_moe import HFMoE
-from .layout import PARTS, SAME, Entry, PatchError, block_param_map, get_path, to_moekit
+from .layout import LEADING, PARTS, SAME, Entry, PatchError, block_param_map, get_path, to_moekit
 from .probe import router_matches
 
 __all__ = ["patch_block", "attach_block"]
@@ -70,6 +70,8 @@ def _build_moe(
         else:
             setattr(mod, leaf, to_moekit(en.kind, t.detach(), E))
         assigned.add(en.moekit)
+        if en.kind == LEADING:  # rows the block holds and never reads: kept for unpatch
+            moe.__dict__.setdefault("_hf_tails", {})[en.hf] = t.detach()[E:]
     for path, items in parts.items():  # e.g. DBRX's w1 and v1 -> gate_up_proj (a copy)
         items.sort(key=lambda it: PARTS.index(it[0].kind))
         mod, leaf, cur = get_path(moe, path)

@@ -82,6 +82,7 @@ def config_from_hf(
             router=router,
             experts=experts,
             shared_experts=shared,
+            zero_experts=int(spec.extra.get("zero_experts", lambda c: 0)(cfg)),
         )
     except ValueError as e:  # a moekit config check: the block is not expressible
         raise PatchError(f"{owner}: {e}") from e

@@ -154,6 +154,12 @@ def _phimoe_check(c):
     return None
 
 
+def _longcat_check(c):
+    if not hf_get(c, "n_routed_experts", default=0):
+        return "n_routed_experts=0: only zero-computation experts, nothing for moekit's experts"
+    return None
+
+
 def _dbrx_check(c):
     f = c.ffn_config
     if getattr(f, "moe_jitter_eps", None):
@@ -292,6 +298,26 @@ FAMILIES: dict[str, FamilySpec] = {
             check=_phimoe_check,
             # transformers' sparsemixer picks two experts whatever num_experts_per_tok says
             extra={"top_k": lambda c: 2},
+        ),
+        FamilySpec(
+            "longcat_flash",
+            ("longcat_flash",),
+            ("LongcatFlashMoE",),
+            router="router",
+            router_linear="classifier",  # its bias, if any, is never used by the router
+            expert_hidden=lambda c: c.expert_ffn_hidden_size,
+            routing=lambda c: dict(
+                score_func="softmax",
+                route_scale=float(hf_get(c, "routed_scaling_factor", default=1.0)),
+                use_expert_bias=True,
+            ),
+            check=_longcat_check,
+            router_in_fp32=True,
+            extra={
+                "num_experts": lambda c: c.n_routed_experts,
+                "zero_experts": lambda c: hf_get(c, "zero_expert_num", default=0),
+                "zero_expert_rows": True,  # gate_up_proj holds E + Z rows, the last Z unread
+            },
         ),
         FamilySpec(
             "dbrx",

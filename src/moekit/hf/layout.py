@@ -16,7 +16,7 @@ from .families import CONCAT, DBRX_ROWS, INTERLEAVED_TRANSPOSED, TRANSPOSED, Fam
 __all__ = [
     "PatchError", "Entry", "block_param_map", "to_moekit", "to_hf", "get_path", "find_tensor",
     "SAME", "TRANS", "INTERLEAVE_T", "INTERLEAVE_BIAS", "FP32", "FP32_ROW", "ROW", "PARTS",
-    "ROWS_GATE", "ROWS_UP", "ROWS_T",
+    "ROWS_GATE", "ROWS_UP", "ROWS_T", "LEADING",
 ]
 
 
@@ -38,6 +38,9 @@ SAME, TRANS, INTERLEAVE_T, INTERLEAVE_BIAS, FP32, FP32_ROW, ROW = (
 # halves of gate_up_proj [E, 2F, D] (PARTS: their order there), w2 the down projection
 ROWS_GATE, ROWS_UP, ROWS_T = "rows_gate", "rows_up", "rows_t"
 PARTS = (ROWS_GATE, ROWS_UP)
+# LongCat-Flash allocates gate_up_proj rows for its zero-computation experts too and never
+# reads them: moekit holds the first E rows; the rest (the "tail") travel beside the module
+LEADING = "leading_rows"
 
 
 def to_moekit(kind: str, t: torch.Tensor, num_experts: int | None = None) -> torch.Tensor:
@@ -45,6 +48,8 @@ def to_moekit(kind: str, t: torch.Tensor, num_experts: int | None = None) -> tor
     ``[E, F, D]``; ``num_experts`` is needed by the DBRX row kinds)."""
     if kind == SAME:
         return t
+    if kind == LEADING:
+        return t[:num_experts]
     if kind in PARTS:
         return t.reshape(num_experts, -1, t.shape[-1])
     if kind == ROWS_T:  # [E * F, D] -> [E, D, F]
@@ -65,9 +70,19 @@ def to_moekit(kind: str, t: torch.Tensor, num_experts: int | None = None) -> tor
     raise AssertionError(kind)
 
 
-def to_hf(kind: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def to_hf(
+    kind: str, t: torch.Tensor, dtype: torch.dtype | None = None, tail=None
+) -> torch.Tensor:
+    """The HF tensor of moekit tensor ``t``; for :data:`LEADING`, ``tail`` is the HF rows
+    moekit does not hold (a tensor, or their number: zero rows)."""
     if kind == SAME:
         return t
+    if kind == LEADING:
+        if tail is None:
+            raise ValueError("to_hf(LEADING, ...) needs the rows moekit does not hold (tail)")
+        if isinstance(tail, int):
+            tail = t.new_zeros((tail,) + tuple(t.shape[1:]))
+        return torch.cat([t, tail.to(t.device, t.dtype)])
     if kind in PARTS:  # gate_up [E, 2F, D] -> its gate or up rows [E * F, D]
         f = t.shape[1] // 2
         half = t[:, :f] if kind == ROWS_GATE else t[:, f:]
@@ -114,6 +129,16 @@ def block_param_map(spec: FamilySpec, moe_cfg: MoE.Config) -> list[Entry]:
         eb = spec.expert_bias or f"{r}.e_score_correction_bias"
         out.append(Entry(eb, "router.expert_bias", FP32_ROW if spec.expert_bias_row else FP32))
     up = "gate_up_proj" if ec.is_gated else "up_proj"
+    if spec.extra.get("zero_expert_rows") and moe_cfg.zero_experts:
+        if spec.layout != CONCAT or not ec.is_gated or ec.use_bias or moe_cfg.shared_experts:
+            raise PatchError(
+                f"{spec.name}: zero-expert rows need the gated fused layout, without biases or "
+                "shared experts"
+            )
+        return out + [
+            Entry(f"{e}.gate_up_proj", "experts.gate_up_proj", LEADING),
+            Entry(f"{e}.down_proj", "experts.down_proj", SAME),
+        ]
     if spec.layout == DBRX_ROWS:
         if not ec.is_gated or ec.use_bias or moe_cfg.shared_experts is not None:
             raise PatchError(f"{spec.name}: the per-expert row layout is gated, without biases")
