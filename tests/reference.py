@@ -54,6 +54,14 @@ def sigmoid(x):
     return 1.0 / (1.0 + torch.exp(-x))
 
 
+def sqrt_softplus(x):
+    return torch.sqrt(torch.log(1.0 + torch.exp(x)))
+
+
+def _elementwise_score(score_func):
+    return {"sigmoid": sigmoid, "sqrtsoftplus": sqrt_softplus}[score_func]
+
+
 def gelu(x):
     return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
 
@@ -188,13 +196,13 @@ def route_ref(logits_TE, *, top_k, score_func="softmax", route_norm=False, route
     ids_all, w_all, s_all = [], [], []
     for t in range(T):
         lg = logits_TE[t]
-        scores = _softmax_vec(lg) if score_func == "softmax" else sigmoid(lg)
+        scores = _softmax_vec(lg) if score_func == "softmax" else _elementwise_score(score_func)(lg)
         s_all.append(scores)
         if topk_before_score:
             vals = [float(v) for v in lg.detach()]
             ids = forced_ids[t] if forced_ids is not None else _argsort_desc(vals)[:top_k]
             picked = torch.stack([lg[i] for i in ids])
-            w = _softmax_vec(picked) if score_func == "softmax" else sigmoid(picked)
+            w = _softmax_vec(picked) if score_func == "softmax" else _elementwise_score(score_func)(picked)
         else:
             choice = [float(v) for v in scores.detach()]
             if expert_bias is not None:

@@ -33,6 +33,7 @@ CI_FAMILIES = {
     "muse_spark": ("pass", "refused"),  # post-expert norm
     "phimoe": ("pass", "pass"),  # sparsemixer routing (a named family)
     "longcat_flash": ("refused", "pass"),  # zero-computation experts (a named family)
+    "deepseek_v4": ("pass", "pass"),  # hash layers routed by input_ids; sqrt(softplus) scores
     "dbrx": ("refused", "pass"),  # undecorated experts; per-expert rows [E * F, D]
     "step3p7": ("refused", "pass"),  # undecorated experts in the standard fused layout
     "jetmoe": ("refused", "refused"),  # undecorated experts moekit cannot read

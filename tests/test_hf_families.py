@@ -565,3 +565,31 @@ def test_longcat_flash_zero_experts_patch():
     mh.unpatch(model)
     after = model.state_dict()
     assert all(torch.equal(after[k], sd0[k]) for k in sd0)
+
+
+def test_deepseek_v4_hash_and_sqrtsoftplus_layers_patch():
+    """DeepSeek-V4: hash layers route by the token-id table tid2eid (the block receives
+    input_ids), the others by sqrt(softplus) scores with the selection bias; experts and the
+    shared expert use the clamped SwiGLU. Logits and every grad as transformers'."""
+    from moekit.hf.discover import build_model, family_by_name
+
+    ref = build_model(family_by_name("deepseek_v4"))
+    sd0 = {k: v.clone() for k, v in ref.state_dict().items()}
+    model = copy.deepcopy(ref)
+    assert len(mh.patch(model)) == 2
+    hash_moe, learned = model.model.layers[0].mlp, model.model.layers[1].mlp
+    assert hash_moe.router.config.routing == "hash" and hash_moe.router.config.hash_weights == "scores"
+    assert torch.equal(hash_moe.router.hash_table, sd0["model.layers.0.mlp.gate.tid2eid"])
+    assert learned.router.config.score_func == "sqrtsoftplus" and learned.router.expert_bias is not None
+    assert hash_moe.shared_experts.config.activation == "silu(limit=10.0)"
+    ids = _ids()
+    outs = [m(ids) for m in (ref, model)]
+    for out in outs:
+        _loss(out).backward()
+    _tol_close(outs[1].logits, outs[0].logits, "deepseek_v4 logits")
+    _check_grads(model, ref)
+    with pytest.raises(ValueError, match="routing='hash' needs input_ids"):
+        hash_moe(torch.randn(1, 3, 32))
+    mh.unpatch(model)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], sd0[k]) for k in sd0)

@@ -14,6 +14,8 @@ Routing orders
   is part of the gate Linear; the aux-loss-free ``expert_bias``, if any, is added for the
   selection only); the weights are then ``softmax`` over the k picked logits
   (GPT-OSS) or their ``sigmoid`` (Llama 4).
+  ``score_func="sqrtsoftplus"`` (DeepSeek-V4) scores each logit by ``sqrt(softplus(l))``, an
+  elementwise score like the sigmoid.
 * sparsemixer (PhiMoE): two picks, each the largest eligible logit with its weight the softmax
   over the experts whose logits are within ``2 * sparsemixer_eps`` (relative) of it; in
   training the picks are sampled, as transformers' PhiMoE does (:mod:`moekit.sparsemixer`).
@@ -49,7 +51,7 @@ from .sparsemixer import sparsemixer_top2
 
 __all__ = ["RouterOutput", "TokenChoiceTopKRouter"]
 
-SCORE_FUNCS = ("softmax", "sigmoid")
+SCORE_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 ROUTINGS = ("learned", "hash", "sparsemixer")
 HASH_WEIGHTS = ("uniform", "scores")
 GROUP_SCORES = ("top2_sum", "max")
@@ -238,6 +240,8 @@ class TokenChoiceTopKRouter(Module):
     def _score(self, logits: torch.Tensor) -> torch.Tensor:
         if self.config.score_func == "softmax":
             return torch.softmax(logits, dim=-1)
+        if self.config.score_func == "sqrtsoftplus":
+            return F.softplus(logits).sqrt()
         return torch.sigmoid(logits)
 
     def compute_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
@@ -316,10 +320,7 @@ class TokenChoiceTopKRouter(Module):
             else:
                 topk_ids = logits_w.topk(K, dim=-1).indices
             picked = logits_w.gather(1, topk_ids)
-            if cfg.score_func == "softmax":
-                weights = torch.softmax(picked, dim=-1)
-            else:
-                weights = torch.sigmoid(picked)
+            weights = self._score(picked)  # softmax over the k picked; elementwise otherwise
         else:
             choice = scores
             if self.expert_bias is not None:

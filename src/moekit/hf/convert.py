@@ -41,6 +41,11 @@ PER_EXPERT_NAMES = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
 def _spec_and_cfg(hf_config, layout):
     cfg = text_config(hf_config)
     spec = spec_for_model_type(getattr(cfg, "model_type", None)) or generic_spec_from_config(cfg)
+    if spec.extra.get("block_router") is not None:
+        raise ValueError(
+            f"{spec.name}: its blocks route differently from layer to layer (e.g. DeepSeek-V4's "
+            "hash layers), which one converted layout cannot hold; patch the loaded model instead"
+        )
     if layout is not None:
         spec = spec.with_(layout=layout)
     return spec, config_from_hf(cfg, spec=spec)

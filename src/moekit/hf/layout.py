@@ -125,6 +125,10 @@ def block_param_map(spec: FamilySpec, moe_cfg: MoE.Config) -> list[Entry]:
     out = [Entry(f"{rl}.weight", "router.gate.weight", SAME)]
     if rc.use_router_bias:
         out.append(Entry(f"{rl}.bias", "router.gate.bias", SAME))
+    if rc.routing == "hash":
+        if not spec.extra.get("hash_table"):
+            raise PatchError(f"{spec.name}: hash routing without a token -> experts table")
+        out.append(Entry(f"{r}.{spec.extra['hash_table']}", "router.hash_table", SAME))
     if rc.use_expert_bias:
         eb = spec.expert_bias or f"{r}.e_score_correction_bias"
         out.append(Entry(eb, "router.expert_bias", FP32_ROW if spec.expert_bias_row else FP32))
