@@ -87,6 +87,13 @@ def test_expected_outcomes(results):
         assert s["patch"]["pass"] >= 60
 
 
+def test_router_refusals_name_the_reason(results):
+    """Routers moekit's cannot stand in for are refused with what they compute instead."""
+    by = {r.family.name: r.patch for r in results}
+    assert by["inkling"].status == "refused" and "more score other experts" in by["inkling"].detail
+    assert by["zaya"].status == "refused" and "network of 4 Linear layers" in by["zaya"].detail
+
+
 def test_docs_table_is_current(results):
     """docs/hf.md's summary line is what this transformers version gives (when the table was
     written for it): regenerate with python -m moekit.hf.coverage --write docs/hf.md."""
