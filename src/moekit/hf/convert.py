@@ -29,7 +29,15 @@ import torch
 from .derive import config_from_hf, generic_spec_from_config, text_config
 from .families import spec_for_model_type
 from .layout import (
-    FP32, FP32_ROW, LEADING, PARTS, ROW, SAME, block_param_map, to_hf, to_moekit,
+    FP32,
+    FP32_ROW,
+    LEADING,
+    PARTS,
+    ROW,
+    SAME,
+    block_param_map,
+    to_hf,
+    to_moekit,
 )
 
 __all__ = ["from_hf_state_dict", "to_hf_state_dict", "PER_EXPERT_NAMES"]
