@@ -54,6 +54,14 @@ def sigmoid(x):
     return 1.0 / (1.0 + torch.exp(-x))
 
 
+def sqrt_softplus(x):
+    return torch.sqrt(torch.log(1.0 + torch.exp(x)))
+
+
+def _elementwise_score(score_func):
+    return {"sigmoid": sigmoid, "sqrtsoftplus": sqrt_softplus}[score_func]
+
+
 def gelu(x):
     return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
 
@@ -107,7 +115,8 @@ def moe_experts_ref(x_TD, w_up, w_down, topk_ids, topk_weights, *, activation="s
                     b_up=None, b_down=None, weight_on_input=False, kept=None):
     """``y[t] = sum_k w[t,k] * expert_{ids[t,k]}(x[t])`` by a loop over tokens and picks.
     ``weight_on_input``: ``expert(w[t,k] * x[t])`` instead. ``kept`` ([T, K] bool): slots not
-    kept contribute nothing (capacity drops)."""
+    kept contribute nothing (capacity drops). Ids from ``E = w_up.shape[0]`` on name
+    zero-computation experts: the identity."""
     T, D = x_TD.shape
     K = topk_ids.shape[1] if topk_ids.dim() == 2 else 0
     outs = []
@@ -119,6 +128,9 @@ def moe_experts_ref(x_TD, w_up, w_down, topk_ids, topk_weights, *, activation="s
             e = int(topk_ids[t, k])
             w = topk_weights[t, k].to(x_TD.dtype)
             xin = x_TD[t] * w if weight_on_input else x_TD[t]
+            if e >= w_up.shape[0]:  # a zero-computation (identity) expert
+                acc = acc + (xin if weight_on_input else w * xin)
+                continue
             y = expert_forward(
                 xin, w_up[e], w_down[e], None if b_up is None else b_up[e],
                 None if b_down is None else b_down[e], activation=activation, gated=gated,
@@ -184,13 +196,13 @@ def route_ref(logits_TE, *, top_k, score_func="softmax", route_norm=False, route
     ids_all, w_all, s_all = [], [], []
     for t in range(T):
         lg = logits_TE[t]
-        scores = _softmax_vec(lg) if score_func == "softmax" else sigmoid(lg)
+        scores = _softmax_vec(lg) if score_func == "softmax" else _elementwise_score(score_func)(lg)
         s_all.append(scores)
         if topk_before_score:
             vals = [float(v) for v in lg.detach()]
             ids = forced_ids[t] if forced_ids is not None else _argsort_desc(vals)[:top_k]
             picked = torch.stack([lg[i] for i in ids])
-            w = _softmax_vec(picked) if score_func == "softmax" else sigmoid(picked)
+            w = _softmax_vec(picked) if score_func == "softmax" else _elementwise_score(score_func)(picked)
         else:
             choice = [float(v) for v in scores.detach()]
             if expert_bias is not None:

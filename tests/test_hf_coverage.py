@@ -31,7 +31,9 @@ CI_FAMILIES = {
     "inkling2": ("pass", "pass"),  # softcapped SwiGLU; a router with its dtype fixed to fp32
     "diffusion_gemma": ("pass", "refused"),  # random noise in the forward; decoder-layer MoE
     "muse_spark": ("pass", "refused"),  # post-expert norm
-    "phimoe": ("pass", "refused"),  # sparsemixer routing
+    "phimoe": ("pass", "pass"),  # sparsemixer routing (a named family)
+    "longcat_flash": ("refused", "pass"),  # zero-computation experts (a named family)
+    "deepseek_v4": ("pass", "pass"),  # hash layers routed by input_ids; sqrt(softplus) scores
     "dbrx": ("refused", "pass"),  # undecorated experts; per-expert rows [E * F, D]
     "step3p7": ("refused", "pass"),  # undecorated experts in the standard fused layout
     "jetmoe": ("refused", "pass"),  # undecorated stacked experts, an output bias, MoA left alone
@@ -85,6 +87,13 @@ def test_expected_outcomes(results):
         s = cov.summary(results)
         assert (s["families"], s["decorated"]) == (72, 66)
         assert s["patch"]["pass"] >= 60
+
+
+def test_router_refusals_name_the_reason(results):
+    """Routers moekit's cannot stand in for are refused with what they compute instead."""
+    by = {r.family.name: r.patch for r in results}
+    assert by["inkling"].status == "refused" and "more score other experts" in by["inkling"].detail
+    assert by["zaya"].status == "refused" and "network of 4 Linear layers" in by["zaya"].detail
 
 
 def test_docs_table_is_current(results):

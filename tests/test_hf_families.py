@@ -305,14 +305,28 @@ def test_generic_families(model_type):
     _tol_close(model(ids).logits, want.logits, f"{model_type} unpatched logits")
 
 
-def test_generic_inexpressible_family_phimoe():
-    """PhiMoE's sparsemixer routing has no TokenChoiceTopKRouter config: refused, by name."""
-    model = _build(_generic_config("phimoe"))
-    with pytest.raises(
-        mh.PatchError, match=r"model\.layers\.0\.mlp \(PhimoeSparseMoeBlock\).*PhimoeTopKRouter"
-    ):
-        mh.patch(model)
-    assert not any(isinstance(m, mh.HFMoE) for m in model.modules())
+def test_phimoe_sparsemixer_patch_matches_in_training():
+    """PhiMoE's sparsemixer routing, in training mode: the patched block samples the same
+    experts from the same RNG state and gets transformers' custom gradient."""
+    ref = _build(_generic_config("phimoe")).train()
+    for m in ref.modules():  # no dropout: only the routing samples
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    model = copy.deepcopy(ref)
+    names = mh.patch(model)
+    assert len(names) == 2 and model.model.layers[0].mlp.router.config.routing == "sparsemixer"
+    assert model.training
+    outs = []
+    for m in (ref, model):
+        torch.manual_seed(11)
+        out = m(_ids(B=3, S=9))
+        _loss(out).backward()
+        outs.append(out.logits)
+    _tol_close(outs[1], outs[0], "phimoe training logits")
+    _check_grads(model, ref)
+    with pytest.raises(mh.PatchError, match="input_jitter_noise=0.1"):
+        mh.config_from_hf(_generic_config("phimoe").__class__(**{
+            **_generic_config("phimoe").to_dict(), "input_jitter_noise": 0.1}))
 
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
@@ -524,3 +538,58 @@ def test_gpt_oss_experts_implementation_takes_the_fused_path(monkeypatch):
     _check_grads(fast, ref)
     assert experts_impl._gpt_oss_activation(
         next(m for m in fast.modules() if type(m).__name__ == "GptOssExperts")) == "gpt_oss"
+
+
+def test_longcat_flash_zero_experts_patch():
+    """LongCat-Flash's zero-computation experts: patched exactly (logits, every grad, the
+    never-read zero-expert rows of gate_up_proj included), tokens do reach the zero experts,
+    and unpatch / hf_state_dict give back the original tensors bit for bit."""
+    from moekit.hf.discover import build_model, family_by_name
+
+    ref = build_model(family_by_name("longcat_flash"))
+    sd0 = {k: v.clone() for k, v in ref.state_dict().items()}
+    model = copy.deepcopy(ref)
+    assert len(mh.patch(model)) == 2
+    moe = model.model.layers[0].mlp
+    E, Z = ref.config.n_routed_experts, ref.config.zero_expert_num
+    assert moe.config.zero_experts == Z and moe.experts.w_up.shape[0] == E
+    ids = _ids()
+    outs = [m(ids) for m in (ref, model)]
+    for out in outs:
+        _loss(out).backward()
+    _tol_close(outs[1].logits, outs[0].logits, "longcat logits")
+    assert int(moe.tokens_per_expert[E:].sum()) > 0  # some tokens took a zero expert
+    _check_grads(model, ref)
+    sd = mh.hf_state_dict(model)
+    assert set(sd) == set(sd0) and all(torch.equal(sd[k], sd0[k]) for k in sd0)
+    mh.unpatch(model)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], sd0[k]) for k in sd0)
+
+
+def test_deepseek_v4_hash_and_sqrtsoftplus_layers_patch():
+    """DeepSeek-V4: hash layers route by the token-id table tid2eid (the block receives
+    input_ids), the others by sqrt(softplus) scores with the selection bias; experts and the
+    shared expert use the clamped SwiGLU. Logits and every grad as transformers'."""
+    from moekit.hf.discover import build_model, family_by_name
+
+    ref = build_model(family_by_name("deepseek_v4"))
+    sd0 = {k: v.clone() for k, v in ref.state_dict().items()}
+    model = copy.deepcopy(ref)
+    assert len(mh.patch(model)) == 2
+    hash_moe, learned = model.model.layers[0].mlp, model.model.layers[1].mlp
+    assert hash_moe.router.config.routing == "hash" and hash_moe.router.config.hash_weights == "scores"
+    assert torch.equal(hash_moe.router.hash_table, sd0["model.layers.0.mlp.gate.tid2eid"])
+    assert learned.router.config.score_func == "sqrtsoftplus" and learned.router.expert_bias is not None
+    assert hash_moe.shared_experts.config.activation == "silu(limit=10.0)"
+    ids = _ids()
+    outs = [m(ids) for m in (ref, model)]
+    for out in outs:
+        _loss(out).backward()
+    _tol_close(outs[1].logits, outs[0].logits, "deepseek_v4 logits")
+    _check_grads(model, ref)
+    with pytest.raises(ValueError, match="routing='hash' needs input_ids"):
+        hash_moe(torch.randn(1, 3, 32))
+    mh.unpatch(model)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], sd0[k]) for k in sd0)

@@ -173,6 +173,49 @@ def test_moe_capacity_factor(backend, drop_policy):
     assert_close(moe.router.gate.weight.grad, P["router.gate.weight"].grad, 2e-5)
 
 
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("variant", ["deepseek", "llama4"])
+def test_moe_zero_experts(backend, variant):
+    """Zero-computation experts (LongCat-Flash): the router picks among E + Z; a zero expert
+    adds weight * x and takes no row of the plan; output and grads vs the reference."""
+    E, Z = 8, 4
+    moe = build(variant, backend, E=E, zero_experts=Z)
+    assert moe.router.gate.weight.shape[0] == E + Z and moe.experts.w_up.shape[0] == E
+    x = torch.randn(24, 13, requires_grad=True)
+    y = moe(x)
+    ids = moe.last_router_output.topk_ids
+    zero = ids >= E
+    assert zero.any() and (~zero).any()
+    plan = moe.experts.last_plan
+    assert plan.num_rows == int((~zero).sum()) and int(plan.num_dropped) == 0
+    assert torch.equal(plan.inverse_TK < 0, zero)
+    assert moe.tokens_per_expert.shape == (E + Z,) and int(moe.tokens_per_expert[E:].sum()) == int(zero.sum())
+    P = ref_params(moe)
+    xr = x.detach().double().requires_grad_(True)
+    y_ref, ids_ref = moe_ref(moe, xr, P)
+    assert torch.equal(ids.sort(1).values, ids_ref.sort(1).values)
+    assert_close(y, y_ref, 2e-5)
+    g = torch.randn(y.shape)
+    y.backward(g)
+    y_ref.backward(g.double())
+    assert_close(x.grad, xr.grad, 2e-5)
+    for n, p in moe.named_parameters():
+        assert_close(p.grad, P[n].grad, 2e-5, n)
+
+
+def test_moe_zero_experts_config_errors():
+    with pytest.raises(ValueError, match="zero_experts=-1"):
+        MoE.Config(dim=4, hidden_dim=4, num_experts=2, zero_experts=-1)
+    with pytest.raises(ValueError, match="capacity_factor"):
+        MoE.Config(dim=4, hidden_dim=4, num_experts=2, zero_experts=1, capacity_factor=1.0)
+    with pytest.raises(ValueError, match="top_k=4 > num_experts=3"):  # the router sees E + Z
+        MoE.Config(dim=4, hidden_dim=4, num_experts=2, zero_experts=1, router=R(top_k=4))
+    from moekit.parallel import apply_ep
+
+    with pytest.raises(ValueError, match="zero_experts=1"):
+        apply_ep(MoE.Config(dim=4, hidden_dim=4, num_experts=2, zero_experts=1).build(), None)
+
+
 def test_token_mask_does_not_change_output():
     moe = build("qwen3")
     x = torch.randn(2, 4, 13)

@@ -215,3 +215,18 @@ def test_count_per_expert_matches_bincount():
     torch.testing.assert_close(count_per_expert(ids, 9, w),
                                torch.bincount(ids.reshape(-1), weights=w.reshape(-1), minlength=9))
     assert torch.equal(count_per_expert(torch.zeros(0, 2, dtype=torch.int64), 3), torch.zeros(3, dtype=torch.int64))
+
+
+def test_plan_zero_experts_skip_their_slots():
+    """ids in [E, E + Z) name zero-computation experts: no rows, inverse -1, not dropped."""
+    ids = torch.tensor([[0, 5], [4, 2], [2, 3], [6, 0]])
+    p = make_plan(ids, 4, num_zero_experts=3)
+    assert p.counts_E.tolist() == [2, 0, 2, 1] and p.num_rows == 5 and int(p.num_dropped) == 0
+    assert (p.inverse_TK < 0).tolist() == [[False, True], [True, False], [False, False], [True, False]]
+    assert p.expert_ids_N.tolist() == [0, 0, 2, 2, 3] and p.token_ids_N.tolist() == [0, 3, 1, 2, 2]
+    with pytest.raises(ValueError, match=r"\[0, 7\)"):
+        make_plan(ids + 1, 4, num_zero_experts=3)
+    with pytest.raises(ValueError, match="no capacity"):
+        make_plan(ids, 4, num_zero_experts=3, capacity_factor=1.0)
+    with pytest.raises(ValueError, match="num_zero_experts=-1"):
+        make_plan(ids, 4, num_zero_experts=-1)

@@ -391,7 +391,7 @@ def router_configs(draw):
     if G is not None and E // G < 2:
         E = 2 * G
     kw = dict(
-        score_func=draw(st.sampled_from(["softmax", "sigmoid"])),
+        score_func=draw(st.sampled_from(["softmax", "sigmoid", "sqrtsoftplus"])),
         route_norm=draw(st.booleans()),
         route_scale=draw(st.sampled_from([1.0, 2.5, 0.3])),
         topk_before_score=topk_before_score,

@@ -248,6 +248,15 @@ else:
         assert int(plan.num_dropped) > 0
         _check_fp32(ts, ids, gy, "silu", False, True, plan=plan)
 
+    def test_zero_expert_slots():
+        """Slots of zero-computation experts (ids >= E) take no rows: as capacity drops."""
+        T, D, F, E, K = 24, 16, 12, 4, 2
+        ids = torch.randn(T, E + 2, generator=torch.Generator().manual_seed(5)).topk(K, -1).indices
+        ts, _, gy = _inputs(T, D, F, E, K, True, bias=True, seed=3, ids=ids)
+        plan = make_plan(ids, E, num_zero_experts=2)
+        assert (plan.inverse_TK < 0).any() and int(plan.num_dropped) == 0
+        _check_fp32(ts, ids, gy, "silu", False, True, plan=plan)
+
     def test_deterministic():
         ts, ids, gy = _inputs(30, 16, 16, 4, 2, True, bias=True, seed=11)
         a = _run("triton", ts, ids, gy, torch.float32, "silu", False)

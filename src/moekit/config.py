@@ -23,6 +23,7 @@ __all__ = [
     "check_dtype",
     "check_finite",
     "check_nonneg",
+    "check_nonneg_int",
     "check_positive",
 ]
 
@@ -59,6 +60,11 @@ def check_positive(owner: str, name: str, value: Any, *, integer: bool = True) -
 def check_nonneg(owner: str, name: str, value: Any) -> None:
     if not _is_number(value) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{_where(owner, name)}={value!r}; it must be a finite number >= 0")
+
+
+def check_nonneg_int(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{_where(owner, name)}={value!r}; it must be an integer >= 0")
 
 
 def check_bool(owner: str, name: str, value: Any) -> None:

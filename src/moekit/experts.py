@@ -15,6 +15,11 @@ added by ``register_backend``) or a backend config, e.g. ``TritonBackend.Config(
 and dtype (:meth:`GroupedExperts.backend_for`) and runs everything through that backend:
 its routing plan and its experts call.
 
+``num_zero_experts`` Z (a parent field: ``MoE.Config.zero_experts``) adds Z zero-computation
+(identity) experts after the E real ones (LongCat-Flash): ids in ``[E, E + Z)`` name them, they
+hold no weights, take no rows of the routing plan, and a slot routed to one adds
+``weight * x`` to its token's output.
+
 ``routing_weight_on="output"`` (default) scales each expert's output row by its routing weight
 before the combine; ``"input"`` scales the expert's input row instead (Llama 4). The two differ
 for every non-linear expert, so the choice is explicit.
@@ -29,7 +34,7 @@ import torch
 from torch import nn
 
 from .activations import canonical_activation, resolve_gated
-from .config import Config, Module, check_bool, check_choice, check_positive
+from .config import Config, Module, check_bool, check_choice, check_nonneg_int, check_positive
 from .ops.api import moe_experts
 from .ops.backends import ExpertsBackend, backend_names, resolve_backend
 from .plan import DROP_POLICIES, RoutingPlan
@@ -91,9 +96,16 @@ class GroupedExperts(UpProjectionAccess, Module):
         num_experts: int,
         capacity_factor: float | None = None,
         drop_policy: str = "position",
+        num_zero_experts: int = 0,
     ):
         super().__init__()
         o = "GroupedExperts"
+        check_nonneg_int(o, "num_zero_experts", num_zero_experts)
+        if num_zero_experts and capacity_factor is not None:
+            raise ValueError(
+                f"{o}: num_zero_experts={num_zero_experts} cannot be combined with "
+                f"capacity_factor={capacity_factor}; zero-computation experts are dropless"
+            )
         check_positive(o, "dim", dim)
         check_positive(o, "hidden_dim", hidden_dim)
         check_positive(o, "num_experts", num_experts)
@@ -103,6 +115,7 @@ class GroupedExperts(UpProjectionAccess, Module):
         self.config = config
         self.dim, self.hidden_dim, self.num_experts = dim, hidden_dim, num_experts
         self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
+        self.num_zero_experts = num_zero_experts
         self.activation, self.gated = config.activation, config.is_gated
         up_rows = 2 * hidden_dim if self.gated else hidden_dim
         self.up_name = "gate_up_proj" if self.gated else "up_proj"
@@ -168,6 +181,7 @@ class GroupedExperts(UpProjectionAccess, Module):
         return b.make_plan(
             topk_ids_TK, self.num_experts, capacity_factor=self.capacity_factor,
             drop_policy=self.drop_policy, topk_weights_TK=topk_weights_TK,
+            num_zero_experts=self.num_zero_experts,
         )
 
     def forward(
@@ -181,12 +195,23 @@ class GroupedExperts(UpProjectionAccess, Module):
         if plan is None:
             plan = self.make_plan(topk_ids_TK, topk_weights_TK)
         self.last_plan = plan
-        return moe_experts(
+        y_TD = moe_experts(
             x_TD, self.w_up, self.down_proj, topk_ids_TK, topk_weights_TK,
             activation=self.activation, gate_up_proj_bias=self.b_up,
             down_proj_bias=self.down_proj_bias, backend=backend,
             weight_on_input=self.config.routing_weight_on == "input", plan=plan,
         )
+        if self.num_zero_experts:
+            y_TD = y_TD + self.zero_experts_output(x_TD, topk_ids_TK, topk_weights_TK)
+        return y_TD
+
+    def zero_experts_output(
+        self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor
+    ) -> torch.Tensor:
+        """What the zero-computation experts add: ``x[t] * sum of t's weights on them``
+        (computed in the weights' dtype when wider, then cast to ``x``'s)."""
+        w_T1 = torch.where(topk_ids_TK >= self.num_experts, topk_weights_TK, 0).sum(1, keepdim=True)
+        return (x_TD * w_T1).to(x_TD.dtype)
 
     def extra_repr(self) -> str:
         b = self.config.backend
@@ -194,6 +219,7 @@ class GroupedExperts(UpProjectionAccess, Module):
             f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "
             f"activation={self.activation}, gated={self.gated}, "
             f"backend={b if isinstance(b, str) else b.name}"
+            + (f", num_zero_experts={self.num_zero_experts}" if self.num_zero_experts else "")
             + (f", local_experts={self.local_experts}" if self.local_experts is not None else "")
         )
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import balance
-from .config import Config, Module, check_bool, check_choice, check_nonneg, check_positive
+from .config import Config, Module, check_bool, check_choice, check_nonneg, check_nonneg_int, check_positive
 from .experts import GroupedExperts, depth_scaled_std
 from .plan import DROP_POLICIES, sequence_capacity_keep
 from .router import RouterOutput, TokenChoiceTopKRouter
@@ -36,6 +36,11 @@ class MoE(Module):
     Keyword inputs of ``forward``: ``input_ids`` (hash routing), ``token_mask`` (1/True for real
     tokens, 0/False for padding: padding is excluded from the aux losses and the load counts,
     and still gets an output), ``router_logits`` (precomputed [T, E] logits instead of the gate).
+
+    ``Config.zero_experts`` Z adds Z zero-computation (identity) experts (LongCat-Flash): the
+    router chooses among ``num_experts + Z`` (its gate, scores, expert bias and the load counts
+    have ``E + Z`` entries, the zero experts last); a slot routed to a zero expert adds
+    ``weight * x`` and costs no expert compute.
 
     After a forward: ``last_router_output`` (the RouterOutput, detached; ``forward_with_routing``
     returns the one inside the autograd graph), ``aux_losses`` (the last values,
@@ -70,11 +75,18 @@ class MoE(Module):
         sequence_capacity: int | None = None
         output_bias: bool = False
         output_norm_eps: float | None = None
+        zero_experts: int = 0
 
         def __post_init__(self) -> None:
             o = "MoE.Config"
             for name in ("dim", "hidden_dim", "num_experts"):
                 check_positive(o, name, getattr(self, name))
+            check_nonneg_int(o, "zero_experts", self.zero_experts)
+            if self.zero_experts and self.capacity_factor is not None:
+                raise ValueError(
+                    f"{o}: zero_experts={self.zero_experts} cannot be combined with capacity_factor="
+                    f"{self.capacity_factor}; zero-computation experts are dropless"
+                )
             if not isinstance(self.router, Config):
                 raise TypeError(
                     f"{o}.router must be a moekit Config (e.g. TokenChoiceTopKRouter.Config, or a "
@@ -103,20 +115,27 @@ class MoE(Module):
             if self.output_norm_eps is not None:
                 check_positive(o, "output_norm_eps", self.output_norm_eps, integer=False)
             if isinstance(self.router, TokenChoiceTopKRouter.Config):
-                self.router.validate_for(self.num_experts)
+                self.router.validate_for(self.router_experts)
 
         @property
         def top_k(self) -> int:
             return self.router.top_k
 
+        @property
+        def router_experts(self) -> int:
+            """The experts the router chooses among: the real ones, then the zero experts."""
+            return self.num_experts + self.zero_experts
+
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
         self.dim, self.num_experts = config.dim, config.num_experts
-        self.router = config.router.build(dim=config.dim, num_experts=config.num_experts)
+        self.router_experts = config.router_experts  # with the zero experts
+        self.router = config.router.build(dim=config.dim, num_experts=self.router_experts)
         self.experts = config.experts.build(
             dim=config.dim, hidden_dim=config.hidden_dim, num_experts=config.num_experts,
             capacity_factor=config.capacity_factor, drop_policy=config.drop_policy,
+            num_zero_experts=config.zero_experts,
         )
         self.shared_experts = (
             config.shared_experts.build(dim=config.dim) if config.shared_experts is not None else None
@@ -135,7 +154,7 @@ class MoE(Module):
         self.dispatch: torch.nn.Module | None = None
         # int64: exact counts, untouched by casting the module to a low-precision dtype
         self.register_buffer(
-            "tokens_per_expert", torch.zeros(config.num_experts, dtype=torch.int64), persistent=False
+            "tokens_per_expert", torch.zeros(self.router_experts, dtype=torch.int64), persistent=False
         )
         self.aux_losses: dict[str, torch.Tensor] = {}
         self.last_router_output: RouterOutput | None = None
@@ -211,7 +230,7 @@ class MoE(Module):
         load_E = None
         if count_stats or self._switch_loss_on():
             with torch.no_grad():
-                load_E = balance.count_tokens_per_expert(r.topk_ids, self.num_experts, mask_T)
+                load_E = balance.count_tokens_per_expert(r.topk_ids, self.router_experts, mask_T)
         if count_stats:
             self.tokens_per_expert += load_E.to(self.tokens_per_expert.device, torch.int64)
 
@@ -297,9 +316,9 @@ class MoE(Module):
                     "router_logits must be a floating tensor [T, E], got "
                     f"{getattr(router_logits, 'dtype', type(router_logits).__name__)}"
                 )
-            if router_logits.dim() == 0 or router_logits.numel() != T * self.num_experts:
+            if router_logits.dim() == 0 or router_logits.numel() != T * self.router_experts:
                 raise ValueError(
-                    f"router_logits must be [T={T}, E={self.num_experts}] (or [B, S, E]), "
+                    f"router_logits must be [T={T}, E={self.router_experts}] (or [B, S, E]), "
                     f"got {tuple(router_logits.shape)}"
                 )
             if router_logits.device != x.device:

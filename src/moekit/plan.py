@@ -8,7 +8,9 @@ capacity and ``drop_policy="weight"`` they are in descending weight order instea
 per-expert counts and offsets (int32, as grouped GEMMs want them), the inverse permutation
 (slot -> row, or -1 when the slot was dropped by capacity), and optionally a padded layout
 where every expert's rows start at a multiple of ``pad_to_multiple`` (for kernels that want
-aligned groups).
+aligned groups). With ``num_zero_experts`` Z the ids may also name Z zero-computation
+experts ``[E, E + Z)``: their slots get no row (inverse -1, like a dropped slot, not counted
+in ``num_dropped``); the caller adds their contribution (``GroupedExperts`` does).
 """
 
 from __future__ import annotations
@@ -187,8 +189,10 @@ def make_plan(
     topk_weights_TK: torch.Tensor | None = None,
     pad_to_multiple: int = 1,
     capacity: int | None = None,
+    num_zero_experts: int = 0,
 ) -> RoutingPlan:
-    """Build the plan for ``topk_ids_TK`` ([T, K] expert ids in [0, E)).
+    """Build the plan for ``topk_ids_TK`` ([T, K] expert ids in [0, E), or [0, E + Z) with
+    ``num_zero_experts`` Z: slots of the zero-computation experts ``[E, E + Z)`` get no row).
 
     ``capacity_factor=None`` is dropless. Otherwise each expert keeps at most
     ``capacity_for(T, K, E, capacity_factor)`` rows; with ``drop_policy="position"`` the earliest
@@ -207,6 +211,10 @@ def make_plan(
         raise ValueError(f"pad_to_multiple={pad_to_multiple!r}; it must be an integer >= 1")
     if drop_policy not in DROP_POLICIES:
         raise ValueError(f"drop_policy={drop_policy!r} is unknown; allowed: {DROP_POLICIES}")
+    if isinstance(num_zero_experts, bool) or not isinstance(num_zero_experts, int) or num_zero_experts < 0:
+        raise ValueError(f"num_zero_experts={num_zero_experts!r}; it must be an integer >= 0")
+    if num_zero_experts and (capacity_factor is not None or capacity is not None):
+        raise ValueError("make_plan: zero-computation experts (num_zero_experts > 0) take no capacity")
     T, K = topk_ids_TK.shape
     if T * K + num_experts * pad_to_multiple > _INT32_MAX:
         raise ValueError(
@@ -227,16 +235,17 @@ def make_plan(
     if device.type == "meta":
         raise ValueError("topk_ids are on the meta device (no values): a routing plan needs real ids")
     flat = topk_ids_TK.reshape(-1).to(torch.int64)
+    n_ids = num_experts + num_zero_experts
     if flat.numel() > 0 and not torch.compiler.is_compiling():
         if flat.device.type == "cpu":
             lo, hi = int(flat.min()), int(flat.max())
-            if lo < 0 or hi >= num_experts:
+            if lo < 0 or hi >= n_ids:
                 raise ValueError(
-                    f"topk_ids must lie in [0, {num_experts}); found values in [{lo}, {hi}]"
+                    f"topk_ids must lie in [0, {n_ids}); found values in [{lo}, {hi}]"
                 )
         else:  # no host sync on accelerators: a device-side check
             torch._assert_async(
-                (flat.min() >= 0) & (flat.max() < num_experts), "topk_ids out of [0, num_experts)"
+                (flat.min() >= 0) & (flat.max() < n_ids), "topk_ids out of [0, num_experts)"
             )
 
     if capacity is not None and drop_policy == "weight":
@@ -248,7 +257,11 @@ def make_plan(
     else:
         order = torch.argsort(flat, stable=True)
     sorted_experts = flat[order]
-    counts_all = count_per_expert(flat, num_experts)
+    counts_all = count_per_expert(flat, n_ids)
+    if num_zero_experts:  # the zero experts' slots sort last: no rows for them
+        keep_sorted = sorted_experts < num_experts
+        order, sorted_experts = order[keep_sorted], sorted_experts[keep_sorted]
+        counts_all = counts_all[:num_experts]
 
     if capacity is None:
         counts = counts_all
@@ -274,7 +287,7 @@ def make_plan(
         counts_E=counts.to(torch.int32),
         offsets_E=offsets.to(torch.int32),
         inverse_TK=inverse.view(T, K),
-        num_dropped=(T * K - counts.sum()).to(torch.int64),
+        num_dropped=(counts_all.sum() - counts.sum()).to(torch.int64),
         capacity=capacity,
         pad_to_multiple=pad_to_multiple,
     )

@@ -14,6 +14,12 @@ Routing orders
   is part of the gate Linear; the aux-loss-free ``expert_bias``, if any, is added for the
   selection only); the weights are then ``softmax`` over the k picked logits
   (GPT-OSS) or their ``sigmoid`` (Llama 4).
+  ``score_func="sqrtsoftplus"`` (DeepSeek-V4) scores each logit by ``sqrt(softplus(l))``, an
+  elementwise score like the sigmoid.
+* sparsemixer (PhiMoE): two picks, each the largest eligible logit with its weight the softmax
+  over the experts whose logits are within ``2 * sparsemixer_eps`` (relative) of it; in
+  training the picks are sampled, as transformers' PhiMoE does (:mod:`moekit.sparsemixer`).
+  ``top_k=2`` and ``score_func="softmax"`` (the ``scores`` the aux losses read).
 * hash (Hash Layers): a fixed table maps each token id to K experts; ``forward`` needs
   ``input_ids``. ``hash_weights="uniform"`` gives every pick weight ``1/K``; ``"scores"`` takes
   ``score_func(logits)`` at the picked experts (so the gate still learns).
@@ -41,11 +47,12 @@ from torch import nn
 
 from .config import Config, Module, check_bool, check_choice, check_nonneg, check_positive
 from .ops.gate import fp32_gate_applies, fp32_gate_logits
+from .sparsemixer import sparsemixer_top2
 
 __all__ = ["RouterOutput", "TokenChoiceTopKRouter"]
 
-SCORE_FUNCS = ("softmax", "sigmoid")
-ROUTINGS = ("learned", "hash")
+SCORE_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
+ROUTINGS = ("learned", "hash", "sparsemixer")
 HASH_WEIGHTS = ("uniform", "scores")
 GROUP_SCORES = ("top2_sum", "max")
 
@@ -100,6 +107,7 @@ class TokenChoiceTopKRouter(Module):
         hash_vocab_size: int | None = None
         hash_weights: str = "uniform"
         hash_seed: int = 0
+        sparsemixer_eps: float = 0.01
 
         def __post_init__(self) -> None:
             o = "TokenChoiceTopKRouter.Config"
@@ -147,6 +155,21 @@ class TokenChoiceTopKRouter(Module):
                 check_positive(o, "hash_vocab_size", self.hash_vocab_size)
                 if g is not None or self.topk_before_score:
                     raise ValueError(f"{o}: routing='hash' takes no groups and no topk_before_score")
+            check_nonneg(o, "sparsemixer_eps", self.sparsemixer_eps)
+            if self.routing == "sparsemixer":
+                if self.top_k != 2:
+                    raise ValueError(f"{o}: routing='sparsemixer' picks two experts; top_k={self.top_k} must be 2")
+                if self.score_func != "softmax":
+                    raise ValueError(
+                        f"{o}: routing='sparsemixer' weighs by masked softmaxes; score_func="
+                        f"{self.score_func!r} must be 'softmax'"
+                    )
+                bad = [n for n in ("use_expert_bias", "topk_before_score", "force_load_balance")
+                       if getattr(self, n)]
+                if g is not None:
+                    bad.append("num_expert_groups")
+                if bad:
+                    raise ValueError(f"{o}: routing='sparsemixer' cannot be combined with {bad}")
 
         def validate_for(self, num_experts: int) -> None:
             o = "TokenChoiceTopKRouter.Config"
@@ -217,6 +240,8 @@ class TokenChoiceTopKRouter(Module):
     def _score(self, logits: torch.Tensor) -> torch.Tensor:
         if self.config.score_func == "softmax":
             return torch.softmax(logits, dim=-1)
+        if self.config.score_func == "sqrtsoftplus":
+            return F.softplus(logits).sqrt()
         return torch.sigmoid(logits)
 
     def compute_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
@@ -285,6 +310,8 @@ class TokenChoiceTopKRouter(Module):
                 weights = torch.full((T, K), 1.0 / K, dtype=work_dt, device=logits.device)
             else:
                 weights = scores.gather(1, topk_ids)
+        elif cfg.routing == "sparsemixer":
+            topk_ids, weights = sparsemixer_top2(logits_w, cfg.sparsemixer_eps, self.training)
         elif cfg.topk_before_score:
             if cfg.force_load_balance:
                 topk_ids = _round_robin_ids(T, K, E, logits.device)
@@ -293,10 +320,7 @@ class TokenChoiceTopKRouter(Module):
             else:
                 topk_ids = logits_w.topk(K, dim=-1).indices
             picked = logits_w.gather(1, topk_ids)
-            if cfg.score_func == "softmax":
-                weights = torch.softmax(picked, dim=-1)
-            else:
-                weights = torch.sigmoid(picked)
+            weights = self._score(picked)  # softmax over the k picked; elementwise otherwise
         else:
             choice = scores
             if self.expert_bias is not None:

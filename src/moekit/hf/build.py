@@ -21,6 +21,7 @@ from .families import (
 )
 from .hf_moe import HFMoE
 from .layout import (
+    LEADING,
     PARTS,
     SAME,
     Entry,
@@ -79,6 +80,8 @@ def _build_moe(
         else:
             setattr(mod, leaf, to_moekit(en.kind, t.detach(), E))
         assigned.add(en.moekit)
+        if en.kind == LEADING:  # rows the block holds and never reads: kept for unpatch
+            moe.__dict__.setdefault("_hf_tails", {})[en.hf] = t.detach()[E:]
     for path, items in parts.items():  # e.g. DBRX's w1 and v1 -> gate_up_proj (a copy)
         mod, leaf, cur = get_path(moe, path)
         if expert_index(items[0][0].kind) is not None:  # per-expert weights, stacked (a copy)
@@ -125,9 +128,14 @@ def _probe_and_compare(block, moe, D, where, verify_tol):
         return None
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(2, 5, D, generator=g).to(p.device, p.dtype)
+    kw = {}
+    rc = getattr(moe.router, "config", None)
+    if getattr(rc, "routing", None) == "hash":  # the block routes by token ids: give it some
+        ids = torch.randint(0, rc.hash_vocab_size, (2, 5), generator=g)
+        kw["input_ids"] = ids.to(p.device)
     with torch.no_grad():
-        ref = block(x.clone())
-        got = moe(x.clone())
+        ref = block(x.clone(), **kw)
+        got = moe(x.clone(), **kw)
     moe.reset_load()
     if isinstance(ref, tuple) != isinstance(got, tuple):
         return f"the block returns {type(ref).__name__}, moekit's returns {type(got).__name__}"
@@ -193,7 +201,11 @@ def patch_block(
     if spec is not None:
         try:
             configs = [config_from_hf(hf_cfg, backend=backend, spec=spec)]
-        except PatchError as e:
+            block_router = spec.extra.get("block_router")  # a router that differs per block
+            if block_router is not None and block_router(block, hf_cfg):
+                c = configs[0]
+                configs = [c.replace(router=c.router.replace(**block_router(block, hf_cfg)))]
+        except (PatchError, ValueError) as e:
             raise PatchError(f"{where} ({type(block).__name__}): {e}") from None
         returns, flat = spec.returns, bool(spec.extra.get("flat_output"))
     else:

@@ -16,7 +16,10 @@ values):
 * fused transposed (Llama 4): ``[E, D, 2F]`` and ``[E, F, D]``;
 * GPT-OSS: transposed with gate/up columns interleaved, with biases.
 
-Round trips are exact (bit-identical values, same dtypes).
+Round trips are exact (bit-identical values, same dtypes), except the rows LongCat-Flash's
+``gate_up_proj`` holds for its zero-computation experts and never reads: moekit has no place
+for them, and ``to_hf_state_dict`` writes them as zeros (``unpatch`` and ``hf_state_dict`` of
+a patched model keep them).
 """
 
 from __future__ import annotations
@@ -25,7 +28,17 @@ import torch
 
 from .derive import config_from_hf, generic_spec_from_config, text_config
 from .families import spec_for_model_type
-from .layout import FP32, FP32_ROW, PARTS, ROW, SAME, block_param_map, to_hf, to_moekit
+from .layout import (
+    FP32,
+    FP32_ROW,
+    LEADING,
+    PARTS,
+    ROW,
+    SAME,
+    block_param_map,
+    to_hf,
+    to_moekit,
+)
 
 __all__ = ["from_hf_state_dict", "to_hf_state_dict", "PER_EXPERT_NAMES"]
 
@@ -36,6 +49,11 @@ PER_EXPERT_NAMES = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
 def _spec_and_cfg(hf_config, layout):
     cfg = text_config(hf_config)
     spec = spec_for_model_type(getattr(cfg, "model_type", None)) or generic_spec_from_config(cfg)
+    if spec.extra.get("block_router") is not None:
+        raise ValueError(
+            f"{spec.name}: its blocks route differently from layer to layer (e.g. DeepSeek-V4's "
+            "hash layers), which one converted layout cannot hold; patch the loaded model instead"
+        )
     if layout is not None:
         spec = spec.with_(layout=layout)
     return spec, config_from_hf(cfg, spec=spec)
@@ -159,7 +177,9 @@ def to_hf_state_dict(
                 continue
             if mk not in state_dict:
                 raise KeyError(f"{p}: expected {mk!r} in the state dict")
-            out[hk] = to_hf(_conv_kind(en.kind), state_dict[mk]).contiguous()
+            # LongCat's never-read zero-expert rows of gate_up_proj come back as zeros
+            tail = moe_cfg.zero_experts if en.kind == LEADING else None
+            out[hk] = to_hf(_conv_kind(en.kind), state_dict[mk], tail=tail).contiguous()
             consumed.add(mk)
         if layout == "per_expert":
             g, u, d = expert_names

@@ -71,7 +71,7 @@ def config_from_hf(
         if spec.shared is not None and spec.shared_hidden(cfg):
             shared = SharedExperts.Config(
                 hidden_dim=int(spec.shared_hidden(cfg)),
-                activation=spec.extra.get("shared_activation") or act,
+                activation=_shared_activation(spec, cfg) or act,
                 gated=spec.extra.get("shared_gated"),
                 use_gate=spec.shared_gate is not None,
                 fused_gate_up=bool(spec.extra.get("shared_fused")),
@@ -83,10 +83,17 @@ def config_from_hf(
             router=router,
             experts=experts,
             shared_experts=shared,
+            zero_experts=int(spec.extra.get("zero_experts", lambda c: 0)(cfg)),
             **spec.extra.get("moe_kwargs", lambda c: {})(cfg),  # e.g. an output bias or norm
         )
     except ValueError as e:  # a moekit config check: the block is not expressible
         raise PatchError(f"{owner}: {e}") from e
+
+
+def _shared_activation(spec: FamilySpec, cfg) -> str | None:
+    """The shared experts' activation: a name, or a function of the config, or None."""
+    a = spec.extra.get("shared_activation")
+    return a(cfg) if callable(a) else a
 
 
 def generic_spec_from_config(cfg) -> FamilySpec:

@@ -140,6 +140,24 @@ def _selection_bias_in_router(router: nn.Module, E: int) -> str | None:
     return None
 
 
+def _router_gate_problem(router: nn.Module, name: str, w, E: int) -> str:
+    """Why the router has no ``[E, hidden]`` gate weight moekit's router could take."""
+    kind = f"router {name!r} ({type(router).__name__})"
+    lins = [n for n, m in router.named_modules() if isinstance(m, nn.Linear)]
+    if len(lins) > 1:
+        return (
+            f"{kind} computes its logits with a network of {len(lins)} Linear layers {lins}, "
+            "not one linear gate; moekit's router is a single [num_experts, hidden] gate"
+        )
+    if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] > E:
+        return (
+            f"{kind} scores {w.shape[0]} outputs for {E} routed experts: the {w.shape[0] - E} "
+            "more score other experts with the routed ones (e.g. shared experts weighted by the "
+            "router), which moekit's router does not have"
+        )
+    return f"{kind} has no gate weight [num_experts={E}, hidden]"
+
+
 def generic_spec(block: nn.Module, cfg, where: str) -> tuple[FamilySpec, list[dict]]:
     """Read a non-listed family's layout from its block; return the spec and the routing
     candidates to try (config-derived guess first)."""
@@ -159,9 +177,7 @@ def generic_spec(block: nn.Module, cfg, where: str) -> tuple[FamilySpec, list[di
             router_linear, lin = lins[0]
     w = getattr(lin, "weight", None)
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.shape[0] != E:
-        raise PatchError(
-            f"{where}: router {router_name!r} has no gate weight [num_experts={E}, hidden]"
-        )
+        raise PatchError(f"{where}: {_router_gate_problem(router, router_name, w, E)}")
     has_gate, transposed, concat, has_bias, post_norm = _layout_flags(ex)
     if post_norm:
         norm = type(getattr(ex, "post_expert_norm", None)).__name__

@@ -148,6 +148,44 @@ def _gpt_oss_experts(c):
     return dict(activation=make_activation_name("gpt_oss", alpha=a, limit=lim), use_bias=True)
 
 
+def _phimoe_check(c):
+    if hf_get(c, "input_jitter_noise", default=0.0):
+        return (
+            f"input_jitter_noise={c.input_jitter_noise} multiplies the block input by random "
+            "noise in training; moekit's MoE has no such option (set it to 0.0 to patch)"
+        )
+    return None
+
+
+def _longcat_check(c):
+    if not hf_get(c, "n_routed_experts", default=0):
+        return "n_routed_experts=0: only zero-computation experts, nothing for moekit's experts"
+    return None
+
+
+def _clamped_silu(c):
+    from ..activations import make_activation_name
+
+    return make_activation_name("silu", limit=hf_get(c, "swiglu_limit"))
+
+
+def _deepseek_v4_check(c):
+    if hf_get(c, "mlp_bias"):
+        return "mlp_bias=True: its shared experts have biases, which moekit's SharedExperts has not"
+    if hf_get(c, "hidden_act", default="silu") != "silu":
+        return f"hidden_act={c.hidden_act!r}: moekit's clamped GLU is SiLU's"
+    return None
+
+
+def _deepseek_v4_block_router(block, c) -> dict:
+    """The hash layers' router (``is_hash``): experts from the token-id table ``tid2eid``,
+    weighted by the gate's scores there."""
+    if not getattr(block, "is_hash", False):
+        return {}
+    return dict(routing="hash", hash_vocab_size=int(c.vocab_size), hash_weights="scores",
+                use_expert_bias=False)
+
+
 def _dbrx_check(c):
     f = c.ffn_config
     if getattr(f, "moe_jitter_eps", None):
@@ -288,6 +326,61 @@ FAMILIES: dict[str, FamilySpec] = {
                 score_func="softmax", topk_before_score=True, use_router_bias=True
             ),
             experts_kwargs=_gpt_oss_experts,
+        ),
+        FamilySpec(
+            "phimoe",
+            ("phimoe",),
+            ("PhimoeSparseMoeBlock",),
+            router="router",
+            expert_hidden=lambda c: c.intermediate_size,
+            routing=lambda c: dict(
+                routing="sparsemixer",
+                sparsemixer_eps=float(hf_get(c, "router_jitter_noise", default=0.0)),
+            ),
+            check=_phimoe_check,
+            # transformers' sparsemixer picks two experts whatever num_experts_per_tok says
+            extra={"top_k": lambda c: 2},
+        ),
+        FamilySpec(
+            "longcat_flash",
+            ("longcat_flash",),
+            ("LongcatFlashMoE",),
+            router="router",
+            router_linear="classifier",  # its bias, if any, is never used by the router
+            expert_hidden=lambda c: c.expert_ffn_hidden_size,
+            routing=lambda c: dict(
+                score_func="softmax",
+                route_scale=float(hf_get(c, "routed_scaling_factor", default=1.0)),
+                use_expert_bias=True,
+            ),
+            check=_longcat_check,
+            router_in_fp32=True,
+            extra={
+                "num_experts": lambda c: c.n_routed_experts,
+                "zero_experts": lambda c: hf_get(c, "zero_expert_num", default=0),
+                "zero_expert_rows": True,  # gate_up_proj holds E + Z rows, the last Z unread
+            },
+        ),
+        FamilySpec(
+            "deepseek_v4",
+            ("deepseek_v4",),
+            ("DeepseekV4SparseMoeBlock",),
+            shared="shared_experts",
+            expert_hidden=lambda c: c.intermediate_size,
+            shared_hidden=lambda c: c.intermediate_size,
+            routing=lambda c: dict(
+                score_func=hf_get(c, "scoring_func", default="sqrtsoftplus"),
+                route_norm=True,
+                route_scale=float(hf_get(c, "routed_scaling_factor", default=1.0)),
+                use_expert_bias=True,
+            ),
+            experts_kwargs=lambda c: dict(activation=_clamped_silu(c)),
+            check=_deepseek_v4_check,
+            extra={
+                "shared_activation": _clamped_silu,
+                "block_router": _deepseek_v4_block_router,  # per block: hash or learned
+                "hash_table": "tid2eid",  # the hash layers' [vocab, K] token -> experts table
+            },
         ),
         FamilySpec(
             "dbrx",

@@ -60,11 +60,20 @@ class HFMoE(MoE):
             _, _, cur = get_path(self, en.moekit)
             t = cur.detach() if which == "data" else cur.grad
             if t is not None:
-                t = to_hf(en.kind, t, self.__dict__["_hf_dtypes"][en.hf])
+                t = self.to_hf_tensor(en, t, grad=which == "grad")
                 if which == "grad" and expert_index(en.kind) is not None and not t.any():
                     continue
                 out[en.hf] = t
         return out
+
+    def to_hf_tensor(self, en, t: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        """``t`` (the tensor of entry ``en``, or its gradient) in the original block's layout
+        and dtype; rows the block holds and never reads (LongCat's zero-expert rows of
+        ``gate_up_proj``) come back as they were, or as zeros in a gradient."""
+        tail = self.__dict__.get("_hf_tails", {}).get(en.hf)
+        if tail is not None and grad:
+            tail = tail.shape[0]
+        return to_hf(en.kind, t, self.__dict__["_hf_dtypes"][en.hf], tail)
 
     @property
     def hf_block(self) -> nn.Module | None:

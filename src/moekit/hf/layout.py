@@ -23,7 +23,7 @@ from .families import (
 __all__ = [
     "PatchError", "Entry", "block_param_map", "to_moekit", "to_hf", "get_path", "find_tensor",
     "SAME", "TRANS", "INTERLEAVE_T", "INTERLEAVE_BIAS", "FP32", "FP32_ROW", "ROW", "PARTS",
-    "ROWS_GATE", "ROWS_UP", "ROWS_T", "expert_kind", "expert_index",
+    "ROWS_GATE", "ROWS_UP", "ROWS_T", "LEADING", "expert_kind", "expert_index",
 ]
 
 
@@ -59,11 +59,18 @@ def expert_index(kind: str) -> int | None:
     return int(kind[len(_EXPERT):]) if kind.startswith(_EXPERT) else None
 
 
+# LongCat-Flash allocates gate_up_proj rows for its zero-computation experts too and never
+# reads them: moekit holds the first E rows; the rest (the "tail") travel beside the module
+LEADING = "leading_rows"
+
+
 def to_moekit(kind: str, t: torch.Tensor, num_experts: int | None = None) -> torch.Tensor:
     """The moekit tensor of HF tensor ``t`` (for the :data:`PARTS` kinds its part
     ``[E, F, D]``; ``num_experts`` is needed by the DBRX row kinds)."""
     if kind == SAME or expert_index(kind) is not None:  # one expert's row of the stack
         return t
+    if kind == LEADING:
+        return t[:num_experts]
     if kind in PARTS:
         return t.reshape(num_experts, -1, t.shape[-1])
     if kind == ROWS_T:  # [E * F, D] -> [E, D, F]
@@ -84,11 +91,21 @@ def to_moekit(kind: str, t: torch.Tensor, num_experts: int | None = None) -> tor
     raise AssertionError(kind)
 
 
-def to_hf(kind: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def to_hf(
+    kind: str, t: torch.Tensor, dtype: torch.dtype | None = None, tail=None
+) -> torch.Tensor:
+    """The HF tensor of moekit tensor ``t``; for :data:`LEADING`, ``tail`` is the HF rows
+    moekit does not hold (a tensor, or their number: zero rows)."""
     if kind == SAME:
         return t
     if expert_index(kind) is not None:  # stacked [E, O, I] -> the expert's [O, I]
         return t[expert_index(kind)]
+    if kind == LEADING:
+        if tail is None:
+            raise ValueError("to_hf(LEADING, ...) needs the rows moekit does not hold (tail)")
+        if isinstance(tail, int):
+            tail = t.new_zeros((tail,) + tuple(t.shape[1:]))
+        return torch.cat([t, tail.to(t.device, t.dtype)])
     if kind in PARTS:  # gate_up [E, 2F, D] -> its gate or up rows [E * F, D]
         f = t.shape[1] // 2
         half = t[:, :f] if kind == ROWS_GATE else t[:, f:]
@@ -131,6 +148,10 @@ def block_param_map(spec: FamilySpec, moe_cfg: MoE.Config) -> list[Entry]:
     out = [Entry(f"{rl}.weight", "router.gate.weight", SAME)]
     if rc.use_router_bias:
         out.append(Entry(f"{rl}.bias", "router.gate.bias", SAME))
+    if rc.routing == "hash":
+        if not spec.extra.get("hash_table"):
+            raise PatchError(f"{spec.name}: hash routing without a token -> experts table")
+        out.append(Entry(f"{r}.{spec.extra['hash_table']}", "router.hash_table", SAME))
     if rc.use_expert_bias:
         eb = spec.expert_bias or f"{r}.e_score_correction_bias"
         out.append(Entry(eb, "router.expert_bias", FP32_ROW if spec.expert_bias_row else FP32))
@@ -147,6 +168,16 @@ def block_param_map(spec: FamilySpec, moe_cfg: MoE.Config) -> list[Entry]:
             out.append(Entry(f"{m}.{up_hf}.weight", f"experts.{up}", expert_kind(i)))
             out.append(Entry(f"{m}.{down_hf}.weight", "experts.down_proj", expert_kind(i)))
         return out
+    if spec.extra.get("zero_expert_rows") and moe_cfg.zero_experts:
+        if spec.layout != CONCAT or not ec.is_gated or ec.use_bias or moe_cfg.shared_experts:
+            raise PatchError(
+                f"{spec.name}: zero-expert rows need the gated fused layout, without biases or "
+                "shared experts"
+            )
+        return out + [
+            Entry(f"{e}.gate_up_proj", "experts.gate_up_proj", LEADING),
+            Entry(f"{e}.down_proj", "experts.down_proj", SAME),
+        ]
     if spec.layout == DBRX_ROWS:
         if not ec.is_gated or ec.use_bias or moe_cfg.shared_experts is not None:
             raise PatchError(f"{spec.name}: the per-expert row layout is gated, without biases")

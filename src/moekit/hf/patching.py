@@ -22,7 +22,7 @@ from .derive import config_from_hf
 from .detect import is_moe_block, why_not_patchable
 from .families import spec_for_block
 from .hf_moe import HFMoE
-from .layout import SAME, PatchError, block_param_map, find_tensor, get_path, to_hf
+from .layout import SAME, PatchError, block_param_map, find_tensor, get_path
 
 __all__ = [
     "HFMoE", "config_from_hf", "patch", "unpatch", "block_param_map", "PatchError",
@@ -219,7 +219,7 @@ def unpatch(model: nn.Module) -> list[str]:
             en.moekit
             for en in moe.__dict__["_hf_entries"]
             if find_tensor(moe, en.moekit) is None
-            or tuple(to_hf(en.kind, find_tensor(moe, en.moekit).detach().to("meta")).shape)
+            or tuple(moe.to_hf_tensor(en, find_tensor(moe, en.moekit).detach().to("meta")).shape)
             != tuple(get_path(block, en.hf)[2].shape)
         ]
         if missing or not isinstance(moe.experts, GroupedExperts):
@@ -231,16 +231,15 @@ def unpatch(model: nn.Module) -> list[str]:
         for en in moe.__dict__["_hf_entries"]:
             _, _, cur = get_path(moe, en.moekit)
             mod, leaf, old = get_path(block, en.hf)
-            dtype = moe.__dict__["_hf_dtypes"][en.hf]
             if isinstance(old, nn.Parameter):
                 if en.kind == SAME and isinstance(cur, nn.Parameter):
                     val = cur
                 else:
                     val = nn.Parameter(
-                        to_hf(en.kind, cur.detach(), dtype), requires_grad=cur.requires_grad
+                        moe.to_hf_tensor(en, cur.detach()), requires_grad=cur.requires_grad
                     )
             else:
-                val = to_hf(en.kind, cur.detach(), dtype)
+                val = moe.to_hf_tensor(en, cur.detach())
             setattr(mod, leaf, val)
         block.train(moe.training)
         _set_child(model, name, block)

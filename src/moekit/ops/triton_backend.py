@@ -294,12 +294,13 @@ class TritonBackend(ExpertsBackend):
                                    activation=activation, **kw)
 
     def make_plan(self, topk_ids_TK, num_experts, *, capacity_factor=None, drop_policy="position",
-                  topk_weights_TK=None, capacity=None) -> RoutingPlan:
+                  topk_weights_TK=None, capacity=None, num_zero_experts=0) -> RoutingPlan:
         """Dropless plans of at most ``launchers.SMALL_PLAN_MAX_SLOTS`` slots on CUDA come from
         one kernel launch (``launchers.small_plan``: the same plan, bit for bit; at decode
         sizes the dozen small torch ops of ``make_plan`` cost more host time than the experts'
         kernels); other plans, and bad arguments, go to ``make_plan``."""
-        if (capacity_factor is None and capacity is None and topk_ids_TK.device.type == "cuda"
+        if (capacity_factor is None and capacity is None and num_zero_experts == 0
+                and topk_ids_TK.device.type == "cuda"
                 and self._kernels is not None and topk_ids_TK.dim() == 2
                 and topk_ids_TK.dtype in (torch.int32, torch.int64)
                 and 0 < topk_ids_TK.numel() <= self._kernels.launchers.SMALL_PLAN_MAX_SLOTS
@@ -308,7 +309,7 @@ class TritonBackend(ExpertsBackend):
             return self._kernels.launchers.small_plan(topk_ids_TK, num_experts).record_ids(topk_ids_TK)
         return super().make_plan(topk_ids_TK, num_experts, capacity_factor=capacity_factor,
                                  drop_policy=drop_policy, topk_weights_TK=topk_weights_TK,
-                                 capacity=capacity)
+                                 capacity=capacity, num_zero_experts=num_zero_experts)
 
 
 # os.environ's encoded mapping, read directly: 17 os.environ.get calls cost ~14 us, too much

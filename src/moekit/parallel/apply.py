@@ -119,6 +119,11 @@ def apply_ep(
         raise TypeError(f"apply_ep needs a moekit MoE, got {type(moe).__name__}")
     if moe.dispatch is not None:
         raise ValueError("apply_ep: this MoE is already expert-parallel")
+    if moe.config.zero_experts:
+        raise ValueError(
+            f"apply_ep: this MoE has zero_experts={moe.config.zero_experts} (zero-computation "
+            "experts), which expert parallelism does not dispatch; run it on one process"
+        )
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("apply_ep needs torch.distributed initialized (init_process_group)")
     group = _resolve_group(group)
