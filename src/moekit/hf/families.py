@@ -97,13 +97,17 @@ def _softmax(norm_attr="norm_topk_prob", default_norm=False):
     return f
 
 
-def _mixtral_check(c):
-    if hf_get(c, "router_jitter_noise", default=0.0):
-        return (
-            f"router_jitter_noise={c.router_jitter_noise} multiplies the block input by random noise "
-            "in training; moekit's MoE has no such option (set it to 0.0 to patch)"
-        )
+def _noise_refusal(c, key: str, what: str) -> str | None:
+    """Why ``patch`` refuses a config whose ``key`` (training-time noise, ``what``) is set."""
+    v = hf_get(c, key, default=0.0)
+    if v:
+        return (f"{key}={v} {what} in training; moekit's MoE has no such option (set it to 0.0 "
+                "to patch)")
     return None
+
+
+def _mixtral_check(c):
+    return _noise_refusal(c, "router_jitter_noise", "multiplies the block input by random noise")
 
 
 def _deepseek_routing(c):
@@ -149,12 +153,7 @@ def _gpt_oss_experts(c):
 
 
 def _phimoe_check(c):
-    if hf_get(c, "input_jitter_noise", default=0.0):
-        return (
-            f"input_jitter_noise={c.input_jitter_noise} multiplies the block input by random "
-            "noise in training; moekit's MoE has no such option (set it to 0.0 to patch)"
-        )
-    return None
+    return _noise_refusal(c, "input_jitter_noise", "multiplies the block input by random noise")
 
 
 def _longcat_check(c):
@@ -202,25 +201,17 @@ def _dbrx_check(c):
 
 
 def _switch_check(c):
-    if hf_get(c, "router_jitter_noise", default=0.0):
-        return (
-            f"router_jitter_noise={c.router_jitter_noise} multiplies the router input by random "
-            "noise in training; moekit's router has no such option (set it to 0.0 to patch)"
-        )
-    if hf_get(c, "dropout_rate", default=0.0):
-        return (
-            f"dropout_rate={c.dropout_rate} applies dropout inside every expert in training; "
-            "moekit's experts have none (set it to 0.0 to patch)"
-        )
+    why = (_noise_refusal(c, "router_jitter_noise", "multiplies the router input by random noise")
+           or _noise_refusal(c, "dropout_rate", "applies dropout inside every expert"))
+    if why:
+        return why
     if hf_get(c, "router_dtype", default="float32") != "float32":
         return f"router_dtype={c.router_dtype!r}: moekit patches Switch routers in float32 only"
     return None
 
 
 def _llama4_check(c):
-    if hf_get(c, "router_jitter_noise", default=0.0):
-        return f"router_jitter_noise={c.router_jitter_noise} is not supported by moekit's MoE"
-    return None
+    return _noise_refusal(c, "router_jitter_noise", "multiplies the router input by random noise")
 
 
 FAMILIES: dict[str, FamilySpec] = {
