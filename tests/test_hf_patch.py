@@ -192,15 +192,43 @@ def test_patch_on_the_meta_device():
         mh.patch(generic)
 
 
-def test_optimizer_after_patch_trains_and_new_parameters_warn():
-    model = _build(_cfg("gpt_oss"))
-    with pytest.warns(UserWarning, match="build the optimizer after patch"):
-        mh.patch(model)
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4"])
+def test_an_optimizer_built_before_patch_keeps_training_the_model(family):
+    """GPT-OSS's and Llama 4's experts change layout when patched, yet keep their Parameter
+    objects (no warning): Adam built before patch, stepping the patched model, ends where Adam
+    on the unpatched model ends; unpatch gives the same objects back in the original layout."""
+    ref = _build(_cfg(family))
+    model = copy.deepcopy(ref)
+    ids = _ids()
+    opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    before = {n: p for n, p in model.named_parameters()}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        mh.patch(_build(_cfg("qwen3_moe")))  # the same Parameter objects: no warning
+        mh.patch(model)
+    for m, o in ((ref, opt_ref), (model, opt)):
+        m.train()
+        for _ in range(3):
+            o.zero_grad()
+            m(ids, labels=ids).loss.backward()
+            o.step()
+    mh.unpatch(model)
+    after = dict(model.named_parameters())
+    assert set(after) == set(before)
+    for n, p in ref.named_parameters():
+        assert after[n] is before[n], f"{n}: not the same Parameter object after unpatch"
+        _tol_close(after[n], p, f"{family} {n} after 3 Adam steps")
+
+
+def test_stacked_parts_warn_and_an_optimizer_after_patch_trains():
+    """DBRX's per-expert rows are stacked into new Parameters: patch says so."""
+    from moekit.hf.discover import VOCAB, build_model, family_by_name
+
+    model = build_model(family_by_name("dbrx"))
+    with pytest.warns(UserWarning, match="parts stacked into one tensor.*build the optimizer after patch"):
+        mh.patch(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    ids = _ids()
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     losses = []
     model.train()
     for _ in range(4):

@@ -33,7 +33,7 @@ from .layout import (
 )
 from .probe import router_matches
 
-__all__ = ["patch_block", "attach_block"]
+__all__ = ["patch_block", "attach_block", "relaid_entries", "relayout"]
 
 
 def _build_moe(
@@ -272,8 +272,41 @@ def patch_block(
     return moe
 
 
+def relaid_entries(entries: list[Entry]) -> list[Entry]:
+    """The entries whose block Parameter maps one to one onto a moekit Parameter in another
+    layout (GPT-OSS's interleaved gate/up and transposed down projection, Llama 4's transposed
+    experts, LongCat's leading rows): the Parameter object moves between the two, with its
+    tensor (and gradient) converted. Parts of one moekit tensor (DBRX's rows, per-expert
+    modules) are stacked into a new Parameter instead."""
+    paths = [en.moekit for en in entries]
+    return [en for en in entries
+            if en.kind != SAME and en.kind not in PARTS and expert_index(en.kind) is None
+            and paths.count(en.moekit) == 1]
+
+
+def relayout(p: nn.Parameter, value: torch.Tensor, grad: torch.Tensor | None) -> nn.Parameter:
+    """``p`` holding ``value`` (another layout of its tensor) and ``grad`` (its gradient in
+    that layout, or None): the same Parameter object, so that an optimizer holding it keeps
+    updating the tensor the model uses."""
+    with torch.no_grad():
+        p.data = value
+    p.grad = grad
+    return p
+
+
 def attach_block(moe: HFMoE, block: nn.Module) -> None:
     """Hand the block's tensors over to ``moe`` for good: the block keeps meta placeholders
-    and stays with ``moe`` (outside the module tree) for ``unpatch``."""
-    moe.__dict__["_hf_dtypes"] = _strip(block, moe.__dict__["_hf_entries"])
+    and stays with ``moe`` (outside the module tree) for ``unpatch``. Where a block
+    Parameter maps one to one onto a moekit Parameter in another layout, ``moe`` takes the
+    block's Parameter object with the converted tensor (:func:`relaid_entries`)."""
+    entries = moe.__dict__["_hf_entries"]
+    olds = {en.hf: get_path(block, en.hf)[2] for en in relaid_entries(entries)}
+    moe.__dict__["_hf_dtypes"] = _strip(block, entries)
     moe.__dict__["_hf_block"] = block
+    E = moe.config.num_experts
+    for en in relaid_entries(entries):
+        old = olds[en.hf]
+        mod, leaf, new = get_path(moe, en.moekit)
+        if isinstance(old, nn.Parameter) and isinstance(new, nn.Parameter) and old is not new:
+            grad = None if old.grad is None else to_moekit(en.kind, old.grad, E)
+            setattr(mod, leaf, relayout(old, new.detach(), grad))

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..experts import GroupedExperts
-from .build import attach_block, patch_block
+from .build import attach_block, patch_block, relaid_entries, relayout
 from .derive import config_from_hf
 from .detect import is_moe_block, why_not_patchable
 from .families import spec_for_block
@@ -152,18 +152,22 @@ def patch(
 
 
 def _warn_new_parameters(new) -> None:
-    """Warn, once per patch, when a block's weights live on in new Parameter objects (GPT-OSS's
-    converted gate/up, Llama 4's transposed views): an optimizer built before ``patch`` holds
-    the old ones, which receive no gradient any more."""
+    """Warn, once per patch, when a block's weights live on in new Parameter objects (parts
+    stacked into one tensor: DBRX's rows, Switch's per-expert modules): an optimizer built
+    before ``patch`` holds the old ones, which receive no gradient any more. (Weights in
+    another layout keep their Parameter objects: ``attach_block``.)"""
     fresh = []
     for n, block, moe in new:
-        for en in moe.__dict__["_hf_entries"]:
-            if isinstance(get_path(moe, en.moekit)[2], nn.Parameter) and en.kind != SAME:
+        entries = moe.__dict__["_hf_entries"]
+        kept = {en.hf for en in relaid_entries(entries)}
+        for en in entries:
+            if (isinstance(get_path(moe, en.moekit)[2], nn.Parameter) and en.kind != SAME
+                    and en.hf not in kept):
                 fresh.append(f"{n}.{en.hf}")
     if fresh:
         warnings.warn(
-            f"moekit.hf.patch: {len(fresh)} weights now live in new Parameter objects "
-            f"(converted, stacked or transposed layouts), e.g. {fresh[:2]}; an optimizer built before patch() would "
+            f"moekit.hf.patch: {len(fresh)} weights now live in new Parameter objects (parts "
+            f"stacked into one tensor), e.g. {fresh[:2]}; an optimizer built before patch() would "
             "update tensors the model no longer uses: build the optimizer after patch()",
             stacklevel=3,
         )
@@ -228,12 +232,17 @@ def unpatch(model: nn.Module) -> list[str]:
                 f"(experts: {type(moe.experts).__name__}; after apply_ep the experts are sharded "
                 "over ranks: unpatch a full single-process copy instead)"
             )
-        for en in moe.__dict__["_hf_entries"]:
+        entries = moe.__dict__["_hf_entries"]
+        relaid = {en.hf for en in relaid_entries(entries)}
+        for en in entries:
             _, _, cur = get_path(moe, en.moekit)
             mod, leaf, old = get_path(block, en.hf)
             if isinstance(old, nn.Parameter):
                 if en.kind == SAME and isinstance(cur, nn.Parameter):
                     val = cur
+                elif en.hf in relaid and isinstance(cur, nn.Parameter):  # the same object back
+                    grad = None if cur.grad is None else moe.to_hf_tensor(en, cur.grad, grad=True)
+                    val = relayout(cur, moe.to_hf_tensor(en, cur.detach()), grad)
                 else:
                     val = nn.Parameter(
                         moe.to_hf_tensor(en, cur.detach()), requires_grad=cur.requires_grad
