@@ -244,8 +244,9 @@ def up_forward(
     # qwen3 1.73 -> 1.62 ms, olmoe 2.19 -> 2.08, gpt-oss 4.25 -> 3.99, mixtral 7.51 -> 6.69)
     one_acc = w_desc is not None and w_desc[1] and gated
     if one_acc:
-        w4 = w_EHD.view(E, 2, F, D)
-        w_desc = TensorDescriptor(w4, list(w4.shape), list(w4.stride()), [1, 2, cfg.BLOCK_N, cfg.BLOCK_K]), True
+        s0, s1, _ = w_EHD.stride()
+        w_desc = TensorDescriptor(w_EHD, [E, 2, F, D], [s0, F * s1, s1, 1],
+                                  [1, 2, cfg.BLOCK_N, cfg.BLOCK_K]), True
     if w_desc is not None:
         KT.up_tma_kernel[grid](
             x_TD, w_desc[0], b_EH if b_EH is not None else x_TD, token_ids_N,
@@ -534,7 +535,8 @@ def down_dgrad(
 _DGRAD_MODES = ("auto", "fused", "split", "grouped_mm")
 
 
-def dgrad_mode(hidden: int, use_grouped_mm: bool, setting: str = "auto", rows_cublas: bool | None = None) -> str:
+def dgrad_mode(hidden: int, use_grouped_mm: bool, setting: str = "auto",
+               rows_cublas: bool | None = None) -> str:
     """How the backward's first step runs (``setting``, ``TritonBackend.Config.dgrad`` =
     ``auto``, the default, | ``fused`` | ``split`` | ``grouped_mm``):
 
@@ -643,8 +645,9 @@ def dw_up_uses_grouped_mm(n_rows: int, n_experts: int, dim: int, hidden: int, dt
     GEMM alone, the copy counted: qwen3 1.90 -> 1.69 ms, olmoe 2.33 -> 2.09; the copy's
     ``[N, D]`` buffer lives only during it). The down projection's (``gout[tok].T @ a``) stays
     on ``dw_kernel`` there, where it is as fast as cuBLAS (qwen3 0.90 against 0.95 ms)."""
-    if dw_uses_grouped_mm(n_rows, n_experts, dim, hidden, dtype, device, mode) or mode != "auto":
-        return dw_uses_grouped_mm(n_rows, n_experts, dim, hidden, dtype, device, mode)
+    large = dw_uses_grouped_mm(n_rows, n_experts, dim, hidden, dtype, device, mode)
+    if large or mode != "auto":
+        return large
     return (_grouped_mm is not None and device.type == "cuda" and not interpreting()
             and dtype == torch.bfloat16 and dim % 8 == 0 and hidden % 8 == 0
             and n_rows / max(1, n_experts) > 64 and _major(device) >= 9)
