@@ -810,3 +810,26 @@ else:
         # the weight grads with one operand gathered and neither scaled (the routing weight on
         # the input scales x's rows)
         assert calls.count("dw_tma_kernel") == (1 if woi else 2), calls
+
+    @pytest.mark.parametrize("gated", [True, False])
+    def test_tensor_descriptors_on_transposed_weights(gated):
+        """A weight stored transposed (``[E, D, H]`` seen as ``[E, H, D]``): the descriptor
+        covers the stored layout and the tile is transposed for the MMA; the same values as
+        the pointer kernel."""
+        from moekit.ops.triton import launchers
+
+        g = torch.Generator().manual_seed(5)
+        T, D, F, E, K = 29, 32, 24, 4, 2
+        H = 2 * F if gated else F
+        x = torch.randn(T, D, generator=g)
+        w = torch.randn(E, D, H, generator=g).transpose(1, 2)  # [E, H, D], D not contiguous
+        b = torch.randn(E, H, generator=g)
+        plan = make_plan(torch.randn(T, E, generator=g).topk(K, -1).indices, E)
+        args = (x, w, b, plan.token_ids_N, None, plan.counts_E, plan.offsets_E, "silu", gated)
+        h0, a0 = launchers.up_forward(*args, tiles={"tma": (0,)})
+        h1, a1 = launchers.up_forward(*args, tiles={"tma": (1,)})
+        torch.testing.assert_close(h1, h0, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a1, a0, rtol=1e-5, atol=1e-5)
+        ref = torch.stack([x[t] @ w[e].T + b[e] for t, e in zip(plan.token_ids_N.tolist(),
+                                                               plan.expert_ids_N.tolist())])
+        torch.testing.assert_close(h1, ref, rtol=1e-4, atol=1e-4)
