@@ -16,7 +16,7 @@ import json
 import torch
 from ab_common import ab, routed_plan, tile
 
-from moekit.ops.triton import launchers as L
+from moekit.ops.triton import weight_grads as W
 
 SHAPES = {"qwen3": (16384, 2048, 768, 128, 8), "olmoe": (16384, 2048, 1024, 64, 8),
           "gpt-oss": (16384, 2880, 2880, 32, 4), "mixtral": (8192, 4096, 14336, 8, 2),
@@ -28,9 +28,9 @@ def _gathered(fa, tiles):
     """The same weight grad over gathered (and pre-scaled) contiguous copies: the copy's time
     is counted."""
     l_src, l_tok, r_src, r_tok, roww, scale_left, counts, offsets = fa
-    lm = L._gather_rows(l_src, l_tok, roww if scale_left else None)
-    rm = L._gather_rows(r_src, r_tok, None if scale_left else roww)
-    return L.weight_grad(lm, None, rm, None, None, scale_left, counts, offsets, torch.bfloat16,
+    lm = W._gather_rows(l_src, l_tok, roww if scale_left else None)
+    rm = W._gather_rows(r_src, r_tok, None if scale_left else roww)
+    return W.weight_grad(lm, None, rm, None, None, scale_left, counts, offsets, torch.bfloat16,
                          False, tiles=tiles)[0]
 
 
@@ -58,12 +58,12 @@ def main():
             variants = {}
             for c in a.configs:
                 for suffix, extra in modes.items():
-                    variants[c + suffix] = lambda fa=fa, t={"dw": tile(c), **extra}: L.weight_grad(
+                    variants[c + suffix] = lambda fa=fa, t={"dw": tile(c), **extra}: W.weight_grad(
                         *fa, torch.bfloat16, False, tiles=t)[0]
             last = {"dw": tile(a.configs[-1]), "tma": (0,)}
             variants[f"copy+{a.configs[-1]}"] = lambda fa=fa, t=last: _gathered(fa, t)
             if a.cublas:
-                variants["grouped_mm"] = lambda fa=fa: L.weight_grad(
+                variants["grouped_mm"] = lambda fa=fa: W.weight_grad(
                     *fa, torch.bfloat16, False, use_grouped_mm=True)[0]
             flops = 2 * N * D * (2 * F if which == "dW_up" else F)
             rows += [dict(r, shape=name) for r in ab(variants, flops, f"{name} {which}")]

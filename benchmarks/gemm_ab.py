@@ -17,6 +17,7 @@ import torch
 from ab_common import ab, routed_plan, tile
 
 from moekit.ops.triton import launchers as L
+from moekit.ops.triton import weight_grads as W
 
 SHAPES = {"qwen3": (16384, 2048, 768, 128, 8), "olmoe": (16384, 2048, 1024, 64, 8),
           "gpt-oss": (16384, 2880, 2880, 32, 4), "mixtral": (8192, 4096, 14336, 8, 2),
@@ -72,9 +73,9 @@ def main():
                     variants[c + suffix] = lambda fn=fn, t={key: tile(c), **extra}: fn(t)
             if kind == "rows" and a.cublas:  # the same GEMM by torch's grouped GEMM (cuBLAS)
                 w2_t = w2.transpose(1, 2)
-                variants["grouped_mm"] = lambda w=w2_t: L.grouped_mm(act, w, plan.offsets_E)
+                variants["grouped_mm"] = lambda w=w2_t: W.grouped_mm(act, w, plan.offsets_E)
             if kind == "rows_t" and a.cublas:
-                variants["grouped_mm"] = lambda: L.grouped_mm(dh, w1, plan.offsets_E)
+                variants["grouped_mm"] = lambda: W.grouped_mm(dh, w1, plan.offsets_E)
             rows += [dict(r, shape=name, kernel=kind) for r in ab(variants, flops, f"{name} {kind}")]
     if a.out:
         with open(a.out, "w") as f:

@@ -45,24 +45,24 @@ if not INTERP:
     def test_launch_config_overrides_pick_the_config(monkeypatch):
         """Each tile setting of TritonBackend.Config is the launch config of its kernel (off the
         interpreter, which always takes its small tiles)."""
-        from moekit.ops.triton import launchers
+        from moekit.ops.triton import launch_config
         from moekit.ops.triton_backend import DownCombineTile, GemmTile, TritonBackend, parse_tiles
 
-        monkeypatch.setattr(launchers, "interpreting", lambda: False)
+        monkeypatch.setattr(launch_config, "interpreting", lambda: False)
         cfg = TritonBackend.Config(
             gemm_tile=GemmTile(64, 128, 32, 4, 2), kind_tiles={"decode_rows": GemmTile(32, 64, 64, 2, 2)},
             dw_tile=(32, 32, 16, 2, 2), down_combine_tile=DownCombineTile(8, 32, 2, 1),
         )
         tiles = parse_tiles(cfg.tiles_spec())
         bf16 = torch.bfloat16
-        g = launchers._gemm_config(4096, 8, 512, "rows", bf16, tiles)  # training rows: gemm_tile
+        g = launch_config._gemm_config(4096, 8, 512, "rows", bf16, tiles)  # training rows: gemm_tile
         assert (g.BLOCK_M, g.BLOCK_N, g.BLOCK_K, g.num_warps, g.num_stages) == (64, 128, 32, 4, 2)
-        g = launchers._gemm_config(4096, 8, 512, "up_gated", bf16, tiles)  # half BN per accumulator
+        g = launch_config._gemm_config(4096, 8, 512, "up_gated", bf16, tiles)  # half BN per accumulator
         assert (g.BLOCK_M, g.BLOCK_N) == (64, 64)
-        g = launchers._gemm_config(16, 8, 512, "rows", bf16, tiles)  # decode rows: its own tile
+        g = launch_config._gemm_config(16, 8, 512, "rows", bf16, tiles)  # decode rows: its own tile
         assert (g.BLOCK_M, g.BLOCK_N, g.BLOCK_K, g.num_warps, g.num_stages) == (32, 64, 64, 2, 2)
-        assert launchers._gemm_config(4096, 8, 512, "rows", bf16, None).BLOCK_N == 256  # the default
-        assert launchers._dw_config(bf16, tiles) == (32, 32, 16, 2, 2)
+        assert launch_config._gemm_config(4096, 8, 512, "rows", bf16, None).BLOCK_N == 256  # the default
+        assert launch_config._dw_config(bf16, tiles) == (32, 32, 16, 2, 2)
         assert tiles["down_combine"] == (8, 32, 2, 1)
 
     def test_the_registered_triton_backend_takes_the_environment_overrides(monkeypatch):
@@ -325,13 +325,13 @@ else:
     def test_weight_grads_through_grouped_mm(monkeypatch, bias, woi):
         """The large-expert weight-grad path (torch grouped_mm over gathered rows), forced by
         ``dw="grouped_mm"`` (and not taken with ``dw="triton"``)."""
-        from moekit.ops.triton import launchers
+        from moekit.ops.triton import weight_grads
 
-        if launchers._grouped_mm is None:
+        if weight_grads._grouped_mm is None:
             pytest.skip("torch has no grouped_mm")
         calls = []
-        real = launchers.grouped_mm
-        monkeypatch.setattr(launchers, "grouped_mm", lambda *a: calls.append(1) or real(*a))
+        real = weight_grads.grouped_mm
+        monkeypatch.setattr(weight_grads, "grouped_mm", lambda *a: calls.append(1) or real(*a))
         T, D, F, E, K = 20, 16, 24, 5, 2
         ts, ids, gy = _inputs(T, D, F, E, K, True, bias=bias, seed=21)
         ids[ids == 2] = 3  # an expert without rows
@@ -351,8 +351,8 @@ else:
         assert _max_err(got, want) <= 2e-5 * _scale(want)
         assert calls == [1]
         calls.clear()
-        assert not launchers.dw_uses_grouped_mm(T * K, E, D, F, torch.float32, torch.device("cpu"), "triton")
-        assert launchers.dw_uses_grouped_mm(T * K, E, D, F, torch.float32, torch.device("cpu"), "grouped_mm")
+        assert not weight_grads.dw_uses_grouped_mm(T * K, E, D, F, torch.float32, torch.device("cpu"), "triton")
+        assert weight_grads.dw_uses_grouped_mm(T * K, E, D, F, torch.float32, torch.device("cpu"), "grouped_mm")
 
     @pytest.mark.parametrize("retain,inplace", [(False, True), (True, True), (False, False)])
     def test_inplace_dgrad_only_when_the_graph_is_freed(retain, inplace):
@@ -389,13 +389,13 @@ else:
         """recompute_act=True: the forward keeps only h (not the activated rows) and the dgrad
         step recomputes act(h) for dW_down (the split pass stores it times the routing weight,
         and dW_down then reads it unscaled); every grad still matches the float64 loop."""
-        from moekit.ops.triton import launchers
+        from moekit.ops.triton import backward
 
-        assert launchers.recompute_activation("fused", True) and not launchers.recompute_activation("split", False)
+        assert backward.recompute_activation("fused", True) and not backward.recompute_activation("split", False)
         # None (auto): wherever the dgrad is split, not with the fused dgrad kernel
-        assert launchers.recompute_activation("split", None) and launchers.recompute_activation("grouped_mm", None)
-        assert not launchers.recompute_activation("fused", None)
-        assert launchers.activation_prescaled(dgrad, woi) == (dgrad == "split" and not woi)
+        assert backward.recompute_activation("split", None) and backward.recompute_activation("grouped_mm", None)
+        assert not backward.recompute_activation("fused", None)
+        assert backward.activation_prescaled(dgrad, woi) == (dgrad == "split" and not woi)
         ts, ids, gy = _inputs(23, 24, 20, 5, 2, gated, bias=bias, seed=31,
                               scale=6.0 if act == "gpt_oss" else 1.0)
         _check_fp32(ts, ids, gy, act, woi, bias,
@@ -524,11 +524,11 @@ else:
         """dgrad="split" (gather GEMM, then the activation backward over whole rows): the split
         kernels run, and every grad matches the float64 loop, with and without the recomputed
         activation."""
-        from moekit.ops.triton import launchers
+        from moekit.ops.triton import backward
 
         calls = []
-        real = launchers._down_dgrad_split
-        monkeypatch.setattr(launchers, "_down_dgrad_split", lambda *a: calls.append(1) or real(*a))
+        real = backward._down_dgrad_split
+        monkeypatch.setattr(backward, "_down_dgrad_split", lambda *a: calls.append(1) or real(*a))
         ts, ids, gy = _inputs(23, 24, 20, 5, 2, gated, bias=bias, seed=71,
                               scale=6.0 if act == "gpt_oss" else 1.0)
         ids[ids == 1] = 3  # an expert without rows
@@ -537,18 +537,18 @@ else:
         assert calls == [1]
 
     def test_dgrad_setting_picks_the_kernel(monkeypatch):
-        from moekit.ops.triton import launchers
+        from moekit.ops.triton import backward
 
         with pytest.raises(ValueError, match="allowed: \\('auto', 'fused', 'split', 'grouped_mm'\\)"):
-            launchers.dgrad_mode(768, False, "both")
-        assert launchers.dgrad_mode(768, False) == launchers.dgrad_mode(14336, False) == "split"
-        assert launchers.dgrad_mode(2880, False) == "fused"
-        assert launchers.dgrad_mode(2880, True) == launchers.dgrad_mode(768, True) == "grouped_mm"
-        assert launchers.dgrad_mode(768, True, "fused") == "fused"
-        assert launchers.dgrad_mode(2880, False, "split") == "split"
+            backward.dgrad_mode(768, False, "both")
+        assert backward.dgrad_mode(768, False) == backward.dgrad_mode(14336, False) == "split"
+        assert backward.dgrad_mode(2880, False) == "fused"
+        assert backward.dgrad_mode(2880, True) == backward.dgrad_mode(768, True) == "grouped_mm"
+        assert backward.dgrad_mode(768, True, "fused") == "fused"
+        assert backward.dgrad_mode(2880, False, "split") == "split"
         calls = []
-        real = launchers._down_dgrad_split
-        monkeypatch.setattr(launchers, "_down_dgrad_split", lambda *a: calls.append(1) or real(*a))
+        real = backward._down_dgrad_split
+        monkeypatch.setattr(backward, "_down_dgrad_split", lambda *a: calls.append(1) or real(*a))
         ts, ids, gy = _inputs(9, 16, 8, 3, 2, True, bias=False, seed=72)
         _run(TritonBackend.Config(dgrad="fused"), ts, ids, gy, torch.float32, "silu", False)
         assert calls == []
@@ -729,7 +729,7 @@ else:
         """gemm_tile, kind_tiles, dw_tile and down_combine_tile travel from the config through
         the fused call, the custom ops and the autograd function to every config-picking
         launcher (forward, backward, fused decode and the staged grouped linear)."""
-        from moekit.ops.triton import launchers
+        from moekit.ops.triton import launch_config, launchers
         from moekit.ops.triton_backend import DownCombineTile, GemmTile, parse_tiles
 
         cfg = TritonBackend.Config(gemm_tile=GemmTile(64, 128, 32, 4, 2), kind_tiles={"rows": (32, 64, 64, 2, 2)},
@@ -738,8 +738,8 @@ else:
         assert set(want) == {"gemm", "rows", "dw", "down_combine"}
         seen = []
         for name in ("_gemm_config", "_dw_config"):
-            real = getattr(launchers, name)
-            monkeypatch.setattr(launchers, name, lambda *a, _r=real, _n=name: seen.append((_n, a[-1])) or _r(*a))
+            real = getattr(launch_config, name)
+            monkeypatch.setattr(launch_config, name, lambda *a, _r=real, _n=name: seen.append((_n, a[-1])) or _r(*a))
         real_dc = launchers.down_combine
         monkeypatch.setattr(launchers, "down_combine", lambda *a: seen.append(("down_combine", a[-1])) or real_dc(*a))
         backend = cfg.build()

@@ -13,7 +13,7 @@ import torch
 
 from ...plan import RoutingPlan
 from ..triton_backend import parse_tiles
-from . import launchers as L
+from . import weight_grads as W
 from .ops import rows_gemm_op, weight_grad_op
 
 __all__ = ["GroupedLinear", "triton_grouped_linear"]
@@ -36,7 +36,7 @@ class GroupedLinear(torch.autograd.Function):
         dx = dw = db = None
         if need[0]:
             if ctx.rows_cublas:
-                dx = L.grouped_mm(g_NO, w_EOI, offsets_E)
+                dx = W.grouped_mm(g_NO, w_EOI, offsets_E)
             else:
                 dx = rows_gemm_op(g_NO, w_EOI.transpose(1, 2), None, counts_E, offsets_E, ctx.tiles)
         if need[1] or need[2]:
@@ -70,8 +70,8 @@ def triton_grouped_linear(
     if bias_EO is not None and tuple(bias_EO.shape) != tuple(w_EOI.shape[:2]):
         raise ValueError(f"grouped_linear: bias must be [E, O]={tuple(w_EOI.shape[:2])}, got {tuple(bias_EO.shape)}")
     E, O, I = w_EOI.shape
-    cublas = L.dw_uses_grouped_mm(x_NI.shape[0], E, I, O, x_NI.dtype, x_NI.device, s.dw)
+    cublas = W.dw_uses_grouped_mm(x_NI.shape[0], E, I, O, x_NI.dtype, x_NI.device, s.dw)
     tiles = s.tiles_spec() if tiles is None else tiles
-    rows_cublas = L.rows_on_cublas(cublas, parse_tiles(tiles), x_NI, x_NI.shape[0], E)
+    rows_cublas = W.rows_on_cublas(cublas, parse_tiles(tiles), x_NI, x_NI.shape[0], E)
     return GroupedLinear.apply(x_NI, w_EOI, bias_EO, plan.counts_E, plan.offsets_E, cublas,
                                rows_cublas, tiles)

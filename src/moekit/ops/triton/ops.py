@@ -8,12 +8,12 @@ pre-activation) -> down (grouped GEMM) -> combine (fixed-order weighted sum over
 Backward (5-6 kernels): down-dgrad (gather the output grad by token + GEMM, activation
 derivative and routing-weight grad in the epilogue; in eager mode, unless the graph is
 retained, it writes dH over the saved pre-activation; it also recomputes the activation, which
-the forward then does not keep, where ``launchers.recompute_activation`` says so; where
-``launchers.dgrad_mode`` says so, as two kernels: the gather GEMM, Triton's or cuBLAS's, then
+the forward then does not keep, where ``backward.recompute_activation`` says so; where
+``backward.dgrad_mode`` says so, as two kernels: the gather GEMM, Triton's or cuBLAS's, then
 the epilogue row-wise) -> dX
 rows (grouped GEMM) -> gather-sum over k (no scatter, no atomics; the rows buffer is freed
 here) -> dW_down, dW_up (grouped GEMMs over each expert's rows, gathering by token; for large
-experts torch's cuBLAS grouped GEMM over gathered copies, see ``launchers.dw_uses_grouped_mm``).
+experts torch's cuBLAS grouped GEMM over gathered copies, see ``weight_grads.dw_uses_grouped_mm``).
 Everything is deterministic.
 
 Every choice above is a field of ``TritonBackend.Config`` (``moekit.ops.triton_backend``),
@@ -33,7 +33,9 @@ import torch
 from ...activations import GPT_OSS_ALPHA, GPT_OSS_LIMIT
 from ...plan import RoutingPlan
 from ..triton_backend import TritonBackend, parse_tiles
+from . import backward as B
 from . import launchers as L
+from . import weight_grads as W
 
 __all__ = ["FusedExperts", "fused_experts"]
 
@@ -109,7 +111,7 @@ def down_dgrad_op(
     interleaved: bool = False, mode: str = "fused", tiles: str = "",
     alpha: float = GPT_OSS_ALPHA, limit: float = GPT_OSS_LIMIT,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return L.down_dgrad(g, w, b, token_ids, roww, h, counts, offsets, act, gated, woi, store_a,
+    return B.down_dgrad(g, w, b, token_ids, roww, h, counts, offsets, act, gated, woi, store_a,
                         expert_ids_N=expert_ids, interleaved=interleaved, mode=mode,
                         tiles=parse_tiles(tiles), alpha=alpha, limit=limit)
 
@@ -129,7 +131,7 @@ def weight_grad_op(
     counts: torch.Tensor, offsets: torch.Tensor, with_bias: bool, use_grouped_mm: bool = False,
     tiles: str = "", transposed: bool = False, scale_dw: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    dw, db = L.weight_grad(
+    dw, db = W.weight_grad(
         l_src, l_tok, r_src, r_tok, roww, scale_left, counts, offsets, l_src.dtype, with_bias,
         use_grouped_mm, transposed, scale_dw, parse_tiles(tiles),
     )
@@ -148,9 +150,9 @@ def _(l_src, l_tok, r_src, r_tok, roww, scale_left, counts, offsets, with_bias, 
 class FusedExperts(torch.autograd.Function):
     """The fused experts, forward and backward. The code-path choices come resolved as plain
     arguments: ``cublas`` (the weight grads on torch grouped_mm), ``cublas_up`` (the up
-    projection's, ``launchers.dw_up_uses_grouped_mm``), ``rows_cublas`` (the row GEMMs,
-    ``launchers.rows_on_cublas``), ``recompute`` (the backward
-    recomputes the activation), ``dgrad`` (the dgrad step's mode, ``launchers.dgrad_mode``),
+    projection's, ``weight_grads.dw_up_uses_grouped_mm``), ``rows_cublas`` (the row GEMMs,
+    ``weight_grads.rows_on_cublas``), ``recompute`` (the backward
+    recomputes the activation), ``dgrad`` (the dgrad step's mode, ``backward.dgrad_mode``),
     ``inplace`` (the eager backward may write dH over h), ``tiles`` (launch-config overrides)
     and ``alpha``, ``limit`` (the ``gpt_oss`` activation's constants)."""
 
@@ -190,7 +192,7 @@ class FusedExperts(torch.autograd.Function):
         if inplace:
             # dH overwrites h (nothing reads h after this kernel, and the graph is freed after
             # this backward); the version bump makes any stray later use fail loudly
-            dh, a, dwt_N = L.down_dgrad(g, w_down, b_down, token_ids, roww, h, counts, offsets,
+            dh, a, dwt_N = B.down_dgrad(g, w_down, b_down, token_ids, roww, h, counts, offsets,
                                         act, gated, woi, recompute, out=h, expert_ids_N=expert_ids,
                                         interleaved=interleaved, mode=dgrad,
                                         tiles=parse_tiles(tiles), **glu)
@@ -206,7 +208,7 @@ class FusedExperts(torch.autograd.Function):
         # then dW_down (the last use of a recomputed activation, freed before dW_up)
         if need[0] or (woi and need[5]):
             if ctx.rows_cublas:  # large experts: cuBLAS's grouped GEMM (dH rows are in order)
-                dx_rows = L.grouped_mm(dh, w_up, offsets)
+                dx_rows = W.grouped_mm(dh, w_up, offsets)
             else:
                 dx_rows = rows_gemm_op(dh, w_up.transpose(1, 2), None, counts, offsets, tiles)
             dx, dot = combine_op(dx_rows, inverse, topk_w if woi else None, x if woi else None)
@@ -215,7 +217,7 @@ class FusedExperts(torch.autograd.Function):
                 dtopk = dot
         if need[2] or need[4]:
             # a recomputed by a split dgrad already carries the routing weight
-            prescaled = recompute and L.activation_prescaled(dgrad, woi)
+            prescaled = recompute and B.activation_prescaled(dgrad, woi)
             dw_down, db_down = weight_grad_op(g, token_ids, a, None, None if woi else roww, True,
                                               counts, offsets, b_down is not None, cublas, tiles,
                                               _stored_transposed(w_down), not prescaled)
@@ -248,11 +250,11 @@ class FusedExperts(torch.autograd.Function):
 
 def _down_projection(a, w_down, b_down, counts, offsets, tiles, cublas: bool) -> torch.Tensor:
     """The forward's down projection ``[N, D]``: torch's grouped GEMM (cuBLAS) where
-    ``cublas`` (``launchers.rows_on_cublas``) and there is no down bias (its rows are already
+    ``cublas`` (``weight_grads.rows_on_cublas``) and there is no down bias (its rows are already
     sorted; H200, the GEMM alone against the pointer-fed Triton kernel: mixtral 3.45 -> 2.91
     ms, deepseek-64e 3.96 -> 3.23, the same output bit for bit), else the Triton row GEMM."""
     if cublas and b_down is None:
-        return L.grouped_mm(a, w_down.transpose(1, 2), offsets)
+        return W.grouped_mm(a, w_down.transpose(1, 2), offsets)
     return rows_gemm_op(a, w_down, b_down, counts, offsets, tiles)
 
 
@@ -306,18 +308,18 @@ def fused_experts(
     args = (x_TD, gate_up_proj, down_proj, gate_up_proj_bias, down_proj_bias, topk_weights_TK)
     if _needs_grad(*args):
         D, F = x_TD.shape[1], down_proj.shape[2]
-        cublas = L.dw_uses_grouped_mm(plan.num_rows, plan.num_experts, D, F, x_TD.dtype,
+        cublas = W.dw_uses_grouped_mm(plan.num_rows, plan.num_experts, D, F, x_TD.dtype,
                                       x_TD.device, s.dw)
-        cublas_up = L.dw_up_uses_grouped_mm(plan.num_rows, plan.num_experts, D, F, x_TD.dtype,
+        cublas_up = W.dw_up_uses_grouped_mm(plan.num_rows, plan.num_experts, D, F, x_TD.dtype,
                                             x_TD.device, s.dw)
-        rows_cublas = L.rows_on_cublas(cublas, parse_tiles(tiles), x_TD, plan.num_rows,
+        rows_cublas = W.rows_on_cublas(cublas, parse_tiles(tiles), x_TD, plan.num_rows,
                                        plan.num_experts)
-        dgrad = L.dgrad_mode(F, cublas, s.dgrad, rows_cublas)
+        dgrad = B.dgrad_mode(F, cublas, s.dgrad, rows_cublas)
         return FusedExperts.apply(
             *args, plan.token_ids_N, plan.sorted_slots_N, plan.counts_E, plan.offsets_E,
             plan.inverse_TK, plan.expert_ids_N, activation, gated, weight_on_input,
             gate_up_interleaved, cublas, cublas_up, rows_cublas,
-            L.recompute_activation(dgrad, s.recompute_act), dgrad, s.inplace_dgrad, tiles,
+            B.recompute_activation(dgrad, s.recompute_act), dgrad, s.inplace_dgrad, tiles,
             float(alpha), float(limit),
         )
     # inference: no pre-activation is stored; for a token or so (decode) the down projection
@@ -334,9 +336,9 @@ def fused_experts(
     if fuse:
         return down_combine_op(a, down_proj, down_proj_bias, plan.inverse_TK, plan.expert_ids_N,
                                combine_w, pdl, tiles)
-    cublas = L.dw_uses_grouped_mm(plan.num_rows, plan.num_experts, x_TD.shape[1],
+    cublas = W.dw_uses_grouped_mm(plan.num_rows, plan.num_experts, x_TD.shape[1],
                                   down_proj.shape[2], x_TD.dtype, x_TD.device, s.dw)
-    rows_cublas = L.rows_on_cublas(cublas, parse_tiles(tiles), x_TD, plan.num_rows, plan.num_experts)
+    rows_cublas = W.rows_on_cublas(cublas, parse_tiles(tiles), x_TD, plan.num_rows, plan.num_experts)
     y = _down_projection(a, down_proj, down_proj_bias, plan.counts_E, plan.offsets_E, tiles,
                          rows_cublas)
     out, _ = combine_op(y, plan.inverse_TK, combine_w, None)
