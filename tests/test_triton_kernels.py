@@ -415,12 +415,12 @@ else:
     def test_zero_empty_experts_kernel_strides_over_large_experts():
         """Only experts without rows are zeroed, all of their elements, also when an expert has
         more elements than the fixed grid covers in one pass."""
-        from moekit.ops.triton import kernels
+        from moekit.ops.triton import kernels_bwd
 
         dw = torch.randn(3, 40, 50)
         before = dw.clone()
         counts = torch.tensor([0, 5, 0], dtype=torch.int32)
-        kernels.zero_empty_experts_kernel[(4, 3)](dw, counts, 2000, BLOCK=16)  # 4*16 per pass
+        kernels_bwd.zero_empty_experts_kernel[(4, 3)](dw, counts, 2000, BLOCK=16)  # 4*16 per pass
         assert torch.count_nonzero(dw[0]) == 0 and torch.count_nonzero(dw[2]) == 0
         assert torch.equal(dw[1], before[1])
 

@@ -9,6 +9,7 @@ import triton
 
 from ...activations import GPT_OSS_ALPHA, GPT_OSS_LIMIT
 from . import kernels as K
+from . import kernels_bwd as KB
 from . import launch_config as C
 from . import weight_grads as W
 from .launch_config import _e_p2, _max_tiles, _prec, _rows_contig
@@ -78,7 +79,7 @@ def down_dgrad(
     num_pid_n = triton.cdiv(F, cfg.BLOCK_N)
     parts = torch.empty(N, num_pid_n, device=g_TD.device, dtype=torch.float32)
     grid = (num_pid_m * num_pid_n,)
-    K.down_dgrad_kernel[grid](
+    KB.down_dgrad_kernel[grid](
         g_TD, w_EDF, b_ED if b_ED is not None else g_TD, token_ids_N, roww_N, h_NH, dh, a, parts,
         counts_E, offsets_E,
         E, D, F, num_pid_m, num_pid_n,
@@ -158,7 +159,7 @@ def _down_dgrad_split(g_TD, w_EDF, b_ED, token_ids_N, roww_N, h_NH, counts_E, of
     else:
         br, bf, bd = 8, min(256, triton.next_power_of_2(F)), 128
     has_b2 = b_ED is not None and not woi
-    K.act_bwd_kernel[(triton.cdiv(N, br),)](
+    KB.act_bwd_kernel[(triton.cdiv(N, br),)](
         G, h_NH, dh, a, roww_N, dwt, g_TD, token_ids_N,
         expert_ids_N if has_b2 else token_ids_N, b_ED if has_b2 else g_TD,
         N, F, D,

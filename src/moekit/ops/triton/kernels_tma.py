@@ -21,7 +21,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import _find_tile, _rows_epilogue, _swizzle, _up_epilogue
+from .kernels import _rows_epilogue, _up_epilogue
+from .kernels_common import _find_tile, _swizzle
 
 
 @triton.jit

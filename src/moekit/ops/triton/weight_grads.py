@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from . import kernels as K
+from . import kernels_bwd as KB
 from . import kernels_tma as KT
 from . import launch_config as C
 from .launch_config import TensorDescriptor, _aligned, _major, _prec, _rows_contig, _tma_wanted
@@ -141,7 +141,7 @@ def weight_grad(
             if per_e >= 2**31:
                 raise ValueError(f"one expert's weight grad has {per_e} elements; at most 2**31 - 1 are supported")
             block = 16 if C.interpreting() else 1024
-            K.zero_empty_experts_kernel[(min(triton.cdiv(per_e, block), 64), E)](
+            KB.zero_empty_experts_kernel[(min(triton.cdiv(per_e, block), 64), E)](
                 dw, counts_E, per_e, BLOCK=block, num_warps=4)
             if transposed:
                 dw = dw.transpose(1, 2)
@@ -152,7 +152,7 @@ def weight_grad(
     if db is not None:
         block_o = 16 if C.interpreting() else min(256, triton.next_power_of_2(O))
         block_r = 16 if C.interpreting() else 32
-        K.bias_grad_kernel[(triton.cdiv(O, block_o), E)](
+        KB.bias_grad_kernel[(triton.cdiv(O, block_o), E)](
             l_src, l_tok_arg, roww_N if scale else l_src, db, counts_E, offsets_E, O,
             l_src.stride(0), db.stride(0),
             L_GATHER=l_tok is not None, L_SCALE=scale and scale_left,
@@ -195,7 +195,7 @@ def _dw_triton(l_src, l_tok_arg, l_gather, r_src, r_tok, roww_N, scale_left, cou
             BLOCK_O=bo, BLOCK_I=bi, BLOCK_K=bk, num_warps=nw, num_stages=ns,
         )
         return dw
-    K.dw_kernel[grid](
+    KB.dw_kernel[grid](
         l_src, r_src, l_tok_arg, r_tok if r_tok is not None else counts_E,
         roww_N if scale else l_src, dw,
         counts_E, offsets_E,
