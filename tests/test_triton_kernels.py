@@ -103,6 +103,7 @@ if not INTERP:
         env = {"MOEKIT_TRITON_DGRAD": "split", "MOEKIT_TRITON_DW": "grouped_mm",
                "MOEKIT_TRITON_RECOMPUTE_ACT": "1", "MOEKIT_TRITON_INPLACE_DGRAD": "0",
                "MOEKIT_TRITON_FUSED_DECODE_T": "8", "MOEKIT_TRITON_PDL": "0", "MOEKIT_TRITON_TMA": "0",
+               "MOEKIT_TRITON_PERSISTENT": "0",
                "MOEKIT_TRITON_CONFIG": "128,256,64,8,3", "MOEKIT_TRITON_DW_CONFIG": "64,64,32,4,3",
                "MOEKIT_TRITON_DOWN_COMBINE_CONFIG": "4,64,4,1",
                "MOEKIT_TRITON_DECODE_UP_GATED_CONFIG": "16,32,128,4,4"}
@@ -110,6 +111,8 @@ if not INTERP:
         assert (c.dgrad, c.dw, c.recompute_act, c.inplace_dgrad, c.fused_decode_tokens, c.pdl, c.tma) == (
             "split", "grouped_mm", True, False, 8, False, False)
         assert "tma=0" in c.tiles_spec() and C.from_env({"MOEKIT_TRITON_TMA": "auto"}).tma is None
+        assert c.persistent is False and "persistent=0" in c.tiles_spec()
+        assert C().to_dict()["tma"] is None and C().to_dict()["persistent"] is True
         assert c.gemm_tile == GemmTile(128, 256, 64, 8, 3) and c.dw_tile == GemmTile(64, 64, 32, 4, 3)
         assert c.kind_tiles == {"decode_up_gated": GemmTile(16, 32, 128, 4, 4)}
         assert c.down_combine_tile.block_f == 64
