@@ -11,7 +11,15 @@ from dataclasses import dataclass, field
 import torch
 
 from . import balance
-from .config import Config, Module, check_bool, check_choice, check_nonneg, check_nonneg_int, check_positive
+from .config import (
+    Config,
+    Module,
+    check_bool,
+    check_choice,
+    check_nonneg,
+    check_nonneg_int,
+    check_positive,
+)
 from .experts import GroupedExperts, depth_scaled_std
 from .plan import DROP_POLICIES, sequence_capacity_keep
 from .router import RouterOutput, TokenChoiceTopKRouter
