@@ -207,3 +207,45 @@ def test_sequence_capacity_drops_by_position_in_each_sequence():
             kept = int((ids[b, : s + 1] == ids[b, s]).sum()) <= 2
             want = y_free[b, s] if kept else torch.full((8,), 0.5)
             torch.testing.assert_close(y_cap[b, s], want)
+
+
+@pytest.mark.parametrize("family,flag", [("ernie4_5_moe", "use_bias"), ("deepseek_v4", "mlp_bias")])
+def test_shared_experts_with_biases(family, flag):
+    """ERNIE-4.5's ``use_bias`` and DeepSeek-V4's ``mlp_bias`` put biases on the shared MLP
+    (not on the routed experts): ``SharedExperts.Config(use_bias=True)`` holds them, the same
+    Parameter objects; output and every gradient (the biases' too) equal eager's."""
+    ref = _model(family, **{flag: True})
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "shared_experts" in n and n.endswith(".bias"):
+                p.normal_(0.0, 0.5)  # zero-initialised: make them matter
+    biases = {n: p for n, p in ref.named_parameters() if "shared_experts" in n and n.endswith(".bias")}
+    assert len(biases) >= 3
+    model = copy.deepcopy(ref)
+    same = {n: p for n, p in model.named_parameters() if n in biases}
+    _patched_equals_eager(ref, _ids(), model)
+    moe = next(m for m in model.modules() if isinstance(m, mh.HFMoE))
+    assert moe.config.shared_experts.use_bias
+    held = {id(p) for p in model.parameters()}
+    assert all(id(p) in held for p in same.values())  # the block's own bias Parameters
+
+
+def test_shared_experts_bias_config():
+    """SharedExperts(use_bias=True) against a hand-written biased SwiGLU MLP; TP refuses it."""
+    from moekit import SharedExperts
+
+    se = SharedExperts.Config(hidden_dim=6, use_bias=True).build(dim=4)
+    assert all(torch.count_nonzero(lin.bias) == 0 for lin in (se.gate_proj, se.up_proj, se.down_proj))
+    with torch.no_grad():
+        for lin in (se.gate_proj, se.up_proj, se.down_proj):
+            lin.bias.normal_()
+    x = torch.randn(5, 4)
+    g, u = x @ se.gate_proj.weight.T + se.gate_proj.bias, x @ se.up_proj.weight.T + se.up_proj.bias
+    want = (torch.nn.functional.silu(g) * u) @ se.down_proj.weight.T + se.down_proj.bias
+    torch.testing.assert_close(se(x), want)
+    with pytest.raises(TypeError, match="use_bias"):
+        SharedExperts.Config(hidden_dim=6, use_bias=1)
+    from moekit.parallel.tp import TPSharedExperts
+
+    with pytest.raises(ValueError, match="use_bias=True run local or external"):
+        TPSharedExperts(se, None)

@@ -75,6 +75,7 @@ def config_from_hf(
                 gated=spec.extra.get("shared_gated"),
                 use_gate=spec.shared_gate is not None,
                 fused_gate_up=bool(spec.extra.get("shared_fused")),
+                use_bias=bool(spec.extra.get("shared_bias", lambda c: False)(cfg)),
             )
         return MoE.Config(
             dim=int(D),

@@ -224,7 +224,7 @@ def generic_spec(block: nn.Module, cfg, where: str) -> tuple[FamilySpec, list[di
         (n for n in _SHARED_NAMES if isinstance(getattr(block, n, None), nn.Module)), None
     )
     shared_hidden = sact = shared_gated = None
-    shared_fused = False
+    shared_fused = shared_bias = False
     if shared_name is not None:
         sm = getattr(block, shared_name)
         up = getattr(sm, "up_proj", None)
@@ -239,9 +239,11 @@ def generic_spec(block: nn.Module, cfg, where: str) -> tuple[FamilySpec, list[di
             )
         else:
             lin = [m for m in (getattr(sm, "gate_proj", None), up, down) if m is not None]
-            if any(m.bias is not None for m in lin):
+            shared_bias = any(m.bias is not None for m in lin)
+            if shared_bias and not all(m.bias is not None for m in lin):
                 raise PatchError(
-                    f"{where}: shared expert {shared_name!r} has biases (moekit's have none)"
+                    f"{where}: shared expert {shared_name!r} has biases on some of its "
+                    "projections only (moekit's have them on all or none)"
                 )
             shared_hidden = up.out_features
             shared_gated = isinstance(getattr(sm, "gate_proj", None), nn.Linear)
@@ -322,6 +324,7 @@ def generic_spec(block: nn.Module, cfg, where: str) -> tuple[FamilySpec, list[di
             "shared_activation": sact if shared_name else None,
             "shared_gated": shared_gated if shared_name else None,
             "shared_fused": shared_fused,
+            "shared_bias": lambda c, b=shared_bias: b,
             "output_norm": post_norm,
             "moe_kwargs": lambda c, eps=norm_eps: {} if eps is None else {"output_norm_eps": eps},
         },

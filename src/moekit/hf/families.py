@@ -169,8 +169,6 @@ def _clamped_silu(c):
 
 
 def _deepseek_v4_check(c):
-    if hf_get(c, "mlp_bias"):
-        return "mlp_bias=True: its shared experts have biases, which moekit's SharedExperts has not"
     if hf_get(c, "hidden_act", default="silu") != "silu":
         return f"hidden_act={c.hidden_act!r}: moekit's clamped GLU is SiLU's"
     return None
@@ -298,12 +296,8 @@ FAMILIES: dict[str, FamilySpec] = {
             ),
             routing=lambda c: dict(score_func="softmax", route_norm=True, use_expert_bias=True),
             router_in_fp32=True,
-            check=lambda c: (
-                "use_bias=True: its shared experts have biases, which moekit's SharedExperts "
-                "has not"
-                if hf_get(c, "use_bias")
-                else None
-            ),
+            # use_bias: biases on the shared MLP (the routed experts have none)
+            extra={"shared_bias": lambda c: bool(hf_get(c, "use_bias", default=False))},
         ),
         FamilySpec(
             "gpt_oss",
@@ -369,6 +363,7 @@ FAMILIES: dict[str, FamilySpec] = {
             check=_deepseek_v4_check,
             extra={
                 "shared_activation": _clamped_silu,
+                "shared_bias": lambda c: bool(hf_get(c, "mlp_bias", default=False)),
                 "block_router": _deepseek_v4_block_router,  # per block: hash or learned
                 "hash_table": "tid2eid",  # the hash layers' [vocab, K] token -> experts table
             },

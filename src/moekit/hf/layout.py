@@ -208,6 +208,8 @@ def block_param_map(spec: FamilySpec, moe_cfg: MoE.Config) -> list[Entry]:
             else ["up_proj", "down_proj"]
         )
         out += [Entry(f"{s}.{n}.weight", f"shared_experts.{n}.weight", SAME) for n in names]
+        if sc.use_bias:
+            out += [Entry(f"{s}.{n}.bias", f"shared_experts.{n}.bias", SAME) for n in names]
         if moe_cfg.shared_experts.use_gate:
             out.append(
                 Entry(f"{spec.shared_gate}.weight", "shared_experts.expert_gate.weight", SAME)

@@ -127,6 +127,11 @@ class TPSharedExperts(nn.Module):
                 "fused_gate_up=True run local or external (apply_ep(shared_experts='local' or "
                 "'external'))"
             )
+        if getattr(getattr(shared, "config", None), "use_bias", False):
+            raise ValueError(
+                "TP-sharded shared experts have no biases: shared experts with use_bias=True run "
+                "local or external (apply_ep(shared_experts='local' or 'external'))"
+            )
         n, i = dist.get_world_size(tp_group), dist.get_rank(tp_group)
         m = copy.deepcopy(shared)
         Fh = m.up_proj.weight.shape[0]
