@@ -14,14 +14,11 @@ import argparse
 import json
 
 import torch
-from ab_common import ab, routed_plan, tile
+from ab_common import SHAPES, ab, routed_plan, tile
 
 from moekit.ops.triton import launchers as L
 from moekit.ops.triton import weight_grads as W
 
-SHAPES = {"qwen3": (16384, 2048, 768, 128, 8), "olmoe": (16384, 2048, 1024, 64, 8),
-          "gpt-oss": (16384, 2880, 2880, 32, 4), "mixtral": (8192, 4096, 14336, 8, 2),
-          "deepseek-64e": (8192, 7168, 2048, 64, 8)}
 UP = ["128,128,64,8,3", "128,128,64,8,4", "128,128,32,8,4", "64,128,64,4,4", "128,64,64,4,4",
       "256,64,64,8,3"]
 ROWS = ["128,256,64,8,3", "128,256,64,8,4", "128,128,64,8,4", "256,128,64,8,3", "128,256,32,8,5"]

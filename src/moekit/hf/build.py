@@ -300,12 +300,11 @@ def attach_block(moe: HFMoE, block: nn.Module) -> None:
     Parameter maps one to one onto a moekit Parameter in another layout, ``moe`` takes the
     block's Parameter object with the converted tensor (:func:`relaid_entries`)."""
     entries = moe.__dict__["_hf_entries"]
-    olds = {en.hf: get_path(block, en.hf)[2] for en in relaid_entries(entries)}
+    relaid = [(en, get_path(block, en.hf)[2]) for en in relaid_entries(entries)]
     moe.__dict__["_hf_dtypes"] = _strip(block, entries)
     moe.__dict__["_hf_block"] = block
     E = moe.config.num_experts
-    for en in relaid_entries(entries):
-        old = olds[en.hf]
+    for en, old in relaid:
         mod, leaf, new = get_path(moe, en.moekit)
         if isinstance(old, nn.Parameter) and isinstance(new, nn.Parameter) and old is not new:
             grad = None if old.grad is None else to_moekit(en.kind, old.grad, E)

@@ -147,6 +147,17 @@ def up_tma_kernel(
 
 
 @triton.jit
+def _dw_step(acc, st, gt, L_SORTED: tl.constexpr, PREC: tl.constexpr):
+    """``acc += L.T @ R`` for one block of rows: ``st`` the sorted operand's tile, ``gt`` the
+    gathered one's; ``L_SORTED`` says which of them is L."""
+    if L_SORTED:
+        acc = tl.dot(tl.trans(st), gt, acc, input_precision=PREC)
+    else:
+        acc = tl.dot(tl.trans(gt), st, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
 def dw_tma_kernel(
     G, S_DESC, TOK, DW,
     COUNTS, OFFSETS,
@@ -187,21 +198,14 @@ def dw_tma_kernel(
         nxt = r0 + BLOCK_K + ks
         tok_next = tl.load(TOK + nxt.to(tl.int64), mask=nxt < end, other=0).to(tl.int64)
         gt = tl.load(G + tok[:, None] * stride_g + g_cols[None, :], mask=g_mask[None, :], other=0.0)
-        st = S_DESC.load([r0, s_col0])
-        if L_SORTED:
-            acc = tl.dot(tl.trans(st), gt, acc, input_precision=PREC)
-        else:
-            acc = tl.dot(tl.trans(gt), st, acc, input_precision=PREC)
+        acc = _dw_step(acc, S_DESC.load([r0, s_col0]), gt, L_SORTED, PREC)
     r0 = start + n_full * BLOCK_K
     if r0 < end:
         mr = (r0 + ks) < end
         gt = tl.load(G + tok_next[:, None] * stride_g + g_cols[None, :],
                      mask=mr[:, None] & g_mask[None, :], other=0.0)
-        st = tl.where(mr[:, None], S_DESC.load([r0, s_col0]), 0.0)
-        if L_SORTED:
-            acc = tl.dot(tl.trans(st), gt, acc, input_precision=PREC)
-        else:
-            acc = tl.dot(tl.trans(gt), st, acc, input_precision=PREC)
+        acc = _dw_step(acc, tl.where(mr[:, None], S_DESC.load([r0, s_col0]), 0.0), gt, L_SORTED,
+                       PREC)
     dw_ptrs = (DW + e.to(tl.int64) * stride_we + os_[:, None].to(tl.int64) * stride_wo
                + is_[None, :].to(tl.int64) * stride_wi)
     tl.store(dw_ptrs, acc.to(DW.dtype.element_ty), mask=mask_o[:, None] & mask_i[None, :])

@@ -166,11 +166,17 @@ def _aligned(t: torch.Tensor, inner: int) -> bool:
             and all((s * size) % 16 == 0 for i, s in enumerate(t.stride()) if i != inner % t.dim()))
 
 
-def _weight_descriptor(w_EOI: torch.Tensor, block_n: int, block_k: int):
+def _weight_descriptor(w_EOI: torch.Tensor, block_n: int, block_k: int, halves: bool = False):
     """``(descriptor, k_contig)`` of a ``[E, O, I]`` weight view for ``kernels_tma._w_tile``, or
-    None when neither O nor I is contiguous and aligned."""
+    None when neither O nor I is contiguous and aligned. ``halves`` (a gated ``[E, 2F, I]``
+    weight, I contiguous): the weight seen as ``[E, 2, F, I]``, so that one ``[1, 2, BN, BK]``
+    copy brings a gate tile and its up tile (``up_tma_kernel``'s ``ONE_ACC``)."""
     E, O, I = w_EOI.shape
     if _aligned(w_EOI, 2):
+        if halves:
+            s0, s1, _ = w_EOI.stride()
+            return TensorDescriptor(w_EOI, [E, 2, O // 2, I], [s0, O // 2 * s1, s1, 1],
+                                    [1, 2, block_n, block_k]), True
         return TensorDescriptor(w_EOI, [E, O, I], list(w_EOI.stride()), [1, block_n, block_k]), True
     if _aligned(w_EOI, 1):
         w_EIO = w_EOI.transpose(1, 2)

@@ -72,16 +72,12 @@ def up_forward(
     cfg = C._gemm_config(N, E, F, "up_gated" if gated else "up", x_TD.dtype, tiles)
     num_pid_m = _max_tiles(N, E, cfg.BLOCK_M)
     grid = (num_pid_m * triton.cdiv(F, cfg.BLOCK_N),)
-    w_desc = (_weight_descriptor(w_EHD, cfg.BLOCK_N, cfg.BLOCK_K)
+    # gated, W [E, 2F, D]: the gate and up tiles in one copy and one 128x256 accumulator (H200,
+    # bf16, the kernel alone against two 128x128 accumulators: qwen3 1.73 -> 1.62 ms, olmoe
+    # 2.19 -> 2.08, gpt-oss 4.25 -> 3.99, mixtral 7.51 -> 6.69)
+    w_desc = (_weight_descriptor(w_EHD, cfg.BLOCK_N, cfg.BLOCK_K, halves=gated)
               if not (interleaved or pdl) and _tma_wanted(tiles, x_TD, N, E) else None)
-    # gated, W [E, 2F, D]: W seen as [E, 2, F, D], the gate and up tiles in one copy and one
-    # 128x256 accumulator (H200, bf16, the kernel alone against two 128x128 accumulators:
-    # qwen3 1.73 -> 1.62 ms, olmoe 2.19 -> 2.08, gpt-oss 4.25 -> 3.99, mixtral 7.51 -> 6.69)
     one_acc = w_desc is not None and w_desc[1] and gated
-    if one_acc:
-        s0, s1, _ = w_EHD.stride()
-        w_desc = TensorDescriptor(w_EHD, [E, 2, F, D], [s0, F * s1, s1, 1],
-                                  [1, 2, cfg.BLOCK_N, cfg.BLOCK_K]), True
     if w_desc is not None:
         KT.up_tma_kernel[grid](
             x_TD, w_desc[0], b_EH if b_EH is not None else x_TD, token_ids_N,

@@ -37,11 +37,17 @@ def dw_uses_grouped_mm(n_rows: int, n_experts: int, dim: int, hidden: int, dtype
         raise ValueError(f"dw={mode!r}; allowed: 'auto', 'triton', 'grouped_mm'")
     if _grouped_mm is None or mode == "triton":
         return False
-    aligned = dim % 8 == 0 and hidden % 8 == 0
     if mode == "grouped_mm":
-        return aligned and dtype in (torch.float32, torch.bfloat16)
-    return (device.type == "cuda" and not C.interpreting() and dtype == torch.bfloat16 and aligned
-            and hidden >= 2048 and _major(device) >= 9)
+        return dim % 8 == 0 and hidden % 8 == 0 and dtype in (torch.float32, torch.bfloat16)
+    return hidden >= 2048 and _cublas_on_hopper(dim, hidden, dtype, device)
+
+
+def _cublas_on_hopper(dim: int, hidden: int, dtype, device) -> bool:
+    """Where ``auto`` may send a GEMM to torch's grouped GEMM: bf16, dims divisible by 8, on a
+    CUDA GPU of compute capability 9 or newer (not under the interpreter)."""
+    return (_grouped_mm is not None and device.type == "cuda" and not C.interpreting()
+            and dtype == torch.bfloat16 and dim % 8 == 0 and hidden % 8 == 0
+            and _major(device) >= 9)
 
 
 def dw_up_uses_grouped_mm(n_rows: int, n_experts: int, dim: int, hidden: int, dtype, device,
@@ -52,12 +58,10 @@ def dw_up_uses_grouped_mm(n_rows: int, n_experts: int, dim: int, hidden: int, dt
     GEMM alone, the copy counted: qwen3 1.90 -> 1.69 ms, olmoe 2.33 -> 2.09; the copy's
     ``[N, D]`` buffer lives only during it). The down projection's (``gout[tok].T @ a``) stays
     on ``dw_kernel`` there, where it is as fast as cuBLAS (qwen3 0.90 against 0.95 ms)."""
-    large = dw_uses_grouped_mm(n_rows, n_experts, dim, hidden, dtype, device, mode)
-    if large or mode != "auto":
-        return large
-    return (_grouped_mm is not None and device.type == "cuda" and not C.interpreting()
-            and dtype == torch.bfloat16 and dim % 8 == 0 and hidden % 8 == 0
-            and n_rows / max(1, n_experts) > 64 and _major(device) >= 9)
+    if dw_uses_grouped_mm(n_rows, n_experts, dim, hidden, dtype, device, mode):
+        return True
+    return (mode == "auto" and n_rows / max(1, n_experts) > 64
+            and _cublas_on_hopper(dim, hidden, dtype, device))
 
 
 def rows_on_cublas(use_grouped_mm: bool, tiles: dict | None, t: torch.Tensor, n_rows: int,
