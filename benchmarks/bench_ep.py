@@ -176,12 +176,13 @@ def timeline(fn, device) -> dict:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize(device)
-    comm, comp = [], []
+    comm, comp, named = [], [], []
     for e in prof.events():
         if e.device_type != torch.autograd.DeviceType.CUDA or e.time_range.elapsed_us() <= 0:
             continue
         iv = (e.time_range.start, e.time_range.end)
         (comm if "nccl" in e.name.lower() else comp).append(iv)
+        named.append((iv[0], iv[1], e.name))
     comp_u = _union(comp)
     comm_u = _union(comm)
     hidden = 0.0
@@ -194,9 +195,41 @@ def timeline(fn, device) -> dict:
             hidden += min(b, d) - max(a, c)
     comm_ms = sum(b - a for a, b in comm_u) / 1e3
     span = (max(b for _, b in comp_u + comm_u) - min(a for a, _ in comp_u + comm_u)) / 1e3 if comp_u else 0.0
-    return {"span_ms": span, "compute_ms": sum(b - a for a, b in comp_u) / 1e3, "comm_ms": comm_ms,
+    # where the GPU runs nothing: the longest gaps, with the kernels on either side
+    named.sort()
+    gaps, end, prev = [], None, None
+    for a, b, name in named:
+        if end is not None and a > end:
+            gaps.append(((a - end) / 1e3, prev[:50], name[:50]))
+        if end is None or b > end:
+            end, prev = b, name
+    gaps.sort(reverse=True)
+    per_kernel: dict = {}
+    for a, b, name in named:
+        k = per_kernel.setdefault(name[:60], [0, 0.0])
+        k[0] += 1
+        k[1] += (b - a) / 1e3
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:14]
+    return {"idle_ms": sum(g[0] for g in gaps), "top_gaps": gaps[:8],
+            "top_kernels": [(n, c, round(ms, 3)) for n, (c, ms) in top],
+            "span_ms": span, "compute_ms": sum(b - a for a, b in comp_u) / 1e3, "comm_ms": comm_ms,
             "comm_hidden_ms": hidden / 1e3, "comm_hidden_fraction": hidden / 1e3 / comm_ms if comm_ms else None,
             "comm_kernels": len(comm), "compute_kernels": len(comp)}
+
+
+def host_syncs(fn) -> list[str]:
+    """Where one call of ``fn`` makes the host wait for the GPU (torch's sync debug mode; each
+    such wait idles the GPU while the host enqueues the next kernels): ``file:line`` each."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower()]
 
 
 def safe_apply_ep(moe, **kw):
@@ -279,6 +312,8 @@ def main():
     t_fb = timeit(fb, device, args.warmup, args.iters)
     rows.append({"mode": "1gpu", "experts": args.experts_per_rank, "chunks": None, "fwd_ms": t_f * 1e3,
                  "fwdbwd_ms": t_fb * 1e3})
+    if cuda:
+        rows[-1]["timeline_fwdbwd"] = timeline(fb, device)
     log(f"1gpu: fwd {t_f * 1e3:.2f} ms, fwd+bwd {t_fb * 1e3:.2f} ms")
     del moe, fwd, fb
     if cuda:
@@ -297,9 +332,10 @@ def main():
         row = {"mode": f"ep{W}", "experts": E, "chunks": C, "fwd_ms": t_f * 1e3, "fwdbwd_ms": t_fb * 1e3}
         if cuda:
             row["timeline_fwdbwd"] = timeline(fb, device)
+            row["host_syncs_fwdbwd"] = host_syncs(fb)
         rows.append(row)
         log(f"ep{W} chunks={C}: fwd {t_f * 1e3:.2f} ms, fwd+bwd {t_fb * 1e3:.2f} ms "
-            f"{row.get('timeline_fwdbwd', '')}")
+            f"host syncs: {row.get('host_syncs_fwdbwd', '')}")
 
     # the all-to-all alone, with the split sizes of a real forward (one chunk)
     ep.num_chunks = 1
@@ -373,7 +409,8 @@ def main():
                 tl = r["timeline_fwdbwd"]
                 print(f"timeline {r['mode']} chunks={r['chunks']}: span {tl['span_ms']:.2f} ms, compute "
                       f"{tl['compute_ms']:.2f}, all-to-all {tl['comm_ms']:.2f} of which under compute "
-                      f"{tl['comm_hidden_ms']:.2f} ({(tl['comm_hidden_fraction'] or 0):.0%})")
+                      f"{tl['comm_hidden_ms']:.2f} ({(tl['comm_hidden_fraction'] or 0):.0%}), nothing running "
+                      f"{tl['idle_ms']:.2f}; longest gaps {tl['top_gaps'][:5]}; kernels {tl['top_kernels']}")
         if args.out:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             with open(args.out, "w") as f:

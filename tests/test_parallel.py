@@ -168,22 +168,34 @@ def backend_scenarios(rank):
     register_backend("counting", Counting.Config)
     Counting.calls.clear()
     scenario({"num_chunks": 2}, dict(E=4, K=2, bias=True, backend="counting"), [5, 4], tag="custom-backend")
-    # on each rank: the layer's 2 local experts on the received rows (one slot per row)
-    assert any(e == 2 and k == 1 for _, e, k in Counting.calls), Counting.calls
+    # on each rank, per chunk: one group of the layer's 2 local experts (one expert each) on
+    # the received rows (one slot per row)
+    local = [e for _, e, k in Counting.calls if k == 1]
+    assert local == [1, 1], Counting.calls
     try:
         from moekit.ops import TritonBackend
         from moekit.ops.triton import ops as triton_ops
     except ImportError:  # pragma: no cover - Triton not installed
         return
+    from moekit.ops.triton import chunked as triton_chunked
+
     calls = []
     real = triton_ops.FusedExperts.apply
+    real_chunk = triton_chunked.TritonChunks.forward
     triton_ops.FusedExperts.apply = lambda *a: calls.append(a[0].shape[0]) or real(*a)
+    triton_chunked.TritonChunks.forward = (
+        lambda self, c, x, *a, **k: calls.append(("chunk", c)) or real_chunk(self, c, x, *a, **k))
     try:
-        scenario({}, dict(E=4, K=2, bias=True, backend=TritonBackend.Config(dgrad="split"), dim=16, hidden=8),
-                 [3, 2], tag="triton")
+        for chunks in (1, 2):
+            calls.clear()
+            scenario({"num_chunks": chunks}, dict(E=4, K=2, bias=True, dim=16, hidden=8,
+                                                  backend=TritonBackend.Config(dgrad="split")),
+                     [3, 2], tag=f"triton-chunks={chunks}")
+            # the single-process layer's call, then the local experts' chunks on the kernels
+            assert calls[0] == 5 and calls[1:] == [("chunk", c) for c in range(chunks)], calls
     finally:
         triton_ops.FusedExperts.apply = real
-    assert len(calls) == 2, calls  # the single-process layer's call, then the local experts'
+        triton_chunked.TritonChunks.forward = real_chunk
 
 
 # ----------------------------------------------------------------------------- scenarios
@@ -211,6 +223,10 @@ def scenarios_2(rank):
     scenario({}, dict(E=4, K=2, bias=True, capacity=0.6), [7, 5], tag="capacity-position")
     scenario({}, dict(E=4, K=2, bias=True, capacity=0.6, drop="weight", weight_on="output"), [7, 5],
              tag="capacity-weight")
+    # capacity with chunks: each expert's rows are all in its chunk, in the global token order
+    scenario({"num_chunks": 2}, dict(E=4, K=2, bias=True, capacity=0.6), [7, 5], tag="capacity-chunks")
+    scenario({"num_chunks": 3}, dict(E=6, K=2, capacity=0.5, drop="weight"), [6, 7],
+             tag="capacity-weight-chunks")
     # external shared experts on rank 0 (which holds no routed experts)
     scenario({"shared_experts": "external", "num_chunks": 2}, dict(E=4, K=2, bias=True, shared=True,
              shared_gate=True), [5, 6], tag="external-shared")
@@ -275,12 +291,12 @@ def scenarios_2(rank):
     class Counting(AllToAllDispatcher):
         calls = 0
 
-        def dispatch(self, x, layout, *, async_op=False):
+        def dispatch(self, x, layout, *, async_op=False, out=None):
             Counting.calls += 1
-            return super().dispatch(x, layout, async_op=async_op)
+            return super().dispatch(x, layout, async_op=async_op)  # ignores out: the caller copies
 
     scenario({"dispatcher": Counting(), "num_chunks": 2}, dict(E=4, K=2), [4, 5], tag="custom-dispatcher")
-    assert Counting.calls == 2, Counting.calls
+    assert Counting.calls == 4, Counting.calls  # each chunk's rows out, and its output grads
     # a DeviceMesh works as the group
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("ep",))

@@ -139,6 +139,27 @@ class ExpertsBackend:
                    gated=gated, gate_up_proj_bias=gate_up_proj_bias, down_proj_bias=down_proj_bias,
                    weight_on_input=weight_on_input, gate_up_interleaved=gate_up_interleaved)
 
+    def permute(self, x_TD: torch.Tensor, plan: RoutingPlan,
+                topk_weights_TK: torch.Tensor | None = None) -> torch.Tensor:
+        """``moekit.ops.stages.permute`` on this backend (the rows of ``x`` in the plan's
+        order, scaled by their routing weight when it is given)."""
+        return permute(x_TD, plan, topk_weights_TK)
+
+    def unpermute(self, y_ND: torch.Tensor, plan: RoutingPlan,
+                  topk_weights_TK: torch.Tensor | None = None) -> torch.Tensor:
+        """``moekit.ops.stages.unpermute`` on this backend (the weighted sum over k)."""
+        return unpermute(y_ND, plan, topk_weights_TK)
+
+    def chunk_runner(self, weights, *, activation: str, train: bool, total_rows: int):
+        """The runner of the routed experts chunk by chunk, each chunk one group of experts
+        (:mod:`moekit.ops.chunked`; the expert-parallel pipeline's local compute).
+        ``weights``: ``(gate_up_proj, down_proj, gate_up_proj_bias, down_proj_bias)`` of all
+        local experts; ``total_rows``: the rows of all chunks. This default runs each chunk
+        as a small autograd graph through :meth:`experts`."""
+        from .chunked import AutogradChunks, routed_experts_fn
+
+        return AutogradChunks(routed_experts_fn(self, activation), weights, train=train)
+
     def staged_experts(self, x_TD, gate_up_proj, down_proj, plan, topk_weights_TK, *, activation,
                        gated, gate_up_proj_bias=None, down_proj_bias=None, weight_on_input=False,
                        gate_up_interleaved=False) -> torch.Tensor:

@@ -17,6 +17,8 @@ __all__ = [
     "check_expert_down",
     "check_expert_up",
     "check_given_plan",
+    "check_permute",
+    "check_unpermute",
     "gather_slots",
     "permute",
     "row_weights",
@@ -150,16 +152,30 @@ def row_weights(topk_weights_TK: torch.Tensor, plan: RoutingPlan) -> torch.Tenso
     return topk_weights_TK.reshape(-1).index_select(0, plan.sorted_slots_N)
 
 
-def permute(
-    x_TD: torch.Tensor, plan: RoutingPlan, topk_weights_TK: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Rows of ``x_TD`` in expert order, ``[N, D]``; scaled by their routing weight when
-    ``topk_weights_TK`` is given (routing weight on the expert input, as Llama 4 does)."""
+def check_permute(x_TD, plan: RoutingPlan, topk_weights_TK=None) -> None:
+    """The arguments of ``permute`` agree with each other and with the plan."""
     check_plan(plan, "permute")
     _check_2d(x_TD, "x", "permute", "[T, D]")
     plan.check_tokens(x_TD.shape[0], "permute: x")
     _check_same_device(x_TD, plan, "permute")
     _check_weights(topk_weights_TK, plan, x_TD, "permute")
+
+
+def check_unpermute(y_ND, plan: RoutingPlan, topk_weights_TK=None) -> None:
+    """The arguments of ``unpermute`` agree with each other and with the plan."""
+    check_plan(plan, "unpermute")
+    _check_2d(y_ND, "the expert output", "unpermute", "[N, D]")
+    plan.check_rows(y_ND.shape[0], "unpermute: the expert output")
+    _check_same_device(y_ND, plan, "unpermute")
+    _check_weights(topk_weights_TK, plan, y_ND, "unpermute")
+
+
+def permute(
+    x_TD: torch.Tensor, plan: RoutingPlan, topk_weights_TK: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rows of ``x_TD`` in expert order, ``[N, D]``; scaled by their routing weight when
+    ``topk_weights_TK`` is given (routing weight on the expert input, as Llama 4 does)."""
+    check_permute(x_TD, plan, topk_weights_TK)
     x_ND = _Permute.apply(x_TD, plan.token_ids_N, plan.inverse_TK)
     if topk_weights_TK is not None:
         x_ND = x_ND * row_weights(topk_weights_TK, plan).to(x_ND.dtype).unsqueeze(-1)
@@ -171,11 +187,7 @@ def unpermute(
 ) -> torch.Tensor:
     """Combine: ``out[t] = sum_k w[t, k] * y_ND[row(t, k)]`` (``w = 1`` when ``topk_weights_TK``
     is None), summed over k in a fixed order; dropped slots contribute zero."""
-    check_plan(plan, "unpermute")
-    _check_2d(y_ND, "the expert output", "unpermute", "[N, D]")
-    plan.check_rows(y_ND.shape[0], "unpermute: the expert output")
-    _check_same_device(y_ND, plan, "unpermute")
-    _check_weights(topk_weights_TK, plan, y_ND, "unpermute")
+    check_unpermute(y_ND, plan, topk_weights_TK)
     rows_TKD = _GatherSlots.apply(y_ND, plan.inverse_TK, plan.sorted_slots_N)
     if topk_weights_TK is None:
         return rows_TKD.sum(1)

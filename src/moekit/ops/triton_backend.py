@@ -22,6 +22,7 @@ import torch
 from ..activations import activation_params
 from ..plan import RoutingPlan
 from .backends import ExpertsBackend
+from .stages import check_permute, check_unpermute
 
 __all__ = ["ENV_VARS", "TILE_KINDS", "DownCombineTile", "GemmTile", "TritonBackend", "parse_tiles"]
 
@@ -292,6 +293,33 @@ class TritonBackend(ExpertsBackend):
                               activation=base, alpha=params["alpha"], limit=params["limit"], **kw)
         return self.staged_experts(x_TD, gate_up_proj, down_proj, plan, topk_weights_TK,
                                    activation=activation, **kw)
+
+    def permute(self, x_TD, plan, topk_weights_TK=None):
+        """One gather pass (Triton), its backward the combine kernel."""
+        if torch.compiler.is_compiling():
+            return super().permute(x_TD, plan, topk_weights_TK)
+        check_permute(x_TD, plan, topk_weights_TK)
+        return self._kernels.stages.permute(x_TD, plan, topk_weights_TK)
+
+    def unpermute(self, y_ND, plan, topk_weights_TK=None):
+        """The combine kernel (Triton), its backward one gather pass and the weight grad's dot."""
+        if torch.compiler.is_compiling():
+            return super().unpermute(y_ND, plan, topk_weights_TK)
+        check_unpermute(y_ND, plan, topk_weights_TK)
+        return self._kernels.stages.unpermute(y_ND, plan, topk_weights_TK)
+
+    def chunk_runner(self, weights, *, activation: str, train: bool, total_rows: int):
+        """For training with an activation the kernels compile: the fused kernels chunk by
+        chunk, the weight grads made once over all chunks (``moekit.ops.triton.chunked``);
+        otherwise the default runner."""
+        base, params = activation_params(activation)
+        fused = (not params and base in self._kernels.launchers.K.ACT_CODES) or base == "gpt_oss"
+        if train and fused:
+            from .triton.chunked import TritonChunks
+
+            return TritonChunks(self, weights, activation=activation, total_rows=total_rows)
+        return super().chunk_runner(weights, activation=activation, train=train,
+                                    total_rows=total_rows)
 
     def make_plan(self, topk_ids_TK, num_experts, *, capacity_factor=None, drop_policy="position",
                   topk_weights_TK=None, capacity=None, num_zero_experts=0) -> RoutingPlan:

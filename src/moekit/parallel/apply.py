@@ -102,8 +102,9 @@ def apply_ep(
     * ``placement``: a :class:`Placement`, ``"contiguous"`` (even, or uneven when E does not
       divide) or ``"redundant"`` (needs ``tokens_per_expert``, global counts, and
       ``num_redundant`` extra slots).
-    * ``num_chunks``: split each rank's tokens in chunks whose exchanges overlap the other
-      chunks' GEMMs (1 = no overlap; incompatible with a capacity factor).
+    * ``num_chunks``: split the exchanges in chunks, each holding one group of every rank's
+      local experts, whose exchanges overlap the other chunks' GEMMs (1: the backward's
+      last exchange still overlaps the weight grads).
     * ``dispatcher``: the transport (default :class:`AllToAllDispatcher`).
     * ``shared_experts``: ``"local"`` (each rank runs them on its tokens), ``"external"``
       (the first ``num_shared_ranks`` ranks run them for every token and hold no routed
@@ -157,14 +158,8 @@ def apply_ep(
             f"placement has {len(placement.shared_ranks)} shared ranks; shared_experts={shared_experts!r} "
             f"needs {n_sh}"
         )
-    if moe.experts.capacity_factor is not None:
-        if num_chunks > 1:
-            raise ValueError(
-                "num_chunks > 1 with a capacity factor: drops depend on the global token order, "
-                "which chunking changes; use num_chunks=1 or a dropless layer"
-            )
-        if placement.num_redundant > 0:
-            raise ValueError("redundant experts with a capacity factor are not supported; use a dropless layer")
+    if moe.experts.capacity_factor is not None and placement.num_redundant > 0:
+        raise ValueError("redundant experts with a capacity factor are not supported; use a dropless layer")
     tp_size = 1 if tp_group is None else dist.get_world_size(tp_group)
     _check_same(group, _describe(moe, placement, num_chunks, tp_size, shared_experts, check_weights))
 

@@ -67,15 +67,21 @@ class Dispatcher(ABC):
         """``(counts [W, C, P] on the host, headers: W lists of ints)``."""
 
     @abstractmethod
-    def dispatch(self, x_ND: torch.Tensor, layout: Layout, *, async_op: bool = False): ...
+    def dispatch(self, x_ND: torch.Tensor, layout: Layout, *, async_op: bool = False,
+                 out: torch.Tensor | None = None):
+        """``out``: a buffer of the received shape to receive into (an implementation may
+        return another tensor instead; the caller then copies)."""
 
     @abstractmethod
-    def combine(self, y_RD: torch.Tensor, layout: Layout, *, async_op: bool = False): ...
+    def combine(self, y_RD: torch.Tensor, layout: Layout, *, async_op: bool = False,
+                out: torch.Tensor | None = None): ...
 
 
-def _a2a(x: torch.Tensor, out_rows: int, out_splits, in_splits, group, async_op: bool):
+def _a2a(x: torch.Tensor, out_rows: int, out_splits, in_splits, group, async_op: bool,
+         out: torch.Tensor | None = None):
     x = x.contiguous()
-    out = x.new_empty((out_rows,) + tuple(x.shape[1:]))
+    if out is None:
+        out = x.new_empty((out_rows,) + tuple(x.shape[1:]))
     work = dist.all_to_all_single(
         out, x, output_split_sizes=list(out_splits), input_split_sizes=list(in_splits),
         group=group, async_op=async_op,
@@ -112,20 +118,24 @@ class _AllToAll(torch.autograd.Function):
 
 class _StreamWait:
     """The handle of an exchange on a communication stream: ``wait()`` orders the compute
-    stream after it."""
+    stream after this exchange only (an event recorded right after it), not after exchanges
+    issued later on that stream."""
 
     def __init__(self, compute, comm):
-        self.compute, self.comm = compute, comm
+        self.compute = compute
+        self.event = torch.cuda.Event()
+        self.event.record(comm)
 
     def wait(self) -> None:
-        self.compute.wait_stream(self.comm)
+        self.compute.wait_event(self.event)
 
 
 def exchange(x: torch.Tensor, out_splits, in_splits, group, *, async_op: bool = False,
-             stream=None):
+             stream=None, out: torch.Tensor | None = None):
     """``(out, handle)``: autograd-aware all_to_all_single of rows; with ``stream`` (a CUDA
     stream) the exchange runs there (see the module docstring) and ``handle.wait()`` orders
-    the current stream after it."""
+    the current stream after it. ``out``: receive into this buffer (without grad mode only:
+    the pipeline's exchanges, ``moekit/parallel/pipeline.py``)."""
     box: list = []
     consumer = None
     if stream is not None:
@@ -141,13 +151,22 @@ def exchange(x: torch.Tensor, out_splits, in_splits, group, *, async_op: bool = 
             out = _AllToAll.apply(anchor, x, list(out_splits), list(in_splits), group, async_op,
                                   box, consumer)
         else:
-            out, work = _a2a(x, sum(out_splits), out_splits, in_splits, group, async_op)
+            out, work = _a2a(x, sum(out_splits), out_splits, in_splits, group, async_op, out)
             box.append(work)
     if stream is not None:
         x.record_stream(stream)
         out.record_stream(consumer)
         return out, _StreamWait(consumer, stream)
     return out, box[0]
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without a stream sync on CUDA (through pinned memory: a
+    plain copy from pageable memory synchronizes the stream, and the GPU then idles while the
+    host enqueues the next kernels)."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _all_gather_flat(t: torch.Tensor, group) -> torch.Tensor:
@@ -178,15 +197,17 @@ class AllToAllDispatcher(Dispatcher):
 
     def exchange_counts(self, counts_CP: torch.Tensor, header: list[int]) -> tuple[torch.Tensor, list]:
         c = counts_CP.to(torch.int64).reshape(-1)
-        flat = torch.cat([c, torch.tensor(header, dtype=torch.int64, device=c.device)])
+        flat = torch.cat([c, to_device(torch.tensor(header, dtype=torch.int64), c.device)])
         got = _all_gather_flat(flat, self.group).view(self.world_size, -1).cpu()
         n = c.numel()
         return got[:, :n].reshape((self.world_size,) + tuple(counts_CP.shape)), got[:, n:].tolist()
 
-    def dispatch(self, x_ND: torch.Tensor, layout: Layout, *, async_op: bool = False):
+    def dispatch(self, x_ND: torch.Tensor, layout: Layout, *, async_op: bool = False,
+                 out: torch.Tensor | None = None):
         return exchange(x_ND, layout.recv, layout.send, self.group, async_op=async_op,
-                        stream=self._stream(x_ND, async_op))
+                        stream=self._stream(x_ND, async_op), out=out)
 
-    def combine(self, y_RD: torch.Tensor, layout: Layout, *, async_op: bool = False):
+    def combine(self, y_RD: torch.Tensor, layout: Layout, *, async_op: bool = False,
+                out: torch.Tensor | None = None):
         return exchange(y_RD, layout.send, layout.recv, self.group, async_op=async_op,
-                        stream=self._stream(y_RD, async_op))
+                        stream=self._stream(y_RD, async_op), out=out)

@@ -3,28 +3,28 @@
 module stays the layer's own ``GroupedExperts``, keeping only this rank's experts, and runs
 through its backend).
 
-Forward of :class:`ExpertParallel` for one chunk of this rank's tokens
-(legend: T tokens, K top-k, D model dim, Q = global slots plus one virtual slot per shared
-rank, N = routed rows this rank sends, R = rows it receives, L = its local experts):
+Forward of :class:`ExpertParallel` (legend: T tokens, K top-k, D model dim, C chunks, Q =
+extended slots: every rank's slots plus one per shared rank and chunk, N = rows this rank
+sends, R = rows it receives, L = its local experts):
 
-1. map each (token, k)'s logical expert to a global slot (a replica, for redundant experts:
-   ``replica = (t*K + k + rank) % replicas``); with external shared experts append one more
-   column per token that goes to a shared rank, weight 1;
-2. sender plan over the Q slots (``make_plan``, dropless) and ``permute`` (the routing weight
-   is applied here when ``routing_weight_on="input"``);
-3. counts per slot (for all chunks at once) are all-gathered: every rank derives its send and
-   receive split sizes (one collective and one host sync per forward);
-4. dispatch (all_to_all_single) → receiver plan over its L local experts (the backend's
-   ``make_plan``, one row per slot; capacity drops here, in the global token order: identical
-   to the single-process layer) → the experts' backend on that plan (``moe_experts``: the
-   fused kernels with the triton backend), back in the received order; on a shared rank: the
-   shared experts instead;
-5. combine (all_to_all_single back) and ``unpermute`` with the routing weights over K in a
-   fixed order (deterministic; same arithmetic as the single-process layer).
-
-With ``num_chunks > 1`` the tokens are split in chunks and the exchanges are asynchronous:
-chunk i+1's dispatch is in flight while chunk i's GEMMs run (on CUDA, NCCL runs on its own
-stream). The backward runs the chunks one after another.
+1. map each (token, k)'s logical expert to an extended slot (:class:`_Slots`: numbered
+   chunk by chunk, chunk c holding the slots ``[L*c//C, L*(c+1)//C)`` of every rank, then
+   rank by rank; a replica, for redundant experts: ``replica = (t*K + k + rank) %
+   replicas``); with external shared experts one more column per token goes to a shared
+   rank, weight 1, in the chunk of the token's position;
+2. one sender plan over the Q slots (``make_plan``, dropless) and ``permute`` (the routing
+   weight is applied here when ``routing_weight_on="input"``): the rows are chunk-major,
+   then rank-major;
+3. counts per slot are all-gathered: every rank derives each chunk's send and receive split
+   sizes (one collective and the forward's one host sync);
+4. the pipeline (``pipeline.py``): each chunk's dispatch (all_to_all_single) -> the local
+   experts of the chunk's group on the received rows (the backend's chunk runner: its plan,
+   one row per slot, capacity drops in the global token order, identical to the
+   single-process layer; the fused kernels with the triton backend) -> its combine, the
+   chunks' exchanges travelling while other chunks compute; on a shared rank: the shared
+   experts instead;
+5. ``unpermute`` with the routing weights over K in a fixed order (deterministic; same
+   arithmetic as the single-process layer).
 
 Gradient conventions (see docs/parallel.md): expert weights hold the full gradient of the
 layer fed all ranks' tokens (the sum over ranks happens in the all-to-all backward; no
@@ -37,18 +37,18 @@ the group (``sync_replicated_grads``) — or average, if each rank's loss is a m
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..experts import GroupedExperts
-from ..ops.api import moe_experts
-from ..ops.stages import permute, unpermute
+from ..ops.chunked import AutogradChunks
 from ..plan import RoutingPlan, capacity_for
 from .checks import exchange_device, raise_from_rows, raise_on_every_rank, status_row
-from .dispatch import AllToAllDispatcher, Dispatcher, Layout
+from .dispatch import AllToAllDispatcher, Dispatcher, Layout, to_device
+from .pipeline import Pipeline
 from .placement import Placement
 from .tp import tp_gather, tp_scatter
 
@@ -124,8 +124,8 @@ class ExpertParallel(nn.Module):
         self.num_chunks = num_chunks
         self.tp_group = tp_group
         self.num_experts = experts.num_experts
-        self.last_plans: list[RoutingPlan] = []
-        self.last_layouts: list[Layout] = []
+        self.last_plans: list[RoutingPlan] = []  # the sender plan of the last forward
+        self.last_layouts: list[Layout] = []  # per chunk
         self.set_placement(placement, experts)
         self.shared_experts = shared_experts if self.is_shared_rank else None
         self._shared_numel = shared_numel
@@ -160,26 +160,8 @@ class ExpertParallel(nn.Module):
         experts.num_experts = len(local)
         experts.local_experts = local
         dev = experts.down_proj.device
-        # extended slot space: per rank in order, its routed slots or one shared slot
-        ext_of_slot, ext_counts, shared_ext = [], [], []
-        q = 0
-        for r in range(p.world_size):
-            if r in p.shared_ranks:
-                shared_ext.append(q)
-                ext_counts.append(1)
-                q += 1
-            else:
-                ext_of_slot.extend(range(q, q + len(p.slots[r])))
-                ext_counts.append(len(p.slots[r]))
-                q += len(p.slots[r])
-        self.num_ext_slots = q
-        self.ext_counts = ext_counts
-        self.ext_starts = [sum(ext_counts[:r]) for r in range(p.world_size)]
-        table = p.replica_table()  # [E, Rmax] global slot ids
-        ext = torch.tensor(ext_of_slot, dtype=torch.long)
-        self.register_buffer("_ext_table", ext[table].to(dev), persistent=False)
+        self._slot_tables: dict[int, _Slots] = {}  # per number of chunks
         self.register_buffer("_num_replicas", p.num_replicas().to(dev), persistent=False)
-        self.register_buffer("_shared_ext", torch.tensor(shared_ext, dtype=torch.long, device=dev), persistent=False)
         self.has_redundancy = bool((p.num_replicas() > 1).any())
         hot = [e for e in range(p.num_experts) if len(p.replicas(e)) > 1]
         hot_row = {e: i for i, e in enumerate(hot)}
@@ -230,7 +212,8 @@ class ExpertParallel(nn.Module):
         if self.tp_group is not None:  # a tensor-parallel gather comes first
             raise_on_every_rank(self.group, error, x, None)
         dev = exchange_device(self.group)
-        counts = torch.zeros(self.num_chunks, self.num_ext_slots, dtype=torch.int64, device=dev)
+        q = self._slots(self.num_chunks, torch.device("cpu")).num_slots
+        counts = torch.zeros(1, q, dtype=torch.int64, device=dev)
         _, headers = self.dispatcher.exchange_counts(counts, status_row(error, x, None))
         raise_from_rows(self.group, headers, error)
         raise error  # (raise_from_rows raised already: this rank's status says it failed)
@@ -243,120 +226,156 @@ class ExpertParallel(nn.Module):
             ps = list(_ReplicaGradSum.apply(self, *ps))
         return ps + [None, None] if len(ps) == 2 else ps
 
+    def _slots(self, C: int, dev: torch.device) -> _Slots:
+        t = self._slot_tables.get(C)
+        if t is None or t.ext_table.device != dev:
+            t = self._slot_tables[C] = _Slots.build(self.placement, self.rank, C, dev)
+        return t
+
     def _forward_ep(self, x_TD, ids_TK, w_TK, experts: GroupedExperts) -> torch.Tensor:
         T, K = ids_TK.shape
         dev = x_TD.device
-        W, me = self.world_size, self.rank
         on_input = experts.config.routing_weight_on == "input"
         backend = experts.backend_for(dev, x_TD.dtype)
         weights = self._params(experts)
+        C = self.num_chunks
+        S = self._slots(C, dev)
 
-        # 1. logical expert -> extended slot (replica choice fixed by slot id and rank)
+        # 1. logical expert -> extended slot: its chunk (the group of its slot), its rank, its
+        # slot (replica choice fixed by slot id and rank)
         ids = ids_TK.to(torch.long)
-        if self._ext_table.shape[1] > 1:
+        if S.ext_table.shape[1] > 1:
             s = torch.arange(T * K, device=dev).view(T, K)
-            rep = (s + me) % self._num_replicas[ids]
-            q_TK = self._ext_table[ids, rep]
+            rep = (s + self.rank) % self._num_replicas[ids]
+            q_TK = S.ext_table[ids, rep]
         else:
-            q_TK = self._ext_table[ids, 0]
-        if len(self.placement.shared_ranks):
-            n_sh = len(self.placement.shared_ranks)
-            q_sh = self._shared_ext[torch.arange(T, device=dev) % n_sh]
+            q_TK = S.ext_table[ids, 0]
+        if S.shared_ext.shape[1]:  # one more row per token, to a shared rank, weight 1
+            t = torch.arange(T, device=dev)
+            q_sh = S.shared_ext[(t * C) // max(T, 1), t % S.shared_ext.shape[1]]
             q_TK = torch.cat([q_TK, q_sh.unsqueeze(1)], 1)
             w_TK = torch.cat([w_TK, w_TK.new_ones(T, 1)], 1)
 
-        # 2. chunks, sender plans and rows
-        C = self.num_chunks
-        bounds = [(T * c) // C for c in range(C + 1)]
-        plans, sends, wchunks = [], [], []
-        for c in range(C):
-            a, b = bounds[c], bounds[c + 1]
-            p = backend.make_plan(q_TK[a:b], self.num_ext_slots)
-            wc = w_TK[a:b]
-            plans.append(p)
-            wchunks.append(wc)
-            sends.append(permute(x_TD[a:b], p, wc if on_input else None))
-        self.last_plans = plans
+        # 2. one sender plan over the slots: rows chunk-major, then by rank
+        plan = backend.make_plan(q_TK, S.num_slots)
+        send = backend.permute(x_TD, plan, w_TK if on_input else None)
+        self.last_plans = [plan]
 
-        # 3. counts: [W, C, Q] on the host, with every rank's fail-together status
-        counts, headers = self.dispatcher.exchange_counts(
-            torch.stack([p.counts_E for p in plans]), status_row(None, x_TD, K))
+        # 3. counts [W, Q] on the host (one host sync), with every rank's fail-together status
+        counts, headers = self.dispatcher.exchange_counts(plan.counts_E.view(1, -1),
+                                                          status_row(None, x_TD, K))
         raise_from_rows(self.group, headers, None)
-        st, nq = self.ext_starts, self.ext_counts
-        layouts, recv_counts = [], []
+        counts = counts[:, 0]
+        counts_dev = to_device(counts, dev)
+        rows = counts.tolist()  # (plain lists: a few hundred host-tensor ops cost ~0.3 ms here)
+        layouts, mine = [], []
         for c in range(C):
-            cc = counts[:, c]  # [W, Q]
-            send = [int(cc[me, st[r]:st[r] + nq[r]].sum()) for r in range(W)]
-            mine = cc[:, st[me]:st[me] + nq[me]]  # [W, L or 1]
-            recv = mine.sum(1).tolist()
-            layouts.append(Layout(send=send, recv=recv))
-            recv_counts.append(mine)
+            st, n = S.starts[c], S.counts[c]
+            send_c = [sum(rows[self.rank][st[r]:st[r] + n[r]]) for r in range(self.world_size)]
+            a, b = st[self.rank], st[self.rank] + n[self.rank]
+            layouts.append(Layout(send=send_c, recv=[sum(row[a:b]) for row in rows]))
+            mine.append((a, b))
         self.last_layouts = layouts
-        capacity = None
-        if experts.capacity_factor is not None:
-            routed = torch.ones(self.num_ext_slots, dtype=torch.bool)
-            routed[self._shared_ext.cpu()] = False
-            T_total = int(counts[:, :, routed].sum()) // K if K else 0
+        kw: list[dict] = [{} for _ in range(C)]
+        if experts.capacity_factor is not None and not self.is_shared_rank:
+            T_total = int(counts[:, S.routed].sum()) // K if K else 0
             capacity = capacity_for(T_total, K, self.num_experts, experts.capacity_factor)
-        # routing weights travel only when the weight-drop policy needs them
-        need_w = capacity is not None and experts.drop_policy == "weight" and not self.is_shared_rank
-
-        # 4-5. pipeline: dispatch(c+1) in flight while chunk c computes
-        overlap = C > 1
-        disp = self.dispatcher
-        recvd: list[Any] = [None] * C
-        wrecv: list[Any] = [None] * C
-
-        def start(c):
-            recvd[c] = disp.dispatch(sends[c], layouts[c], async_op=overlap)
-            if capacity is not None and experts.drop_policy == "weight":
+            for c in range(C):
+                kw[c] = {"capacity": capacity, "drop_policy": experts.drop_policy}
+        # the receiver's weight-drop policy needs the routing weights of the rows it gets
+        send_w = None
+        if experts.capacity_factor is not None and experts.drop_policy == "weight":
+            send_w = w_TK.reshape(-1).index_select(0, plan.sorted_slots_N).float().unsqueeze(1)
+        at = 0
+        for c in range(C):
+            if send_w is not None:
                 with torch.no_grad():
-                    rw = wchunks[c].reshape(-1).index_select(0, plans[c].sorted_slots_N)
-                    wrecv[c] = disp.dispatch(rw.float().unsqueeze(1), layouts[c])[0].squeeze(1)
+                    rw = self.dispatcher.dispatch(send_w[at:at + layouts[c].num_send], layouts[c])[0]
+                if not self.is_shared_rank:
+                    kw[c]["row_weights"] = rw
+            at += layouts[c].num_send
 
-        backs: list[Any] = [None] * C
-        start(0)
-        for c in range(C):
-            if overlap and c + 1 < C:
-                start(c + 1)
-            x_recv, h = recvd[c]
-            h.wait()
-            recvd[c] = None
-            y_recv = self._local(x_recv, recv_counts[c], capacity, wrecv[c] if need_w else None,
-                                 experts, backend, weights)
-            backs[c] = disp.combine(y_recv, layouts[c], async_op=overlap)
-            if not overlap and c + 1 < C:
-                start(c + 1)
-        outs = []
-        for c in range(C):
-            y_back, h = backs[c]
-            h.wait()
-            outs.append(unpermute(y_back, plans[c], None if on_input else wchunks[c]))
-        return outs[0] if C == 1 else torch.cat(outs, 0)
+        def recv_ids(c):
+            if self.is_shared_rank:
+                return None
+            a, b = mine[c]
+            R = layouts[c].num_recv
+            return torch.repeat_interleave(
+                torch.arange(b - a, device=dev).repeat(self.world_size),
+                counts_dev[:, a:b].reshape(-1), output_size=R,
+            ).view(R, 1)
 
-    def _local(self, x_RD, cnt_WL, capacity, w_R, experts, backend, weights) -> torch.Tensor:
-        """This rank's experts on the received rows (sender-major order) -> [R, D]: each row
-        is one routed slot (top-1, weight 1: the sender applies the routing weights), run
-        through the experts' backend on the plan of the received rows."""
+        # 4-5. dispatch -> local experts -> combine, chunk by chunk (pipeline.py)
+        train = torch.is_grad_enabled()
+        R_total = sum(lay.num_recv for lay in layouts)
         if self.is_shared_rank:
-            return self.shared_experts(x_RD)
-        W, L = cnt_WL.shape
-        if L == 0:
-            return x_RD * 0  # keeps the dispatch in the graph (its backward is a collective)
-        R = x_RD.shape[0]
-        # the local expert of each received row; the plan's stable sort keeps, within an expert,
-        # the global token order (sender-major), so capacity drops the rows the single-process
-        # plan drops on all ranks' tokens concatenated
-        ids_R1 = torch.repeat_interleave(
-            torch.arange(L, device=x_RD.device).repeat(W), cnt_WL.reshape(-1).to(x_RD.device),
-            output_size=R,
-        ).view(R, 1)
-        plan = backend.make_plan(
-            ids_R1, L, capacity=capacity, drop_policy=experts.drop_policy,
-            topk_weights_TK=None if w_R is None else w_R.view(R, 1),
-        )
-        w_up, w_down, b_up, b_down = weights
-        return moe_experts(
-            x_RD, w_up, w_down, ids_R1, x_RD.new_ones(R, 1), activation=experts.activation,
-            gate_up_proj_bias=b_up, down_proj_bias=b_down, backend=backend, plan=plan,
+            params = list(self.shared_experts.parameters())
+            runner = AutogradChunks(_shared_fn(self.shared_experts), params, train=train,
+                                    slice_params=False)
+        else:
+            params = weights
+            runner = backend.chunk_runner(weights, activation=experts.activation, train=train,
+                                          total_rows=R_total)
+        pipe = Pipeline(self.dispatcher, layouts, S.groups, runner, recv_ids, kw)
+        y_send = pipe.apply(send, params)
+        return backend.unpermute(y_send, plan, None if on_input else w_TK)
+
+
+def _shared_fn(module: nn.Module):
+    names = [n for n, _ in module.named_parameters()]
+
+    def fn(x_RD, ids_R1, params, kw):
+        return torch.func.functional_call(module, dict(zip(names, params)), (x_RD,))
+
+    return fn
+
+
+@dataclass(frozen=True)
+class _Slots:
+    """The extended slot space of one rank for ``C`` chunks: numbered chunk by chunk, then rank
+    by rank, then the rank's slots of the chunk's group (a shared rank: one slot per chunk),
+    so that the sender's rows sorted by slot are contiguous per chunk and, within a chunk,
+    per rank."""
+
+    num_slots: int
+    ext_table: torch.Tensor  # [E, Rmax] the extended slot of each replica of each expert
+    shared_ext: torch.Tensor  # [C, n_shared] each chunk's slot on each shared rank
+    starts: list  # [C][W] first extended slot of (chunk, rank)
+    counts: list  # [C][W] slots of (chunk, rank)
+    groups: list  # [C] (lo, hi): this rank's local slots in each chunk
+    routed: torch.Tensor  # [Q] bool: routed (not shared) slots
+
+    @staticmethod
+    def build(p: Placement, rank: int, C: int, dev: torch.device) -> _Slots:
+        W = p.world_size
+        first = [sum(len(s) for s in p.slots[:r]) for r in range(W)]  # global slot of (r, 0)
+        ext_of_slot = [0] * p.num_slots
+        shared = [[0] * len(p.shared_ranks) for _ in range(C)]
+        starts = [[0] * W for _ in range(C)]
+        counts = [[0] * W for _ in range(C)]
+        routed: list[bool] = []
+        q = 0
+        for c in range(C):
+            for r in range(W):
+                starts[c][r] = q
+                if r in p.shared_ranks:
+                    shared[c][p.shared_ranks.index(r)] = q
+                    counts[c][r] = 1
+                    routed.append(False)
+                    q += 1
+                    continue
+                L = len(p.slots[r])
+                lo, hi = L * c // C, L * (c + 1) // C
+                for j in range(lo, hi):
+                    ext_of_slot[first[r] + j] = q
+                    q += 1
+                counts[c][r] = hi - lo
+                routed.extend([True] * (hi - lo))
+        L = len(p.slots[rank])
+        ext = torch.tensor(ext_of_slot, dtype=torch.long)
+        return _Slots(
+            num_slots=q, ext_table=ext[p.replica_table()].to(dev),
+            shared_ext=torch.tensor(shared, dtype=torch.long).view(C, len(p.shared_ranks)).to(dev),
+            starts=starts, counts=counts, groups=[(L * c // C, L * (c + 1) // C) for c in range(C)],
+            routed=torch.tensor(routed, dtype=torch.bool),
         )

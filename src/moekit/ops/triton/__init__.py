@@ -24,11 +24,12 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 import torch
 
-from . import launchers
+from . import launchers, stages
 from .grouped_linear import triton_grouped_linear
 from .ops import FusedExperts, fused_experts
 
-__all__ = ["FusedExperts", "fused_experts", "launchers", "triton_available", "triton_grouped_linear"]
+__all__ = ["FusedExperts", "fused_experts", "launchers", "stages", "triton_available",
+           "triton_grouped_linear"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -159,16 +159,18 @@ def _up_epilogue(acc_g, acc_u, e64, rows64, mask_m, cols, mask_n, B, ROWW, H_OUT
 # ----------------------------------------------------------------------------- grouped GEMM on sorted rows
 @triton.jit
 def rows_gemm_kernel(
-    A, W, B, Y,
+    A, W, B, Y, OUT_ROWS,
     COUNTS, OFFSETS,
     E, O, I, num_pid_m,
     stride_an, stride_we, stride_wo, stride_wi, stride_be, stride_yn,
     HAS_BIAS: tl.constexpr, E_P2: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SCATTER: tl.constexpr = False,
 ):
     """``y[rows of e] = a[rows of e] @ W[e].T (+ b[e])`` with ``W[e]`` read as ``[O, I]`` through
     strides (the down projection: ``W = down [E, D, F]``; the input-grad of the up projection:
-    ``W = gate_up`` seen as ``[E, D, H]``)."""
+    ``W = gate_up`` seen as ``[E, D, H]``). ``SCATTER``: row ``n`` is stored at row
+    ``OUT_ROWS[n]`` of y."""
     e, rows64, mask_m, cols, mask_n = _row_tile(num_pid_m, tl.cdiv(O, BLOCK_N), COUNTS, OFFSETS, E, O,
                                                 E_P2, BLOCK_M, BLOCK_N, GROUP_M)
     if e >= E:
@@ -179,16 +181,20 @@ def rows_gemm_kernel(
     w_ptrs = W + e64 * stride_we + cols[None, :].to(tl.int64) * stride_wo + ks[:, None] * stride_wi
     acc = _rows_mainloop(a_ptrs, w_ptrs, mask_m, mask_n, I, BLOCK_K * stride_wi, PREC,
                          BLOCK_M, BLOCK_N, BLOCK_K)
-    _rows_epilogue(acc, e64, rows64, mask_m, cols, mask_n, B, Y, stride_be, stride_yn, HAS_BIAS)
+    _rows_epilogue(acc, e64, rows64, mask_m, cols, mask_n, B, Y, OUT_ROWS, stride_be, stride_yn,
+                   HAS_BIAS, SCATTER)
 
 
 @triton.jit
-def _rows_epilogue(acc, e64, rows64, mask_m, cols, mask_n, B, Y, stride_be, stride_yn,
-                   HAS_BIAS: tl.constexpr):
-    """A row GEMM's epilogue: ``Y[rows, cols] = acc (+ B[e, cols])``."""
+def _rows_epilogue(acc, e64, rows64, mask_m, cols, mask_n, B, Y, OUT_ROWS, stride_be, stride_yn,
+                   HAS_BIAS: tl.constexpr, SCATTER: tl.constexpr):
+    """A row GEMM's epilogue: ``Y[rows, cols] = acc (+ B[e, cols])``; ``SCATTER``: at rows
+    ``OUT_ROWS[rows]`` (one row per routed slot, back in the slots' order, with no combine pass)."""
     if HAS_BIAS:
         b = tl.load(B + e64 * stride_be + cols, mask=mask_n, other=0.0).to(tl.float32)
         acc = acc + b[None, :]
+    if SCATTER:
+        rows64 = tl.load(OUT_ROWS + rows64, mask=mask_m, other=0).to(tl.int64)
     y_ptrs = Y + rows64[:, None] * stride_yn + cols[None, :]
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -333,3 +339,29 @@ def small_plan_kernel(
         tl.store(COUNTS + es, c, mask=es < E)
         tl.store(OFFSETS + es, tl.cumsum(c, 0) + total, mask=es < E)
         total += tl.sum(c, 0)
+
+
+# ----------------------------------------------------------------------------- row gather
+@triton.jit
+def gather_rows_kernel(
+    SRC, IDX, W, OUT,
+    N, Dm, num_pid_d,
+    stride_s, stride_o,
+    HAS_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``out[n] = src[idx[n]] (* w[n])`` (the weight in fp32, rounded once): the permute of
+    rows by token and the scaled output grad of the combine, in one pass."""
+    pid = tl.program_id(0)
+    pid_n = pid // num_pid_d
+    pid_d = pid % num_pid_d
+    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = ns < N
+    ns64 = ns.to(tl.int64)
+    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = mask_n[:, None] & (ds < Dm)[None, :]
+    src = tl.load(IDX + ns64, mask=mask_n, other=0).to(tl.int64)
+    v = tl.load(SRC + src[:, None] * stride_s + ds[None, :], mask=mask, other=0.0)
+    if HAS_W:
+        w = tl.load(W + ns64, mask=mask_n, other=0.0).to(tl.float32)
+        v = (v.to(tl.float32) * w[:, None]).to(OUT.dtype.element_ty)
+    tl.store(OUT + ns64[:, None] * stride_o + ds[None, :], v, mask=mask)

@@ -43,9 +43,10 @@ def _num_row_tiles(COUNTS, E, E_P2: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _rows_tile(A_DESC, W_DESC, B, Y, e, row0, row_end, pid_n, O, I, stride_be, stride_yn,
+def _rows_tile(A_DESC, W_DESC, B, Y, OUT_ROWS, e, row0, row_end, pid_n, O, I, stride_be, stride_yn,
                HAS_BIAS: tl.constexpr, W_K_CONTIG: tl.constexpr, PREC: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               SCATTER: tl.constexpr):
     n0 = pid_n * BLOCK_N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kt in range(tl.cdiv(I, BLOCK_K)):
@@ -55,36 +56,36 @@ def _rows_tile(A_DESC, W_DESC, B, Y, e, row0, row_end, pid_n, O, I, stride_be, s
     rows = row0 + tl.arange(0, BLOCK_M)
     cols = n0 + tl.arange(0, BLOCK_N)
     _rows_epilogue(acc, e.to(tl.int64), rows.to(tl.int64), rows < row_end, cols, cols < O, B, Y,
-                   stride_be, stride_yn, HAS_BIAS)
+                   OUT_ROWS, stride_be, stride_yn, HAS_BIAS, SCATTER)
 
 
 @triton.jit
 def rows_gemm_tma_kernel(
-    A_DESC, W_DESC, B, Y,
+    A_DESC, W_DESC, B, Y, OUT_ROWS,
     COUNTS, OFFSETS,
     E, O, I, num_pid_m, num_programs,
     stride_be, stride_yn,
     HAS_BIAS: tl.constexpr, W_K_CONTIG: tl.constexpr, E_P2: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PERSISTENT: tl.constexpr,
+    PERSISTENT: tl.constexpr, SCATTER: tl.constexpr = False,
 ):
     """``y[rows of e] = a[rows of e] @ W[e].T (+ b[e])``, ``a`` and ``W`` through descriptors.
     ``num_pid_m``: the grid's bound on row tiles (one program per tile); ``num_programs``: the
-    persistent grid."""
+    persistent grid; ``SCATTER``: as ``rows_gemm_kernel``'s."""
     num_pid_n = tl.cdiv(O, BLOCK_N)
     if PERSISTENT:
         num_pid_m = _num_row_tiles(COUNTS, E, E_P2, BLOCK_M)
         for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, num_programs, flatten=True):
             pid_m, pid_n = _swizzle(tile, num_pid_m, num_pid_n, GROUP_M)
             e, row0, row_end = _find_tile(pid_m, COUNTS, OFFSETS, E, E_P2, BLOCK_M)
-            _rows_tile(A_DESC, W_DESC, B, Y, e, row0, row_end, pid_n, O, I, stride_be, stride_yn,
-                       HAS_BIAS, W_K_CONTIG, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+            _rows_tile(A_DESC, W_DESC, B, Y, OUT_ROWS, e, row0, row_end, pid_n, O, I, stride_be,
+                       stride_yn, HAS_BIAS, W_K_CONTIG, PREC, BLOCK_M, BLOCK_N, BLOCK_K, SCATTER)
     else:
         pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
         e, row0, row_end = _find_tile(pid_m, COUNTS, OFFSETS, E, E_P2, BLOCK_M)
         if e < E:
-            _rows_tile(A_DESC, W_DESC, B, Y, e, row0, row_end, pid_n, O, I, stride_be, stride_yn,
-                       HAS_BIAS, W_K_CONTIG, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+            _rows_tile(A_DESC, W_DESC, B, Y, OUT_ROWS, e, row0, row_end, pid_n, O, I, stride_be,
+                       stride_yn, HAS_BIAS, W_K_CONTIG, PREC, BLOCK_M, BLOCK_N, BLOCK_K, SCATTER)
 
 
 @triton.jit

@@ -30,8 +30,8 @@ from .launch_config import (
     _weight_descriptor,
 )
 
-__all__ = ["SMALL_PLAN_MAX_SLOTS", "combine", "down_combine", "rows_gemm", "small_plan",
-           "up_forward", "use_pdl"]
+__all__ = ["SMALL_PLAN_MAX_SLOTS", "combine", "down_combine", "gather_rows", "rows_gemm",
+           "small_plan", "up_forward", "use_pdl"]
 
 
 # ----------------------------------------------------------------------------- forward
@@ -117,9 +117,12 @@ def rows_gemm(
     counts_E: torch.Tensor,
     offsets_E: torch.Tensor,
     tiles: dict | None = None,
+    out_rows_N: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y[rows of e] = a[rows of e] @ w[e].T (+ b[e])`` for rows sorted by expert; ``w_EOI`` may
-    be any strided view (e.g. ``gate_up.transpose(1, 2)`` for the input grad)."""
+    be any strided view (e.g. ``gate_up.transpose(1, 2)`` for the input grad). ``out_rows_N``
+    (a permutation of the N rows): row n is written at row ``out_rows_N[n]`` of y (a top-1
+    dropless plan's slots, back in their order without a combine pass)."""
     _check("a", a_NI, 2)
     _check("w", w_EOI, 3, a_NI.dtype, a_NI.device)
     E, O, I = w_EOI.shape
@@ -138,23 +141,24 @@ def rows_gemm(
         persistent, grid = _persistent(tiles, grid, a_NI.device)
         KT.rows_gemm_tma_kernel[grid](
             a_desc, w_desc[0], b_EO if b_EO is not None else a_NI, y,
-            counts_E, offsets_E,
+            out_rows_N if out_rows_N is not None else counts_E, counts_E, offsets_E,
             E, O, I, num_pid_m, grid[0],
             b_EO.stride(0) if b_EO is not None else 0, y.stride(0),
             HAS_BIAS=b_EO is not None, W_K_CONTIG=w_desc[1], E_P2=_e_p2(E), PREC=_prec(a_NI.dtype),
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-            PERSISTENT=persistent, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            PERSISTENT=persistent, SCATTER=out_rows_N is not None, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )
         return y
     K.rows_gemm_kernel[grid](
         a_NI, w_EOI, b_EO if b_EO is not None else a_NI, y,
-        counts_E, offsets_E,
+        out_rows_N if out_rows_N is not None else counts_E, counts_E, offsets_E,
         E, O, I, num_pid_m,
         a_NI.stride(0), w_EOI.stride(0), w_EOI.stride(1), w_EOI.stride(2),
         b_EO.stride(0) if b_EO is not None else 0, y.stride(0),
         HAS_BIAS=b_EO is not None, E_P2=_e_p2(E), PREC=_prec(a_NI.dtype),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SCATTER=out_rows_N is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y
 
@@ -203,6 +207,25 @@ def combine(
     )
     dot = parts.sum(-1) if has_dot else y_ND.new_zeros(0, dtype=torch.float32)
     return out, dot
+
+
+def gather_rows(src_TD: torch.Tensor, idx_N: torch.Tensor, w_N: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[n] = src[idx[n]] (* w[n])``, ``[N, D]`` in one pass."""
+    _check("src", src_TD, 2)
+    N, D = idx_N.shape[0], src_TD.shape[1]
+    src_TD = _rows_contig(src_TD)
+    out = src_TD.new_empty(N, D)
+    if N == 0 or D == 0:
+        return out
+    block_d = 16 if C.interpreting() else min(1024, triton.next_power_of_2(D))
+    block_n = 16 if C.interpreting() else max(1, 4096 // block_d)
+    num_pid_d = triton.cdiv(D, block_d)
+    K.gather_rows_kernel[(triton.cdiv(N, block_n) * num_pid_d,)](
+        src_TD, idx_N.contiguous(), w_N.contiguous() if w_N is not None else src_TD, out,
+        N, D, num_pid_d, src_TD.stride(0), out.stride(0),
+        HAS_W=w_N is not None, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
+    )
+    return out
 
 
 # programmatic dependent launch needs a Triton with grid-dependency control (newer than the

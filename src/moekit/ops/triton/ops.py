@@ -65,13 +65,13 @@ def _(x, w, b, token_ids, roww, counts, offsets, act, gated, store_h, pdl=False,
 @torch.library.custom_op(f"{_NS}::rows_gemm", mutates_args=())
 def rows_gemm_op(
     a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], counts: torch.Tensor,
-    offsets: torch.Tensor, tiles: str = "",
+    offsets: torch.Tensor, tiles: str = "", out_rows: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    return L.rows_gemm(a, w, b, counts, offsets, parse_tiles(tiles))
+    return L.rows_gemm(a, w, b, counts, offsets, parse_tiles(tiles), out_rows)
 
 
 @rows_gemm_op.register_fake
-def _(a, w, b, counts, offsets, tiles=""):
+def _(a, w, b, counts, offsets, tiles="", out_rows=None):
     return a.new_empty(a.shape[0], w.shape[1])
 
 

@@ -1,0 +1,152 @@
+"""The triton backend's chunk runner (``moekit.ops.chunked`` says what a runner does): each
+chunk's forward and input-grad backward run the fused kernels on that chunk's group of
+experts, and the weight grads are made once, after every chunk's backward, over all chunks'
+rows (two grouped GEMMs, as ``FusedExperts`` makes them on one process): no per-chunk weight
+grad, no accumulation, no copy of the weight grads.
+
+Chunk ``c``'s rows sit at rows ``[base_c, base_c + R_c)`` of the received buffers that
+``weight_grads(x_RD, dy_RD)`` is given; its experts ``[lo, hi)`` come after the previous
+chunk's, so the chunks' expert-sorted rows, one after another, are all the rows sorted by
+expert.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...activations import GPT_OSS_ALPHA, GPT_OSS_LIMIT, activation_params
+from ..triton_backend import parse_tiles
+from . import backward as B
+from . import weight_grads as W
+from .ops import (
+    _down_projection,
+    _graph_freed_after_backward,
+    _stored_transposed,
+    combine_op,
+    rows_gemm_op,
+    up_op,
+    weight_grad_op,
+)
+
+__all__ = ["TritonChunks"]
+
+
+class TritonChunks:
+    """Chunk runner of the fused kernels, for training (``backend``: a TritonBackend;
+    ``weights``: ``(gate_up_proj, down_proj, gate_up_proj_bias, down_proj_bias)`` of all local
+    experts, not differentiated through: the grads come from :meth:`weight_grads`;
+    ``total_rows``: the rows of all chunks, which sets the same code-path choices as one
+    ``FusedExperts`` call over them)."""
+
+    def __init__(self, backend, weights, *, activation: str, total_rows: int):
+        self.backend = backend
+        s, self.tiles = backend.config, backend.tiles
+        self.w_up, self.w_down, self.b_up, self.b_down = (
+            None if w is None else w.detach() for w in weights)
+        base, params = activation_params(activation)
+        self.act = base
+        self.alpha = float(params.get("alpha", GPT_OSS_ALPHA))
+        self.limit = float(params.get("limit", GPT_OSS_LIMIT))
+        L, D, F = self.w_down.shape[0], self.w_down.shape[1], self.w_down.shape[2]
+        self.gated = self.w_up.shape[1] == 2 * F
+        x = self.w_up  # dtype and device of the rows
+        self.cublas = W.dw_uses_grouped_mm(total_rows, L, D, F, x.dtype, x.device, s.dw)
+        self.cublas_up = W.dw_up_uses_grouped_mm(total_rows, L, D, F, x.dtype, x.device, s.dw)
+        self.rows_cublas = W.rows_on_cublas(self.cublas, parse_tiles(self.tiles), x, total_rows, L)
+        self.dgrad = B.dgrad_mode(F, self.cublas, s.dgrad, self.rows_cublas)
+        self.recompute = B.recompute_activation(self.dgrad, s.recompute_act)
+        self.inplace = s.inplace_dgrad
+        self._chunks: dict[int, dict] = {}
+
+    def _glu(self) -> dict:
+        return {"alpha": self.alpha, "limit": self.limit}
+
+    def forward(self, c: int, x_RD: torch.Tensor, ids_R1: torch.Tensor, lo: int, hi: int, *,
+                base: int, capacity=None, drop_policy: str = "position", row_weights=None):
+        if x_RD.shape[0] == 0 or hi == lo:  # no rows: the group's experts get zero grads
+            H, F = self.w_up.shape[1], self.w_down.shape[2]
+            self._chunks[c] = {"plan": None, "lo": lo, "hi": hi, "base": base,
+                               "counts": torch.zeros(hi - lo, dtype=torch.int32, device=x_RD.device),
+                               "tok": torch.zeros(0, dtype=torch.int64, device=x_RD.device),
+                               "a": x_RD.new_empty(0, F), "dh": x_RD.new_empty(0, H)}
+            return x_RD.new_zeros(x_RD.shape)
+        plan = self.backend.make_plan(ids_R1, hi - lo, capacity=capacity, drop_policy=drop_policy,
+                                      topk_weights_TK=row_weights)
+        w_up, w_down = self.w_up[lo:hi], self.w_down[lo:hi]
+        b_up = None if self.b_up is None else self.b_up[lo:hi]
+        b_down = None if self.b_down is None else self.b_down[lo:hi]
+        roww = torch.ones(plan.num_rows, device=x_RD.device, dtype=torch.float32)
+        h, a = up_op(x_RD, w_up, b_up, plan.token_ids_N, None, plan.counts_E, plan.offsets_E,
+                     self.act, self.gated, True, False, False, self.tiles, self.alpha, self.limit)
+        if self._scatter(plan):  # the rows land in the received order: no combine pass
+            out = rows_gemm_op(a, w_down, b_down, plan.counts_E, plan.offsets_E, self.tiles,
+                               plan.token_ids_N)
+        else:
+            y = _down_projection(a, w_down, b_down, plan.counts_E, plan.offsets_E, self.tiles,
+                                 self.rows_cublas)
+            out, _ = combine_op(y, plan.inverse_TK, None, None)
+        self._chunks[c] = {"plan": plan, "h": h, "a": None if self.recompute else a,
+                           "roww": roww, "lo": lo, "hi": hi, "base": base,
+                           "counts": plan.counts_E, "tok": plan.token_ids_N}
+        return out
+
+    def backward(self, c: int, dy_RD: torch.Tensor) -> torch.Tensor:
+        k = self._chunks[c]
+        plan, lo, hi = k["plan"], k["lo"], k["hi"]
+        if plan is None:
+            return torch.zeros_like(dy_RD)
+        w_up, w_down = self.w_up[lo:hi], self.w_down[lo:hi]
+        b_down = None if self.b_down is None else self.b_down[lo:hi]
+        g = dy_RD.contiguous()
+        inplace = self.inplace and _graph_freed_after_backward()
+        dh, a, _ = B.down_dgrad(
+            g, w_down, b_down, plan.token_ids_N, k["roww"], k["h"], plan.counts_E, plan.offsets_E,
+            self.act, self.gated, False, self.recompute, out=k["h"] if inplace else None,
+            expert_ids_N=plan.expert_ids_N if b_down is not None else None, interleaved=False,
+            mode=self.dgrad, tiles=parse_tiles(self.tiles), **self._glu())
+        k["h"] = None
+        k["dh"] = dh
+        if self.recompute:
+            k["a"] = a
+        if self._scatter(plan):
+            return rows_gemm_op(dh, w_up.transpose(1, 2), None, plan.counts_E, plan.offsets_E,
+                                self.tiles, plan.token_ids_N)
+        if self.rows_cublas:
+            dx_rows = W.grouped_mm(dh, w_up, plan.offsets_E)
+        else:
+            dx_rows = rows_gemm_op(dh, w_up.transpose(1, 2), None, plan.counts_E, plan.offsets_E,
+                                   self.tiles)
+        dx, _ = combine_op(dx_rows, plan.inverse_TK, None, None)
+        return dx
+
+    def _scatter(self, plan) -> bool:
+        """Whether the row GEMMs write the rows straight back in the received order (every
+        received row is one row of the plan: dropless; on the Triton row GEMM)."""
+        return plan.capacity is None and not self.rows_cublas
+
+    def weight_grads(self, x_RD: torch.Tensor, dy_RD: torch.Tensor) -> list[torch.Tensor | None]:
+        """``[dW_up, dW_down, dB_up, dB_down]`` over every chunk's rows (``x_RD``, ``dy_RD``:
+        the received rows and their output grads, all chunks)."""
+        ks = [self._chunks[c] for c in sorted(self._chunks)]
+        self._chunks = {}
+        one = len(ks) == 1
+        tok = ks[0]["tok"] if one else torch.cat([k["tok"] + k["base"] for k in ks])
+        counts = ks[0]["counts"] if one else torch.cat([k["counts"] for k in ks])
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+        a = ks[0]["a"] if one else torch.cat([k["a"] for k in ks])
+        for k in ks:
+            k["a"] = None
+        dy = dy_RD.contiguous()
+        dw_down, db_down = weight_grad_op(
+            dy, tok, a, None, None, True, counts, offsets, self.b_down is not None, self.cublas,
+            self.tiles, _stored_transposed(self.w_down), True)
+        del a
+        dh = ks[0]["dh"] if one else torch.cat([k["dh"] for k in ks])
+        for k in ks:
+            k["dh"] = None
+        dw_up, db_up = weight_grad_op(
+            dh, None, x_RD, tok, None, False, counts, offsets, self.b_up is not None,
+            self.cublas_up, self.tiles, _stored_transposed(self.w_up))
+        return [dw_up, dw_down,
+                None if self.b_up is None else db_up.to(self.b_up.dtype),
+                None if self.b_down is None else db_down.to(self.b_down.dtype)]

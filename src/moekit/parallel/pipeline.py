@@ -1,0 +1,136 @@
+"""The expert-parallel pipeline: dispatch -> local experts -> combine, chunk by chunk, as one
+autograd node (:class:`Pipeline`, run by :class:`ExpertParallel` in ``ep.py``).
+
+Chunk ``c`` holds the rows of one group of every rank's local experts (experts
+``[L*c//C, L*(c+1)//C)`` of a rank with ``L``), so each expert's rows are all in one chunk,
+in the global token order: the chunks change neither the arithmetic nor the capacity drops,
+and each expert's GEMMs see all of its rows.
+
+Forward: every chunk's dispatch is issued at once (on CUDA on the dispatcher's communication
+stream); chunk ``c`` computes as soon as its rows are in, and its combine is issued right
+after, so it travels while chunk ``c+1`` computes. Backward: every chunk's output grad is sent
+at once; chunk ``c``'s input grad is computed (the runner's ``backward``: no weight grads) and
+sent back while chunk ``c+1``'s is computed; the weight grads are made last, once over all
+chunks (the triton backend: two grouped GEMMs), while the last exchange travels.
+
+The local compute is the experts backend's chunk runner (``ExpertsBackend.chunk_runner``,
+:mod:`moekit.ops.chunked`); an external shared rank runs its shared experts instead.
+"""
+
+from __future__ import annotations
+
+from itertools import accumulate
+from typing import Any, Callable
+
+import torch
+
+from .dispatch import Dispatcher, Layout
+
+__all__ = ["Pipeline"]
+
+
+def _into(res: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """``buf`` holding ``res`` (a dispatcher may return its own tensor instead of filling the
+    buffer it was given)."""
+    if res is not buf and (res.numel() == 0 or res.data_ptr() != buf.data_ptr()):
+        buf.copy_(res)
+    return buf
+
+
+class _Node(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pipe, anchor, send_ND, *params):
+        ctx.pipe = pipe
+        return pipe.run_forward(send_ND)
+
+    @staticmethod
+    def backward(ctx, g_ND):
+        pipe, ctx.pipe = ctx.pipe, None
+        dx_ND, grads = pipe.run_backward(g_ND)
+        return (None, None, dx_ND, *grads)
+
+
+class Pipeline:
+    """One forward (and its backward) of the pipeline on this rank.
+
+    * ``layouts``: per chunk, the split sizes of its exchange;
+    * ``groups``: per chunk, the local experts ``(lo, hi)`` it holds;
+    * ``runner``: the chunk runner (``forward``/``backward``/``weight_grads``);
+    * ``recv_ids``: ``recv_ids(c)`` -> the received rows' experts ``[R_c, 1]`` within the group
+      (None on a shared rank);
+    * ``plan_kwargs``: per chunk, the capacity arguments of the receiver's plan.
+    """
+
+    def __init__(self, dispatcher: Dispatcher, layouts: list[Layout], groups: list[tuple[int, int]],
+                 runner: Any, recv_ids: Callable[[int], torch.Tensor | None],
+                 plan_kwargs: list[dict]):
+        self.disp, self.layouts, self.groups = dispatcher, layouts, groups
+        self.runner, self.recv_ids, self.plan_kwargs = runner, recv_ids, plan_kwargs
+        self.send_at = [0, *accumulate(l.num_send for l in layouts)]
+        self.recv_at = [0, *accumulate(l.num_recv for l in layouts)]
+        self.x_all: torch.Tensor | None = None
+
+    def apply(self, send_ND: torch.Tensor, params: list[torch.Tensor | None]) -> torch.Tensor:
+        """The combined rows ``[N, D]`` (this rank's sent rows, back in their order),
+        differentiable in ``send_ND`` and ``params``. Every rank joins the backward's exchanges
+        whenever grad mode is on (``anchor``), even where nothing of its own needs a grad."""
+        anchor = torch.empty(0, device=send_ND.device, requires_grad=torch.is_grad_enabled())
+        return _Node.apply(self, anchor, send_ND, *params)
+
+    def _exchanges(self, rows_ND: torch.Tensor, into_RD: torch.Tensor) -> list:
+        """Every chunk's rows sent towards the experts (dispatch direction), received into
+        ``into_RD``: ``[(received, handle)]``."""
+        out = []
+        for c, lay in enumerate(self.layouts):
+            s0, s1 = self.send_at[c], self.send_at[c + 1]
+            r0, r1 = self.recv_at[c], self.recv_at[c + 1]
+            out.append(self.disp.dispatch(rows_ND[s0:s1], lay, async_op=True, out=into_RD[r0:r1]))
+        return out
+
+    def _pipe(self, first: list, recv_RD: torch.Tensor, back_ND: torch.Tensor, step) -> list:
+        """For each chunk: wait for its rows, ``step(c, rows)``, send the result back into
+        ``back_ND``; returns the back exchanges (not yet waited for)."""
+        backs = []
+        for c, lay in enumerate(self.layouts):
+            res, h = first[c]
+            h.wait()
+            rows = _into(res, recv_RD[self.recv_at[c]:self.recv_at[c + 1]])
+            s0, s1 = self.send_at[c], self.send_at[c + 1]
+            y = step(c, rows)
+            backs.append((self.disp.combine(y, lay, async_op=True, out=back_ND[s0:s1]), s0, s1))
+        return backs
+
+    def _finish(self, backs: list, back_ND: torch.Tensor) -> torch.Tensor:
+        for (res, h), s0, s1 in backs:
+            h.wait()
+            _into(res, back_ND[s0:s1])
+        return back_ND
+
+    def run_forward(self, send_ND: torch.Tensor) -> torch.Tensor:
+        send_ND = send_ND.contiguous()
+        D = send_ND.shape[1]
+        x_all = send_ND.new_empty(self.recv_at[-1], D)
+        y_ND = send_ND.new_empty(self.send_at[-1], D)
+
+        def step(c, x_c):
+            lo, hi = self.groups[c]
+            return self.runner.forward(c, x_c, self.recv_ids(c), lo, hi, base=self.recv_at[c],
+                                       **self.plan_kwargs[c])
+
+        with torch.no_grad():
+            backs = self._pipe(self._exchanges(send_ND, x_all), x_all, y_ND, step)
+            self._finish(backs, y_ND)
+        self.x_all = x_all
+        return y_ND
+
+    def run_backward(self, g_ND: torch.Tensor) -> tuple[torch.Tensor, list]:
+        g_ND = g_ND.contiguous()
+        dy_all = g_ND.new_empty(self.recv_at[-1], g_ND.shape[1])
+        dx_ND = g_ND.new_empty(self.send_at[-1], g_ND.shape[1])
+        with torch.no_grad():
+            backs = self._pipe(self._exchanges(g_ND, dy_all), dy_all, dx_ND,
+                               self.runner.backward)
+            grads = self.runner.weight_grads(self.x_all, dy_all)  # while the last exchange travels
+            self.x_all = None
+            self._finish(backs, dx_ND)
+        return dx_ND, grads
