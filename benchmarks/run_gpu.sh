@@ -3,6 +3,7 @@
 # benchmark beside transformers' grouped_mm and ScatterMoE (carried in .peers), and the
 # end-to-end model benchmark. Everything it writes goes to $OUT (at most 8 files come back).
 # Usage (device tool, carry .whl and .peers): MOEKIT_COMMIT=<sha> bash benchmarks/run_gpu.sh
+# (write the sha out here: the device's copy of the tree has a stale git HEAD)
 # Knobs (environment): SKIP_TESTS, TEST_K (pytest -k), TEST_TIMEOUT, SHAPES, SWEEP (settings for
 # --sweep), SWEEP_SHAPES, PROFILE (shapes to profile), REP_MS, BENCH_TIMEOUT, SKIP_MODEL, MODEL_TIMEOUT.
 set -o pipefail
