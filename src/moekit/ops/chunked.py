@@ -17,7 +17,7 @@ detached views of the group's weights; the groups' weight grads are concatenated
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

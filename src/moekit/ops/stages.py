@@ -152,22 +152,23 @@ def row_weights(topk_weights_TK: torch.Tensor, plan: RoutingPlan) -> torch.Tenso
     return topk_weights_TK.reshape(-1).index_select(0, plan.sorted_slots_N)
 
 
+def _check_stage(t, plan: RoutingPlan, topk_weights_TK, what: str, name: str, legend: str) -> None:
+    check_plan(plan, what)
+    _check_2d(t, name, what, legend)
+    # permute takes one row per token, unpermute one per routed row
+    (plan.check_tokens if what == "permute" else plan.check_rows)(t.shape[0], f"{what}: {name}")
+    _check_same_device(t, plan, what)
+    _check_weights(topk_weights_TK, plan, t, what)
+
+
 def check_permute(x_TD, plan: RoutingPlan, topk_weights_TK=None) -> None:
     """The arguments of ``permute`` agree with each other and with the plan."""
-    check_plan(plan, "permute")
-    _check_2d(x_TD, "x", "permute", "[T, D]")
-    plan.check_tokens(x_TD.shape[0], "permute: x")
-    _check_same_device(x_TD, plan, "permute")
-    _check_weights(topk_weights_TK, plan, x_TD, "permute")
+    _check_stage(x_TD, plan, topk_weights_TK, "permute", "x", "[T, D]")
 
 
 def check_unpermute(y_ND, plan: RoutingPlan, topk_weights_TK=None) -> None:
     """The arguments of ``unpermute`` agree with each other and with the plan."""
-    check_plan(plan, "unpermute")
-    _check_2d(y_ND, "the expert output", "unpermute", "[N, D]")
-    plan.check_rows(y_ND.shape[0], "unpermute: the expert output")
-    _check_same_device(y_ND, plan, "unpermute")
-    _check_weights(topk_weights_TK, plan, y_ND, "unpermute")
+    _check_stage(y_ND, plan, topk_weights_TK, "unpermute", "the expert output", "[N, D]")
 
 
 def permute(

@@ -19,8 +19,9 @@ The local compute is the experts backend's chunk runner (``ExpertsBackend.chunk_
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import accumulate
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -201,6 +201,17 @@ def _rows_epilogue(acc, e64, rows64, mask_m, cols, mask_n, B, Y, OUT_ROWS, strid
 
 # ----------------------------------------------------------------------------- combine / gather-sum
 @triton.jit
+def _row_block(num_pid_d, N, Dm, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's block of a row-wise kernel over ``[N, Dm]``: its rows (int64) and their
+    mask, its columns and their mask, and its column-block index."""
+    pid = tl.program_id(0)
+    pid_d = pid % num_pid_d
+    ns = (pid // num_pid_d) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    return ns.to(tl.int64), ns < N, ds, ds < Dm, pid_d
+
+
+@triton.jit
 def combine_kernel(
     Y, INV, WTS, X, OUT, DOT,
     T, Dm, num_pid_d,
@@ -214,14 +225,7 @@ def combine_kernel(
     side in a fixed order: the routing-weight gradient when the weight is on the input).
     The k loop is unrolled (``K`` is a compile-time constant) so that the K row loads of a
     token are in flight together: at decode sizes the kernel is one memory latency, not K."""
-    pid = tl.program_id(0)
-    pid_t = pid // num_pid_d
-    pid_d = pid % num_pid_d
-    ts = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    mask_t = ts < T
-    ts64 = ts.to(tl.int64)
-    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = ds < Dm
+    ts64, mask_t, ds, mask_d, pid_d = _row_block(num_pid_d, T, Dm, BLOCK_T, BLOCK_D)
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     if HAS_DOT:
         xt = tl.load(X + ts64[:, None] * stride_xt + ds[None, :],
@@ -351,14 +355,8 @@ def gather_rows_kernel(
 ):
     """``out[n] = src[idx[n]] (* w[n])`` (the weight in fp32, rounded once): the permute of
     rows by token and the scaled output grad of the combine, in one pass."""
-    pid = tl.program_id(0)
-    pid_n = pid // num_pid_d
-    pid_d = pid % num_pid_d
-    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = ns < N
-    ns64 = ns.to(tl.int64)
-    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask = mask_n[:, None] & (ds < Dm)[None, :]
+    ns64, mask_n, ds, mask_d, _ = _row_block(num_pid_d, N, Dm, BLOCK_N, BLOCK_D)
+    mask = mask_n[:, None] & mask_d[None, :]
     src = tl.load(IDX + ns64, mask=mask_n, other=0).to(tl.int64)
     v = tl.load(SRC + src[:, None] * stride_s + ds[None, :], mask=mask, other=0.0)
     if HAS_W:
