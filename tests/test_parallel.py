@@ -196,6 +196,14 @@ def backend_scenarios(rank):
     finally:
         triton_ops.FusedExperts.apply = real
         triton_chunked.TritonChunks.forward = real_chunk
+    # frozen up projection: its grads are not made, the rest as on one process
+    moe = make_moe(4, E=4, K=2, bias=True, backend=TritonBackend.Config(dgrad="split"))
+    moe.experts.gate_up_proj.requires_grad_(False)
+    ref = copy.deepcopy(moe)
+    apply_ep(moe, num_chunks=2)
+    xs, gs, ls = inputs(4, [3, 2], moe.dim)
+    compare(ref, moe, xs, gs, ls, rank, tag="triton-frozen-up")
+    assert moe.experts.gate_up_proj.grad is None and moe.experts.down_proj.grad is not None
 
 
 # ----------------------------------------------------------------------------- scenarios

@@ -67,8 +67,9 @@ class AutogradChunks:
         self._grads[c] = [None if p is None or not p.requires_grad else next(it) for p in ps]
         return torch.zeros_like(x) if gs[0] is None else gs[0]
 
-    def weight_grads(self, x_RD=None, dy_RD=None) -> list[torch.Tensor | None]:
-        """The full-size grads of ``weights`` (``x_RD``, ``dy_RD``: unused here)."""
+    def weight_grads(self, x_RD=None, dy_RD=None, needs=None) -> list[torch.Tensor | None]:
+        """The full-size grads of ``weights`` (``x_RD``, ``dy_RD``, ``needs``: unused here: a
+        weight that does not require grad gets None)."""
         out: list[torch.Tensor | None] = []
         chunks = sorted(self._grads)
         for j, w in enumerate(self.weights):

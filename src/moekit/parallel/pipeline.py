@@ -47,7 +47,7 @@ class _Node(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_ND):
         pipe, ctx.pipe = ctx.pipe, None
-        dx_ND, grads = pipe.run_backward(g_ND)
+        dx_ND, grads = pipe.run_backward(g_ND, ctx.needs_input_grad[3:])
         return (None, None, dx_ND, *grads)
 
 
@@ -124,14 +124,16 @@ class Pipeline:
         self.x_all = x_all
         return y_ND
 
-    def run_backward(self, g_ND: torch.Tensor) -> tuple[torch.Tensor, list]:
+    def run_backward(self, g_ND: torch.Tensor, needs=None) -> tuple[torch.Tensor, list]:
+        """``needs``: which params need a grad (all when None)."""
         g_ND = g_ND.contiguous()
         dy_all = g_ND.new_empty(self.recv_at[-1], g_ND.shape[1])
         dx_ND = g_ND.new_empty(self.send_at[-1], g_ND.shape[1])
         with torch.no_grad():
             backs = self._pipe(self._exchanges(g_ND, dy_all), dy_all, dx_ND,
                                self.runner.backward)
-            grads = self.runner.weight_grads(self.x_all, dy_all)  # while the last exchange travels
+            # while the last exchange travels
+            grads = self.runner.weight_grads(self.x_all, dy_all, needs)
             self.x_all = None
             self._finish(backs, dx_ND)
         return dx_ND, grads

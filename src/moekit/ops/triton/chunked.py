@@ -124,11 +124,15 @@ class TritonChunks:
         received row is one row of the plan: dropless; on the Triton row GEMM)."""
         return plan.capacity is None and not self.rows_cublas
 
-    def weight_grads(self, x_RD: torch.Tensor, dy_RD: torch.Tensor) -> list[torch.Tensor | None]:
+    def weight_grads(self, x_RD: torch.Tensor, dy_RD: torch.Tensor,
+                     needs=None) -> list[torch.Tensor | None]:
         """``[dW_up, dW_down, dB_up, dB_down]`` over every chunk's rows (``x_RD``, ``dy_RD``:
-        the received rows and their output grads, all chunks)."""
+        the received rows and their output grads, all chunks; ``needs``: which of the four
+        are wanted, all when None: an up or down pair not wanted is not made)."""
         ks = [self._chunks[c] for c in sorted(self._chunks)]
         self._chunks = {}
+        needs = [True] * 4 if needs is None else list(needs)
+        want_up, want_down = needs[0] or needs[2], needs[1] or needs[3]
         one = len(ks) == 1
         tok = ks[0]["tok"] if one else torch.cat([k["tok"] + k["base"] for k in ks])
         counts = ks[0]["counts"] if one else torch.cat([k["counts"] for k in ks])
@@ -136,17 +140,20 @@ class TritonChunks:
         a = ks[0]["a"] if one else torch.cat([k["a"] for k in ks])
         for k in ks:
             k["a"] = None
-        dy = dy_RD.contiguous()
-        dw_down, db_down = weight_grad_op(
-            dy, tok, a, None, None, True, counts, offsets, self.b_down is not None, self.cublas,
-            self.tiles, _stored_transposed(self.w_down), True)
+        dw_up = dw_down = db_up = db_down = None
+        if want_down:
+            dw_down, db_down = weight_grad_op(
+                dy_RD.contiguous(), tok, a, None, None, True, counts, offsets,
+                self.b_down is not None, self.cublas, self.tiles, _stored_transposed(self.w_down),
+                True)
         del a
-        dh = ks[0]["dh"] if one else torch.cat([k["dh"] for k in ks])
-        for k in ks:
-            k["dh"] = None
-        dw_up, db_up = weight_grad_op(
-            dh, None, x_RD, tok, None, False, counts, offsets, self.b_up is not None,
-            self.cublas_up, self.tiles, _stored_transposed(self.w_up))
+        if want_up:
+            dh = ks[0]["dh"] if one else torch.cat([k["dh"] for k in ks])
+            for k in ks:
+                k["dh"] = None
+            dw_up, db_up = weight_grad_op(
+                dh, None, x_RD, tok, None, False, counts, offsets, self.b_up is not None,
+                self.cublas_up, self.tiles, _stored_transposed(self.w_up))
         return [dw_up, dw_down,
-                None if self.b_up is None else db_up.to(self.b_up.dtype),
-                None if self.b_down is None else db_down.to(self.b_down.dtype)]
+                None if self.b_up is None or db_up is None else db_up.to(self.b_up.dtype),
+                None if self.b_down is None or db_down is None else db_down.to(self.b_down.dtype)]
