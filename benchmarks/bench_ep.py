@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 import moekit
-from moekit import GroupedExperts, MoE, TokenChoiceTopKRouter
+from moekit import GroupedExperts, MoE, SharedExperts, TokenChoiceTopKRouter
 from moekit.parallel import apply_ep, rebalance
 
 
@@ -44,6 +44,7 @@ def build(E, args, device, dtype, seed=0):
         dim=args.dim, hidden_dim=args.hidden, num_experts=E,
         router=TokenChoiceTopKRouter.Config(top_k=args.topk, score_func="softmax", route_norm=True),
         experts=GroupedExperts.Config(activation="silu", backend=args.backend),
+        shared_experts=SharedExperts.Config(hidden_dim=args.shared) if args.shared else None,
     )
     with torch.device(device):
         moe = cfg.build()
@@ -92,7 +93,10 @@ def maxerr(a, b):
 
 
 def equality(args, device, rank, W):
-    """EP bf16 vs single-GPU bf16 vs fp32, at a realistic size."""
+    """EP bf16 vs single-GPU bf16 vs fp32, at a realistic size, all three with the same router
+    logits (random, given): the routing is identical everywhere, so the comparison isolates the
+    experts and the exchanges (without it the router GEMM, run on a different number of rows,
+    can differ in its last bits and flip a near-tie top-k choice)."""
     E = args.experts_per_rank * W
     T = args.eq_tokens
     moe = build(E, args, device, torch.bfloat16, seed=1)
@@ -105,6 +109,7 @@ def equality(args, device, rank, W):
     gen = torch.Generator(device=device).manual_seed(123)
     xs = torch.randn(W * T, args.dim, generator=gen, device=device)
     gs = torch.randn(W * T, args.dim, generator=gen, device=device)
+    ls = torch.randn(W * T, E, generator=gen, device=device)
     out = {}
     res = {}
     for name, m, dt in (("ref_bf16", ref, torch.bfloat16), ("ref_fp32", ref32 or ref, torch.float32 if ref32 else torch.bfloat16)):
@@ -112,7 +117,7 @@ def equality(args, device, rank, W):
             res[name] = res["ref_bf16"]
             continue
         x = xs.detach().to(dt).clone().requires_grad_()
-        y = m(x)
+        y = m(x, router_logits=ls)
         y.backward(gs.to(dt))
         res[name] = (y.detach(), x.grad, {n: p.grad for n, p in m.experts.named_parameters()})
         del y, x
@@ -123,7 +128,7 @@ def equality(args, device, rank, W):
         for p in moe.parameters():
             p.grad = None
         x = xs[sl].detach().to(torch.bfloat16).clone().requires_grad_()
-        y = moe(x)
+        y = moe(x, router_logits=ls[sl])
         y.backward(gs[sl].to(torch.bfloat16))
         for what, ep_t, ref_t, f32_t in [
             ("output", y.detach(), res["ref_bf16"][0][sl], res["ref_fp32"][0][sl]),
@@ -153,8 +158,8 @@ def equality(args, device, rank, W):
     return {"tokens_per_rank": T, "num_experts": E, "weights_checksum_matched": checksum,
             "max_ratio_to_1gpu_bf16_error": max(ratios) if ratios else None,
             "max_abs_err_ep_vs_1gpu_bf16": max(v["max_abs_err_ep_vs_1gpu_bf16"] for v in out.values()),
-            # the same kernels on the same rows: the output must be the same bits (a transport
-            # that corrupts a few rows can keep the error ratio against fp32 near 1)
+            # the same routing, the same kernels on the same rows: the output must be the same
+            # bits (a transport that corrupts a few rows can keep the error ratio near 1)
             "output_bitwise_equal_to_1gpu": all(v["max_abs_err_ep_vs_1gpu_bf16"] == 0.0
                                                 for k, v in out.items() if k.endswith("/output")),
             "detail": out}
@@ -269,6 +274,8 @@ def main():
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--chunks", default="1,2,4")
     ap.add_argument("--backend", default="grouped_mm")
+    ap.add_argument("--shared", type=int, default=0,
+                    help="hidden size of the layer's shared experts (DeepSeek-V3: 2048; 0: none)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--redundant", type=int, default=0, help="also time a redundant placement with this many extra slots")
@@ -297,7 +304,8 @@ def main():
     T, D = args.tokens, args.dim
     result = {
         "shape": {"tokens_per_rank": T, "dim": D, "hidden": args.hidden, "experts_per_rank": args.experts_per_rank,
-                  "top_k": args.topk, "dtype": str(dtype), "backend": args.backend},
+                  "top_k": args.topk, "dtype": str(dtype), "backend": args.backend,
+                  "shared_hidden": args.shared},
         "world_size": W,
         "env": {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if cuda else platform.processor(),
                 "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,

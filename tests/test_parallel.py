@@ -212,7 +212,10 @@ def scenarios_2(rank):
     # even split, different T per rank, biases, gated silu
     scenario({}, dict(E=4, K=2, bias=True), [5, 7], tag="even")
     # chunked overlap (3 chunks: one is empty on rank 0), local shared experts with gate
-    scenario({"num_chunks": 3}, dict(E=4, K=2, bias=True, shared=True, shared_gate=True), [2, 9], tag="chunks")
+    # (the local shared experts run inside the pipeline, beside the exchanges)
+    moe, _ = scenario({"num_chunks": 3}, dict(E=4, K=2, bias=True, shared=True, shared_gate=True), [2, 9],
+                      tag="chunks")
+    assert moe.dispatch.overlaps_shared(moe.shared_experts)
     # uneven split (E=5), non-gated relu2, routing weight on the input, biases, chunked
     scenario({"num_chunks": 2}, dict(E=5, K=2, activation="relu2", bias=True, weight_on="input"), [6, 4],
              tag="uneven-input")
@@ -360,6 +363,7 @@ def tp_scenario(rank):
         moe = make_moe(11, E=8, K=2, bias=True, shared=True, shared_gate=True)
         ref = copy.deepcopy(moe)
         apply_ep(moe, tp_group=groups[tg], shared_experts="tp", num_chunks=chunks)
+        assert not moe.dispatch.overlaps_shared(moe.shared_experts)  # they hold a collective
         xs, gs, _ = inputs(11, Ts, moe.dim)
         y_ref, gx_ref = run_ref(ref, xs, gs, None)
         x = xs[tg].clone().requires_grad_()

@@ -242,11 +242,17 @@ class MoE(Module):
         if count_stats:
             self.tokens_per_expert += load_E.to(self.tokens_per_expert.device, torch.int64)
 
+        shared_done = False
         if self.dispatch is None:
             y_TD = self.experts(x_TD, r.topk_ids, r.topk_weights)
+        elif self.dispatch.overlaps_shared(self.shared_experts):
+            # the shared experts compute while the expert-parallel exchanges travel
+            y_TD = self.dispatch(x_TD, r.topk_ids, r.topk_weights, self.experts,
+                                 self.shared_experts)
+            shared_done = True
         else:
             y_TD = self.dispatch(x_TD, r.topk_ids, r.topk_weights, self.experts)
-        if self.shared_experts is not None:
+        if self.shared_experts is not None and not shared_done:
             y_TD = y_TD + self.shared_experts(x_TD)
         if self.output_bias is not None:
             y_TD = y_TD + self.output_bias

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["AutogradChunks", "routed_experts_fn"]
+__all__ = ["AutogradChunks", "module_fn", "routed_experts_fn"]
 
 
 class AutogradChunks:
@@ -56,8 +56,10 @@ class AutogradChunks:
         self._graphs[c] = (y, x, ps)
         return y.detach()
 
-    def backward(self, c: int, dy_RD: torch.Tensor) -> torch.Tensor:
+    def backward(self, c: int, dy_RD: torch.Tensor | None) -> torch.Tensor:
         y, x, ps = self._graphs.pop(c)
+        if dy_RD is None:  # the output was not used
+            dy_RD = torch.zeros_like(y)
         live = [p for p in ps if p is not None and p.requires_grad]
         if not y.requires_grad:  # nothing in the chunk needs a grad (no rows, frozen weights)
             gs = [None] * (1 + len(live))
@@ -108,5 +110,16 @@ def routed_experts_fn(backend, activation: str) -> Callable:
         return moe_experts(x_RD, w_up, w_down, ids_R1, x_RD.new_ones(x_RD.shape[0], 1),
                            activation=activation, gate_up_proj_bias=b_up,
                            down_proj_bias=b_down, backend=backend, plan=plan)
+
+    return fn
+
+
+def module_fn(module: torch.nn.Module) -> Callable:
+    """``fn`` of :class:`AutogradChunks` (``slice_params=False``, the weights
+    ``list(module.parameters())``) that runs ``module`` with those weights: shared experts."""
+    names = [n for n, _ in module.named_parameters()]
+
+    def fn(x_RD, ids_R1, params, kw):
+        return torch.func.functional_call(module, dict(zip(names, params)), (x_RD,))
 
     return fn

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..experts import GroupedExperts
-from ..ops.chunked import AutogradChunks
+from ..ops.chunked import AutogradChunks, module_fn
 from ..plan import RoutingPlan, capacity_for
 from .checks import exchange_device, raise_from_rows, raise_on_every_rank, status_row
 from .dispatch import AllToAllDispatcher, Dispatcher, Layout, to_device
@@ -186,7 +186,14 @@ class ExpertParallel(nn.Module):
         topk_ids_TK: torch.Tensor,
         topk_weights_TK: torch.Tensor,
         experts: GroupedExperts,
+        shared_experts: nn.Module | None = None,
     ) -> torch.Tensor:
+        """``shared_experts``: the layer's own (local) shared experts, added to the output and
+        computed while the first exchange of each direction travels (see
+        :meth:`overlaps_shared`); None leaves them to the caller."""
+        if shared_experts is not None and not self.overlaps_shared(shared_experts):
+            raise ValueError("these shared experts cannot run inside the expert-parallel pipeline "
+                             "(overlaps_shared is False): add their output outside it")
         if x_TD.dim() != 2 or x_TD.shape[1] != experts.dim:
             raise ValueError(f"x must be [T, {experts.dim}], got {tuple(x_TD.shape)}")
         if topk_ids_TK.shape != topk_weights_TK.shape or topk_ids_TK.shape[0] != x_TD.shape[0]:
@@ -200,10 +207,16 @@ class ExpertParallel(nn.Module):
             x_TD, topk_ids_TK, topk_weights_TK = tp_scatter(
                 self.tp_group, x_TD, topk_ids_TK, topk_weights_TK
             )
-        y_TD = self._forward_ep(x_TD, topk_ids_TK, topk_weights_TK, experts)
+        y_TD = self._forward_ep(x_TD, topk_ids_TK, topk_weights_TK, experts, shared_experts)
         if self.tp_group is not None:
             y_TD = tp_gather(self.tp_group, y_TD, T_full)
         return y_TD
+
+    def overlaps_shared(self, module: nn.Module | None) -> bool:
+        """Whether the layer's local shared experts ``module`` can run inside the pipeline,
+        beside the first exchange of each direction: a module of this rank's own, outside a
+        tensor-parallel region (whose sharded shared experts hold a collective of their own)."""
+        return module is not None and self.tp_group is None and not self.is_shared_rank
 
     def fail_together(self, error: BaseException, x: torch.Tensor | None) -> None:
         """This rank failed on its input before its forward: join the forward's first
@@ -232,7 +245,8 @@ class ExpertParallel(nn.Module):
             t = self._slot_tables[C] = _Slots.build(self.placement, self.rank, C, dev)
         return t
 
-    def _forward_ep(self, x_TD, ids_TK, w_TK, experts: GroupedExperts) -> torch.Tensor:
+    def _forward_ep(self, x_TD, ids_TK, w_TK, experts: GroupedExperts,
+                    local_shared: nn.Module | None = None) -> torch.Tensor:
         T, K = ids_TK.shape
         dev = x_TD.device
         on_input = experts.config.routing_weight_on == "input"
@@ -310,24 +324,21 @@ class ExpertParallel(nn.Module):
         R_total = sum(lay.num_recv for lay in layouts)
         if self.is_shared_rank:
             params = list(self.shared_experts.parameters())
-            runner = AutogradChunks(_shared_fn(self.shared_experts), params, train=train,
+            runner = AutogradChunks(module_fn(self.shared_experts), params, train=train,
                                     slice_params=False)
         else:
             params = weights
             runner = backend.chunk_runner(weights, activation=experts.activation, train=train,
                                           total_rows=R_total)
-        pipe = Pipeline(self.dispatcher, layouts, S.groups, runner, recv_ids, kw)
-        y_send = pipe.apply(send, params)
-        return backend.unpermute(y_send, plan, None if on_input else w_TK)
-
-
-def _shared_fn(module: nn.Module):
-    names = [n for n, _ in module.named_parameters()]
-
-    def fn(x_RD, ids_R1, params, kw):
-        return torch.func.functional_call(module, dict(zip(names, params)), (x_RD,))
-
-    return fn
+        side, side_params = None, []
+        if local_shared is not None:  # the layer's shared experts, while the exchanges travel
+            side_params = list(local_shared.parameters())
+            side = AutogradChunks(module_fn(local_shared), side_params, train=train,
+                                  slice_params=False)
+        pipe = Pipeline(self.dispatcher, layouts, S.groups, runner, recv_ids, kw, side)
+        y_send, y_shared = pipe.apply(send, params, x_TD if side else None, side_params)
+        y_TD = backend.unpermute(y_send, plan, None if on_input else w_TK)
+        return y_TD if y_shared is None else y_TD + y_shared
 
 
 @dataclass(frozen=True)

@@ -40,15 +40,21 @@ def _into(res: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
 
 class _Node(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, pipe, anchor, send_ND, *params):
+    def forward(ctx, pipe, anchor, send_ND, x_side, *params):
         ctx.pipe = pipe
-        return pipe.run_forward(send_ND)
+        y_ND, y_side = pipe.run_forward(send_ND, x_side)
+        if y_side is None:
+            y_side = send_ND.new_empty(0)
+            ctx.mark_non_differentiable(y_side)
+        return y_ND, y_side
 
     @staticmethod
-    def backward(ctx, g_ND):
+    def backward(ctx, g_ND, g_side):
         pipe, ctx.pipe = ctx.pipe, None
-        dx_ND, grads = pipe.run_backward(g_ND, ctx.needs_input_grad[3:])
-        return (None, None, dx_ND, *grads)
+        n = pipe.num_params
+        dx_ND, dx_side, grads, side_grads = pipe.run_backward(
+            g_ND, g_side, ctx.needs_input_grad[4:4 + n])
+        return (None, None, dx_ND, dx_side, *grads, *side_grads)
 
 
 class Pipeline:
@@ -59,24 +65,33 @@ class Pipeline:
     * ``runner``: the chunk runner (``forward``/``backward``/``weight_grads``);
     * ``recv_ids``: ``recv_ids(c)`` -> the received rows' experts ``[R_c, 1]`` within the group
       (None on a shared rank);
-    * ``plan_kwargs``: per chunk, the capacity arguments of the receiver's plan.
+    * ``plan_kwargs``: per chunk, the capacity arguments of the receiver's plan;
+    * ``side``: a runner (``moekit.ops.chunked.AutogradChunks``) of work on this rank's own
+      tokens that needs no exchange (the layer's shared experts): it computes while the first
+      exchange of each direction travels, forward and backward.
     """
 
     def __init__(self, dispatcher: Dispatcher, layouts: list[Layout], groups: list[tuple[int, int]],
                  runner: Any, recv_ids: Callable[[int], torch.Tensor | None],
-                 plan_kwargs: list[dict]):
+                 plan_kwargs: list[dict], side: Any = None):
         self.disp, self.layouts, self.groups = dispatcher, layouts, groups
         self.runner, self.recv_ids, self.plan_kwargs = runner, recv_ids, plan_kwargs
+        self.side = side
+        self.num_params = 0
         self.send_at = [0, *accumulate(l.num_send for l in layouts)]
         self.recv_at = [0, *accumulate(l.num_recv for l in layouts)]
         self.x_all: torch.Tensor | None = None
 
-    def apply(self, send_ND: torch.Tensor, params: list[torch.Tensor | None]) -> torch.Tensor:
-        """The combined rows ``[N, D]`` (this rank's sent rows, back in their order),
-        differentiable in ``send_ND`` and ``params``. Every rank joins the backward's exchanges
+    def apply(self, send_ND: torch.Tensor, params: list[torch.Tensor | None],
+              x_side: torch.Tensor | None = None, side_params: list[torch.Tensor] = ()):
+        """``(combined rows [N, D], side output or None)``: this rank's sent rows back in their
+        order, and the ``side`` runner's output on ``x_side``; differentiable in ``send_ND``,
+        ``params``, ``x_side`` and ``side_params``. Every rank joins the backward's exchanges
         whenever grad mode is on (``anchor``), even where nothing of its own needs a grad."""
         anchor = torch.empty(0, device=send_ND.device, requires_grad=torch.is_grad_enabled())
-        return _Node.apply(self, anchor, send_ND, *params)
+        self.num_params = len(params)
+        y_ND, y_side = _Node.apply(self, anchor, send_ND, x_side, *params, *side_params)
+        return y_ND, (y_side if self.side is not None else None)
 
     def _exchanges(self, rows_ND: torch.Tensor, into_RD: torch.Tensor) -> list:
         """Every chunk's rows sent towards the experts (dispatch direction), received into
@@ -107,7 +122,7 @@ class Pipeline:
             _into(res, back_ND[s0:s1])
         return back_ND
 
-    def run_forward(self, send_ND: torch.Tensor) -> torch.Tensor:
+    def run_forward(self, send_ND: torch.Tensor, x_side=None):
         send_ND = send_ND.contiguous()
         D = send_ND.shape[1]
         x_all = send_ND.new_empty(self.recv_at[-1], D)
@@ -119,21 +134,28 @@ class Pipeline:
                                        **self.plan_kwargs[c])
 
         with torch.no_grad():
-            backs = self._pipe(self._exchanges(send_ND, x_all), x_all, y_ND, step)
+            first = self._exchanges(send_ND, x_all)
+            y_side = None if self.side is None else self.side.forward(0, x_side, None, 0, 0)
+            backs = self._pipe(first, x_all, y_ND, step)
             self._finish(backs, y_ND)
         self.x_all = x_all
-        return y_ND
+        return y_ND, y_side
 
-    def run_backward(self, g_ND: torch.Tensor, needs=None) -> tuple[torch.Tensor, list]:
-        """``needs``: which params need a grad (all when None)."""
+    def run_backward(self, g_ND: torch.Tensor, g_side=None, needs=None):
+        """``(dx_ND, dx_side, param grads, side param grads)``; ``needs``: which params need
+        a grad (all when None)."""
         g_ND = g_ND.contiguous()
         dy_all = g_ND.new_empty(self.recv_at[-1], g_ND.shape[1])
         dx_ND = g_ND.new_empty(self.send_at[-1], g_ND.shape[1])
+        dx_side, side_grads = None, []
         with torch.no_grad():
-            backs = self._pipe(self._exchanges(g_ND, dy_all), dy_all, dx_ND,
-                               self.runner.backward)
+            first = self._exchanges(g_ND, dy_all)
+            if self.side is not None:  # while the first exchange travels
+                dx_side = self.side.backward(0, g_side)
+                side_grads = self.side.weight_grads()
+            backs = self._pipe(first, dy_all, dx_ND, self.runner.backward)
             # while the last exchange travels
             grads = self.runner.weight_grads(self.x_all, dy_all, needs)
             self.x_all = None
             self._finish(backs, dx_ND)
-        return dx_ND, grads
+        return dx_ND, dx_side, grads, side_grads
