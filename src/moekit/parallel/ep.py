@@ -280,7 +280,7 @@ class ExpertParallel(nn.Module):
                                                           status_row(None, x_TD, K))
         raise_from_rows(self.group, headers, None)
         counts = counts[:, 0]
-        counts_dev = to_device(counts, dev)
+        counts_dev = None if self.is_shared_rank else to_device(counts, dev)  # for recv_ids
         rows = counts.tolist()  # (plain lists: a few hundred host-tensor ops cost ~0.3 ms here)
         layouts, mine = [], []
         for c in range(C):

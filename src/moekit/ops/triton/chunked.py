@@ -17,13 +17,14 @@ import torch
 from ...activations import GPT_OSS_ALPHA, GPT_OSS_LIMIT, activation_params
 from ..triton_backend import parse_tiles
 from . import backward as B
-from . import weight_grads as W
 from .ops import (
     _down_projection,
     _graph_freed_after_backward,
     _stored_transposed,
     combine_op,
+    input_grad_rows,
     rows_gemm_op,
+    training_paths,
     up_op,
     weight_grad_op,
 )
@@ -47,15 +48,12 @@ class TritonChunks:
         self.act = base
         self.alpha = float(params.get("alpha", GPT_OSS_ALPHA))
         self.limit = float(params.get("limit", GPT_OSS_LIMIT))
-        L, D, F = self.w_down.shape[0], self.w_down.shape[1], self.w_down.shape[2]
+        L, F = self.w_down.shape[0], self.w_down.shape[2]
         self.gated = self.w_up.shape[1] == 2 * F
-        x = self.w_up  # dtype and device of the rows
-        self.cublas = W.dw_uses_grouped_mm(total_rows, L, D, F, x.dtype, x.device, s.dw)
-        self.cublas_up = W.dw_up_uses_grouped_mm(total_rows, L, D, F, x.dtype, x.device, s.dw)
-        self.rows_cublas = W.rows_on_cublas(self.cublas, parse_tiles(self.tiles), x, total_rows, L)
-        self.dgrad = B.dgrad_mode(F, self.cublas, s.dgrad, self.rows_cublas)
-        self.recompute = B.recompute_activation(self.dgrad, s.recompute_act)
-        self.inplace = s.inplace_dgrad
+        # (w_down [L, D, F]: the rows' dtype, device and model dim)
+        cp = training_paths(s, self.tiles, self.w_down.transpose(1, 2), total_rows, L, F)
+        self.cublas, self.cublas_up, self.rows_cublas = cp.cublas, cp.cublas_up, cp.rows_cublas
+        self.dgrad, self.recompute, self.inplace = cp.dgrad, cp.recompute, s.inplace_dgrad
         self._chunks: dict[int, dict] = {}
 
     def _glu(self) -> dict:
@@ -108,14 +106,11 @@ class TritonChunks:
         k["dh"] = dh
         if self.recompute:
             k["a"] = a
-        if self._scatter(plan):
-            return rows_gemm_op(dh, w_up.transpose(1, 2), None, plan.counts_E, plan.offsets_E,
-                                self.tiles, plan.token_ids_N)
-        if self.rows_cublas:
-            dx_rows = W.grouped_mm(dh, w_up, plan.offsets_E)
-        else:
-            dx_rows = rows_gemm_op(dh, w_up.transpose(1, 2), None, plan.counts_E, plan.offsets_E,
-                                   self.tiles)
+        scatter = self._scatter(plan)
+        dx_rows = input_grad_rows(dh, w_up, plan.counts_E, plan.offsets_E, self.tiles,
+                                  self.rows_cublas, plan.token_ids_N if scatter else None)
+        if scatter:  # already in the received order
+            return dx_rows
         dx, _ = combine_op(dx_rows, plan.inverse_TK, None, None)
         return dx
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 # the custom ops' signatures spell optional tensors as Optional[...]: the form torch.library's
 # schema inference has understood longest (torch 2.11 runs it on the GPU machine)
 # ruff: noqa: UP045
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -207,10 +208,7 @@ class FusedExperts(torch.autograd.Function):
         # memory order: dX first (its [rows, D] buffer is freed before the weight grads exist),
         # then dW_down (the last use of a recomputed activation, freed before dW_up)
         if need[0] or (woi and need[5]):
-            if ctx.rows_cublas:  # large experts: cuBLAS's grouped GEMM (dH rows are in order)
-                dx_rows = W.grouped_mm(dh, w_up, offsets)
-            else:
-                dx_rows = rows_gemm_op(dh, w_up.transpose(1, 2), None, counts, offsets, tiles)
+            dx_rows = input_grad_rows(dh, w_up, counts, offsets, tiles, ctx.rows_cublas)
             dx, dot = combine_op(dx_rows, inverse, topk_w if woi else None, x if woi else None)
             del dx_rows
             if woi:
@@ -256,6 +254,43 @@ def _down_projection(a, w_down, b_down, counts, offsets, tiles, cublas: bool) ->
     if cublas and b_down is None:
         return W.grouped_mm(a, w_down.transpose(1, 2), offsets)
     return rows_gemm_op(a, w_down, b_down, counts, offsets, tiles)
+
+
+def input_grad_rows(dh, w_up, counts, offsets, tiles, cublas: bool, out_rows=None) -> torch.Tensor:
+    """The input grad's rows ``dH @ W_up`` ``[N, D]``: cuBLAS's grouped GEMM where ``cublas``
+    (``weight_grads.rows_on_cublas``; large experts, dH's rows are in order), else the Triton row
+    GEMM, which with ``out_rows`` writes row n at row ``out_rows[n]``."""
+    if cublas:
+        if out_rows is not None:
+            raise ValueError("input_grad_rows: out_rows needs the Triton row GEMM (cublas=False)")
+        return W.grouped_mm(dh, w_up, offsets)
+    return rows_gemm_op(dh, w_up.transpose(1, 2), None, counts, offsets, tiles, out_rows)
+
+
+@dataclass(frozen=True)
+class TrainingPaths:
+    """The code paths of one training call (from ``TritonBackend.Config`` and the sizes):
+    ``cublas``/``cublas_up`` (the weight grads on torch grouped_mm), ``rows_cublas`` (the row
+    GEMMs), ``dgrad`` (the dgrad step's mode) and ``recompute`` (the activation recomputed)."""
+
+    cublas: bool
+    cublas_up: bool
+    rows_cublas: bool
+    dgrad: str
+    recompute: bool
+
+
+def training_paths(s: TritonBackend.Config, tiles: str, x: torch.Tensor, n_rows: int,
+                   n_experts: int, hidden: int) -> TrainingPaths:
+    """The :class:`TrainingPaths` of ``n_rows`` rows over ``n_experts`` experts of hidden size
+    ``hidden`` (``x``: the dtype, device and model dim of the rows)."""
+    D = x.shape[-1]
+    cublas = W.dw_uses_grouped_mm(n_rows, n_experts, D, hidden, x.dtype, x.device, s.dw)
+    cublas_up = W.dw_up_uses_grouped_mm(n_rows, n_experts, D, hidden, x.dtype, x.device, s.dw)
+    rows_cublas = W.rows_on_cublas(cublas, parse_tiles(tiles), x, n_rows, n_experts)
+    dgrad = B.dgrad_mode(hidden, cublas, s.dgrad, rows_cublas)
+    return TrainingPaths(cublas, cublas_up, rows_cublas, dgrad,
+                         B.recompute_activation(dgrad, s.recompute_act))
 
 
 def _stored_transposed(w_EOI: torch.Tensor) -> bool:
@@ -307,20 +342,12 @@ def fused_experts(
         tiles = s.tiles_spec()
     args = (x_TD, gate_up_proj, down_proj, gate_up_proj_bias, down_proj_bias, topk_weights_TK)
     if _needs_grad(*args):
-        D, F = x_TD.shape[1], down_proj.shape[2]
-        cublas = W.dw_uses_grouped_mm(plan.num_rows, plan.num_experts, D, F, x_TD.dtype,
-                                      x_TD.device, s.dw)
-        cublas_up = W.dw_up_uses_grouped_mm(plan.num_rows, plan.num_experts, D, F, x_TD.dtype,
-                                            x_TD.device, s.dw)
-        rows_cublas = W.rows_on_cublas(cublas, parse_tiles(tiles), x_TD, plan.num_rows,
-                                       plan.num_experts)
-        dgrad = B.dgrad_mode(F, cublas, s.dgrad, rows_cublas)
+        cp = training_paths(s, tiles, x_TD, plan.num_rows, plan.num_experts, down_proj.shape[2])
         return FusedExperts.apply(
             *args, plan.token_ids_N, plan.sorted_slots_N, plan.counts_E, plan.offsets_E,
             plan.inverse_TK, plan.expert_ids_N, activation, gated, weight_on_input,
-            gate_up_interleaved, cublas, cublas_up, rows_cublas,
-            B.recompute_activation(dgrad, s.recompute_act), dgrad, s.inplace_dgrad, tiles,
-            float(alpha), float(limit),
+            gate_up_interleaved, cp.cublas, cp.cublas_up, cp.rows_cublas, cp.recompute, cp.dgrad,
+            s.inplace_dgrad, tiles, float(alpha), float(limit),
         )
     # inference: no pre-activation is stored; for a token or so (decode) the down projection
     # and the combine are one kernel
