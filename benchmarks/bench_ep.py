@@ -13,7 +13,9 @@ D=7168, F=2048, 64 experts per rank, top-8, bf16):
 2. the single-GPU layer with ``experts_per_rank`` experts on ``T`` tokens (every rank runs
    its own copy at the same time): forward and forward+backward time;
 3. the EP layer with ``experts_per_rank * W`` experts, ``T`` tokens per rank, for each
-   ``--chunks`` value (1 = no overlap): forward and forward+backward time;
+   ``--exchange`` (``rows``: one row per routed (token, expert); ``tokens``: each token once
+   per (chunk, rank), partial sums back in each ``--partials`` dtype) and ``--chunks`` value:
+   forward and forward+backward time;
 4. the all-to-all alone with the split sizes of a real forward (dispatch + combine), and its
    share of the EP layer's time (forward: 2 exchanges; forward+backward: 4).
 
@@ -123,8 +125,9 @@ def equality(args, device, rank, W):
         del y, x
     sl = slice(rank * T, (rank + 1) * T)
     loc = torch.tensor(moe.experts.local_experts, device=device)
-    for C in (1, 2):
-        moe.dispatch.num_chunks = C
+    for exch, part, C in ep_configs(args, (1, 2)):
+        moe.dispatch.exchange, moe.dispatch.partials, moe.dispatch.num_chunks = exch, part, C
+        key = config_name(exch, part, C)
         for p in moe.parameters():
             p.grad = None
         x = xs[sl].detach().to(torch.bfloat16).clone().requires_grad_()
@@ -143,7 +146,7 @@ def equality(args, device, rank, W):
             t = torch.tensor([e_ep_ref, e_ep_32, e_ref_32], device=device, dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             e_ep_ref, e_ep_32, e_ref_32 = t.tolist()
-            out[f"chunks={C}/{what}"] = {
+            out[f"{key}/{what}"] = {
                 "max_abs_err_ep_vs_1gpu_bf16": e_ep_ref,
                 "max_abs_err_ep_bf16_vs_fp32": e_ep_32,
                 "max_abs_err_1gpu_bf16_vs_fp32": e_ref_32,
@@ -158,11 +161,30 @@ def equality(args, device, rank, W):
     return {"tokens_per_rank": T, "num_experts": E, "weights_checksum_matched": checksum,
             "max_ratio_to_1gpu_bf16_error": max(ratios) if ratios else None,
             "max_abs_err_ep_vs_1gpu_bf16": max(v["max_abs_err_ep_vs_1gpu_bf16"] for v in out.values()),
-            # the same routing, the same kernels on the same rows: the output must be the same
-            # bits (a transport that corrupts a few rows can keep the error ratio near 1)
+            # the row exchange: the same routing, the same kernels on the same rows: the output
+            # must be the same bits (a transport that corrupts a few rows can keep the error
+            # ratio near 1); the token exchange sums partials per rank (another fp32 order)
             "output_bitwise_equal_to_1gpu": all(v["max_abs_err_ep_vs_1gpu_bf16"] == 0.0
-                                                for k, v in out.items() if k.endswith("/output")),
+                                                for k, v in out.items()
+                                                if k.endswith("/output") and k.startswith("rows")),
+            "max_ratio_per_config": {
+                key: max(v["ratio_to_1gpu_bf16_error"] or 0 for k, v in out.items()
+                         if k.startswith(key + "/"))
+                for key in {k.rsplit("/", 1)[0] for k in out}},
             "detail": out}
+
+
+def ep_configs(args, chunks):
+    """(exchange, partials, chunks) of every EP configuration to run."""
+    out = []
+    for exch in args.exchange.split(","):
+        for part in (args.partials.split(",") if exch == "tokens" else ["float32"]):
+            out += [(exch, part, C) for C in chunks]
+    return out
+
+
+def config_name(exch, part, C) -> str:
+    return f"{exch}/chunks={C}" + (f"/partials={part}" if exch == "tokens" else "")
 
 
 def _union(intervals):
@@ -273,6 +295,8 @@ def main():
     ap.add_argument("--eq-fp32", type=int, default=1, help="also compare with an fp32 copy (memory: 2x the layer in fp32)")
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--chunks", default="1,2,4")
+    ap.add_argument("--exchange", default="rows,tokens", help="exchanges to time: rows, tokens")
+    ap.add_argument("--partials", default="float32,input", help="the token exchange's partials dtypes")
     ap.add_argument("--backend", default="grouped_mm")
     ap.add_argument("--shared", type=int, default=0,
                     help="hidden size of the layer's shared experts (DeepSeek-V3: 2048; 0: none)")
@@ -346,49 +370,51 @@ def main():
     moe = build(E, args, device, dtype)
     safe_apply_ep(moe)
     ep = moe.dispatch
-    for C in [int(c) for c in args.chunks.split(",")]:
-        ep.num_chunks = C
+    for exch, part, C in ep_configs(args, [int(c) for c in args.chunks.split(",")]):
+        ep.exchange, ep.partials, ep.num_chunks = exch, part, C
         fwd, fb = step_fns(moe, x, g)
         t_f = timeit(fwd, device, args.warmup, args.iters)
         t_fb = timeit(fb, device, args.warmup, args.iters)
-        row = {"mode": f"ep{W}", "experts": E, "chunks": C, "fwd_ms": t_f * 1e3, "fwdbwd_ms": t_fb * 1e3}
+        row = {"mode": f"ep{W}", "exchange": exch, "partials": part if exch == "tokens" else None,
+               "experts": E, "chunks": C, "fwd_ms": t_f * 1e3, "fwdbwd_ms": t_fb * 1e3}
         if cuda:
             row["timeline_fwdbwd"] = timeline(fb, device)
             row["host_syncs_fwdbwd"] = host_syncs(fb)
         rows.append(row)
-        log(f"ep{W} chunks={C}: fwd {t_f * 1e3:.2f} ms, fwd+bwd {t_fb * 1e3:.2f} ms "
+        log(f"ep{W} {config_name(exch, part, C)}: fwd {t_f * 1e3:.2f} ms, fwd+bwd {t_fb * 1e3:.2f} ms "
             f"host syncs: {row.get('host_syncs_fwdbwd', '')}")
 
-    # the all-to-all alone, with the split sizes of a real forward (one chunk)
-    ep.num_chunks = 1
-    with torch.no_grad():
-        moe(x)
-    lay = ep.last_layouts[0]
-    send = torch.randn(lay.num_send, D, device=device, dtype=dtype)
-    recv = torch.empty(lay.num_recv, D, device=device, dtype=dtype)
-
-    disp = ep.dispatcher
-
-    def a2a():  # through the layer's own dispatcher
-        with torch.no_grad():
-            disp.dispatch(send, lay, out=recv)
-            disp.combine(recv, lay, out=send)
-
-    t_a2a = timeit(a2a, device, args.warmup, args.iters)  # dispatch + combine
-    remote = sum(s for r, s in enumerate(lay.send) if r != rank)
-    bytes_remote = remote * D * send.element_size()
-    ep_rows = {r["chunks"]: r for r in rows if r["mode"] == f"ep{W}"}
+    # the all-to-all alone, with the split sizes of a real forward (one chunk), per exchange
     base = rows[0]
-    r1 = ep_rows.get(1) or next(iter(ep_rows.values()))
-    result["all_to_all"] = {
-        "dispatch_plus_combine_ms": t_a2a * 1e3,
-        "rows_sent_per_rank": lay.num_send,
-        "rows_to_other_ranks": remote,
-        "bytes_to_other_ranks_per_exchange": bytes_remote,
-        "algbw_GBps_per_exchange": bytes_remote / (t_a2a / 2) / 1e9,
-        "share_of_ep_fwd_no_overlap": t_a2a / (r1["fwd_ms"] / 1e3),
-        "share_of_ep_fwdbwd_no_overlap": 2 * t_a2a / (r1["fwdbwd_ms"] / 1e3),
-    }
+    result["all_to_all"] = {}
+    for exch in args.exchange.split(","):
+        ep.exchange, ep.num_chunks = exch, 1
+        with torch.no_grad():
+            moe(x)
+        lay = ep.last_layouts[0]
+        send = torch.randn(lay.num_send, D, device=device, dtype=dtype)
+        recv = torch.empty(lay.num_recv, D, device=device, dtype=dtype)
+        disp = ep.dispatcher
+
+        def a2a():  # through the layer's own dispatcher
+            with torch.no_grad():
+                disp.dispatch(send, lay, out=recv)
+                disp.combine(recv, lay, out=send)
+
+        t_a2a = timeit(a2a, device, args.warmup, args.iters)  # dispatch + combine
+        remote = sum(s for r, s in enumerate(lay.send) if r != rank)
+        bytes_remote = remote * D * send.element_size()
+        r1 = next(r for r in rows if r.get("exchange") == exch)
+        result["all_to_all"][exch] = {
+            "dispatch_plus_combine_ms": t_a2a * 1e3,
+            "rows_sent_per_rank": lay.num_send,
+            "rows_to_other_ranks": remote,
+            "bytes_to_other_ranks_per_exchange": bytes_remote,
+            "algbw_GBps_per_exchange": bytes_remote / (t_a2a / 2) / 1e9,
+            "share_of_ep_fwd_no_overlap": t_a2a / (r1["fwd_ms"] / 1e3),
+            "share_of_ep_fwdbwd_no_overlap": 2 * t_a2a / (r1["fwdbwd_ms"] / 1e3),
+        }
+    ep.exchange = args.exchange.split(",")[0]
     # redundant experts: replicate the hottest from the measured loads, then time again
     if args.redundant > 0:
         moe.reset_load()
@@ -418,21 +444,24 @@ def main():
     if cuda:
         result["max_memory_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
     if rank == 0:
-        hdr = f"{'mode':<6}{'E':>5}{'chunks':>7}{'fwd ms':>9}{'tok/s/GPU fwd':>15}{'fwd+bwd ms':>12}{'tok/s/GPU f+b':>15}{'vs 1gpu f+b':>12}"
+        hdr = (f"{'mode':<6}{'exchange':>18}{'E':>5}{'chunks':>7}{'fwd ms':>9}{'tok/s/GPU fwd':>15}"
+               f"{'fwd+bwd ms':>12}{'tok/s/GPU f+b':>15}{'vs 1gpu f+b':>12}")
         print(hdr)
         for r in rows:
-            print(f"{r['mode']:<6}{r['experts']:>5}{str(r['chunks']):>7}{r['fwd_ms']:>9.2f}"
+            ex = (r.get("exchange") or "-") + (f"/{r['partials']}" if r.get("partials") else "")
+            print(f"{r['mode']:<6}{ex:>18}{r['experts']:>5}{str(r['chunks']):>7}{r['fwd_ms']:>9.2f}"
                   f"{r['tokens_per_s_per_gpu_fwd']:>15.0f}{r['fwdbwd_ms']:>12.2f}"
                   f"{r['tokens_per_s_per_gpu_fwdbwd']:>15.0f}{r['vs_1gpu_fwdbwd']:>12.2f}")
-        a = result["all_to_all"]
-        print(f"all-to-all dispatch+combine {a['dispatch_plus_combine_ms']:.2f} ms "
-              f"({a['algbw_GBps_per_exchange']:.0f} GB/s to the other ranks); share of EP fwd "
-              f"{a['share_of_ep_fwd_no_overlap']:.1%}, of fwd+bwd {a['share_of_ep_fwdbwd_no_overlap']:.1%}")
+        for exch, a in result["all_to_all"].items():
+            print(f"all-to-all ({exch}) dispatch+combine {a['dispatch_plus_combine_ms']:.2f} ms, "
+                  f"{a['rows_sent_per_rank']} rows ({a['algbw_GBps_per_exchange']:.0f} GB/s to the other "
+                  f"ranks); share of EP fwd {a['share_of_ep_fwd_no_overlap']:.1%}, of fwd+bwd "
+                  f"{a['share_of_ep_fwdbwd_no_overlap']:.1%}")
         print("target (EP per-GPU >= 90% of 1 GPU):", result["target"])
         for r in rows:
             if "timeline_fwdbwd" in r:
                 tl = r["timeline_fwdbwd"]
-                print(f"timeline {r['mode']} chunks={r['chunks']}: span {tl['span_ms']:.2f} ms, compute "
+                print(f"timeline {r['mode']} {r.get('exchange')}/{r.get('partials')} chunks={r['chunks']}: span {tl['span_ms']:.2f} ms, compute "
                       f"{tl['compute_ms']:.2f}, all-to-all {tl['comm_ms']:.2f} of which under compute "
                       f"{tl['comm_hidden_ms']:.2f} ({(tl['comm_hidden_fraction'] or 0):.0%}), nothing running "
                       f"{tl['idle_ms']:.2f}; longest gaps {tl['top_gaps'][:5]}; kernels {tl['top_kernels']}")

@@ -332,6 +332,65 @@ def scenarios_2(rank):
               "no_grad output")
 
 
+def token_scenarios(rank):
+    """The token exchange (each token once per (chunk, rank), partial sums back): the same
+    equalities as the row exchange, fp32 partials and partials in the input dtype."""
+    tk = {"exchange": "tokens"}
+    scenario(tk, dict(E=4, K=2, bias=True), [5, 7], tag="tokens-even")
+    moe, _ = scenario({**tk, "num_chunks": 3}, dict(E=4, K=2, bias=True, shared=True, shared_gate=True),
+                      [2, 9], tag="tokens-chunks-shared")
+    assert moe.dispatch.overlaps_shared(moe.shared_experts)
+    scenario({**tk, "num_chunks": 2}, dict(E=5, K=2, activation="relu2", bias=True, weight_on="input"),
+             [6, 4], tag="tokens-uneven-input")
+    scenario(tk, dict(E=3, K=3, bias=True), [4, 3], tag="tokens-topk=E")
+    pl = placement.redundant(torch.tensor([100.0, 5, 1, 60]), 2, 2)
+    scenario({**tk, "placement": pl, "num_chunks": 2}, dict(E=4, K=2, bias=True), [8, 5], tag="tokens-redundant")
+    scenario(tk, dict(E=4, K=1, bias=True), [6, 0], logits_fn=all_to_first, tag="tokens-zero-rows,T=0")
+    scenario({**tk, "num_chunks": 2}, dict(E=4, K=2, bias=True), [0, 5], logits_fn=skewed_logits,
+             tag="tokens-dead-experts")
+    scenario(tk, dict(E=4, K=2), [0, 0], tag="tokens-all-empty")
+    scenario(tk, dict(E=4, K=2, bias=True, capacity=0.6), [7, 5], tag="tokens-capacity-position")
+    scenario({**tk, "num_chunks": 3}, dict(E=6, K=2, capacity=0.5, drop="weight"), [6, 7],
+             tag="tokens-capacity-weight-chunks")
+    scenario({**tk, "shared_experts": "external", "num_chunks": 2},
+             dict(E=4, K=2, bias=True, shared=True, shared_gate=True), [5, 6], tag="tokens-external-shared")
+    scenario({**tk, "partials": "input"}, dict(E=4, K=3, bias=True), [5, 7], tag="tokens-partials-input")
+    # the grouped_mm backend ran above; the loop backend, and the triton kernels (TritonChunks
+    # with routing weights; this group runs under TRITON_INTERPRET=1)
+    scenario({**tk, "num_chunks": 2}, dict(E=4, K=3, bias=True, backend="loop"), [5, 4], tag="tokens-loop")
+    try:
+        from moekit.ops import TritonBackend
+    except ImportError:  # pragma: no cover - Triton not installed
+        return
+    from moekit.ops.triton import chunked as triton_chunked
+
+    calls = []
+    real_chunk = triton_chunked.TritonChunks.forward
+    triton_chunked.TritonChunks.forward = (
+        lambda self, c, x, *a, **k: calls.append((c, k.get("weights") is not None)) or real_chunk(
+            self, c, x, *a, **k))
+    try:
+        for chunks, dgrad in ((1, "split"), (2, "fused")):
+            calls.clear()
+            scenario({**tk, "num_chunks": chunks}, dict(E=4, K=3, bias=True, dim=16, hidden=8,
+                                                        backend=TritonBackend.Config(dgrad=dgrad)),
+                     [3, 2], tag=f"tokens-triton-chunks={chunks}")
+            assert calls == [(c, True) for c in range(chunks)], calls
+        calls.clear()
+        scenario({**tk, "num_chunks": 2}, dict(E=4, K=2, capacity=0.6, dim=16, hidden=8,
+                                               backend=TritonBackend.Config(dgrad="split")),
+                 [5, 4], tag="tokens-triton-capacity")
+    finally:
+        triton_chunked.TritonChunks.forward = real_chunk
+    # the exchange sends each token once per destination: with E=4, K=3 over 2 ranks (two
+    # experts each) every token has an expert on each rank, so 5 tokens -> 10 rows, not 15
+    moe = make_moe(6, E=4, K=3)
+    apply_ep(moe, exchange="tokens")
+    x = torch.randn(5, moe.dim)
+    moe(x)
+    assert [lay.num_send for lay in moe.dispatch.last_layouts] == [10], moe.dispatch.last_layouts
+
+
 def scenarios_4(rank):
     scenario({"num_chunks": 2}, dict(E=8, K=3, bias=True), [3, 0, 5, 9], tag="w4-even")
     pl = placement.redundant(torch.tensor([50.0, 1, 2, 30, 3, 4]), 4, 3)
@@ -345,6 +404,11 @@ def scenarios_4(rank):
              dict(E=5, K=2, bias=True, shared=True), [3, 4, 0, 6], tag="w4-external-shared")
     # TP region: tp groups {0,1} and {2,3} hold replicated activations
     tp_scenario(rank)
+    scenario({"exchange": "tokens", "num_chunks": 2}, dict(E=8, K=3, bias=True), [3, 0, 5, 9], tag="w4-tokens")
+    scenario({"exchange": "tokens", "placement": pl}, dict(E=6, K=2, bias=True, weight_on="input"),
+             [4, 6, 1, 5], tag="w4-tokens-redundant")
+    scenario({"exchange": "tokens", "shared_experts": "external", "num_shared_ranks": 2},
+             dict(E=6, K=2, shared=True), [3, 4, 5, 2], tag="w4-tokens-external-shared-2")
 
 
 def scenarios_8(rank):
@@ -409,7 +473,7 @@ def _worker(rank, world, port, which):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     try:
-        {"2": scenarios_2, "4": scenarios_4, "8": scenarios_8}[which](rank)
+        {"2": scenarios_2, "2t": token_scenarios, "4": scenarios_4, "8": scenarios_8}[which](rank)
         dist.barrier()
     except BaseException:
         traceback.print_exc()
@@ -446,6 +510,10 @@ def _spawn(world, which, deadline_s=150, env=None):
 
 def test_ep_2_ranks():
     _spawn(2, "2", env={"TRITON_INTERPRET": "1"})  # the triton backend on CPU, for its scenario
+
+
+def test_ep_tokens_2_ranks():
+    _spawn(2, "2t", env={"TRITON_INTERPRET": "1"})
 
 
 def test_ep_4_ranks():

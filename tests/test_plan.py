@@ -226,7 +226,30 @@ def test_plan_zero_experts_skip_their_slots():
     assert p.expert_ids_N.tolist() == [0, 0, 2, 2, 3] and p.token_ids_N.tolist() == [0, 3, 1, 2, 2]
     with pytest.raises(ValueError, match=r"\[0, 7\)"):
         make_plan(ids + 1, 4, num_zero_experts=3)
-    with pytest.raises(ValueError, match="no capacity"):
-        make_plan(ids, 4, num_zero_experts=3, capacity_factor=1.0)
     with pytest.raises(ValueError, match="num_zero_experts=-1"):
         make_plan(ids, 4, num_zero_experts=-1)
+
+
+@pytest.mark.parametrize("policy", ["position", "weight"])
+def test_plan_zero_experts_with_capacity(policy):
+    """With a capacity, the zero experts' slots are neither rows nor counted against it: the
+    kept slots are those of the plan of the real experts' slots alone (what expert
+    parallelism's token exchange relies on: a slot held by another rank is a zero expert)."""
+    g = torch.Generator().manual_seed(3)
+    T, K, E, Z = 40, 3, 5, 1
+    ids = torch.randint(0, E + Z, (T, K), generator=g)
+    w = torch.rand(T, K, generator=g)
+    p = make_plan(ids, E, num_zero_experts=Z, capacity=4, drop_policy=policy, topk_weights_TK=w)
+    # the reference: per expert, keep the 4 earliest slots (position) or heaviest (weight)
+    keep = torch.zeros(T * K, dtype=torch.bool)
+    flat, fw = ids.reshape(-1), w.reshape(-1)
+    for e in range(E):
+        slots = (flat == e).nonzero().flatten()
+        if policy == "weight":
+            slots = slots[torch.argsort(-fw[slots], stable=True)]
+        keep[slots[:4]] = True
+    assert torch.equal(p.kept_TK.reshape(-1), keep)
+    assert p.counts_E.tolist() == [min(4, int((flat == e).sum())) for e in range(E)]
+    assert int(p.num_dropped) == int((flat < E).sum()) - int(keep.sum())
+    rows = p.sorted_slots_N
+    assert torch.equal(p.inverse_TK.reshape(-1)[rows], torch.arange(rows.numel()))

@@ -10,7 +10,9 @@ per-expert counts and offsets (int32, as grouped GEMMs want them), the inverse p
 where every expert's rows start at a multiple of ``pad_to_multiple`` (for kernels that want
 aligned groups). With ``num_zero_experts`` Z the ids may also name Z zero-computation
 experts ``[E, E + Z)``: their slots get no row (inverse -1, like a dropped slot, not counted
-in ``num_dropped``); the caller adds their contribution (``GroupedExperts`` does).
+in ``num_dropped``, not counted against a capacity); the caller adds their contribution
+(``GroupedExperts`` does; expert parallelism's token exchange marks a slot held by another
+rank so).
 """
 
 from __future__ import annotations
@@ -213,8 +215,6 @@ def make_plan(
         raise ValueError(f"drop_policy={drop_policy!r} is unknown; allowed: {DROP_POLICIES}")
     if isinstance(num_zero_experts, bool) or not isinstance(num_zero_experts, int) or num_zero_experts < 0:
         raise ValueError(f"num_zero_experts={num_zero_experts!r}; it must be an integer >= 0")
-    if num_zero_experts and (capacity_factor is not None or capacity is not None):
-        raise ValueError("make_plan: zero-computation experts (num_zero_experts > 0) take no capacity")
     T, K = topk_ids_TK.shape
     if T * K + num_experts * pad_to_multiple > _INT32_MAX:
         raise ValueError(
@@ -267,7 +267,8 @@ def make_plan(
         counts = counts_all
     else:
         starts_all = torch.cumsum(counts_all, 0) - counts_all
-        rank = torch.arange(flat.numel(), device=device) - starts_all[sorted_experts]
+        # (the zero experts' slots sorted last and were cut: the kept order is a prefix)
+        rank = torch.arange(order.numel(), device=device) - starts_all[sorted_experts]
         keep_sorted = rank < capacity
         order = order[keep_sorted]
         sorted_experts = sorted_experts[keep_sorted]

@@ -146,19 +146,25 @@ class ExpertsBackend:
         return permute(x_TD, plan, topk_weights_TK)
 
     def unpermute(self, y_ND: torch.Tensor, plan: RoutingPlan,
-                  topk_weights_TK: torch.Tensor | None = None) -> torch.Tensor:
-        """``moekit.ops.stages.unpermute`` on this backend (the weighted sum over k)."""
-        return unpermute(y_ND, plan, topk_weights_TK)
+                  topk_weights_TK: torch.Tensor | None = None, *,
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``moekit.ops.stages.unpermute`` on this backend (the weighted sum over k), in
+        ``out_dtype`` when given (the sum made in ``y``'s dtype, rounded once)."""
+        y = unpermute(y_ND, plan, topk_weights_TK)
+        return y if out_dtype is None else y.to(out_dtype)
 
-    def chunk_runner(self, weights, *, activation: str, train: bool, total_rows: int):
+    def chunk_runner(self, weights, *, activation: str, train: bool, total_rows: int,
+                     weight_on_input: bool = False):
         """The runner of the routed experts chunk by chunk, each chunk one group of experts
         (:mod:`moekit.ops.chunked`; the expert-parallel pipeline's local compute).
         ``weights``: ``(gate_up_proj, down_proj, gate_up_proj_bias, down_proj_bias)`` of all
-        local experts; ``total_rows``: the rows of all chunks. This default runs each chunk
+        local experts; ``total_rows``: the rows of all chunks; ``weight_on_input``: routing
+        weights given to the chunks scale the experts' input. This default runs each chunk
         as a small autograd graph through :meth:`experts`."""
         from .chunked import AutogradChunks, routed_experts_fn
 
-        return AutogradChunks(routed_experts_fn(self, activation), weights, train=train)
+        fn = routed_experts_fn(self, activation, weight_on_input=weight_on_input)
+        return AutogradChunks(fn, weights, train=train)
 
     def staged_experts(self, x_TD, gate_up_proj, down_proj, plan, topk_weights_TK, *, activation,
                        gated, gate_up_proj_bias=None, down_proj_bias=None, weight_on_input=False,

@@ -301,25 +301,33 @@ class TritonBackend(ExpertsBackend):
         check_permute(x_TD, plan, topk_weights_TK)
         return self._kernels.stages.permute(x_TD, plan, topk_weights_TK)
 
-    def unpermute(self, y_ND, plan, topk_weights_TK=None):
-        """The combine kernel (Triton), its backward one gather pass and the weight grad's dot."""
+    def unpermute(self, y_ND, plan, topk_weights_TK=None, *, out_dtype=None):
+        """The combine kernel (Triton), its backward one gather pass and the weight grad's dot;
+        without grad, the kernel writes ``out_dtype`` itself (no pass to cast)."""
         if torch.compiler.is_compiling():
-            return super().unpermute(y_ND, plan, topk_weights_TK)
+            return super().unpermute(y_ND, plan, topk_weights_TK, out_dtype=out_dtype)
         check_unpermute(y_ND, plan, topk_weights_TK)
-        return self._kernels.stages.unpermute(y_ND, plan, topk_weights_TK)
+        grad = torch.is_grad_enabled() and (y_ND.requires_grad or (
+            topk_weights_TK is not None and topk_weights_TK.requires_grad))
+        if out_dtype is not None and out_dtype != y_ND.dtype and not grad:
+            return self._kernels.launchers.combine(y_ND, plan.inverse_TK, topk_weights_TK, None,
+                                                   out_dtype)[0]
+        y = self._kernels.stages.unpermute(y_ND, plan, topk_weights_TK)
+        return y if out_dtype is None else y.to(out_dtype)
 
-    def chunk_runner(self, weights, *, activation: str, train: bool, total_rows: int):
-        """For training with an activation the kernels compile: the fused kernels chunk by
-        chunk, the weight grads made once over all chunks (``moekit.ops.triton.chunked``);
-        otherwise the default runner."""
+    def chunk_runner(self, weights, *, activation: str, train: bool, total_rows: int,
+                     weight_on_input: bool = False):
+        """For training with an activation the kernels compile (routing weights, if any, on
+        the output): the fused kernels chunk by chunk, the weight grads made once over all
+        chunks (``moekit.ops.triton.chunked``); otherwise the default runner."""
         base, params = activation_params(activation)
         fused = (not params and base in self._kernels.launchers.K.ACT_CODES) or base == "gpt_oss"
-        if train and fused:
+        if train and fused and not weight_on_input:
             from .triton.chunked import TritonChunks
 
             return TritonChunks(self, weights, activation=activation, total_rows=total_rows)
         return super().chunk_runner(weights, activation=activation, train=train,
-                                    total_rows=total_rows)
+                                    total_rows=total_rows, weight_on_input=weight_on_input)
 
     def make_plan(self, topk_ids_TK, num_experts, *, capacity_factor=None, drop_policy="position",
                   topk_weights_TK=None, capacity=None, num_zero_experts=0) -> RoutingPlan:

@@ -12,7 +12,8 @@ import torch.distributed as dist
 from ..moe import MoE
 from . import placement as placement_mod
 from .dispatch import Dispatcher
-from .ep import ExpertParallel
+from .ep import EXCHANGES, ExpertParallel
+from .tokens import PARTIALS
 from .placement import Placement
 from .tp import TPSharedExperts
 
@@ -36,7 +37,7 @@ def _resolve_group(group):
 
 # ---------------------------------------------------------------------------- consistency
 def _describe(moe: MoE, placement: Placement, num_chunks: int, tp_size: int, shared_mode: str,
-              check_weights: bool) -> dict:
+              check_weights: bool, exchange: str = "rows", partials: str = "float32") -> dict:
     def cfg(o):
         try:
             return json.dumps(o.to_dict(), sort_keys=True, default=str)
@@ -48,6 +49,8 @@ def _describe(moe: MoE, placement: Placement, num_chunks: int, tp_size: int, sha
         "config": cfg(moe.config),
         "placement": placement.describe(),
         "num_chunks": num_chunks,
+        "exchange": exchange,
+        "partials": partials,
         "tp_size": tp_size,
         "shared_experts": shared_mode,
         "params": {n: [list(p.shape), str(p.dtype)] for n, p in moe.named_parameters()},
@@ -92,6 +95,8 @@ def apply_ep(
     tokens_per_expert: torch.Tensor | None = None,
     num_redundant: int = 0,
     check_weights: bool = True,
+    exchange: str = "rows",
+    partials: str = "float32",
 ) -> MoE:
     """Turn ``moe`` (identical on every rank of ``group``) into its expert-parallel form, in
     place, and return it: ``moe.experts`` keeps only this rank's experts (same module, same
@@ -112,6 +117,13 @@ def apply_ep(
     * ``tp_group``: inside a tensor-parallel region (activations replicated over the TP
       ranks): tokens are split over the TP ranks on entry and all-gathered on exit.
     * ``check_weights``: also compare a checksum of the weights between ranks.
+    * ``exchange``: ``"rows"`` sends one row per routed (token, expert); ``"tokens"`` sends
+      each token once to each (chunk, rank) holding any of its experts and gets back one
+      partial sum (``moekit/parallel/tokens.py``: fewer bytes whenever a token has several
+      experts on one rank, as with top-8 over few ranks).
+    * ``partials``: with ``exchange="tokens"``, the dtype the partial sums travel back in:
+      ``"float32"`` (unrounded until the sender's sum) or ``"input"`` (the activations'
+      dtype: half the bytes back, one more rounding).
 
     Raises ValueError, on every rank and before any forward, when the ranks disagree on the
     config, the arguments or (``check_weights``) the weights.
@@ -133,6 +145,10 @@ def apply_ep(
     E = moe.num_experts
     if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
         raise ValueError(f"num_chunks={num_chunks!r}; it must be an integer >= 1")
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange={exchange!r}; allowed: {EXCHANGES}")
+    if partials not in PARTIALS:
+        raise ValueError(f"partials={partials!r}; allowed: {PARTIALS}")
     if shared_experts not in ("local", "external", "tp"):
         raise ValueError(f"shared_experts={shared_experts!r}; allowed: ('local', 'external', 'tp')")
     if shared_experts != "local" and moe.shared_experts is None:
@@ -161,7 +177,8 @@ def apply_ep(
     if moe.experts.capacity_factor is not None and placement.num_redundant > 0:
         raise ValueError("redundant experts with a capacity factor are not supported; use a dropless layer")
     tp_size = 1 if tp_group is None else dist.get_world_size(tp_group)
-    _check_same(group, _describe(moe, placement, num_chunks, tp_size, shared_experts, check_weights))
+    _check_same(group, _describe(moe, placement, num_chunks, tp_size, shared_experts, check_weights,
+                                 exchange, partials))
 
     ext_shared, shared_numel = None, 0
     if shared_experts == "external":
@@ -173,6 +190,7 @@ def apply_ep(
     moe.dispatch = ExpertParallel(
         moe.experts, group, placement, num_chunks=num_chunks, dispatcher=dispatcher,
         shared_experts=ext_shared, shared_numel=shared_numel, tp_group=tp_group,
+        exchange=exchange, partials=partials,
     )
     return moe
 

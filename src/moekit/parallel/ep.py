@@ -50,9 +50,12 @@ from .checks import exchange_device, raise_from_rows, raise_on_every_rank, statu
 from .dispatch import AllToAllDispatcher, Dispatcher, Layout, to_device
 from .pipeline import Pipeline
 from .placement import Placement
+from .tokens import PARTIALS, forward_tokens
 from .tp import tp_gather, tp_scatter
 
-__all__ = ["ExpertParallel"]
+__all__ = ["EXCHANGES", "ExpertParallel"]
+
+EXCHANGES = ("rows", "tokens")
 
 
 class _ReplicaGradSum(torch.autograd.Function):
@@ -115,8 +118,15 @@ class ExpertParallel(nn.Module):
         shared_experts: nn.Module | None = None,
         shared_numel: int = 0,
         tp_group=None,
+        exchange: str = "rows",
+        partials: str = "float32",
     ):
         super().__init__()
+        if exchange not in EXCHANGES:
+            raise ValueError(f"exchange={exchange!r}; allowed: {EXCHANGES}")
+        if partials not in PARTIALS:
+            raise ValueError(f"partials={partials!r}; allowed: {PARTIALS}")
+        self.exchange, self.partials = exchange, partials
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -176,7 +186,8 @@ class ExpertParallel(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"rank={self.rank}/{self.world_size}, local_experts={list(self.placement.local_experts(self.rank))}, "
-            f"num_experts={self.num_experts}, shared_rank={self.is_shared_rank}, num_chunks={self.num_chunks}"
+            f"num_experts={self.num_experts}, shared_rank={self.is_shared_rank}, num_chunks={self.num_chunks}, "
+            f"exchange={self.exchange}" + (f", partials={self.partials}" if self.exchange == "tokens" else "")
         )
 
     # -------------------------------------------------------------- forward
@@ -226,6 +237,8 @@ class ExpertParallel(nn.Module):
             raise_on_every_rank(self.group, error, x, None)
         dev = exchange_device(self.group)
         q = self._slots(self.num_chunks, torch.device("cpu")).num_slots
+        if self.exchange == "tokens":  # rows and slots per destination, and T
+            q = 2 * self.num_chunks * self.world_size + 1
         counts = torch.zeros(1, q, dtype=torch.int64, device=dev)
         _, headers = self.dispatcher.exchange_counts(counts, status_row(error, x, None))
         raise_from_rows(self.group, headers, error)
@@ -245,18 +258,13 @@ class ExpertParallel(nn.Module):
             t = self._slot_tables[C] = _Slots.build(self.placement, self.rank, C, dev)
         return t
 
-    def _forward_ep(self, x_TD, ids_TK, w_TK, experts: GroupedExperts,
-                    local_shared: nn.Module | None = None) -> torch.Tensor:
+    def _ext_slots(self, ids_TK, w_TK, S: _Slots):
+        """``(q_TK, w_TK)``: the extended slot of each (token, k) — its chunk (the group of
+        its slot), its rank, its slot (a replica chosen by slot id and rank) — and, with
+        external shared experts, one more column per token to a shared rank, weight 1."""
         T, K = ids_TK.shape
-        dev = x_TD.device
-        on_input = experts.config.routing_weight_on == "input"
-        backend = experts.backend_for(dev, x_TD.dtype)
-        weights = self._params(experts)
+        dev = ids_TK.device
         C = self.num_chunks
-        S = self._slots(C, dev)
-
-        # 1. logical expert -> extended slot: its chunk (the group of its slot), its rank, its
-        # slot (replica choice fixed by slot id and rank)
         ids = ids_TK.to(torch.long)
         if S.ext_table.shape[1] > 1:
             s = torch.arange(T * K, device=dev).view(T, K)
@@ -269,6 +277,36 @@ class ExpertParallel(nn.Module):
             q_sh = S.shared_ext[(t * C) // max(T, 1), t % S.shared_ext.shape[1]]
             q_TK = torch.cat([q_TK, q_sh.unsqueeze(1)], 1)
             w_TK = torch.cat([w_TK, w_TK.new_ones(T, 1)], 1)
+        return q_TK, w_TK
+
+    def _shared_runner(self, train: bool) -> AutogradChunks:
+        """The runner of an external shared rank: its shared experts on every received row."""
+        return AutogradChunks(module_fn(self.shared_experts), list(self.shared_experts.parameters()),
+                              train=train, slice_params=False)
+
+    @staticmethod
+    def _side_runner(local_shared: nn.Module | None, train: bool):
+        """``(runner, params)`` of the layer's local shared experts inside the pipeline, or
+        ``(None, [])``."""
+        if local_shared is None:
+            return None, []
+        params = list(local_shared.parameters())
+        return AutogradChunks(module_fn(local_shared), params, train=train, slice_params=False), params
+
+    def _forward_ep(self, x_TD, ids_TK, w_TK, experts: GroupedExperts,
+                    local_shared: nn.Module | None = None) -> torch.Tensor:
+        if self.exchange == "tokens":
+            return forward_tokens(self, x_TD, ids_TK, w_TK, experts, local_shared)
+        T, K = ids_TK.shape
+        dev = x_TD.device
+        on_input = experts.config.routing_weight_on == "input"
+        backend = experts.backend_for(dev, x_TD.dtype)
+        weights = self._params(experts)
+        C = self.num_chunks
+        S = self._slots(C, dev)
+
+        # 1. logical expert -> extended slot (and the shared column)
+        q_TK, w_TK = self._ext_slots(ids_TK, w_TK, S)
 
         # 2. one sender plan over the slots: rows chunk-major, then by rank
         plan = backend.make_plan(q_TK, S.num_slots)
@@ -324,17 +362,13 @@ class ExpertParallel(nn.Module):
         R_total = sum(lay.num_recv for lay in layouts)
         if self.is_shared_rank:
             params = list(self.shared_experts.parameters())
-            runner = AutogradChunks(module_fn(self.shared_experts), params, train=train,
-                                    slice_params=False)
+            runner = self._shared_runner(train)
         else:
             params = weights
             runner = backend.chunk_runner(weights, activation=experts.activation, train=train,
                                           total_rows=R_total)
-        side, side_params = None, []
-        if local_shared is not None:  # the layer's shared experts, while the exchanges travel
-            side_params = list(local_shared.parameters())
-            side = AutogradChunks(module_fn(local_shared), side_params, train=train,
-                                  slice_params=False)
+        # the layer's shared experts, while the exchanges travel
+        side, side_params = self._side_runner(local_shared, train)
         pipe = Pipeline(self.dispatcher, layouts, S.groups, runner, recv_ids, kw, side)
         y_send, y_shared = pipe.apply(send, params, x_TD if side else None, side_params)
         y_TD = backend.unpermute(y_send, plan, None if on_input else w_TK)
@@ -355,6 +389,8 @@ class _Slots:
     counts: list  # [C][W] slots of (chunk, rank)
     groups: list  # [C] (lo, hi): this rank's local slots in each chunk
     routed: torch.Tensor  # [Q] bool: routed (not shared) slots
+    dest: torch.Tensor  # [Q] the destination (chunk c, rank r) = c*W + r of each slot
+    first: torch.Tensor  # [C*W] the first extended slot of each destination
 
     @staticmethod
     def build(p: Placement, rank: int, C: int, dev: torch.device) -> _Slots:
@@ -384,9 +420,13 @@ class _Slots:
                 routed.extend([True] * (hi - lo))
         L = len(p.slots[rank])
         ext = torch.tensor(ext_of_slot, dtype=torch.long)
+        dest = [c * W + r for c in range(C) for r in range(W) for _ in range(counts[c][r])]
         return _Slots(
             num_slots=q, ext_table=ext[p.replica_table()].to(dev),
             shared_ext=torch.tensor(shared, dtype=torch.long).view(C, len(p.shared_ranks)).to(dev),
             starts=starts, counts=counts, groups=[(L * c // C, L * (c + 1) // C) for c in range(C)],
             routed=torch.tensor(routed, dtype=torch.bool),
+            dest=torch.tensor(dest, dtype=torch.long).to(dev),
+            first=torch.tensor([starts[c][r] for c in range(C) for r in range(W)],
+                               dtype=torch.long).to(dev),
         )

@@ -68,15 +68,22 @@ class Pipeline:
     * ``plan_kwargs``: per chunk, the capacity arguments of the receiver's plan;
     * ``side``: a runner (``moekit.ops.chunked.AutogradChunks``) of work on this rank's own
       tokens that needs no exchange (the layer's shared experts): it computes while the first
-      exchange of each direction travels, forward and backward.
+      exchange of each direction travels, forward and backward;
+    * ``out_dtype``: the dtype of the rows sent back, both directions (the token exchange's
+      partial sums: float32 keeps them unrounded until the sender sums them);
+    * ``routing_cols``: with the token exchange, K: the backward also sends back the grads of
+      the received rows' routing weights (the runner's ``routing_grad``), ``[N, K]`` fp32.
     """
 
     def __init__(self, dispatcher: Dispatcher, layouts: list[Layout], groups: list[tuple[int, int]],
                  runner: Any, recv_ids: Callable[[int], torch.Tensor | None],
-                 plan_kwargs: list[dict], side: Any = None):
+                 plan_kwargs: list[dict], side: Any = None, *, out_dtype=None,
+                 routing_cols: int = 0):
         self.disp, self.layouts, self.groups = dispatcher, layouts, groups
         self.runner, self.recv_ids, self.plan_kwargs = runner, recv_ids, plan_kwargs
         self.side = side
+        self.out_dtype = out_dtype  # of the rows sent back (None: the sent rows')
+        self.routing_cols = routing_cols  # K of the token exchange's routing weights (0: none)
         self.num_params = 0
         self.send_at = [0, *accumulate(l.num_send for l in layouts)]
         self.recv_at = [0, *accumulate(l.num_recv for l in layouts)]
@@ -103,30 +110,38 @@ class Pipeline:
             out.append(self.disp.dispatch(rows_ND[s0:s1], lay, async_op=True, out=into_RD[r0:r1]))
         return out
 
-    def _pipe(self, first: list, recv_RD: torch.Tensor, back_ND: torch.Tensor, step) -> list:
+    def _pipe(self, first: list, recv_RD: torch.Tensor, back_ND: torch.Tensor, step,
+              extra_ND: torch.Tensor | None = None) -> list:
         """For each chunk: wait for its rows, ``step(c, rows)``, send the result back into
-        ``back_ND``; returns the back exchanges (not yet waited for)."""
+        ``back_ND`` (and, with ``extra_ND``, the runner's routing grad into it); returns the
+        back exchanges (not yet waited for)."""
         backs = []
         for c, lay in enumerate(self.layouts):
             res, h = first[c]
             h.wait()
             rows = _into(res, recv_RD[self.recv_at[c]:self.recv_at[c + 1]])
             s0, s1 = self.send_at[c], self.send_at[c + 1]
-            y = step(c, rows)
-            backs.append((self.disp.combine(y, lay, async_op=True, out=back_ND[s0:s1]), s0, s1))
+            y = step(c, rows).to(back_ND.dtype)
+            backs.append((self.disp.combine(y, lay, async_op=True, out=back_ND[s0:s1]),
+                          back_ND[s0:s1]))
+            if extra_ND is not None:
+                g = self.runner.routing_grad(c)
+                g = rows.new_zeros(rows.shape[0], extra_ND.shape[1], dtype=extra_ND.dtype) \
+                    if g is None else g.to(extra_ND.dtype)
+                backs.append((self.disp.combine(g, lay, async_op=True, out=extra_ND[s0:s1]),
+                              extra_ND[s0:s1]))
         return backs
 
-    def _finish(self, backs: list, back_ND: torch.Tensor) -> torch.Tensor:
-        for (res, h), s0, s1 in backs:
+    def _finish(self, backs: list) -> None:
+        for (res, h), buf in backs:
             h.wait()
-            _into(res, back_ND[s0:s1])
-        return back_ND
+            _into(res, buf)
 
     def run_forward(self, send_ND: torch.Tensor, x_side=None):
         send_ND = send_ND.contiguous()
         D = send_ND.shape[1]
         x_all = send_ND.new_empty(self.recv_at[-1], D)
-        y_ND = send_ND.new_empty(self.send_at[-1], D)
+        y_ND = send_ND.new_empty(self.send_at[-1], D, dtype=self.out_dtype or send_ND.dtype)
 
         def step(c, x_c):
             lo, hi = self.groups[c]
@@ -137,25 +152,31 @@ class Pipeline:
             first = self._exchanges(send_ND, x_all)
             y_side = None if self.side is None else self.side.forward(0, x_side, None, 0, 0)
             backs = self._pipe(first, x_all, y_ND, step)
-            self._finish(backs, y_ND)
+            self._finish(backs)
         self.x_all = x_all
         return y_ND, y_side
 
     def run_backward(self, g_ND: torch.Tensor, g_side=None, needs=None):
-        """``(dx_ND, dx_side, param grads, side param grads)``; ``needs``: which params need
-        a grad (all when None)."""
+        """``(dx_ND, dx_side, param grads, side param grads)``, and with ``routing_cols`` the
+        sent rows' routing-weight grads ``[N, K]`` fp32 after them; ``needs``: which params
+        need a grad (all when None)."""
         g_ND = g_ND.contiguous()
         dy_all = g_ND.new_empty(self.recv_at[-1], g_ND.shape[1])
-        dx_ND = g_ND.new_empty(self.send_at[-1], g_ND.shape[1])
+        dx_ND = g_ND.new_empty(self.send_at[-1], g_ND.shape[1], dtype=self.out_dtype or g_ND.dtype)
+        dw_NK = None
+        if self.routing_cols:
+            dw_NK = g_ND.new_empty(self.send_at[-1], self.routing_cols, dtype=torch.float32)
         dx_side, side_grads = None, []
         with torch.no_grad():
             first = self._exchanges(g_ND, dy_all)
             if self.side is not None:  # while the first exchange travels
                 dx_side = self.side.backward(0, g_side)
                 side_grads = self.side.weight_grads()
-            backs = self._pipe(first, dy_all, dx_ND, self.runner.backward)
+            backs = self._pipe(first, dy_all, dx_ND, self.runner.backward, dw_NK)
             # while the last exchange travels
             grads = self.runner.weight_grads(self.x_all, dy_all, needs)
             self.x_all = None
-            self._finish(backs, dx_ND)
+            self._finish(backs)
+        if dw_NK is not None:
+            return dx_ND, dx_side, grads, side_grads, dw_NK
         return dx_ND, dx_side, grads, side_grads

@@ -8,6 +8,12 @@ Chunk ``c``'s rows sit at rows ``[base_c, base_c + R_c)`` of the received buffer
 ``weight_grads(x_RD, dy_RD)`` is given; its experts ``[lo, hi)`` come after the previous
 chunk's, so the chunks' expert-sorted rows, one after another, are all the rows sorted by
 expert.
+
+A chunk's rows are either routed slots of weight 1 (``ids [R, 1]``; the row exchange: the
+row GEMMs write them back in the received order, no combine) or tokens (``weights [R, K]``;
+the token exchange): their rows are made by the plan, as on one process, and the combine sums
+each token's experts with its routing weights (in ``out_dtype``; the routing-weight grad comes
+from the dgrad's epilogue, :meth:`TritonChunks.routing_grad`).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch
 from ...activations import GPT_OSS_ALPHA, GPT_OSS_LIMIT, activation_params
 from ..triton_backend import parse_tiles
 from . import backward as B
+from . import launchers as L
 from .ops import (
     _down_projection,
     _graph_freed_after_backward,
@@ -59,33 +66,42 @@ class TritonChunks:
     def _glu(self) -> dict:
         return {"alpha": self.alpha, "limit": self.limit}
 
-    def forward(self, c: int, x_RD: torch.Tensor, ids_R1: torch.Tensor, lo: int, hi: int, *,
-                base: int, capacity=None, drop_policy: str = "position", row_weights=None):
+    def forward(self, c: int, x_RD: torch.Tensor, ids_RK: torch.Tensor, lo: int, hi: int, *,
+                base: int, capacity=None, drop_policy: str = "position", row_weights=None,
+                weights=None, num_zero_experts: int = 0, out_dtype=None):
+        dt = out_dtype or x_RD.dtype
         if x_RD.shape[0] == 0 or hi == lo:  # no rows: the group's experts get zero grads
             H, F = self.w_up.shape[1], self.w_down.shape[2]
             self._chunks[c] = {"plan": None, "lo": lo, "hi": hi, "base": base,
                                "counts": torch.zeros(hi - lo, dtype=torch.int32, device=x_RD.device),
                                "tok": torch.zeros(0, dtype=torch.int64, device=x_RD.device),
-                               "a": x_RD.new_empty(0, F), "dh": x_RD.new_empty(0, H)}
-            return x_RD.new_zeros(x_RD.shape)
-        plan = self.backend.make_plan(ids_R1, hi - lo, capacity=capacity, drop_policy=drop_policy,
-                                      topk_weights_TK=row_weights)
+                               "roww": torch.zeros(0, dtype=torch.float32, device=x_RD.device),
+                               "a": x_RD.new_empty(0, F), "dh": x_RD.new_empty(0, H),
+                               "dw": None if weights is None else torch.zeros_like(weights)}
+            return x_RD.new_zeros(x_RD.shape, dtype=dt)
+        plan = self.backend.make_plan(ids_RK, hi - lo, capacity=capacity, drop_policy=drop_policy,
+                                      topk_weights_TK=row_weights if weights is None else weights,
+                                      num_zero_experts=num_zero_experts)
         w_up, w_down = self.w_up[lo:hi], self.w_down[lo:hi]
         b_up = None if self.b_up is None else self.b_up[lo:hi]
         b_down = None if self.b_down is None else self.b_down[lo:hi]
-        roww = torch.ones(plan.num_rows, device=x_RD.device, dtype=torch.float32)
+        if weights is None:
+            roww = torch.ones(plan.num_rows, device=x_RD.device, dtype=torch.float32)
+        else:
+            roww = weights.reshape(-1).float().index_select(0, plan.sorted_slots_N)
         h, a = up_op(x_RD, w_up, b_up, plan.token_ids_N, None, plan.counts_E, plan.offsets_E,
                      self.act, self.gated, True, False, False, self.tiles, self.alpha, self.limit)
-        if self._scatter(plan):  # the rows land in the received order: no combine pass
+        if weights is None and self._scatter(plan):  # the rows land in the received order
             out = rows_gemm_op(a, w_down, b_down, plan.counts_E, plan.offsets_E, self.tiles,
                                plan.token_ids_N)
         else:
             y = _down_projection(a, w_down, b_down, plan.counts_E, plan.offsets_E, self.tiles,
                                  self.rows_cublas)
-            out, _ = combine_op(y, plan.inverse_TK, None, None)
+            out, _ = L.combine(y, plan.inverse_TK, weights, None, dt)
         self._chunks[c] = {"plan": plan, "h": h, "a": None if self.recompute else a,
                            "roww": roww, "lo": lo, "hi": hi, "base": base,
-                           "counts": plan.counts_E, "tok": plan.token_ids_N}
+                           "counts": plan.counts_E, "tok": plan.token_ids_N,
+                           "weighted": weights is not None, "dt": dt}
         return out
 
     def backward(self, c: int, dy_RD: torch.Tensor) -> torch.Tensor:
@@ -95,9 +111,9 @@ class TritonChunks:
             return torch.zeros_like(dy_RD)
         w_up, w_down = self.w_up[lo:hi], self.w_down[lo:hi]
         b_down = None if self.b_down is None else self.b_down[lo:hi]
-        g = dy_RD.contiguous()
+        g = dy_RD.to(self.w_down.dtype).contiguous()
         inplace = self.inplace and _graph_freed_after_backward()
-        dh, a, _ = B.down_dgrad(
+        dh, a, dwt = B.down_dgrad(
             g, w_down, b_down, plan.token_ids_N, k["roww"], k["h"], plan.counts_E, plan.offsets_E,
             self.act, self.gated, False, self.recompute, out=k["h"] if inplace else None,
             expert_ids_N=plan.expert_ids_N if b_down is not None else None, interleaved=False,
@@ -106,13 +122,24 @@ class TritonChunks:
         k["dh"] = dh
         if self.recompute:
             k["a"] = a
-        scatter = self._scatter(plan)
+        if k["weighted"]:  # each slot's routing-weight grad: its row's, 0 where no row
+            idx = torch.where(plan.inverse_TK < 0, dwt.shape[0], plan.inverse_TK).reshape(-1)
+            k["dw"] = torch.cat([dwt, dwt.new_zeros(1)]).index_select(0, idx).view(
+                plan.inverse_TK.shape)
+        scatter = not k["weighted"] and self._scatter(plan)
         dx_rows = input_grad_rows(dh, w_up, plan.counts_E, plan.offsets_E, self.tiles,
                                   self.rows_cublas, plan.token_ids_N if scatter else None)
         if scatter:  # already in the received order
             return dx_rows
+        if k["weighted"]:
+            return L.combine(dx_rows, plan.inverse_TK, None, None, k["dt"])[0]
         dx, _ = combine_op(dx_rows, plan.inverse_TK, None, None)
         return dx
+
+    def routing_grad(self, c: int) -> torch.Tensor | None:
+        """The grad of chunk ``c``'s ``weights`` (after its :meth:`backward`; None when the
+        chunk's rows had none)."""
+        return self._chunks[c].pop("dw", None)
 
     def _scatter(self, plan) -> bool:
         """Whether the row GEMMs write the rows straight back in the received order (every
@@ -131,16 +158,22 @@ class TritonChunks:
         one = len(ks) == 1
         tok = ks[0]["tok"] if one else torch.cat([k["tok"] + k["base"] for k in ks])
         counts = ks[0]["counts"] if one else torch.cat([k["counts"] for k in ks])
+        weighted = any(k.get("weighted") for k in ks)
+        roww = None
+        if weighted:  # the token exchange: rows of routing weight other than 1
+            roww = ks[0]["roww"] if one else torch.cat([k["roww"] for k in ks])
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         a = ks[0]["a"] if one else torch.cat([k["a"] for k in ks])
         for k in ks:
             k["a"] = None
         dw_up = dw_down = db_up = db_down = None
         if want_down:
+            # a recomputed by a split dgrad already carries the routing weight
+            prescaled = self.recompute and B.activation_prescaled(self.dgrad, False)
             dw_down, db_down = weight_grad_op(
-                dy_RD.contiguous(), tok, a, None, None, True, counts, offsets,
-                self.b_down is not None, self.cublas, self.tiles, _stored_transposed(self.w_down),
-                True)
+                dy_RD.to(self.w_down.dtype).contiguous(), tok, a, None, roww, True, counts,
+                offsets, self.b_down is not None, self.cublas, self.tiles,
+                _stored_transposed(self.w_down), not (weighted and prescaled))
         del a
         if want_up:
             dh = ks[0]["dh"] if one else torch.cat([k["dh"] for k in ks])

@@ -1,0 +1,177 @@
+"""The token exchange of expert parallelism (``ExpertParallel(exchange="tokens")``): each token
+travels once to each (chunk, rank) holding at least one of its experts, not once per routed
+expert, and comes back as one partial sum.
+
+The row exchange (``exchange="rows"``, ``ep.py``) sends one row per routed (token, expert):
+with top-k routing over W ranks a token whose k experts sit on fewer than k ranks is sent
+several times to the same rank (EP=2, top-8: about 4 copies to each rank). Here the sender
+sends ``x[t]`` once per destination (DeepEP's dispatch), with a small metadata row: the
+destination's local expert of each of the token's k slots (-1: not there) and its routing
+weight. The receiver runs its experts on the received tokens as on one process (the backend's
+chunk runner: its plan, ``num_zero_experts=1`` marking the slots held elsewhere, the combine
+with the routing weights) and sends back each token's partial sum over its local experts; the
+sender adds the partials of its token's destinations (a fixed order: deterministic).
+
+Legend: T tokens, K top-k, P = C*W destinations (chunk c, rank r: ``c*W + r``, the order of the
+extended slots, ``_Slots``), N rows sent (token, destination), R rows received.
+
+* Capacity: every expert's rows are in one chunk, in the global token order (senders in rank
+  order, tokens in order): the receiver's plan drops what the single-process plan drops
+  (the zero experts' slots do not count against a capacity).
+* ``partials``: the dtype of the partial sums sent back (forward: the outputs, backward: the
+  input grads): ``float32`` keeps them unrounded until the sender's sum (the output then
+  differs from the single-process layer's only by the fp32 summation order); ``"input"``
+  sends them in the activations' dtype (half the bytes back, one more rounding).
+* Routing-weight grads travel back in the backward beside the input grads (``[N, K]`` fp32).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..plan import capacity_for, count_per_expert
+from .checks import raise_from_rows, status_row
+from .dispatch import Layout
+from .pipeline import Pipeline
+
+__all__ = ["PARTIALS", "forward_tokens"]
+
+PARTIALS = ("float32", "input")
+
+
+class _TokenNode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, run, anchor, x_TD, w_TK, x_side, *params):
+        ctx.run = run
+        y_TD, y_side = run.forward(x_TD, x_side)
+        if y_side is None:
+            y_side = x_TD.new_empty(0)
+            ctx.mark_non_differentiable(y_side)
+        return y_TD, y_side
+
+    @staticmethod
+    def backward(ctx, g_TD, g_side):
+        run, ctx.run = ctx.run, None
+        n = run.num_params
+        dx_TD, dw_TK, dx_side, grads, side_grads = run.backward(
+            g_TD, g_side, ctx.needs_input_grad[5:5 + n])
+        return (None, None, dx_TD, dw_TK, dx_side, *grads, *side_grads)
+
+
+class _TokenRun:
+    """One forward (and backward) of the token exchange on this rank: the sender's gathers and
+    sums around the pipeline (``pipeline.py``) that runs the exchanges and the local experts."""
+
+    def __init__(self, backend, plan, pipe: Pipeline, rows_TK: torch.Tensor, dtype, num_params):
+        self.backend, self.plan, self.pipe = backend, plan, pipe
+        self.rows_TK = rows_TK  # [T, K] the sent row of each routed slot's destination
+        self.dtype, self.num_params = dtype, num_params  # of the activations; of the experts
+
+    def _sum(self, parts_ND: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Each token's partial sums over its destinations, in a fixed order."""
+        with torch.no_grad():
+            return self.backend.unpermute(parts_ND, self.plan, out_dtype=dtype)
+
+    def forward(self, x_TD, x_side):
+        with torch.no_grad():
+            send_ND = self.backend.permute(x_TD, self.plan)
+        y_ND, y_side = self.pipe.run_forward(send_ND, x_side)
+        return self._sum(y_ND, x_TD.dtype), y_side
+
+    def backward(self, g_TD, g_side, needs):
+        dt = self.dtype
+        with torch.no_grad():
+            g_ND = self.backend.permute(g_TD.to(dt), self.plan)
+        dx_ND, dx_side, grads, side_grads, dw_NK = self.pipe.run_backward(g_ND, g_side, needs)
+        dx_TD = self._sum(dx_ND, dt)
+        K = self.rows_TK.shape[1]
+        dw_TK = dw_NK[self.rows_TK, torch.arange(K, device=dw_NK.device)]
+        return dx_TD, dw_TK, dx_side, grads, side_grads
+
+
+def forward_tokens(ep, x_TD, ids_TK, w_TK, experts, local_shared=None) -> torch.Tensor:
+    """``y_TD`` of ``ep`` (an :class:`~moekit.parallel.ep.ExpertParallel` with
+    ``exchange="tokens"``) for this rank's tokens; the arguments as its ``_forward_ep``'s."""
+    T, K = ids_TK.shape
+    dev, dt = x_TD.device, x_TD.dtype
+    woi = experts.config.routing_weight_on == "input"
+    backend = experts.backend_for(dev, dt)
+    weights = ep._params(experts)
+    C, W, me = ep.num_chunks, ep.world_size, ep.rank
+    S = ep._slots(C, dev)
+    P = C * W
+
+    # 1. each slot's destination; the sender's plan over destinations: rows by destination,
+    # then token (a token's slots held elsewhere, and destinations it does not need, are
+    # the plan's zero expert P)
+    q_TK, _ = ep._ext_slots(ids_TK, w_TK, S)
+    dest_TK = S.dest[q_TK]
+    hit = torch.zeros(T, P + 1, dtype=torch.bool, device=dev).scatter_(1, dest_TK, True)[:, :P]
+    ids_TP = torch.where(hit, torch.arange(P, device=dev), P)
+    plan = backend.make_plan(ids_TP, P, num_zero_experts=1)
+    ep.last_plans = [plan]
+    tok, d_N = plan.token_ids_N, plan.expert_ids_N
+    # metadata of each sent row: the destination's local expert of each routed slot (-1: held
+    # elsewhere) and the slot's routing weight
+    q_NK = q_TK[:, :K].index_select(0, tok)
+    here = S.dest[q_NK] == d_N.unsqueeze(1)
+    lid_NK = torch.where(here, q_NK - S.first[d_N].unsqueeze(1), -1).to(torch.int32)
+    w_NK = torch.where(here, w_TK.detach().float().index_select(0, tok), 0.0)
+    meta_NM = torch.cat([lid_NK, w_NK.view(torch.int32)], 1)
+
+    # 2. rows and routed slots per destination and every rank's token count (capacity), on
+    # the host: the forward's one host sync, with every rank's fail-together status
+    slots_P = count_per_expert(dest_TK[:, :K], P + 1)[:P]
+    mine = torch.cat([plan.counts_E.to(torch.int64), slots_P, slots_P.new_full((1,), T)])
+    counts, headers = ep.dispatcher.exchange_counts(mine.view(1, -1), status_row(None, x_TD, K))
+    raise_from_rows(ep.group, headers, None)
+    rows = counts[:, 0].tolist()
+    layouts = [Layout(send=[rows[me][c * W + r] for r in range(W)],
+                      recv=[rows[r][c * W + me] for r in range(W)]) for c in range(C)]
+    ep.last_layouts = layouts
+
+    # 3. the metadata travels first (small), then the receiver's plan arguments per chunk
+    kw: list[dict] = []
+    ids_c: list = []
+    pdt = torch.float32 if ep.partials == "float32" else dt
+    at = 0
+    capacity = None
+    if experts.capacity_factor is not None:
+        capacity = capacity_for(sum(r[-1] for r in rows), K, ep.num_experts, experts.capacity_factor)
+    for c, lay in enumerate(layouts):
+        with torch.no_grad():
+            got = ep.dispatcher.dispatch(meta_NM[at:at + lay.num_send], lay)[0]
+        at += lay.num_send
+        if ep.is_shared_rank:
+            ids_c.append(None)
+            kw.append({"out_dtype": pdt})
+            continue
+        lo, hi = S.groups[c]
+        lid = got[:, :K].to(torch.int64)
+        ids_c.append(torch.where(lid >= 0, lid, hi - lo))
+        k = {"weights": got[:, K:].contiguous().view(torch.float32), "num_zero_experts": 1,
+             "out_dtype": pdt}
+        if capacity is not None:
+            k.update(capacity=capacity, drop_policy=experts.drop_policy)
+        kw.append(k)
+
+    # 4. dispatch -> local experts -> combine, chunk by chunk (pipeline.py)
+    train = torch.is_grad_enabled()
+    if ep.is_shared_rank:
+        params = list(ep.shared_experts.parameters())
+        runner = ep._shared_runner(train)
+    else:
+        params = weights
+        runner = backend.chunk_runner(weights, activation=experts.activation, train=train,
+                                      total_rows=sum(rows[r][P + c * W + me] for r in range(W)
+                                                     for c in range(C)),
+                                      weight_on_input=woi)
+    side, side_params = ep._side_runner(local_shared, train)
+    pipe = Pipeline(ep.dispatcher, layouts, S.groups, runner, ids_c.__getitem__, kw, side,
+                    out_dtype=pdt, routing_cols=K)
+    rows_TK = plan.inverse_TK.gather(1, dest_TK[:, :K])
+    anchor = torch.empty(0, device=dev, requires_grad=torch.is_grad_enabled())
+    run = _TokenRun(backend, plan, pipe, rows_TK, dt, len(params))
+    y_TD, y_shared = _TokenNode.apply(run, anchor, x_TD, w_TK, x_TD if side else None,
+                                      *params, *side_params)
+    return y_TD if side is None else y_TD + y_shared
