@@ -192,6 +192,7 @@ def make_plan(
     pad_to_multiple: int = 1,
     capacity: int | None = None,
     num_zero_experts: int = 0,
+    num_real_slots: int | None = None,
 ) -> RoutingPlan:
     """Build the plan for ``topk_ids_TK`` ([T, K] expert ids in [0, E), or [0, E + Z) with
     ``num_zero_experts`` Z: slots of the zero-computation experts ``[E, E + Z)`` get no row).
@@ -201,7 +202,10 @@ def make_plan(
     tokens are kept (GShard), with ``"weight"`` the rows of highest routing weight (needs
     ``topk_weights_TK``). Dropped slots get zero expert output. ``capacity`` gives the rows per
     expert directly instead of ``capacity_factor`` (expert parallelism: a rank's received rows
-    are dropped by the capacity of the whole layer's batch).
+    are dropped by the capacity of the whole layer's batch). ``num_real_slots``: with zero
+    experts, how many slots name a real expert, when the caller knows it (expert parallelism's
+    counts exchange does): the plan then needs no host sync (on CUDA, cutting the zero experts'
+    slots otherwise reads their number back).
     """
     if topk_ids_TK.dim() != 2:
         raise ValueError(f"topk_ids must be [T, K], got shape {tuple(topk_ids_TK.shape)}")
@@ -215,6 +219,10 @@ def make_plan(
         raise ValueError(f"drop_policy={drop_policy!r} is unknown; allowed: {DROP_POLICIES}")
     if isinstance(num_zero_experts, bool) or not isinstance(num_zero_experts, int) or num_zero_experts < 0:
         raise ValueError(f"num_zero_experts={num_zero_experts!r}; it must be an integer >= 0")
+    if num_real_slots is not None and (isinstance(num_real_slots, bool) or not isinstance(num_real_slots, int)
+                                       or not 0 <= num_real_slots <= topk_ids_TK.numel()):
+        raise ValueError(f"num_real_slots={num_real_slots!r}; it must be an integer in [0, T*K="
+                         f"{topk_ids_TK.numel()}]")
     T, K = topk_ids_TK.shape
     if T * K + num_experts * pad_to_multiple > _INT32_MAX:
         raise ValueError(
@@ -259,8 +267,8 @@ def make_plan(
     sorted_experts = flat[order]
     counts_all = count_per_expert(flat, n_ids)
     if num_zero_experts:  # the zero experts' slots sort last: no rows for them
-        keep_sorted = sorted_experts < num_experts
-        order, sorted_experts = order[keep_sorted], sorted_experts[keep_sorted]
+        n_real = int((flat < num_experts).sum()) if num_real_slots is None else num_real_slots
+        order, sorted_experts = order[:n_real], sorted_experts[:n_real]
         counts_all = counts_all[:num_experts]
 
     if capacity is None:

@@ -127,7 +127,8 @@ def routed_experts_fn(backend, activation: str, *, weight_on_input: bool = False
         plan = backend.make_plan(ids_RK, w_up.shape[0], capacity=kw.get("capacity"),
                                  drop_policy=kw.get("drop_policy", "position"),
                                  topk_weights_TK=kw.get("row_weights") if w is None else w,
-                                 num_zero_experts=kw.get("num_zero_experts", 0))
+                                 num_zero_experts=kw.get("num_zero_experts", 0),
+                                 num_real_slots=kw.get("num_real_slots"))
         if w is None:
             w = x_RD.new_ones(x_RD.shape[0], 1)
         return backend.experts(x_RD, w_up, w_down, plan, w, activation=activation,

@@ -101,14 +101,26 @@ def forward_tokens(ep, x_TD, ids_TK, w_TK, experts, local_shared=None) -> torch.
     S = ep._slots(C, dev)
     P = C * W
 
-    # 1. each slot's destination; the sender's plan over destinations: rows by destination,
-    # then token (a token's slots held elsewhere, and destinations it does not need, are
-    # the plan's zero expert P)
+    # 1. each slot's destination, and the tokens and routed slots per destination
     q_TK, _ = ep._ext_slots(ids_TK, w_TK, S)
     dest_TK = S.dest[q_TK]
     hit = torch.zeros(T, P + 1, dtype=torch.bool, device=dev).scatter_(1, dest_TK, True)[:, :P]
+    slots_P = count_per_expert(dest_TK[:, :K], P)
+
+    # 2. those counts and every rank's token count (capacity), on the host: the forward's one
+    # host sync, with every rank's fail-together status
+    mine = torch.cat([hit.sum(0), slots_P, slots_P.new_full((1,), T)])
+    counts, headers = ep.dispatcher.exchange_counts(mine.view(1, -1), status_row(None, x_TD, K))
+    raise_from_rows(ep.group, headers, None)
+    rows = counts[:, 0].tolist()
+    layouts = [Layout(send=[rows[me][c * W + r] for r in range(W)],
+                      recv=[rows[r][c * W + me] for r in range(W)]) for c in range(C)]
+    ep.last_layouts = layouts
+
+    # the sender's plan over destinations: rows by destination, then token (destinations a
+    # token does not need are the plan's zero expert P; their number is known: no host sync)
     ids_TP = torch.where(hit, torch.arange(P, device=dev), P)
-    plan = backend.make_plan(ids_TP, P, num_zero_experts=1)
+    plan = backend.make_plan(ids_TP, P, num_zero_experts=1, num_real_slots=sum(rows[me][:P]))
     ep.last_plans = [plan]
     tok, d_N = plan.token_ids_N, plan.expert_ids_N
     # metadata of each sent row: the destination's local expert of each routed slot (-1: held
@@ -118,17 +130,6 @@ def forward_tokens(ep, x_TD, ids_TK, w_TK, experts, local_shared=None) -> torch.
     lid_NK = torch.where(here, q_NK - S.first[d_N].unsqueeze(1), -1).to(torch.int32)
     w_NK = torch.where(here, w_TK.detach().float().index_select(0, tok), 0.0)
     meta_NM = torch.cat([lid_NK, w_NK.view(torch.int32)], 1)
-
-    # 2. rows and routed slots per destination and every rank's token count (capacity), on
-    # the host: the forward's one host sync, with every rank's fail-together status
-    slots_P = count_per_expert(dest_TK[:, :K], P + 1)[:P]
-    mine = torch.cat([plan.counts_E.to(torch.int64), slots_P, slots_P.new_full((1,), T)])
-    counts, headers = ep.dispatcher.exchange_counts(mine.view(1, -1), status_row(None, x_TD, K))
-    raise_from_rows(ep.group, headers, None)
-    rows = counts[:, 0].tolist()
-    layouts = [Layout(send=[rows[me][c * W + r] for r in range(W)],
-                      recv=[rows[r][c * W + me] for r in range(W)]) for c in range(C)]
-    ep.last_layouts = layouts
 
     # 3. the metadata travels first (small), then the receiver's plan arguments per chunk
     kw: list[dict] = []
@@ -150,7 +151,7 @@ def forward_tokens(ep, x_TD, ids_TK, w_TK, experts, local_shared=None) -> torch.
         lid = got[:, :K].to(torch.int64)
         ids_c.append(torch.where(lid >= 0, lid, hi - lo))
         k = {"weights": got[:, K:].contiguous().view(torch.float32), "num_zero_experts": 1,
-             "out_dtype": pdt}
+             "num_real_slots": sum(rows[r][P + c * W + me] for r in range(W)), "out_dtype": pdt}
         if capacity is not None:
             k.update(capacity=capacity, drop_policy=experts.drop_policy)
         kw.append(k)

@@ -68,7 +68,7 @@ class TritonChunks:
 
     def forward(self, c: int, x_RD: torch.Tensor, ids_RK: torch.Tensor, lo: int, hi: int, *,
                 base: int, capacity=None, drop_policy: str = "position", row_weights=None,
-                weights=None, num_zero_experts: int = 0, out_dtype=None):
+                weights=None, num_zero_experts: int = 0, num_real_slots=None, out_dtype=None):
         dt = out_dtype or x_RD.dtype
         if x_RD.shape[0] == 0 or hi == lo:  # no rows: the group's experts get zero grads
             H, F = self.w_up.shape[1], self.w_down.shape[2]
@@ -81,7 +81,8 @@ class TritonChunks:
             return x_RD.new_zeros(x_RD.shape, dtype=dt)
         plan = self.backend.make_plan(ids_RK, hi - lo, capacity=capacity, drop_policy=drop_policy,
                                       topk_weights_TK=row_weights if weights is None else weights,
-                                      num_zero_experts=num_zero_experts)
+                                      num_zero_experts=num_zero_experts,
+                                      num_real_slots=num_real_slots)
         w_up, w_down = self.w_up[lo:hi], self.w_down[lo:hi]
         b_up = None if self.b_up is None else self.b_up[lo:hi]
         b_down = None if self.b_down is None else self.b_down[lo:hi]
