@@ -75,14 +75,31 @@ def timeit(fn, device, warmup, iters, group=None):
     return float(t)
 
 
-def step_fns(moe, x, g):
+def balanced_logits(T, E, K, rank, device, seed=7):
+    """Router logits whose top-k gives every expert exactly ``T*K/E`` of each rank's rows: slot
+    k of token t is expert ``sigma[(t + k*E//K) % E]`` (distinct within a token) for a random
+    permutation ``sigma`` of the experts, the same on every rank, so a token's experts are
+    spread over the ranks as random routing spreads them; the logits of the picked experts
+    are random (their routing weights vary)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    sigma = torch.randperm(E, generator=gen)
+    t = torch.arange(T).unsqueeze(1) + rank * T
+    ids = sigma[(t + torch.arange(K).unsqueeze(0) * (E // K)) % E]
+    logits = torch.full((T, E), -20.0)
+    logits.scatter_(1, ids, torch.rand(T, K, generator=gen) * 4)
+    return logits.to(device)
+
+
+def step_fns(moe, x, g, logits=None):
+    kw = {} if logits is None else {"router_logits": logits}
+
     def fwd():
         with torch.no_grad():
-            moe(x)
+            moe(x, **kw)
 
     def fwdbwd():
         xx = x.detach().requires_grad_()
-        y = moe(xx)
+        y = moe(xx, **kw)
         y.backward(g)
         for p in moe.parameters():
             p.grad = None
@@ -303,6 +320,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--redundant", type=int, default=0, help="also time a redundant placement with this many extra slots")
+    ap.add_argument("--balanced", type=int, default=0,
+                    help="1: router logits that give every expert the same rows (no load imbalance between ranks)")
     ap.add_argument("--eq-tokens", type=int, default=4096, help="tokens per rank of the equality check (0: skip)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=None)
@@ -353,7 +372,9 @@ def main():
 
     # 1 GPU: experts_per_rank experts, T tokens (every rank runs its own copy)
     moe = build(args.experts_per_rank, args, device, dtype)
-    fwd, fb = step_fns(moe, x, g)
+    result["shape"]["balanced_routing"] = bool(args.balanced)
+    fwd, fb = step_fns(moe, x, g, balanced_logits(T, args.experts_per_rank, args.topk, 0, device)
+                       if args.balanced else None)
     t_f = timeit(fwd, device, args.warmup, args.iters)
     t_fb = timeit(fb, device, args.warmup, args.iters)
     rows.append({"mode": "1gpu", "experts": args.experts_per_rank, "chunks": None, "fwd_ms": t_f * 1e3,
@@ -372,7 +393,8 @@ def main():
     ep = moe.dispatch
     for exch, part, C in ep_configs(args, [int(c) for c in args.chunks.split(",")]):
         ep.exchange, ep.partials, ep.num_chunks = exch, part, C
-        fwd, fb = step_fns(moe, x, g)
+        fwd, fb = step_fns(moe, x, g, balanced_logits(T, E, args.topk, rank, device)
+                           if args.balanced else None)
         t_f = timeit(fwd, device, args.warmup, args.iters)
         t_fb = timeit(fb, device, args.warmup, args.iters)
         row = {"mode": f"ep{W}", "exchange": exch, "partials": part if exch == "tokens" else None,
@@ -390,7 +412,8 @@ def main():
     for exch in args.exchange.split(","):
         ep.exchange, ep.num_chunks = exch, 1
         with torch.no_grad():
-            moe(x)
+            moe(x, **({"router_logits": balanced_logits(T, E, args.topk, rank, device)}
+                      if args.balanced else {}))
         lay = ep.last_layouts[0]
         send = torch.randn(lay.num_send, D, device=device, dtype=dtype)
         recv = torch.empty(lay.num_recv, D, device=device, dtype=dtype)
@@ -405,6 +428,12 @@ def main():
         remote = sum(s for r, s in enumerate(lay.send) if r != rank)
         bytes_remote = remote * D * send.element_size()
         r1 = next(r for r in rows if r.get("exchange") == exch)
+        # rows received per rank (the row exchange: each rank's expert rows, its load; the
+        # token exchange: tokens): the slowest rank sets the pace of every exchange
+        got = torch.tensor([lay.num_recv], device=device)
+        every = [torch.zeros_like(got) for _ in range(W)]
+        dist.all_gather(every, got)
+        result.setdefault("rows_received_per_rank", {})[exch] = [int(t) for t in every]
         result["all_to_all"][exch] = {
             "dispatch_plus_combine_ms": t_a2a * 1e3,
             "rows_sent_per_rank": lay.num_send,
@@ -452,6 +481,7 @@ def main():
             print(f"{r['mode']:<6}{ex:>18}{r['experts']:>5}{str(r['chunks']):>7}{r['fwd_ms']:>9.2f}"
                   f"{r['tokens_per_s_per_gpu_fwd']:>15.0f}{r['fwdbwd_ms']:>12.2f}"
                   f"{r['tokens_per_s_per_gpu_fwdbwd']:>15.0f}{r['vs_1gpu_fwdbwd']:>12.2f}")
+        print("rows received per rank:", result["rows_received_per_rank"])
         for exch, a in result["all_to_all"].items():
             print(f"all-to-all ({exch}) dispatch+combine {a['dispatch_plus_combine_ms']:.2f} ms, "
                   f"{a['rows_sent_per_rank']} rows ({a['algbw_GBps_per_exchange']:.0f} GB/s to the other "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import time
 import traceback
 from datetime import timedelta
@@ -22,6 +23,7 @@ import torch.multiprocessing as mp
 
 from moekit import MoE, TokenChoiceTopKRouter
 from moekit.parallel import apply_ep
+from moekit.parallel.ep import EXCHANGES
 from moekit.parallel.checks import RankInputError
 from test_parallel import _free_port
 
@@ -65,9 +67,17 @@ EXPECT = {
 
 
 def _run_cases(rank, out_path):
+    results = {}
+    for exchange in EXCHANGES:
+        results[exchange] = _cases(rank, exchange)
+    with open(f"{out_path}.{rank}", "w") as f:
+        json.dump(results, f)
+
+
+def _cases(rank, exchange):
     moe = _moe()
     ref = copy.deepcopy(moe)
-    apply_ep(moe)
+    apply_ep(moe, exchange=exchange)
     results = {}
     for name, make in BAD.items():
         x, kw = make() if rank == 1 else (_good(), {})
@@ -91,8 +101,7 @@ def _run_cases(rank, out_path):
     # a rank with no tokens still gets the right (empty) output
     y0 = moe(xs[0] if rank == 0 else torch.randn(0, D))
     results["empty-rank"] = ["shape", list(y0.shape)]
-    with open(f"{out_path}.{rank}", "w") as f:
-        json.dump(results, f)
+    return results
 
 
 def _worker(rank, world, port, out_path):
@@ -124,31 +133,46 @@ def results(tmp_path_factory):
     return [json.load(open(f"{out}.{r}")) for r in range(2)]
 
 
+@pytest.mark.parametrize("exchange", EXCHANGES)
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_on_one_rank_raises_on_every_rank(results, case):
+def test_bad_input_on_one_rank_raises_on_every_rank(results, case, exchange):
     err_type, phrase = EXPECT[case]
-    kind1, msg1 = results[1][case]
+    kind1, msg1 = results[1][exchange][case]
     assert kind1 == err_type.__name__ and phrase in msg1, (kind1, msg1)
-    kind0, msg0 = results[0][case]
+    kind0, msg0 = results[0][exchange][case]
     assert kind0 == RankInputError.__name__ and "rank 1 of the group failed" in msg0, (kind0, msg0)
     assert phrase in msg0  # the good rank says what went wrong on the bad one
 
 
-def test_bad_input_on_both_ranks(results):
+@pytest.mark.parametrize("exchange", EXCHANGES)
+def test_bad_input_on_both_ranks(results, exchange):
     for r in range(2):
-        kind, msg = results[r]["both-bad"]
+        kind, msg = results[r][exchange]["both-bad"]
         assert kind == "ValueError" and "MoE input must be" in msg and f"{D + r + 1})" in msg, (kind, msg)
 
 
-def test_good_forward_after_errors_matches_one_process(results):
+@pytest.mark.parametrize("exchange", EXCHANGES)
+def test_good_forward_after_errors_matches_one_process(results, exchange):
     for r in range(2):
-        what, err = results[r]["good-after-errors"]
+        what, err = results[r][exchange]["good-after-errors"]
         assert what == "max_abs_err" and err < 1e-5, err
 
 
-def test_rank_without_tokens(results):
-    assert results[1]["empty-rank"] == ["shape", [0, D]]
-    assert results[0]["empty-rank"] == ["shape", [5, D]]
+@pytest.mark.parametrize("exchange", EXCHANGES)
+def test_rank_without_tokens(results, exchange):
+    assert results[1][exchange]["empty-rank"] == ["shape", [0, D]]
+    assert results[0][exchange]["empty-rank"] == ["shape", [5, D]]
+
+
+def test_apply_ep_bad_exchange_settings():
+    """Bad exchange settings fail before any collective (no process group needed to see it)."""
+    moe = _moe()
+    if dist.is_initialized():  # pragma: no cover
+        pytest.skip("a process group is already initialized")
+    for kw, phrase in (({"exchange": "pairs"}, "exchange='pairs'; allowed: ('rows', 'tokens')"),
+                       ({"partials": "bf16"}, "partials='bf16'; allowed: ('float32', 'input')")):
+        with pytest.raises(ValueError, match=re.escape(phrase)):
+            apply_ep(moe, **kw)
 
 
 def test_rank_input_error_is_a_value_error():

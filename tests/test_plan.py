@@ -253,3 +253,16 @@ def test_plan_zero_experts_with_capacity(policy):
     assert int(p.num_dropped) == int((flat < E).sum()) - int(keep.sum())
     rows = p.sorted_slots_N
     assert torch.equal(p.inverse_TK.reshape(-1)[rows], torch.arange(rows.numel()))
+
+
+def test_plan_num_real_slots():
+    """``num_real_slots`` (the count of slots on real experts, when known) gives the same
+    plan without reading the count back; a wrong kind of value is refused."""
+    ids = torch.tensor([[0, 5], [4, 2], [2, 3], [6, 0]])
+    a = make_plan(ids, 4, num_zero_experts=3)
+    b = make_plan(ids, 4, num_zero_experts=3, num_real_slots=5)
+    for f in ("sorted_slots_N", "token_ids_N", "expert_ids_N", "counts_E", "offsets_E", "inverse_TK"):
+        assert torch.equal(getattr(a, f), getattr(b, f)), f
+    for bad in (-1, 9, 2.0, True):
+        with pytest.raises(ValueError, match="num_real_slots"):
+            make_plan(ids, 4, num_zero_experts=3, num_real_slots=bad)

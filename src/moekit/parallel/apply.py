@@ -137,6 +137,10 @@ def apply_ep(
             f"apply_ep: this MoE has zero_experts={moe.config.zero_experts} (zero-computation "
             "experts), which expert parallelism does not dispatch; run it on one process"
         )
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange={exchange!r}; allowed: {EXCHANGES}")
+    if partials not in PARTIALS:
+        raise ValueError(f"partials={partials!r}; allowed: {PARTIALS}")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("apply_ep needs torch.distributed initialized (init_process_group)")
     group = _resolve_group(group)
@@ -145,10 +149,6 @@ def apply_ep(
     E = moe.num_experts
     if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
         raise ValueError(f"num_chunks={num_chunks!r}; it must be an integer >= 1")
-    if exchange not in EXCHANGES:
-        raise ValueError(f"exchange={exchange!r}; allowed: {EXCHANGES}")
-    if partials not in PARTIALS:
-        raise ValueError(f"partials={partials!r}; allowed: {PARTIALS}")
     if shared_experts not in ("local", "external", "tp"):
         raise ValueError(f"shared_experts={shared_experts!r}; allowed: ('local', 'external', 'tp')")
     if shared_experts != "local" and moe.shared_experts is None:
