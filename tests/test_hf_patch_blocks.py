@@ -43,9 +43,9 @@ def _model(family: str, **overrides):
     return model.float().eval()
 
 
-def _close(got, ref, what, rel=1e-4):
+def _close(got, ref, what, rel=1e-4, atol=1e-7):
     err = (got.float() - ref.float()).abs().max().item()
-    assert err <= rel * max(ref.abs().max().item(), 1e-6) + 1e-7, f"{what}: {err:.3g}"
+    assert err <= rel * max(ref.abs().max().item(), 1e-6) + atol, f"{what}: {err:.3g}"
 
 
 def _out(model, ids):
@@ -68,8 +68,12 @@ def _patched_equals_eager(ref, ids, model=None):
     want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
     got = mh.grads_by_hf_name(model)
     assert set(got) == set(want), sorted(set(got) ^ set(want))[:4]
+    # a gradient that cancels to ~0 in fp32 (DeepSeek-V4's hash-routed layer 0: its gate's
+    # reference grad is ~1e-7 beside grads of ~10) is noise of the order of 1e-8 times the
+    # model's largest gradient: the absolute floor scales with it
+    atol = 1e-8 * max(1.0, max(g.abs().max().item() for g in want.values()))
     for n in want:
-        _close(got[n], want[n], f"grad {n}")
+        _close(got[n], want[n], f"grad {n}", atol=max(1e-7, atol))
     return model
 
 
