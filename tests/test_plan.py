@@ -266,3 +266,15 @@ def test_plan_num_real_slots():
     for bad in (-1, 9, 2.0, True):
         with pytest.raises(ValueError, match="num_real_slots"):
             make_plan(ids, 4, num_zero_experts=3, num_real_slots=bad)
+
+
+def test_plan_check_ids_off_is_the_same_plan():
+    """``check_ids=False`` (ids the caller built from checked ones) makes the same plan; the
+    default still refuses ids out of range."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 6, (9, 2), generator=g)
+    a, b = make_plan(ids, 6), make_plan(ids, 6, check_ids=False)
+    for f in ("sorted_slots_N", "token_ids_N", "expert_ids_N", "counts_E", "offsets_E", "inverse_TK"):
+        assert torch.equal(getattr(a, f), getattr(b, f)), f
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        make_plan(ids, 5)

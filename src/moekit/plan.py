@@ -193,6 +193,7 @@ def make_plan(
     capacity: int | None = None,
     num_zero_experts: int = 0,
     num_real_slots: int | None = None,
+    check_ids: bool = True,
 ) -> RoutingPlan:
     """Build the plan for ``topk_ids_TK`` ([T, K] expert ids in [0, E), or [0, E + Z) with
     ``num_zero_experts`` Z: slots of the zero-computation experts ``[E, E + Z)`` get no row).
@@ -205,7 +206,9 @@ def make_plan(
     are dropped by the capacity of the whole layer's batch). ``num_real_slots``: with zero
     experts, how many slots name a real expert, when the caller knows it (expert parallelism's
     counts exchange does): the plan then needs no host sync (on CUDA, cutting the zero experts'
-    slots otherwise reads their number back).
+    slots otherwise reads their number back). ``check_ids=False`` skips the range check of
+    the ids (a device-side assert on accelerators: four small kernels), for ids the caller
+    built from checked ones (expert parallelism's slot tables).
     """
     if topk_ids_TK.dim() != 2:
         raise ValueError(f"topk_ids must be [T, K], got shape {tuple(topk_ids_TK.shape)}")
@@ -244,7 +247,7 @@ def make_plan(
         raise ValueError("topk_ids are on the meta device (no values): a routing plan needs real ids")
     flat = topk_ids_TK.reshape(-1).to(torch.int64)
     n_ids = num_experts + num_zero_experts
-    if flat.numel() > 0 and not torch.compiler.is_compiling():
+    if check_ids and flat.numel() > 0 and not torch.compiler.is_compiling():
         if flat.device.type == "cpu":
             lo, hi = int(flat.min()), int(flat.max())
             if lo < 0 or hi >= n_ids:

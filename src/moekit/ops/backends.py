@@ -111,12 +111,13 @@ class ExpertsBackend:
         capacity: int | None = None,
         num_zero_experts: int = 0,
         num_real_slots: int | None = None,
+        check_ids: bool = True,
     ) -> RoutingPlan:
         """The routing plan of ``topk_ids_TK`` (see :func:`moekit.plan.make_plan`)."""
         return make_plan(
             topk_ids_TK, num_experts, capacity_factor=capacity_factor, drop_policy=drop_policy,
             topk_weights_TK=topk_weights_TK, capacity=capacity, num_zero_experts=num_zero_experts,
-            num_real_slots=num_real_slots,
+            num_real_slots=num_real_slots, check_ids=check_ids,
         )
 
     def experts(

@@ -128,7 +128,7 @@ def routed_experts_fn(backend, activation: str, *, weight_on_input: bool = False
                                  drop_policy=kw.get("drop_policy", "position"),
                                  topk_weights_TK=kw.get("row_weights") if w is None else w,
                                  num_zero_experts=kw.get("num_zero_experts", 0),
-                                 num_real_slots=kw.get("num_real_slots"))
+                                 num_real_slots=kw.get("num_real_slots"), check_ids=False)
         if w is None:
             w = x_RD.new_ones(x_RD.shape[0], 1)
         return backend.experts(x_RD, w_up, w_down, plan, w, activation=activation,

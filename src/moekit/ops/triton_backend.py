@@ -331,7 +331,7 @@ class TritonBackend(ExpertsBackend):
 
     def make_plan(self, topk_ids_TK, num_experts, *, capacity_factor=None, drop_policy="position",
                   topk_weights_TK=None, capacity=None, num_zero_experts=0,
-                  num_real_slots=None) -> RoutingPlan:
+                  num_real_slots=None, check_ids=True) -> RoutingPlan:
         """Dropless plans of at most ``launchers.SMALL_PLAN_MAX_SLOTS`` slots on CUDA come from
         one kernel launch (``launchers.small_plan``: the same plan, bit for bit; at decode
         sizes the dozen small torch ops of ``make_plan`` cost more host time than the experts'
@@ -347,7 +347,7 @@ class TritonBackend(ExpertsBackend):
         return super().make_plan(topk_ids_TK, num_experts, capacity_factor=capacity_factor,
                                  drop_policy=drop_policy, topk_weights_TK=topk_weights_TK,
                                  capacity=capacity, num_zero_experts=num_zero_experts,
-                                 num_real_slots=num_real_slots)
+                                 num_real_slots=num_real_slots, check_ids=check_ids)
 
 
 # os.environ's encoded mapping, read directly: 17 os.environ.get calls cost ~14 us, too much

@@ -120,7 +120,8 @@ def forward_tokens(ep, x_TD, ids_TK, w_TK, experts, local_shared=None) -> torch.
     # the sender's plan over destinations: rows by destination, then token (destinations a
     # token does not need are the plan's zero expert P; their number is known: no host sync)
     ids_TP = torch.where(hit, torch.arange(P, device=dev), P)
-    plan = backend.make_plan(ids_TP, P, num_zero_experts=1, num_real_slots=sum(rows[me][:P]))
+    plan = backend.make_plan(ids_TP, P, num_zero_experts=1, num_real_slots=sum(rows[me][:P]),
+                             check_ids=False)
     ep.last_plans = [plan]
     tok, d_N = plan.token_ids_N, plan.expert_ids_N
     # metadata of each sent row: the destination's local expert of each routed slot (-1: held

@@ -82,7 +82,7 @@ class TritonChunks:
         plan = self.backend.make_plan(ids_RK, hi - lo, capacity=capacity, drop_policy=drop_policy,
                                       topk_weights_TK=row_weights if weights is None else weights,
                                       num_zero_experts=num_zero_experts,
-                                      num_real_slots=num_real_slots)
+                                      num_real_slots=num_real_slots, check_ids=False)
         w_up, w_down = self.w_up[lo:hi], self.w_down[lo:hi]
         b_up = None if self.b_up is None else self.b_up[lo:hi]
         b_down = None if self.b_down is None else self.b_down[lo:hi]

@@ -272,8 +272,8 @@ def down_combine(
         bd, bf, nw, ns = 16, 16, 4, 1
     elif o is not None:
         bd, bf, nw, ns = o
-    else:
-        bd, bf, nw, ns = 4, 64, 4, 1
+    else:  # H200, qwen3 decode T=1 (CUDA graph, plan given): 4x64 w4 26.1 us, 4x128 w8 24.0 us
+        bd, bf, nw, ns = 4, 128, 8, 1
     num_pid_d = triton.cdiv(D, bd)
     inv = inverse_TK.contiguous()
     w = weights_TK.contiguous() if weights_TK is not None else inv
