@@ -355,6 +355,24 @@ def token_scenarios(rank):
     scenario({**tk, "shared_experts": "external", "num_chunks": 2},
              dict(E=4, K=2, bias=True, shared=True, shared_gate=True), [5, 6], tag="tokens-external-shared")
     scenario({**tk, "partials": "input"}, dict(E=4, K=3, bias=True), [5, 7], tag="tokens-partials-input")
+    # fp64: the partial sums travel in fp64 ("float32" means at least fp32): equal to ~1e-12
+    moe = make_moe(7, E=4, K=3, bias=True, backend="loop").double()
+    ref = copy.deepcopy(moe)
+    apply_ep(moe, exchange="tokens")
+    xs, gs, _ = inputs(7, [5, 4], moe.dim)
+    xs, gs = [x.double() for x in xs], [g.double() for g in gs]
+    y_ref, gx_ref = run_ref(ref, xs, gs, None)
+    y, gx = run_ep(moe, xs, gs, None, rank)
+    a = 5 * rank
+    for what, got, want in (("output", y, y_ref[a:a + xs[rank].shape[0]]),
+                            ("x grad", gx, gx_ref[a:a + xs[rank].shape[0]])):
+        err = (got - want).abs().max().item()
+        assert err < 1e-12, f"tokens-fp64 {what}: {err:.3e}"
+    # (the router computes in fp32 by design: its grad carries fp32 rounding either way)
+    sync_replicated_grads(moe)
+    want = ref.router.gate.weight.grad
+    err = (moe.router.gate.weight.grad - want).abs().max().item()
+    assert err < 1e-6 * want.abs().max().item(), f"tokens-fp64 router grad: {err:.3e}"
     # the grouped_mm backend ran above; the loop backend, and the triton kernels (TritonChunks
     # with routing weights; this group runs under TRITON_INTERPRET=1)
     scenario({**tk, "num_chunks": 2}, dict(E=4, K=3, bias=True, backend="loop"), [5, 4], tag="tokens-loop")

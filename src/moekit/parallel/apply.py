@@ -13,8 +13,8 @@ from ..moe import MoE
 from . import placement as placement_mod
 from .dispatch import Dispatcher
 from .ep import EXCHANGES, ExpertParallel
-from .tokens import PARTIALS
 from .placement import Placement
+from .tokens import PARTIALS
 from .tp import TPSharedExperts
 
 __all__ = ["apply_ep", "sync_replicated_grads"]
@@ -122,8 +122,8 @@ def apply_ep(
       partial sum (``moekit/parallel/tokens.py``: fewer bytes whenever a token has several
       experts on one rank, as with top-8 over few ranks).
     * ``partials``: with ``exchange="tokens"``, the dtype the partial sums travel back in:
-      ``"float32"`` (unrounded until the sender's sum) or ``"input"`` (the activations'
-      dtype: half the bytes back, one more rounding).
+      ``"float32"`` (unrounded until the sender's sum; an fp64 layer's stay fp64) or
+      ``"input"`` (the activations' dtype: half the bytes back, one more rounding).
 
     Raises ValueError, on every rank and before any forward, when the ranks disagree on the
     config, the arguments or (``check_weights``) the weights.

@@ -7,7 +7,7 @@ Forward of :class:`ExpertParallel` (legend: T tokens, K top-k, D model dim, C ch
 extended slots: every rank's slots plus one per shared rank and chunk, N = rows this rank
 sends, R = rows it receives, L = its local experts):
 
-1. map each (token, k)'s logical expert to an extended slot (:class:`_Slots`: numbered
+1. map each (token, k)'s logical expert to an extended slot (:class:`Slots`: numbered
    chunk by chunk, chunk c holding the slots ``[L*c//C, L*(c+1)//C)`` of every rank, then
    rank by rank; a replica, for redundant experts: ``replica = (t*K + k + rank) %
    replicas``); with external shared experts one more column per token goes to a shared
@@ -37,7 +37,6 @@ the group (``sync_replicated_grads``) — or average, if each rank's loss is a m
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -50,6 +49,7 @@ from .checks import exchange_device, raise_from_rows, raise_on_every_rank, statu
 from .dispatch import AllToAllDispatcher, Dispatcher, Layout, to_device
 from .pipeline import Pipeline
 from .placement import Placement
+from .slots import Slots
 from .tokens import PARTIALS, forward_tokens
 from .tp import tp_gather, tp_scatter
 
@@ -170,7 +170,7 @@ class ExpertParallel(nn.Module):
         experts.num_experts = len(local)
         experts.local_experts = local
         dev = experts.down_proj.device
-        self._slot_tables: dict[int, _Slots] = {}  # per number of chunks
+        self._slot_tables: dict[int, Slots] = {}  # per number of chunks
         self.register_buffer("_num_replicas", p.num_replicas().to(dev), persistent=False)
         self.has_redundancy = bool((p.num_replicas() > 1).any())
         hot = [e for e in range(p.num_experts) if len(p.replicas(e)) > 1]
@@ -252,13 +252,13 @@ class ExpertParallel(nn.Module):
             ps = list(_ReplicaGradSum.apply(self, *ps))
         return ps + [None, None] if len(ps) == 2 else ps
 
-    def _slots(self, C: int, dev: torch.device) -> _Slots:
+    def _slots(self, C: int, dev: torch.device) -> Slots:
         t = self._slot_tables.get(C)
         if t is None or t.ext_table.device != dev:
-            t = self._slot_tables[C] = _Slots.build(self.placement, self.rank, C, dev)
+            t = self._slot_tables[C] = Slots.build(self.placement, self.rank, C, dev)
         return t
 
-    def _ext_slots(self, ids_TK, w_TK, S: _Slots):
+    def _ext_slots(self, ids_TK, w_TK, S: Slots):
         """``(q_TK, w_TK)``: the extended slot of each (token, k) — its chunk (the group of
         its slot), its rank, its slot (a replica chosen by slot id and rank) — and, with
         external shared experts, one more column per token to a shared rank, weight 1."""
@@ -279,29 +279,38 @@ class ExpertParallel(nn.Module):
             w_TK = torch.cat([w_TK, w_TK.new_ones(T, 1)], 1)
         return q_TK, w_TK
 
-    def _shared_runner(self, train: bool) -> AutogradChunks:
-        """The runner of an external shared rank: its shared experts on every received row."""
-        return AutogradChunks(module_fn(self.shared_experts), list(self.shared_experts.parameters()),
-                              train=train, slice_params=False)
-
-    @staticmethod
-    def _side_runner(local_shared: nn.Module | None, train: bool):
-        """``(runner, params)`` of the layer's local shared experts inside the pipeline, or
-        ``(None, [])``."""
-        if local_shared is None:
-            return None, []
-        params = list(local_shared.parameters())
-        return AutogradChunks(module_fn(local_shared), params, train=train, slice_params=False), params
+    def _pipeline(self, layouts, S: Slots, backend, experts: GroupedExperts, recv_ids, kw,
+                  local_shared: nn.Module | None, total_rows: int, *, weight_on_input=False,
+                  **pipe_kw) -> tuple[Pipeline, list, list]:
+        """``(pipeline, params, side params)`` of one forward: this rank's local compute (its
+        experts through the backend's chunk runner over ``total_rows`` rows; on an external
+        shared rank its shared experts on every received row) and the layer's local shared
+        experts ``local_shared``, computed while the exchanges travel."""
+        train = torch.is_grad_enabled()
+        if self.is_shared_rank:
+            params = list(self.shared_experts.parameters())
+            runner = AutogradChunks(module_fn(self.shared_experts), params, train=train,
+                                    slice_params=False)
+        else:
+            params = self._params(experts)
+            runner = backend.chunk_runner(params, activation=experts.activation, train=train,
+                                          total_rows=total_rows, weight_on_input=weight_on_input)
+        side, side_params = None, []
+        if local_shared is not None:
+            side_params = list(local_shared.parameters())
+            side = AutogradChunks(module_fn(local_shared), side_params, train=train,
+                                  slice_params=False)
+        pipe = Pipeline(self.dispatcher, layouts, S.groups, runner, recv_ids, kw, side, **pipe_kw)
+        return pipe, params, side_params
 
     def _forward_ep(self, x_TD, ids_TK, w_TK, experts: GroupedExperts,
                     local_shared: nn.Module | None = None) -> torch.Tensor:
         if self.exchange == "tokens":
             return forward_tokens(self, x_TD, ids_TK, w_TK, experts, local_shared)
-        T, K = ids_TK.shape
+        K = ids_TK.shape[1]
         dev = x_TD.device
         on_input = experts.config.routing_weight_on == "input"
         backend = experts.backend_for(dev, x_TD.dtype)
-        weights = self._params(experts)
         C = self.num_chunks
         S = self._slots(C, dev)
 
@@ -358,75 +367,9 @@ class ExpertParallel(nn.Module):
             ).view(R, 1)
 
         # 4-5. dispatch -> local experts -> combine, chunk by chunk (pipeline.py)
-        train = torch.is_grad_enabled()
-        R_total = sum(lay.num_recv for lay in layouts)
-        if self.is_shared_rank:
-            params = list(self.shared_experts.parameters())
-            runner = self._shared_runner(train)
-        else:
-            params = weights
-            runner = backend.chunk_runner(weights, activation=experts.activation, train=train,
-                                          total_rows=R_total)
-        # the layer's shared experts, while the exchanges travel
-        side, side_params = self._side_runner(local_shared, train)
-        pipe = Pipeline(self.dispatcher, layouts, S.groups, runner, recv_ids, kw, side)
-        y_send, y_shared = pipe.apply(send, params, x_TD if side else None, side_params)
+        pipe, params, side_params = self._pipeline(
+            layouts, S, backend, experts, recv_ids, kw, local_shared,
+            sum(lay.num_recv for lay in layouts))
+        y_send, y_shared = pipe.apply(send, params, x_TD if pipe.side else None, side_params)
         y_TD = backend.unpermute(y_send, plan, None if on_input else w_TK)
         return y_TD if y_shared is None else y_TD + y_shared
-
-
-@dataclass(frozen=True)
-class _Slots:
-    """The extended slot space of one rank for ``C`` chunks: numbered chunk by chunk, then rank
-    by rank, then the rank's slots of the chunk's group (a shared rank: one slot per chunk),
-    so that the sender's rows sorted by slot are contiguous per chunk and, within a chunk,
-    per rank."""
-
-    num_slots: int
-    ext_table: torch.Tensor  # [E, Rmax] the extended slot of each replica of each expert
-    shared_ext: torch.Tensor  # [C, n_shared] each chunk's slot on each shared rank
-    starts: list  # [C][W] first extended slot of (chunk, rank)
-    counts: list  # [C][W] slots of (chunk, rank)
-    groups: list  # [C] (lo, hi): this rank's local slots in each chunk
-    routed: torch.Tensor  # [Q] bool: routed (not shared) slots
-    dest: torch.Tensor  # [Q] the destination (chunk c, rank r) = c*W + r of each slot
-    first: torch.Tensor  # [C*W] the first extended slot of each destination
-
-    @staticmethod
-    def build(p: Placement, rank: int, C: int, dev: torch.device) -> _Slots:
-        W = p.world_size
-        first = [sum(len(s) for s in p.slots[:r]) for r in range(W)]  # global slot of (r, 0)
-        ext_of_slot = [0] * p.num_slots
-        shared = [[0] * len(p.shared_ranks) for _ in range(C)]
-        starts = [[0] * W for _ in range(C)]
-        counts = [[0] * W for _ in range(C)]
-        routed: list[bool] = []
-        q = 0
-        for c in range(C):
-            for r in range(W):
-                starts[c][r] = q
-                if r in p.shared_ranks:
-                    shared[c][p.shared_ranks.index(r)] = q
-                    counts[c][r] = 1
-                    routed.append(False)
-                    q += 1
-                    continue
-                L = len(p.slots[r])
-                lo, hi = L * c // C, L * (c + 1) // C
-                for j in range(lo, hi):
-                    ext_of_slot[first[r] + j] = q
-                    q += 1
-                counts[c][r] = hi - lo
-                routed.extend([True] * (hi - lo))
-        L = len(p.slots[rank])
-        ext = torch.tensor(ext_of_slot, dtype=torch.long)
-        dest = [c * W + r for c in range(C) for r in range(W) for _ in range(counts[c][r])]
-        return _Slots(
-            num_slots=q, ext_table=ext[p.replica_table()].to(dev),
-            shared_ext=torch.tensor(shared, dtype=torch.long).view(C, len(p.shared_ranks)).to(dev),
-            starts=starts, counts=counts, groups=[(L * c // C, L * (c + 1) // C) for c in range(C)],
-            routed=torch.tensor(routed, dtype=torch.bool),
-            dest=torch.tensor(dest, dtype=torch.long).to(dev),
-            first=torch.tensor([starts[c][r] for c in range(C) for r in range(W)],
-                               dtype=torch.long).to(dev),
-        )

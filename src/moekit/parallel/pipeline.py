@@ -39,22 +39,34 @@ def _into(res: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
 
 
 class _Node(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, pipe, anchor, send_ND, x_side, *params):
-        ctx.pipe = pipe
-        y_ND, y_side = pipe.run_forward(send_ND, x_side)
-        if y_side is None:
-            y_side = send_ND.new_empty(0)
-            ctx.mark_non_differentiable(y_side)
-        return y_ND, y_side
+    """One autograd node over ``run``: ``run.forward(*inputs)`` -> ``(y, side output or None)``,
+    ``run.backward(g, g_side, needs)`` -> the grads of the inputs, then of every param
+    (``needs``: which params need a grad)."""
 
     @staticmethod
-    def backward(ctx, g_ND, g_side):
-        pipe, ctx.pipe = ctx.pipe, None
-        n = pipe.num_params
-        dx_ND, dx_side, grads, side_grads = pipe.run_backward(
-            g_ND, g_side, ctx.needs_input_grad[4:4 + n])
-        return (None, None, dx_ND, dx_side, *grads, *side_grads)
+    def forward(ctx, run, anchor, n_in, *args):
+        ctx.run, ctx.n_in = run, n_in
+        y, y_side = run.forward(*args[:n_in])
+        if y_side is None:
+            y_side = y.new_empty(0)
+            ctx.mark_non_differentiable(y_side)
+        return y, y_side
+
+    @staticmethod
+    def backward(ctx, g, g_side):
+        run, ctx.run = ctx.run, None
+        return (None, None, None, *run.backward(g, g_side, ctx.needs_input_grad[3 + ctx.n_in:]))
+
+
+def run_node(run, inputs: list, params: list, side_params: list = ()):
+    """``(y, side output or None)`` of ``run`` (a :class:`Pipeline`, or the token exchange's
+    run) as one autograd node, differentiable in ``inputs``, ``params`` and ``side_params``.
+    Every rank joins the backward's exchanges whenever grad mode is on (the ``anchor`` input),
+    even where nothing of its own needs a grad."""
+    dev = next(t.device for t in inputs if t is not None)
+    anchor = torch.empty(0, device=dev, requires_grad=torch.is_grad_enabled())
+    y, y_side = _Node.apply(run, anchor, len(inputs), *inputs, *params, *side_params)
+    return y, (y_side if run.side is not None else None)
 
 
 class Pipeline:
@@ -72,18 +84,20 @@ class Pipeline:
     * ``out_dtype``: the dtype of the rows sent back, both directions (the token exchange's
       partial sums: float32 keeps them unrounded until the sender sums them);
     * ``routing_cols``: with the token exchange, K: the backward also sends back the grads of
-      the received rows' routing weights (the runner's ``routing_grad``), ``[N, K]`` fp32.
+      the received rows' routing weights (the runner's ``routing_grad``), ``[N, K]`` in
+      ``routing_dtype``.
     """
 
     def __init__(self, dispatcher: Dispatcher, layouts: list[Layout], groups: list[tuple[int, int]],
                  runner: Any, recv_ids: Callable[[int], torch.Tensor | None],
                  plan_kwargs: list[dict], side: Any = None, *, out_dtype=None,
-                 routing_cols: int = 0):
+                 routing_cols: int = 0, routing_dtype=torch.float32):
         self.disp, self.layouts, self.groups = dispatcher, layouts, groups
         self.runner, self.recv_ids, self.plan_kwargs = runner, recv_ids, plan_kwargs
         self.side = side
         self.out_dtype = out_dtype  # of the rows sent back (None: the sent rows')
         self.routing_cols = routing_cols  # K of the token exchange's routing weights (0: none)
+        self.routing_dtype = routing_dtype
         self.num_params = 0
         self.send_at = [0, *accumulate(l.num_send for l in layouts)]
         self.recv_at = [0, *accumulate(l.num_recv for l in layouts)]
@@ -93,12 +107,17 @@ class Pipeline:
               x_side: torch.Tensor | None = None, side_params: list[torch.Tensor] = ()):
         """``(combined rows [N, D], side output or None)``: this rank's sent rows back in their
         order, and the ``side`` runner's output on ``x_side``; differentiable in ``send_ND``,
-        ``params``, ``x_side`` and ``side_params``. Every rank joins the backward's exchanges
-        whenever grad mode is on (``anchor``), even where nothing of its own needs a grad."""
-        anchor = torch.empty(0, device=send_ND.device, requires_grad=torch.is_grad_enabled())
+        ``params``, ``x_side`` and ``side_params`` (:func:`run_node`)."""
         self.num_params = len(params)
-        y_ND, y_side = _Node.apply(self, anchor, send_ND, x_side, *params, *side_params)
-        return y_ND, (y_side if self.side is not None else None)
+        return run_node(self, [send_ND, x_side], params, side_params)
+
+    def forward(self, send_ND, x_side):
+        return self.run_forward(send_ND, x_side)
+
+    def backward(self, g_ND, g_side, needs):
+        dx_ND, dx_side, grads, side_grads = self.run_backward(g_ND, g_side,
+                                                              needs[:self.num_params])
+        return (dx_ND, dx_side, *grads, *side_grads)
 
     def _exchanges(self, rows_ND: torch.Tensor, into_RD: torch.Tensor) -> list:
         """Every chunk's rows sent towards the experts (dispatch direction), received into
@@ -158,14 +177,14 @@ class Pipeline:
 
     def run_backward(self, g_ND: torch.Tensor, g_side=None, needs=None):
         """``(dx_ND, dx_side, param grads, side param grads)``, and with ``routing_cols`` the
-        sent rows' routing-weight grads ``[N, K]`` fp32 after them; ``needs``: which params
+        sent rows' routing-weight grads ``[N, K]`` after them; ``needs``: which params
         need a grad (all when None)."""
         g_ND = g_ND.contiguous()
         dy_all = g_ND.new_empty(self.recv_at[-1], g_ND.shape[1])
         dx_ND = g_ND.new_empty(self.send_at[-1], g_ND.shape[1], dtype=self.out_dtype or g_ND.dtype)
         dw_NK = None
         if self.routing_cols:
-            dw_NK = g_ND.new_empty(self.send_at[-1], self.routing_cols, dtype=torch.float32)
+            dw_NK = g_ND.new_empty(self.send_at[-1], self.routing_cols, dtype=self.routing_dtype)
         dx_side, side_grads = None, []
         with torch.no_grad():
             first = self._exchanges(g_ND, dy_all)

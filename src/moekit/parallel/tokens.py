@@ -13,16 +13,18 @@ with the routing weights) and sends back each token's partial sum over its local
 sender adds the partials of its token's destinations (a fixed order: deterministic).
 
 Legend: T tokens, K top-k, P = C*W destinations (chunk c, rank r: ``c*W + r``, the order of the
-extended slots, ``_Slots``), N rows sent (token, destination), R rows received.
+extended slots, ``slots.py``), N rows sent (token, destination), R rows received.
 
 * Capacity: every expert's rows are in one chunk, in the global token order (senders in rank
   order, tokens in order): the receiver's plan drops what the single-process plan drops
   (the zero experts' slots do not count against a capacity).
 * ``partials``: the dtype of the partial sums sent back (forward: the outputs, backward: the
-  input grads): ``float32`` keeps them unrounded until the sender's sum (the output then
+  input grads): ``float32`` (or the activations' dtype if wider) keeps them unrounded until
+  the sender's sum (the output then
   differs from the single-process layer's only by the fp32 summation order); ``"input"``
   sends them in the activations' dtype (half the bytes back, one more rounding).
-* Routing-weight grads travel back in the backward beside the input grads (``[N, K]`` fp32).
+* The routing weights travel in fp32 (fp64 for an fp64 router), and so do their grads, back
+  in the backward beside the input grads (``[N, K]``).
 """
 
 from __future__ import annotations
@@ -32,47 +34,31 @@ import torch
 from ..plan import capacity_for, count_per_expert
 from .checks import raise_from_rows, status_row
 from .dispatch import Layout
-from .pipeline import Pipeline
+from .pipeline import Pipeline, run_node
 
 __all__ = ["PARTIALS", "forward_tokens"]
 
 PARTIALS = ("float32", "input")
 
 
-class _TokenNode(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, run, anchor, x_TD, w_TK, x_side, *params):
-        ctx.run = run
-        y_TD, y_side = run.forward(x_TD, x_side)
-        if y_side is None:
-            y_side = x_TD.new_empty(0)
-            ctx.mark_non_differentiable(y_side)
-        return y_TD, y_side
-
-    @staticmethod
-    def backward(ctx, g_TD, g_side):
-        run, ctx.run = ctx.run, None
-        n = run.num_params
-        dx_TD, dw_TK, dx_side, grads, side_grads = run.backward(
-            g_TD, g_side, ctx.needs_input_grad[5:5 + n])
-        return (None, None, dx_TD, dw_TK, dx_side, *grads, *side_grads)
-
-
 class _TokenRun:
     """One forward (and backward) of the token exchange on this rank: the sender's gathers and
     sums around the pipeline (``pipeline.py``) that runs the exchanges and the local experts."""
 
-    def __init__(self, backend, plan, pipe: Pipeline, rows_TK: torch.Tensor, dtype, num_params):
-        self.backend, self.plan, self.pipe = backend, plan, pipe
+    def __init__(self, backend, plan, pipe: Pipeline, rows_TK: torch.Tensor, dtype, num_params,
+                 w_dtype):
+        self.backend, self.plan, self.pipe, self.side = backend, plan, pipe, pipe.side
         self.rows_TK = rows_TK  # [T, K] the sent row of each routed slot's destination
         self.dtype, self.num_params = dtype, num_params  # of the activations; of the experts
+        self.w_dtype = w_dtype  # of the routing weights
 
     def _sum(self, parts_ND: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Each token's partial sums over its destinations, in a fixed order."""
         with torch.no_grad():
             return self.backend.unpermute(parts_ND, self.plan, out_dtype=dtype)
 
-    def forward(self, x_TD, x_side):
+    def forward(self, x_TD, w_TK, x_side):
+        # (the routing weights travel in the metadata; the node returns their grads)
         with torch.no_grad():
             send_ND = self.backend.permute(x_TD, self.plan)
         y_ND, y_side = self.pipe.run_forward(send_ND, x_side)
@@ -82,11 +68,12 @@ class _TokenRun:
         dt = self.dtype
         with torch.no_grad():
             g_ND = self.backend.permute(g_TD.to(dt), self.plan)
-        dx_ND, dx_side, grads, side_grads, dw_NK = self.pipe.run_backward(g_ND, g_side, needs)
+        dx_ND, dx_side, grads, side_grads, dw_NK = self.pipe.run_backward(
+            g_ND, g_side, needs[:self.num_params])
         dx_TD = self._sum(dx_ND, dt)
         K = self.rows_TK.shape[1]
-        dw_TK = dw_NK[self.rows_TK, torch.arange(K, device=dw_NK.device)]
-        return dx_TD, dw_TK, dx_side, grads, side_grads
+        dw_TK = dw_NK[self.rows_TK, torch.arange(K, device=dw_NK.device)].to(self.w_dtype)
+        return (dx_TD, dw_TK, dx_side, *grads, *side_grads)
 
 
 def forward_tokens(ep, x_TD, ids_TK, w_TK, experts, local_shared=None) -> torch.Tensor:
@@ -96,7 +83,6 @@ def forward_tokens(ep, x_TD, ids_TK, w_TK, experts, local_shared=None) -> torch.
     dev, dt = x_TD.device, x_TD.dtype
     woi = experts.config.routing_weight_on == "input"
     backend = experts.backend_for(dev, dt)
-    weights = ep._params(experts)
     C, W, me = ep.num_chunks, ep.world_size, ep.rank
     S = ep._slots(C, dev)
     P = C * W
@@ -126,16 +112,18 @@ def forward_tokens(ep, x_TD, ids_TK, w_TK, experts, local_shared=None) -> torch.
     tok, d_N = plan.token_ids_N, plan.expert_ids_N
     # metadata of each sent row: the destination's local expert of each routed slot (-1: held
     # elsewhere) and the slot's routing weight
+    # (the weights in fp32, or fp64 for an fp64 router, as int32 bits)
+    wdt = torch.float64 if w_TK.dtype == torch.float64 else torch.float32
     q_NK = q_TK[:, :K].index_select(0, tok)
     here = S.dest[q_NK] == d_N.unsqueeze(1)
     lid_NK = torch.where(here, q_NK - S.first[d_N].unsqueeze(1), -1).to(torch.int32)
-    w_NK = torch.where(here, w_TK.detach().float().index_select(0, tok), 0.0)
+    w_NK = torch.where(here, w_TK.detach().to(wdt).index_select(0, tok), 0.0)
     meta_NM = torch.cat([lid_NK, w_NK.view(torch.int32)], 1)
 
     # 3. the metadata travels first (small), then the receiver's plan arguments per chunk
     kw: list[dict] = []
     ids_c: list = []
-    pdt = torch.float32 if ep.partials == "float32" else dt
+    pdt = torch.promote_types(dt, torch.float32) if ep.partials == "float32" else dt
     at = 0
     capacity = None
     if experts.capacity_factor is not None:
@@ -151,29 +139,18 @@ def forward_tokens(ep, x_TD, ids_TK, w_TK, experts, local_shared=None) -> torch.
         lo, hi = S.groups[c]
         lid = got[:, :K].to(torch.int64)
         ids_c.append(torch.where(lid >= 0, lid, hi - lo))
-        k = {"weights": got[:, K:].contiguous().view(torch.float32), "num_zero_experts": 1,
+        k = {"weights": got[:, K:].contiguous().view(wdt), "num_zero_experts": 1,
              "num_real_slots": sum(rows[r][P + c * W + me] for r in range(W)), "out_dtype": pdt}
         if capacity is not None:
             k.update(capacity=capacity, drop_policy=experts.drop_policy)
         kw.append(k)
 
     # 4. dispatch -> local experts -> combine, chunk by chunk (pipeline.py)
-    train = torch.is_grad_enabled()
-    if ep.is_shared_rank:
-        params = list(ep.shared_experts.parameters())
-        runner = ep._shared_runner(train)
-    else:
-        params = weights
-        runner = backend.chunk_runner(weights, activation=experts.activation, train=train,
-                                      total_rows=sum(rows[r][P + c * W + me] for r in range(W)
-                                                     for c in range(C)),
-                                      weight_on_input=woi)
-    side, side_params = ep._side_runner(local_shared, train)
-    pipe = Pipeline(ep.dispatcher, layouts, S.groups, runner, ids_c.__getitem__, kw, side,
-                    out_dtype=pdt, routing_cols=K)
+    slots = sum(rows[r][P + c * W + me] for r in range(W) for c in range(C))
+    pipe, params, side_params = ep._pipeline(
+        layouts, S, backend, experts, ids_c.__getitem__, kw, local_shared, slots,
+        weight_on_input=woi, out_dtype=pdt, routing_cols=K, routing_dtype=wdt)
     rows_TK = plan.inverse_TK.gather(1, dest_TK[:, :K])
-    anchor = torch.empty(0, device=dev, requires_grad=torch.is_grad_enabled())
-    run = _TokenRun(backend, plan, pipe, rows_TK, dt, len(params))
-    y_TD, y_shared = _TokenNode.apply(run, anchor, x_TD, w_TK, x_TD if side else None,
-                                      *params, *side_params)
-    return y_TD if side is None else y_TD + y_shared
+    run = _TokenRun(backend, plan, pipe, rows_TK, dt, len(params), w_TK.dtype)
+    y_TD, y_shared = run_node(run, [x_TD, w_TK, x_TD if pipe.side else None], params, side_params)
+    return y_TD if y_shared is None else y_TD + y_shared
