@@ -1,6 +1,8 @@
 """Shared by the kernel A/B scripts (``dw_ab.py``, ``gemm_ab.py``): time a few variants of one
 call, alternated, as do_bench medians, and compare their outputs with the first variant's."""
 
+from types import SimpleNamespace
+
 import torch
 import triton
 
@@ -42,3 +44,15 @@ def routed_plan(T: int, E: int, K: int):
     """The routing plan of a random top-K routing of T tokens over E experts, on the GPU."""
     g = torch.Generator(device="cpu").manual_seed(0)
     return make_plan(torch.randn(T, E, generator=g).topk(K, -1).indices.cuda(), E)
+
+
+def shape_inputs(name: str) -> SimpleNamespace:
+    """What both A/B scripts time at a training shape: its dims (T, D, F, E, K and N = T*K), a
+    random top-K routing plan, and random bf16 operands ``x [T, D]``, ``dh [N, 2F]``,
+    ``act [N, F]``."""
+    T, D, F, E, K = SHAPES[name]
+    N = T * K
+    bf16 = {"device": "cuda", "dtype": torch.bfloat16}
+    return SimpleNamespace(T=T, D=D, F=F, E=E, K=K, N=N, plan=routed_plan(T, E, K),
+                           x=torch.randn(T, D, **bf16), dh=torch.randn(N, 2 * F, **bf16),
+                           act=torch.randn(N, F, **bf16))

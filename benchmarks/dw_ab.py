@@ -14,7 +14,7 @@ import argparse
 import json
 
 import torch
-from ab_common import SHAPES, ab, routed_plan, tile
+from ab_common import SHAPES, ab, shape_inputs, tile
 
 from moekit.ops.triton import weight_grads as W
 
@@ -41,13 +41,9 @@ def main():
     a = p.parse_args()
     rows = []
     for name in a.shapes:
-        T, D, F, E, K = SHAPES[name]
-        plan = routed_plan(T, E, K)
-        N = T * K
-        x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
-        dh = torch.randn(N, 2 * F, device="cuda", dtype=torch.bfloat16)
-        gy = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
-        act = torch.randn(N, F, device="cuda", dtype=torch.bfloat16)
+        s = shape_inputs(name)
+        plan, N, D, F, x, dh, act = s.plan, s.N, s.D, s.F, s.x, s.dh, s.act
+        gy = torch.randn(s.T, D, device="cuda", dtype=torch.bfloat16)
         args = {"dW_up": (dh, None, x, plan.token_ids_N, None, False, plan.counts_E, plan.offsets_E),
                 "dW_down": (gy, plan.token_ids_N, act, None, None, True, plan.counts_E, plan.offsets_E)}
         modes = {" ptr": {"tma": (0,)}, " tma": {"tma": (1,)}} if a.tma else {"": {}}

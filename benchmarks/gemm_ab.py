@@ -14,7 +14,7 @@ import argparse
 import json
 
 import torch
-from ab_common import SHAPES, ab, routed_plan, tile
+from ab_common import ab, shape_inputs, tile
 
 from moekit.ops.triton import launchers as L
 from moekit.ops.triton import weight_grads as W
@@ -36,14 +36,10 @@ def main():
     a = p.parse_args()
     rows = []
     for name in a.shapes:
-        T, D, F, E, K = SHAPES[name]
-        plan = routed_plan(T, E, K)
-        N = T * K
-        x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+        s = shape_inputs(name)
+        plan, N, D, F, E, x, dh, act = s.plan, s.N, s.D, s.F, s.E, s.x, s.dh, s.act
         w1 = torch.randn(E, 2 * F, D, device="cuda", dtype=torch.bfloat16) * D ** -0.5
         w2 = torch.randn(E, D, F, device="cuda", dtype=torch.bfloat16) * F ** -0.5
-        act = torch.randn(N, F, device="cuda", dtype=torch.bfloat16)
-        dh = torch.randn(N, 2 * F, device="cuda", dtype=torch.bfloat16)
         kinds = [
             ("up_gated", a.up, 2 * N * D * 2 * F,
              lambda t: L.up_forward(x, w1, None, plan.token_ids_N, None, plan.counts_E,

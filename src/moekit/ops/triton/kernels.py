@@ -20,7 +20,6 @@ from .kernels_common import (  # noqa: F401 - ACT_CODES: the launchers read it f
     _glu_fwd,
     _row_tile,
     _rows_mainloop,
-    _swizzle,
     _unary_fwd,
 )
 
@@ -38,11 +37,10 @@ def _up_interleaved(X, W, B, TOK, ROWW, H_OUT, A_OUT, COUNTS, OFFSETS, E, D, F, 
     contiguous block whether W is ``[E, 2F, D]`` or a transposed ``[E, D, 2F]`` view), h stored
     as it comes out, and the gate and up columns taken apart in registers for the GLU."""
     num_pid_n = tl.cdiv(F, BLOCK_N)
-    e, rows64, mask_m, hcols, mask_h = _row_tile(num_pid_m, num_pid_n, COUNTS, OFFSETS, E, 2 * F,
-                                                 E_P2, BLOCK_M, 2 * BLOCK_N, GROUP_M)
+    e, rows64, mask_m, hcols, mask_h, pid_n = _row_tile(num_pid_m, num_pid_n, COUNTS, OFFSETS, E,
+                                                        2 * F, E_P2, BLOCK_M, 2 * BLOCK_N, GROUP_M)
     if e >= E:
         return
-    _, pid_n = _swizzle(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
     tok = tl.load(TOK + rows64, mask=mask_m, other=0).to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
     e64 = e.to(tl.int64)
@@ -94,8 +92,8 @@ def up_kernel(
                         stride_an, ACT, HAS_BIAS, WOI, STORE_H, E_P2, PREC, BLOCK_M, BLOCK_N,
                         BLOCK_K, GROUP_M, ALPHA, LIMIT)
         return
-    e, rows64, mask_m, cols, mask_n = _row_tile(num_pid_m, tl.cdiv(F, BLOCK_N), COUNTS, OFFSETS, E, F,
-                                                E_P2, BLOCK_M, BLOCK_N, GROUP_M)
+    e, rows64, mask_m, cols, mask_n, _ = _row_tile(num_pid_m, tl.cdiv(F, BLOCK_N), COUNTS, OFFSETS,
+                                                   E, F, E_P2, BLOCK_M, BLOCK_N, GROUP_M)
     if e >= E:
         return
     tok = tl.load(TOK + rows64, mask=mask_m, other=0).to(tl.int64)
@@ -171,8 +169,8 @@ def rows_gemm_kernel(
     strides (the down projection: ``W = down [E, D, F]``; the input-grad of the up projection:
     ``W = gate_up`` seen as ``[E, D, H]``). ``SCATTER``: row ``n`` is stored at row
     ``OUT_ROWS[n]`` of y."""
-    e, rows64, mask_m, cols, mask_n = _row_tile(num_pid_m, tl.cdiv(O, BLOCK_N), COUNTS, OFFSETS, E, O,
-                                                E_P2, BLOCK_M, BLOCK_N, GROUP_M)
+    e, rows64, mask_m, cols, mask_n, _ = _row_tile(num_pid_m, tl.cdiv(O, BLOCK_N), COUNTS, OFFSETS,
+                                                   E, O, E_P2, BLOCK_M, BLOCK_N, GROUP_M)
     if e >= E:
         return
     ks = tl.arange(0, BLOCK_K)

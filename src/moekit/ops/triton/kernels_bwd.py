@@ -12,7 +12,6 @@ from .kernels_common import (
     _glu_fwd_bwd,
     _row_tile,
     _rows_mainloop,
-    _swizzle,
     _unary_fwd_bwd,
 )
 
@@ -88,11 +87,10 @@ def down_dgrad_kernel(
     when the weight is on the output, the routing-weight gradient's partial
     ``<G, act(h)>`` over this column block (+ ``<gout, b_down[e]>`` in block 0) into
     ``DWT[row, pid_n]``."""
-    e, rows64, mask_m, cols, mask_n = _row_tile(num_pid_m, num_pid_n, COUNTS, OFFSETS, E, F,
-                                                E_P2, BLOCK_M, BLOCK_N, GROUP_M)
+    e, rows64, mask_m, cols, mask_n, pid_n = _row_tile(num_pid_m, num_pid_n, COUNTS, OFFSETS, E, F,
+                                                       E_P2, BLOCK_M, BLOCK_N, GROUP_M)
     if e >= E:
         return
-    _, pid_n = _swizzle(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
     tok = tl.load(TOK + rows64, mask=mask_m, other=0).to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
     e64 = e.to(tl.int64)

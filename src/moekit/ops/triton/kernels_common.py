@@ -141,13 +141,13 @@ def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 @triton.jit
 def _row_tile(num_pid_m, num_pid_n, COUNTS, OFFSETS, E, n_cols, E_P2: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """This program's tile of a row-tiled grouped GEMM: ``(e, rows64, mask_m, cols, mask_n)``
-    (``e == E``: past the last tile, the caller returns)."""
+    """This program's tile of a row-tiled grouped GEMM: ``(e, rows64, mask_m, cols, mask_n,
+    pid_n)`` (``e == E``: past the last tile, the caller returns; ``pid_n``: its column tile)."""
     pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
     e, row0, row_end = _find_tile(pid_m, COUNTS, OFFSETS, E, E_P2, BLOCK_M)
     rows = row0 + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    return e, rows.to(tl.int64), rows < row_end, cols, cols < n_cols
+    return e, rows.to(tl.int64), rows < row_end, cols, cols < n_cols, pid_n
 
 
 @triton.jit
