@@ -441,10 +441,10 @@ def tp_scenario(rank):
     W = dist.get_world_size()
     groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     tg = rank // 2
-    for chunks, Ts in ((1, [7, 4]), (2, [5, 0])):
+    for chunks, Ts, exchange in ((1, [7, 4], "rows"), (2, [5, 0], "rows"), (2, [7, 4], "tokens")):
         moe = make_moe(11, E=8, K=2, bias=True, shared=True, shared_gate=True)
         ref = copy.deepcopy(moe)
-        apply_ep(moe, tp_group=groups[tg], shared_experts="tp", num_chunks=chunks)
+        apply_ep(moe, tp_group=groups[tg], shared_experts="tp", num_chunks=chunks, exchange=exchange)
         assert not moe.dispatch.overlaps_shared(moe.shared_experts)  # they hold a collective
         xs, gs, _ = inputs(11, Ts, moe.dim)
         y_ref, gx_ref = run_ref(ref, xs, gs, None)
@@ -452,7 +452,7 @@ def tp_scenario(rank):
         y = moe(x)
         (y * gs[tg]).sum().backward()
         a = sum(Ts[:tg])
-        tag = f"tp chunks={chunks}"
+        tag = f"tp chunks={chunks} {exchange}"
         close(y.detach(), y_ref[a:a + Ts[tg]], f"{tag}: output")
         close(x.grad, gx_ref[a:a + Ts[tg]], f"{tag}: x grad")
         ep = moe.experts
