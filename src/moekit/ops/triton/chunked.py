@@ -31,6 +31,7 @@ from .ops import (
     combine_op,
     input_grad_rows,
     rows_gemm_op,
+    slot_grads,
     training_paths,
     up_op,
     weight_grad_op,
@@ -123,10 +124,8 @@ class TritonChunks:
         k["dh"] = dh
         if self.recompute:
             k["a"] = a
-        if k["weighted"]:  # each slot's routing-weight grad: its row's, 0 where no row
-            idx = torch.where(plan.inverse_TK < 0, dwt.shape[0], plan.inverse_TK).reshape(-1)
-            k["dw"] = torch.cat([dwt, dwt.new_zeros(1)]).index_select(0, idx).view(
-                plan.inverse_TK.shape)
+        if k["weighted"]:  # each slot's routing-weight grad
+            k["dw"] = slot_grads(dwt, plan.inverse_TK)
         scatter = not k["weighted"] and self._scatter(plan)
         dx_rows = input_grad_rows(dh, w_up, plan.counts_E, plan.offsets_E, self.tiles,
                                   self.rows_cublas, plan.token_ids_N if scatter else None)

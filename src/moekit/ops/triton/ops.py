@@ -229,10 +229,7 @@ class FusedExperts(torch.autograd.Function):
             if b_up is None:
                 db_up = None
         if need[5] and not woi:
-            N = dwt_N.shape[0]
-            idx = torch.where(inverse < 0, N, inverse)
-            dtopk = torch.cat([dwt_N, dwt_N.new_zeros(1)]).index_select(0, idx.reshape(-1))
-            dtopk = dtopk.view(inverse.shape)
+            dtopk = slot_grads(dwt_N, inverse)
         if dtopk is not None:
             dtopk = dtopk.to(topk_w.dtype)
         if db_up is not None:
@@ -244,6 +241,13 @@ class FusedExperts(torch.autograd.Function):
                 db_down if need[4] else None, dtopk if need[5] else None,
                 None, None, None, None, None, None, None, None, None, None,
                 None, None, None, None, None, None, None, None, None)
+
+
+def slot_grads(grad_N: torch.Tensor, inverse_TK: torch.Tensor) -> torch.Tensor:
+    """``[T, K]``: each slot's value of the per-row ``grad_N`` (its row's; 0 where the slot has
+    no row: dropped, or a zero expert)."""
+    idx = torch.where(inverse_TK < 0, grad_N.shape[0], inverse_TK).reshape(-1)
+    return torch.cat([grad_N, grad_N.new_zeros(1)]).index_select(0, idx).view(inverse_TK.shape)
 
 
 def _down_projection(a, w_down, b_down, counts, offsets, tiles, cublas: bool) -> torch.Tensor:
