@@ -12,9 +12,8 @@ import torch.distributed as dist
 from ..moe import MoE
 from . import placement as placement_mod
 from .dispatch import Dispatcher
-from .ep import EXCHANGES, ExpertParallel
+from .ep import ExpertParallel, check_exchange
 from .placement import Placement
-from .tokens import PARTIALS
 from .tp import TPSharedExperts
 
 __all__ = ["apply_ep", "sync_replicated_grads"]
@@ -137,10 +136,7 @@ def apply_ep(
             f"apply_ep: this MoE has zero_experts={moe.config.zero_experts} (zero-computation "
             "experts), which expert parallelism does not dispatch; run it on one process"
         )
-    if exchange not in EXCHANGES:
-        raise ValueError(f"exchange={exchange!r}; allowed: {EXCHANGES}")
-    if partials not in PARTIALS:
-        raise ValueError(f"partials={partials!r}; allowed: {PARTIALS}")
+    check_exchange(exchange, partials)
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("apply_ep needs torch.distributed initialized (init_process_group)")
     group = _resolve_group(group)

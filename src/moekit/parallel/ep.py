@@ -50,12 +50,20 @@ from .dispatch import AllToAllDispatcher, Dispatcher, Layout, to_device
 from .pipeline import Pipeline
 from .placement import Placement
 from .slots import Slots
-from .tokens import PARTIALS, forward_tokens
+from .tokens import PARTIALS, counts_width, forward_tokens
 from .tp import tp_gather, tp_scatter
 
-__all__ = ["EXCHANGES", "ExpertParallel"]
+__all__ = ["EXCHANGES", "ExpertParallel", "check_exchange"]
 
 EXCHANGES = ("rows", "tokens")
+
+
+def check_exchange(exchange: str, partials: str) -> None:
+    """``exchange`` and ``partials`` are allowed values (else a ValueError naming them)."""
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange={exchange!r}; allowed: {EXCHANGES}")
+    if partials not in PARTIALS:
+        raise ValueError(f"partials={partials!r}; allowed: {PARTIALS}")
 
 
 class _ReplicaGradSum(torch.autograd.Function):
@@ -122,10 +130,7 @@ class ExpertParallel(nn.Module):
         partials: str = "float32",
     ):
         super().__init__()
-        if exchange not in EXCHANGES:
-            raise ValueError(f"exchange={exchange!r}; allowed: {EXCHANGES}")
-        if partials not in PARTIALS:
-            raise ValueError(f"partials={partials!r}; allowed: {PARTIALS}")
+        check_exchange(exchange, partials)
         self.exchange, self.partials = exchange, partials
         self.group = group
         self.world_size = dist.get_world_size(group)
@@ -236,9 +241,10 @@ class ExpertParallel(nn.Module):
         if self.tp_group is not None:  # a tensor-parallel gather comes first
             raise_on_every_rank(self.group, error, x, None)
         dev = exchange_device(self.group)
-        q = self._slots(self.num_chunks, torch.device("cpu")).num_slots
-        if self.exchange == "tokens":  # rows and slots per destination, and T
-            q = 2 * self.num_chunks * self.world_size + 1
+        if self.exchange == "tokens":
+            q = counts_width(self.num_chunks, self.world_size)
+        else:
+            q = self._slots(self.num_chunks, torch.device("cpu")).num_slots
         counts = torch.zeros(1, q, dtype=torch.int64, device=dev)
         _, headers = self.dispatcher.exchange_counts(counts, status_row(error, x, None))
         raise_from_rows(self.group, headers, error)

@@ -36,9 +36,14 @@ from .checks import raise_from_rows, status_row
 from .dispatch import Layout
 from .pipeline import Pipeline, run_node
 
-__all__ = ["PARTIALS", "forward_tokens"]
+__all__ = ["PARTIALS", "counts_width", "forward_tokens"]
 
 PARTIALS = ("float32", "input")
+
+
+def counts_width(num_chunks: int, world_size: int) -> int:
+    """Entries of one rank's counts row: tokens and routed slots per destination, and its T."""
+    return 2 * num_chunks * world_size + 1
 
 
 class _TokenRun:
@@ -95,13 +100,14 @@ def forward_tokens(ep, x_TD, ids_TK, w_TK, experts, local_shared=None) -> torch.
 
     # 2. those counts and every rank's token count (capacity), on the host: the forward's one
     # host sync, with every rank's fail-together status
-    mine = torch.cat([hit.sum(0), slots_P, slots_P.new_full((1,), T)])
+    mine = torch.cat([hit.sum(0), slots_P, slots_P.new_full((1,), T)])  # counts_width(C, W)
     counts, headers = ep.dispatcher.exchange_counts(mine.view(1, -1), status_row(None, x_TD, K))
     raise_from_rows(ep.group, headers, None)
     rows = counts[:, 0].tolist()
     layouts = [Layout(send=[rows[me][c * W + r] for r in range(W)],
                       recv=[rows[r][c * W + me] for r in range(W)]) for c in range(C)]
     ep.last_layouts = layouts
+    slots_c = [sum(rows[r][P + c * W + me] for r in range(W)) for c in range(C)]  # received
 
     # the sender's plan over destinations: rows by destination, then token (destinations a
     # token does not need are the plan's zero expert P; their number is known: no host sync)
@@ -140,15 +146,14 @@ def forward_tokens(ep, x_TD, ids_TK, w_TK, experts, local_shared=None) -> torch.
         lid = got[:, :K].to(torch.int64)
         ids_c.append(torch.where(lid >= 0, lid, hi - lo))
         k = {"weights": got[:, K:].contiguous().view(wdt), "num_zero_experts": 1,
-             "num_real_slots": sum(rows[r][P + c * W + me] for r in range(W)), "out_dtype": pdt}
+             "num_real_slots": slots_c[c], "out_dtype": pdt}
         if capacity is not None:
             k.update(capacity=capacity, drop_policy=experts.drop_policy)
         kw.append(k)
 
     # 4. dispatch -> local experts -> combine, chunk by chunk (pipeline.py)
-    slots = sum(rows[r][P + c * W + me] for r in range(W) for c in range(C))
     pipe, params, side_params = ep._pipeline(
-        layouts, S, backend, experts, ids_c.__getitem__, kw, local_shared, slots,
+        layouts, S, backend, experts, ids_c.__getitem__, kw, local_shared, sum(slots_c),
         weight_on_input=woi, out_dtype=pdt, routing_cols=K, routing_dtype=wdt)
     rows_TK = plan.inverse_TK.gather(1, dest_TK[:, :K])
     run = _TokenRun(backend, plan, pipe, rows_TK, dt, len(params), w_TK.dtype)
