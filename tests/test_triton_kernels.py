@@ -82,7 +82,7 @@ if not INTERP:
         assert TritonBackend.Config(dgrad="fused").build().config.dgrad == "fused"
 
     def test_settings_are_validated_and_read_from_the_environment():
-        from moekit.ops.triton_backend import ENV_VARS, GemmTile, TritonBackend
+        from moekit.ops.triton_backend import ENV_VARS, GemmTile, TritonBackend, UpGemvTile
 
         C = TritonBackend.Config
         for bad, err, msg in [
@@ -97,6 +97,8 @@ if not INTERP:
             (dict(kind_tiles={"down": GemmTile(16, 16, 16)}), ValueError, "has key 'down'"),
             (dict(dw_tile="128,128,64,8,3"), TypeError, "dw_tile must be a GemmTile"),
             (dict(down_combine_tile=(4, 0, 4, 1)), ValueError, "expected 4 positive integers"),
+            (dict(gemv_up_tokens=True), ValueError, "gemv_up_tokens=True; it must be an integer >= 0"),
+            (dict(up_gemv_tile=(3, 256)), ValueError, "UpGemvTile.block_p=3: it must be a power of two"),
         ]:
             with pytest.raises(err, match=re.escape(msg)):
                 C(**bad)
@@ -105,7 +107,8 @@ if not INTERP:
                "MOEKIT_TRITON_FUSED_DECODE_T": "8", "MOEKIT_TRITON_PDL": "0", "MOEKIT_TRITON_TMA": "0",
                "MOEKIT_TRITON_PERSISTENT": "0",
                "MOEKIT_TRITON_CONFIG": "128,256,64,8,3", "MOEKIT_TRITON_DW_CONFIG": "64,64,32,4,3",
-               "MOEKIT_TRITON_DOWN_COMBINE_CONFIG": "4,64,4,1",
+               "MOEKIT_TRITON_DOWN_COMBINE_CONFIG": "4,64,4,1", "MOEKIT_TRITON_GEMV_UP_T": "2",
+               "MOEKIT_TRITON_UP_GEMV_CONFIG": "8,512,2,8",
                "MOEKIT_TRITON_DECODE_UP_GATED_CONFIG": "16,32,128,4,4"}
         c = C.from_env(env)
         assert (c.dgrad, c.dw, c.recompute_act, c.inplace_dgrad, c.fused_decode_tokens, c.pdl, c.tma) == (
@@ -116,7 +119,8 @@ if not INTERP:
         assert c.gemm_tile == GemmTile(128, 256, 64, 8, 3) and c.dw_tile == GemmTile(64, 64, 32, 4, 3)
         assert c.kind_tiles == {"decode_up_gated": GemmTile(16, 32, 128, 4, 4)}
         assert c.down_combine_tile.block_f == 64
-        assert C.from_env({}) == C() and len(ENV_VARS) == 19
+        assert c.gemv_up_tokens == 2 and c.up_gemv_tile == UpGemvTile(8, 512, 2, 8) and "up_gemv=8,512,2,8" in c.tiles_spec()
+        assert C.from_env({}) == C() and len(ENV_VARS) == 21
         d = C(dgrad="fused").to_dict()
         assert d["name"] == "triton" and d["dgrad"] == "fused"
         for var, text, msg in [("MOEKIT_TRITON_DW_CONFIG", "128,128,64", "MOEKIT_TRITON_DW_CONFIG='128,128,64': expected 5"),
@@ -458,11 +462,11 @@ else:
     def test_fused_decode_down_combine(monkeypatch, T, K, bias, woi, dropped):
         """Inference at few tokens runs down + combine as one kernel (counted): the output
         matches the float64 loop in fp32, and the unfused kernels' output."""
-        from moekit.ops.triton import launchers
+        from moekit.ops.triton import decode
 
         calls = []
-        real = launchers.down_combine
-        monkeypatch.setattr(launchers, "down_combine", lambda *a: calls.append(1) or real(*a))
+        real = decode.down_combine
+        monkeypatch.setattr(decode, "down_combine", lambda *a: calls.append(1) or real(*a))
         ts, ids, _ = _inputs(T, 40, 24, 6, K, True, bias=bias, seed=50 + T)
         plan = make_plan(ids, 6, capacity_factor=0.5) if dropped else None
         if dropped:
@@ -470,8 +474,8 @@ else:
         x, w1, w2, b1, b2, wts = [None if t is None else t for t in ts]
 
         pdls = []
-        real_pdl = launchers.use_pdl
-        monkeypatch.setattr(launchers, "use_pdl", lambda d, e: pdls.append(e) or real_pdl(d, e))
+        real_pdl = decode.use_pdl
+        monkeypatch.setattr(decode, "use_pdl", lambda d, e: pdls.append(e) or real_pdl(d, e))
 
         def run(dtype, backend="loop"):
             c = [None if t is None else t.to(dtype) for t in (x, w1, w2, b1, b2, wts)]
@@ -489,12 +493,51 @@ else:
         assert (fused.double() - truth).abs().max().item() <= 2e-5 * s
         torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5 * s)
 
+    @pytest.mark.parametrize("T,K,act,gated,bias,woi,dropped", [
+        (1, 2, "silu", True, True, False, False),  # decode: one token
+        (3, 3, "gelu", True, False, True, False),  # several tokens, weight on the input
+        (2, 4, "relu2", False, True, False, False),  # not gated
+        (5, 2, "silu", True, True, False, True),  # capacity drops
+    ])
+    def test_decode_up_gemv(monkeypatch, T, K, act, gated, bias, woi, dropped):
+        """Inference at <= gemv_up_tokens tokens runs the up projection as matrix-vector
+        products cut evenly over the programs (counted; several programs, runs that cross routed
+        rows, a masked tail of D): the output matches the float64 loop in fp32 and the GEMM up
+        kernel's output (gemv_up_tokens=0), fused with the down + combine kernel or not."""
+        from moekit.ops.triton import decode
+
+        calls = []
+        real = decode.up_gemv
+        monkeypatch.setattr(decode, "up_gemv", lambda *a: calls.append(a[1].shape) or real(*a))
+        ts, ids, _ = _inputs(T, 40, 20, 6, K, gated, bias=bias, seed=70 + T)
+        plan = make_plan(ids, 6, capacity_factor=0.5) if dropped else None
+        if dropped:
+            assert int(plan.num_dropped) > 0
+
+        def run(dtype, backend="loop"):
+            c = [None if t is None else t.to(dtype) for t in ts]
+            with torch.no_grad():
+                return moe_experts(c[0], c[1], c[2], ids, c[5], activation=act, gate_up_proj_bias=c[3],
+                                   down_proj_bias=c[4], backend=backend, weight_on_input=woi, plan=plan)
+
+        truth = run(torch.float64)
+        s = max(1.0, truth.abs().max().item())
+        gemm = run(torch.float32, TritonBackend.Config(gemv_up_tokens=0, fused_decode_tokens=8))
+        assert not calls
+        for fused in (8, 0):
+            gemv = run(torch.float32, TritonBackend.Config(gemv_up_tokens=T, fused_decode_tokens=fused))
+            assert (gemv.double() - truth).abs().max().item() <= 2e-5 * s
+            torch.testing.assert_close(gemv, gemm, rtol=1e-5, atol=1e-5 * s)
+        assert len(calls) == 2
+        run(torch.float32, TritonBackend.Config(gemv_up_tokens=T - 1))  # more tokens than the setting
+        assert len(calls) == 2
+
     @pytest.mark.parametrize("T,K,E,dups", [(1, 8, 128, False), (3, 2, 5, True), (64, 8, 128, False),
                                             (128, 8, 300, True), (7, 1, 4, True), (5, 3, 1, True)])
     def test_small_plan_equals_make_plan(T, K, E, dups):
         """The one-launch decode plan equals make_plan's torch plan field by field (ids with
         repeats too: the sort is stable either way)."""
-        from moekit.ops.triton import launchers
+        from moekit.ops.triton import decode
 
         g = torch.Generator().manual_seed(T * 1000 + K * 10 + E)
         if dups:
@@ -502,7 +545,7 @@ else:
         else:
             ids = torch.randn(T, E, generator=g).topk(K, dim=-1).indices
         for dtype in (torch.int64, torch.int32):
-            fast = launchers.small_plan(ids.to(dtype), E)
+            fast = decode.small_plan(ids.to(dtype), E)
             ref = make_plan(ids.to(dtype), E)
             for f in ("sorted_slots_N", "token_ids_N", "expert_ids_N", "counts_E", "offsets_E",
                       "inverse_TK", "num_dropped"):
@@ -511,14 +554,14 @@ else:
             assert (fast.num_tokens, fast.top_k, fast.num_experts, fast.capacity) == (T, K, E, None)
 
     def test_small_plan_rejects_bad_ids_and_sizes():
-        from moekit.ops.triton import launchers
+        from moekit.ops.triton import decode
 
         with pytest.raises(RuntimeError, match="out of"):
-            launchers.small_plan(torch.tensor([[0, 4]]), 4)
+            decode.small_plan(torch.tensor([[0, 4]]), 4)
         with pytest.raises(RuntimeError, match="out of"):
-            launchers.small_plan(torch.tensor([[-1, 2]]), 4)
+            decode.small_plan(torch.tensor([[-1, 2]]), 4)
         with pytest.raises(ValueError, match="slots"):
-            launchers.small_plan(torch.zeros(200, 8, dtype=torch.int64), 4)
+            decode.small_plan(torch.zeros(200, 8, dtype=torch.int64), 4)
 
     @pytest.mark.parametrize("act,gated,bias,woi", [("silu", True, True, False), ("relu2", False, False, True),
                                                    ("gpt_oss", True, True, False), ("gelu", False, True, False)])
@@ -729,22 +772,24 @@ else:
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
     def test_tile_settings_reach_every_launcher(monkeypatch):
-        """gemm_tile, kind_tiles, dw_tile and down_combine_tile travel from the config through
-        the fused call, the custom ops and the autograd function to every config-picking
-        launcher (forward, backward, fused decode and the staged grouped linear)."""
-        from moekit.ops.triton import launch_config, launchers
-        from moekit.ops.triton_backend import DownCombineTile, GemmTile, parse_tiles
+        """gemm_tile, kind_tiles, dw_tile, down_combine_tile and up_gemv_tile travel from the
+        config through the fused call, the custom ops and the autograd function to every
+        config-picking launcher (forward, backward, decode and the staged grouped linear)."""
+        from moekit.ops.triton import decode, launch_config
+        from moekit.ops.triton_backend import DownCombineTile, GemmTile, UpGemvTile, parse_tiles
 
         cfg = TritonBackend.Config(gemm_tile=GemmTile(64, 128, 32, 4, 2), kind_tiles={"rows": (32, 64, 64, 2, 2)},
-                                   dw_tile=GemmTile(32, 32, 16, 2, 2), down_combine_tile=DownCombineTile(8, 32))
+                                   dw_tile=GemmTile(32, 32, 16, 2, 2), down_combine_tile=DownCombineTile(8, 32),
+                                   up_gemv_tile=UpGemvTile(4, 32, 1, 2))
         want = parse_tiles(cfg.tiles_spec())
-        assert set(want) == {"gemm", "rows", "dw", "down_combine"}
+        assert set(want) == {"gemm", "rows", "dw", "down_combine", "up_gemv"}
         seen = []
         for name in ("_gemm_config", "_dw_config"):
             real = getattr(launch_config, name)
             monkeypatch.setattr(launch_config, name, lambda *a, _r=real, _n=name: seen.append((_n, a[-1])) or _r(*a))
-        real_dc = launchers.down_combine
-        monkeypatch.setattr(launchers, "down_combine", lambda *a: seen.append(("down_combine", a[-1])) or real_dc(*a))
+        for name in ("down_combine", "up_gemv"):
+            real_dc = getattr(decode, name)
+            monkeypatch.setattr(decode, name, lambda *a, _r=real_dc, _n=name: seen.append((_n, a[-1] if _n == "down_combine" else a[-3])) or _r(*a))
         backend = cfg.build()
         ts, ids, gy = _inputs(5, 16, 8, 3, 2, True, bias=False, seed=8)
         _run(backend, ts, ids, gy, torch.float32, "silu", False)  # forward + backward
@@ -755,7 +800,7 @@ else:
         xr = torch.randn(plan.num_rows, 16, requires_grad=True)
         backend.grouped_linear(xr, w1.requires_grad_(), plan).sum().backward()  # staged
         kinds = {n for n, _ in seen}
-        assert kinds == {"_gemm_config", "_dw_config", "down_combine"}, kinds
+        assert kinds == {"_gemm_config", "_dw_config", "down_combine", "up_gemv"}, kinds
         assert all(t == want for _, t in seen), seen
 
     def test_layer_with_the_triton_backend_copies_and_pickles():

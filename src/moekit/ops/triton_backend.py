@@ -24,7 +24,8 @@ from ..plan import RoutingPlan
 from .backends import ExpertsBackend
 from .stages import check_permute, check_unpermute
 
-__all__ = ["ENV_VARS", "TILE_KINDS", "DownCombineTile", "GemmTile", "TritonBackend", "parse_tiles"]
+__all__ = ["ENV_VARS", "TILE_KINDS", "DownCombineTile", "GemmTile", "TritonBackend", "UpGemvTile",
+           "parse_tiles"]
 
 # the row-GEMM kinds a tile can be given for, in training and (``decode_``) at decode sizes
 TILE_KINDS = ("up_gated", "up", "rows", "dgrad")
@@ -84,6 +85,25 @@ class DownCombineTile(_Tile):
     num_stages: int = 1
 
 
+@dataclass(frozen=True)
+class UpGemvTile(_Tile):
+    """The launch config of the decode up projection as matrix-vector products: outputs per
+    step, columns of D per step, programs per SM, warps."""
+
+    _spec: ClassVar[str] = "BP,BD,per_sm,warps"
+    block_p: int
+    block_d: int
+    programs_per_sm: int = 4
+    num_warps: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("block_p", "block_d"):
+            v = getattr(self, name)
+            if v & (v - 1):
+                raise ValueError(f"UpGemvTile.{name}={v}: it must be a power of two")
+
+
 def _as(tile_cls, owner: str, name: str, v):
     if v is None or isinstance(v, tile_cls):
         return v
@@ -99,7 +119,8 @@ def _tile_spec(t) -> str:
 @functools.lru_cache(maxsize=64)
 def parse_tiles(spec: str) -> dict[str, tuple[int, ...]]:
     """The launch-config overrides of a :meth:`TritonBackend.Config.tiles_spec` string: key
-    (``gemm``, a kind of ``TILE_KINDS`` with or without ``decode_``, ``dw``, ``down_combine``)
+    (``gemm``, a kind of ``TILE_KINDS`` with or without ``decode_``, ``dw``, ``down_combine``,
+    ``up_gemv``)
     -> ints. The custom ops take the string (plain arguments); the launchers the dict."""
     out = {}
     for part in spec.split(";") if spec else ():
@@ -116,12 +137,14 @@ ENV_VARS = {
     "recompute_act": "MOEKIT_TRITON_RECOMPUTE_ACT",
     "inplace_dgrad": "MOEKIT_TRITON_INPLACE_DGRAD",
     "fused_decode_tokens": "MOEKIT_TRITON_FUSED_DECODE_T",
+    "gemv_up_tokens": "MOEKIT_TRITON_GEMV_UP_T",
     "pdl": "MOEKIT_TRITON_PDL",
     "tma": "MOEKIT_TRITON_TMA",
     "persistent": "MOEKIT_TRITON_PERSISTENT",
     "gemm_tile": "MOEKIT_TRITON_CONFIG",
     "dw_tile": "MOEKIT_TRITON_DW_CONFIG",
     "down_combine_tile": "MOEKIT_TRITON_DOWN_COMBINE_CONFIG",
+    "up_gemv_tile": "MOEKIT_TRITON_UP_GEMV_CONFIG",
     **{f"kind_tiles.{k}": f"MOEKIT_TRITON_{k.upper()}_CONFIG" for k in _KIND_KEYS},
 }
 
@@ -141,12 +164,14 @@ def _from_env(name: str, var: str, text: str) -> Any:
         if text not in _BOOL_ENV:
             raise ValueError(f"{where}; it must be 0 or 1")
         return _BOOL_ENV[text]
-    if name == "fused_decode_tokens":
+    if name in ("fused_decode_tokens", "gemv_up_tokens"):
         if not text.isdigit():
             raise ValueError(f"{where}; it must be a non-negative integer")
         return int(text)
     if name == "down_combine_tile":
         return DownCombineTile.parse(text, var)
+    if name == "up_gemv_tile":
+        return UpGemvTile.parse(text, var)
     return GemmTile.parse(text, var)
 
 
@@ -171,6 +196,7 @@ class TritonBackend(ExpertsBackend):
         recompute_act: bool | None = None  # None: wherever the dgrad is split
         inplace_dgrad: bool = True  # eager backward writes dH over the saved pre-activation
         fused_decode_tokens: int = 1  # inference at <= this many tokens: down + combine fused
+        gemv_up_tokens: int = 1  # inference at <= this many tokens: up as GEMVs over every SM
         pdl: bool = True  # decode: programmatic dependent launch (CUDA, SM >= 9)
         tma: bool | None = None  # GEMM tiles through tensor descriptors; None: auto
         persistent: bool = True  # TMA row GEMMs: one program per SM walking the tiles
@@ -178,6 +204,7 @@ class TritonBackend(ExpertsBackend):
         kind_tiles: dict[str, GemmTile] = field(default_factory=dict)  # per kind, BN per accumulator
         dw_tile: GemmTile | None = None  # weight-grad kernel tile
         down_combine_tile: DownCombineTile | None = None  # fused decode down + combine
+        up_gemv_tile: UpGemvTile | None = None  # decode up projection as GEMVs
 
         def __post_init__(self) -> None:
             super().__post_init__()
@@ -193,12 +220,14 @@ class TritonBackend(ExpertsBackend):
             for name in ("inplace_dgrad", "pdl", "persistent"):
                 if not isinstance(getattr(self, name), bool):
                     raise TypeError(f"{o}.{name}={getattr(self, name)!r}; it must be True or False")
-            n = self.fused_decode_tokens
-            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-                raise ValueError(f"{o}.fused_decode_tokens={n!r}; it must be an integer >= 0")
+            for name in ("fused_decode_tokens", "gemv_up_tokens"):
+                n = getattr(self, name)
+                if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                    raise ValueError(f"{o}.{name}={n!r}; it must be an integer >= 0")
             self.gemm_tile = _as(GemmTile, o, "gemm_tile", self.gemm_tile)
             self.dw_tile = _as(GemmTile, o, "dw_tile", self.dw_tile)
             self.down_combine_tile = _as(DownCombineTile, o, "down_combine_tile", self.down_combine_tile)
+            self.up_gemv_tile = _as(UpGemvTile, o, "up_gemv_tile", self.up_gemv_tile)
             if not isinstance(self.kind_tiles, dict):
                 raise TypeError(f"{o}.kind_tiles must be a dict kind -> GemmTile, got {self.kind_tiles!r}")
             for k in self.kind_tiles:
@@ -210,7 +239,8 @@ class TritonBackend(ExpertsBackend):
             """The launch-config overrides as one string (see :func:`parse_tiles`)."""
             parts = [f"{k}={_tile_spec(t)}" for k, t in sorted(self.kind_tiles.items())]
             for key, t in (("gemm", self.gemm_tile), ("dw", self.dw_tile),
-                           ("down_combine", self.down_combine_tile)):
+                           ("down_combine", self.down_combine_tile),
+                           ("up_gemv", self.up_gemv_tile)):
                 if t is not None:
                     parts.append(f"{key}={_tile_spec(t)}")
             if self.tma is not None:
@@ -332,18 +362,18 @@ class TritonBackend(ExpertsBackend):
     def make_plan(self, topk_ids_TK, num_experts, *, capacity_factor=None, drop_policy="position",
                   topk_weights_TK=None, capacity=None, num_zero_experts=0,
                   num_real_slots=None, check_ids=True) -> RoutingPlan:
-        """Dropless plans of at most ``launchers.SMALL_PLAN_MAX_SLOTS`` slots on CUDA come from
-        one kernel launch (``launchers.small_plan``: the same plan, bit for bit; at decode
+        """Dropless plans of at most ``decode.SMALL_PLAN_MAX_SLOTS`` slots on CUDA come from
+        one kernel launch (``decode.small_plan``: the same plan, bit for bit; at decode
         sizes the dozen small torch ops of ``make_plan`` cost more host time than the experts'
         kernels); other plans, and bad arguments, go to ``make_plan``."""
         if (capacity_factor is None and capacity is None and num_zero_experts == 0
                 and topk_ids_TK.device.type == "cuda"
                 and self._kernels is not None and topk_ids_TK.dim() == 2
                 and topk_ids_TK.dtype in (torch.int32, torch.int64)
-                and 0 < topk_ids_TK.numel() <= self._kernels.launchers.SMALL_PLAN_MAX_SLOTS
+                and 0 < topk_ids_TK.numel() <= self._kernels.decode.SMALL_PLAN_MAX_SLOTS
                 and type(num_experts) is int and num_experts > 0
                 and not torch.compiler.is_compiling()):
-            return self._kernels.launchers.small_plan(topk_ids_TK, num_experts).record_ids(topk_ids_TK)
+            return self._kernels.decode.small_plan(topk_ids_TK, num_experts).record_ids(topk_ids_TK)
         return super().make_plan(topk_ids_TK, num_experts, capacity_factor=capacity_factor,
                                  drop_policy=drop_policy, topk_weights_TK=topk_weights_TK,
                                  capacity=capacity, num_zero_experts=num_zero_experts,

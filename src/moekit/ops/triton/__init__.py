@@ -1,7 +1,8 @@
 """The fused Triton kernels of the ``triton`` experts backend.
 
 Layers: ``kernels`` and ``kernels_tma`` (``@triton.jit``; the latter read tiles through tensor
-descriptors) -> ``launchers`` (the forward), ``backward`` (the dgrad step) and ``weight_grads``,
+descriptors), ``kernels_decode`` -> ``launchers`` (the forward), ``decode`` (the decode forward and
+plan), ``backward`` (the dgrad step) and ``weight_grads``,
 all on ``launch_config`` (checks, launch configs, device facts, descriptors) -> ``ops`` (``torch.library`` custom ops with fake implementations, the autograd function and
 ``fused_experts``) and ``grouped_linear`` (the staged path's grouped linear layer). The backend
 object that calls them, with its settings, is :class:`moekit.ops.triton_backend.TritonBackend`.
@@ -24,11 +25,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 import torch
 
-from . import launchers, stages
+from . import decode, launchers, stages
 from .grouped_linear import triton_grouped_linear
 from .ops import FusedExperts, fused_experts
 
-__all__ = ["FusedExperts", "fused_experts", "launchers", "stages", "triton_available",
+__all__ = ["FusedExperts", "decode", "fused_experts", "launchers", "stages", "triton_available",
            "triton_grouped_linear"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
