@@ -156,7 +156,9 @@ def count_per_expert(
     """``[E]`` occurrences of each expert id in ``ids`` (int64), or the sum of ``weights`` per id
     (their dtype). Unlike ``torch.bincount`` on CUDA this never syncs with the host (bincount
     reads the largest id back to size its output) and is deterministic for integer counts."""
-    ids = ids.reshape(-1).to(torch.int64)
+    ids = ids.reshape(-1)
+    if ids.dtype != torch.int64:
+        ids = ids.to(torch.int64)
     src = torch.ones_like(ids) if weights is None else weights.reshape(-1)
     out = torch.zeros(num_experts, dtype=src.dtype, device=ids.device)
     return out.scatter_add_(0, ids, src)
@@ -245,7 +247,9 @@ def make_plan(
     device = topk_ids_TK.device
     if device.type == "meta":
         raise ValueError("topk_ids are on the meta device (no values): a routing plan needs real ids")
-    flat = topk_ids_TK.reshape(-1).to(torch.int64)
+    flat = topk_ids_TK.reshape(-1)
+    if flat.dtype != torch.int64:
+        flat = flat.to(torch.int64)
     n_ids = num_experts + num_zero_experts
     if check_ids and flat.numel() > 0 and not torch.compiler.is_compiling():
         if flat.device.type == "cpu":
@@ -267,8 +271,11 @@ def make_plan(
         order = by_weight[torch.argsort(flat[by_weight], stable=True)]
     else:
         order = torch.argsort(flat, stable=True)
-    sorted_experts = flat[order]
-    counts_all = count_per_expert(flat, n_ids)
+    sorted_experts = flat.index_select(0, order)
+    # (few small ops: each is a kernel launch on an accelerator; the counts are made int32,
+    # the dtype the plan keeps, directly)
+    counts_all = torch.zeros(n_ids, dtype=torch.int32, device=device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))
     if num_zero_experts:  # the zero experts' slots sort last: no rows for them
         n_real = int((flat < num_experts).sum()) if num_real_slots is None else num_real_slots
         order, sorted_experts = order[:n_real], sorted_experts[:n_real]
@@ -276,6 +283,7 @@ def make_plan(
 
     if capacity is None:
         counts = counts_all
+        num_dropped = torch.zeros((), dtype=torch.int64, device=device)
     else:
         starts_all = torch.cumsum(counts_all, 0) - counts_all
         # (the zero experts' slots sorted last and were cut: the kept order is a prefix)
@@ -284,22 +292,27 @@ def make_plan(
         order = order[keep_sorted]
         sorted_experts = sorted_experts[keep_sorted]
         counts = counts_all.clamp(max=capacity)
+        num_dropped = counts_all.sum() - counts.sum()
 
     N = order.numel()
-    inverse = torch.full((T * K,), -1, dtype=torch.int64, device=device)
-    inverse[order] = torch.arange(N, dtype=torch.int64, device=device)
-    offsets = torch.cumsum(counts, 0)
+    rows = torch.arange(N, dtype=torch.int64, device=device)
+    if capacity is None and not num_zero_experts:  # every slot has a row: no -1 to fill in
+        inverse = torch.empty(T * K, dtype=torch.int64, device=device).scatter_(0, order, rows)
+    else:
+        inverse = torch.full((T * K,), -1, dtype=torch.int64, device=device)
+        inverse[order] = rows
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
     plan = RoutingPlan(
         num_tokens=T,
         top_k=K,
         num_experts=num_experts,
         sorted_slots_N=order,
-        token_ids_N=torch.div(order, K, rounding_mode="floor") if K > 0 else order,
+        token_ids_N=torch.div(order, K, rounding_mode="floor") if K > 1 else order,
         expert_ids_N=sorted_experts,
-        counts_E=counts.to(torch.int32),
-        offsets_E=offsets.to(torch.int32),
+        counts_E=counts,
+        offsets_E=offsets,
         inverse_TK=inverse.view(T, K),
-        num_dropped=(counts_all.sum() - counts.sum()).to(torch.int64),
+        num_dropped=num_dropped,
         capacity=capacity,
         pad_to_multiple=pad_to_multiple,
     )
