@@ -82,7 +82,7 @@ if not INTERP:
         assert TritonBackend.Config(dgrad="fused").build().config.dgrad == "fused"
 
     def test_settings_are_validated_and_read_from_the_environment():
-        from moekit.ops.triton_backend import ENV_VARS, GemmTile, TritonBackend, UpGemvTile
+        from moekit.ops.triton_backend import ENV_VARS, GemmTile, TritonBackend
 
         C = TritonBackend.Config
         for bad, err, msg in [
@@ -93,34 +93,32 @@ if not INTERP:
             (dict(fused_decode_tokens=-1), ValueError, "fused_decode_tokens=-1"),
             (dict(pdl="yes"), TypeError, "pdl='yes'"),
             (dict(tma=1), TypeError, "tma=1; allowed: None (auto), True, False"),
+            (dict(gather_x="yes"), TypeError, "gather_x='yes'; allowed: None (auto), True, False"),
             (dict(gemm_tile=(128, 0, 64)), ValueError, "expected 5 positive integers"),
             (dict(kind_tiles={"down": GemmTile(16, 16, 16)}), ValueError, "has key 'down'"),
             (dict(dw_tile="128,128,64,8,3"), TypeError, "dw_tile must be a GemmTile"),
             (dict(down_combine_tile=(4, 0, 4, 1)), ValueError, "expected 4 positive integers"),
-            (dict(gemv_up_tokens=True), ValueError, "gemv_up_tokens=True; it must be an integer >= 0"),
-            (dict(up_gemv_tile=(3, 256)), ValueError, "UpGemvTile.block_p=3: it must be a power of two"),
         ]:
             with pytest.raises(err, match=re.escape(msg)):
                 C(**bad)
         env = {"MOEKIT_TRITON_DGRAD": "split", "MOEKIT_TRITON_DW": "grouped_mm",
                "MOEKIT_TRITON_RECOMPUTE_ACT": "1", "MOEKIT_TRITON_INPLACE_DGRAD": "0",
                "MOEKIT_TRITON_FUSED_DECODE_T": "8", "MOEKIT_TRITON_PDL": "0", "MOEKIT_TRITON_TMA": "0",
-               "MOEKIT_TRITON_PERSISTENT": "0",
+               "MOEKIT_TRITON_PERSISTENT": "0", "MOEKIT_TRITON_GATHER_X": "1",
                "MOEKIT_TRITON_CONFIG": "128,256,64,8,3", "MOEKIT_TRITON_DW_CONFIG": "64,64,32,4,3",
-               "MOEKIT_TRITON_DOWN_COMBINE_CONFIG": "4,64,4,1", "MOEKIT_TRITON_GEMV_UP_T": "2",
-               "MOEKIT_TRITON_UP_GEMV_CONFIG": "8,512,2,8",
+               "MOEKIT_TRITON_DOWN_COMBINE_CONFIG": "4,64,4,1",
                "MOEKIT_TRITON_DECODE_UP_GATED_CONFIG": "16,32,128,4,4"}
         c = C.from_env(env)
         assert (c.dgrad, c.dw, c.recompute_act, c.inplace_dgrad, c.fused_decode_tokens, c.pdl, c.tma) == (
             "split", "grouped_mm", True, False, 8, False, False)
         assert "tma=0" in c.tiles_spec() and C.from_env({"MOEKIT_TRITON_TMA": "auto"}).tma is None
         assert c.persistent is False and "persistent=0" in c.tiles_spec()
+        assert c.gather_x is True and "gather_x=1" in c.tiles_spec() and C().gather_x is None
         assert C().to_dict()["tma"] is None and C().to_dict()["persistent"] is True
         assert c.gemm_tile == GemmTile(128, 256, 64, 8, 3) and c.dw_tile == GemmTile(64, 64, 32, 4, 3)
         assert c.kind_tiles == {"decode_up_gated": GemmTile(16, 32, 128, 4, 4)}
         assert c.down_combine_tile.block_f == 64
-        assert c.gemv_up_tokens == 2 and c.up_gemv_tile == UpGemvTile(8, 512, 2, 8) and "up_gemv=8,512,2,8" in c.tiles_spec()
-        assert C.from_env({}) == C() and len(ENV_VARS) == 21
+        assert C.from_env({}) == C() and len(ENV_VARS) == 20
         d = C(dgrad="fused").to_dict()
         assert d["name"] == "triton" and d["dgrad"] == "fused"
         for var, text, msg in [("MOEKIT_TRITON_DW_CONFIG", "128,128,64", "MOEKIT_TRITON_DW_CONFIG='128,128,64': expected 5"),
@@ -493,45 +491,6 @@ else:
         assert (fused.double() - truth).abs().max().item() <= 2e-5 * s
         torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5 * s)
 
-    @pytest.mark.parametrize("T,K,act,gated,bias,woi,dropped", [
-        (1, 2, "silu", True, True, False, False),  # decode: one token
-        (3, 3, "gelu", True, False, True, False),  # several tokens, weight on the input
-        (2, 4, "relu2", False, True, False, False),  # not gated
-        (5, 2, "silu", True, True, False, True),  # capacity drops
-    ])
-    def test_decode_up_gemv(monkeypatch, T, K, act, gated, bias, woi, dropped):
-        """Inference at <= gemv_up_tokens tokens runs the up projection as matrix-vector
-        products cut evenly over the programs (counted; several programs, runs that cross routed
-        rows, a masked tail of D): the output matches the float64 loop in fp32 and the GEMM up
-        kernel's output (gemv_up_tokens=0), fused with the down + combine kernel or not."""
-        from moekit.ops.triton import decode
-
-        calls = []
-        real = decode.up_gemv
-        monkeypatch.setattr(decode, "up_gemv", lambda *a: calls.append(a[1].shape) or real(*a))
-        ts, ids, _ = _inputs(T, 40, 20, 6, K, gated, bias=bias, seed=70 + T)
-        plan = make_plan(ids, 6, capacity_factor=0.5) if dropped else None
-        if dropped:
-            assert int(plan.num_dropped) > 0
-
-        def run(dtype, backend="loop"):
-            c = [None if t is None else t.to(dtype) for t in ts]
-            with torch.no_grad():
-                return moe_experts(c[0], c[1], c[2], ids, c[5], activation=act, gate_up_proj_bias=c[3],
-                                   down_proj_bias=c[4], backend=backend, weight_on_input=woi, plan=plan)
-
-        truth = run(torch.float64)
-        s = max(1.0, truth.abs().max().item())
-        gemm = run(torch.float32, TritonBackend.Config(gemv_up_tokens=0, fused_decode_tokens=8))
-        assert not calls
-        for fused in (8, 0):
-            gemv = run(torch.float32, TritonBackend.Config(gemv_up_tokens=T, fused_decode_tokens=fused))
-            assert (gemv.double() - truth).abs().max().item() <= 2e-5 * s
-            torch.testing.assert_close(gemv, gemm, rtol=1e-5, atol=1e-5 * s)
-        assert len(calls) == 2
-        run(torch.float32, TritonBackend.Config(gemv_up_tokens=T - 1))  # more tokens than the setting
-        assert len(calls) == 2
-
     @pytest.mark.parametrize("T,K,E,dups", [(1, 8, 128, False), (3, 2, 5, True), (64, 8, 128, False),
                                             (128, 8, 300, True), (7, 1, 4, True), (5, 3, 1, True)])
     def test_small_plan_equals_make_plan(T, K, E, dups):
@@ -772,24 +731,22 @@ else:
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
     def test_tile_settings_reach_every_launcher(monkeypatch):
-        """gemm_tile, kind_tiles, dw_tile, down_combine_tile and up_gemv_tile travel from the
-        config through the fused call, the custom ops and the autograd function to every
-        config-picking launcher (forward, backward, decode and the staged grouped linear)."""
+        """gemm_tile, kind_tiles, dw_tile and down_combine_tile travel from the config through
+        the fused call, the custom ops and the autograd function to every config-picking
+        launcher (forward, backward, fused decode and the staged grouped linear)."""
         from moekit.ops.triton import decode, launch_config
-        from moekit.ops.triton_backend import DownCombineTile, GemmTile, UpGemvTile, parse_tiles
+        from moekit.ops.triton_backend import DownCombineTile, GemmTile, parse_tiles
 
         cfg = TritonBackend.Config(gemm_tile=GemmTile(64, 128, 32, 4, 2), kind_tiles={"rows": (32, 64, 64, 2, 2)},
-                                   dw_tile=GemmTile(32, 32, 16, 2, 2), down_combine_tile=DownCombineTile(8, 32),
-                                   up_gemv_tile=UpGemvTile(4, 32, 1, 2))
+                                   dw_tile=GemmTile(32, 32, 16, 2, 2), down_combine_tile=DownCombineTile(8, 32))
         want = parse_tiles(cfg.tiles_spec())
-        assert set(want) == {"gemm", "rows", "dw", "down_combine", "up_gemv"}
+        assert set(want) == {"gemm", "rows", "dw", "down_combine"}
         seen = []
         for name in ("_gemm_config", "_dw_config"):
             real = getattr(launch_config, name)
             monkeypatch.setattr(launch_config, name, lambda *a, _r=real, _n=name: seen.append((_n, a[-1])) or _r(*a))
-        for name in ("down_combine", "up_gemv"):
-            real_dc = getattr(decode, name)
-            monkeypatch.setattr(decode, name, lambda *a, _r=real_dc, _n=name: seen.append((_n, a[-1] if _n == "down_combine" else a[-3])) or _r(*a))
+        real_dc = decode.down_combine
+        monkeypatch.setattr(decode, "down_combine", lambda *a: seen.append(("down_combine", a[-1])) or real_dc(*a))
         backend = cfg.build()
         ts, ids, gy = _inputs(5, 16, 8, 3, 2, True, bias=False, seed=8)
         _run(backend, ts, ids, gy, torch.float32, "silu", False)  # forward + backward
@@ -800,7 +757,7 @@ else:
         xr = torch.randn(plan.num_rows, 16, requires_grad=True)
         backend.grouped_linear(xr, w1.requires_grad_(), plan).sum().backward()  # staged
         kinds = {n for n, _ in seen}
-        assert kinds == {"_gemm_config", "_dw_config", "down_combine", "up_gemv"}, kinds
+        assert kinds == {"_gemm_config", "_dw_config", "down_combine"}, kinds
         assert all(t == want for _, t in seen), seen
 
     def test_layer_with_the_triton_backend_copies_and_pickles():
@@ -846,7 +803,8 @@ else:
         ts, ids, gy = _inputs(37, 32, 24, 5, 2, gated, bias=bias, seed=91,
                               scale=6.0 if act == "gpt_oss" else 1.0)
         ids[ids == 2] = 4  # an expert without rows
-        tma = TritonBackend.Config(dgrad="split", tma=True, persistent=dtype == torch.float32)
+        tma = TritonBackend.Config(dgrad="split", tma=True, persistent=dtype == torch.float32,
+                                   gather_x=dtype == torch.float16)
         if dtype == torch.float32:
             _check_fp32(ts, ids, gy, act, woi, bias, backend=tma)
         else:
@@ -858,6 +816,35 @@ else:
         # the weight grads with one operand gathered and neither scaled (the routing weight on
         # the input scales x's rows)
         assert calls.count("dw_tma_kernel") == (1 if woi else 2), calls
+
+    @pytest.mark.parametrize("gated,woi", [(True, False), (False, True)])
+    def test_up_projection_on_gathered_rows(monkeypatch, gated, woi):
+        """gather_x: the TMA up projection reads x's rows gathered beforehand (one gather_rows
+        call, counted) through a descriptor, with the same bits as the gather in its prologue;
+        by default only where the output is at least GATHER_X_MIN_COLS wide."""
+        from moekit.ops.triton import launchers
+
+        calls = []
+        real = launchers.gather_rows
+        monkeypatch.setattr(launchers, "gather_rows", lambda *a: calls.append(1) or real(*a))
+        g = torch.Generator().manual_seed(6)
+        T, D, F, E, K = 29, 32, 24, 4, 2
+        H = 2 * F if gated else F
+        x, w, b = (torch.randn(T, D, generator=g), torch.randn(E, H, D, generator=g),
+                   torch.randn(E, H, generator=g))
+        plan = make_plan(torch.randn(T, E, generator=g).topk(K, -1).indices, E)
+        roww = torch.rand(plan.num_rows, generator=g) if woi else None
+        args = (x, w, b, plan.token_ids_N, roww, plan.counts_E, plan.offsets_E, "silu", gated)
+        h0, a0 = launchers.up_forward(*args, tiles={"tma": (1,), "gather_x": (0,)})
+        assert not calls
+        launchers.up_forward(*args, tiles={"tma": (1,)})  # 24 columns: no gather by default
+        assert not calls
+        h1, a1 = launchers.up_forward(*args, tiles={"tma": (1,), "gather_x": (1,)})
+        assert calls == [1]
+        assert torch.equal(h1, h0) and torch.equal(a1, a0)
+        monkeypatch.setattr(launchers, "GATHER_X_MIN_COLS", F)
+        launchers.up_forward(*args, tiles={"tma": (1,)})
+        assert calls == [1, 1]
 
     @pytest.mark.parametrize("gated", [True, False])
     def test_tensor_descriptors_on_transposed_weights(gated):

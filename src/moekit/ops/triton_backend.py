@@ -24,8 +24,7 @@ from ..plan import RoutingPlan
 from .backends import ExpertsBackend
 from .stages import check_permute, check_unpermute
 
-__all__ = ["ENV_VARS", "TILE_KINDS", "DownCombineTile", "GemmTile", "TritonBackend", "UpGemvTile",
-           "parse_tiles"]
+__all__ = ["ENV_VARS", "TILE_KINDS", "DownCombineTile", "GemmTile", "TritonBackend", "parse_tiles"]
 
 # the row-GEMM kinds a tile can be given for, in training and (``decode_``) at decode sizes
 TILE_KINDS = ("up_gated", "up", "rows", "dgrad")
@@ -85,25 +84,6 @@ class DownCombineTile(_Tile):
     num_stages: int = 1
 
 
-@dataclass(frozen=True)
-class UpGemvTile(_Tile):
-    """The launch config of the decode up projection as matrix-vector products: outputs per
-    step, columns of D per step, programs per SM, warps."""
-
-    _spec: ClassVar[str] = "BP,BD,per_sm,warps"
-    block_p: int
-    block_d: int
-    programs_per_sm: int = 4
-    num_warps: int = 4
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("block_p", "block_d"):
-            v = getattr(self, name)
-            if v & (v - 1):
-                raise ValueError(f"UpGemvTile.{name}={v}: it must be a power of two")
-
-
 def _as(tile_cls, owner: str, name: str, v):
     if v is None or isinstance(v, tile_cls):
         return v
@@ -119,8 +99,7 @@ def _tile_spec(t) -> str:
 @functools.lru_cache(maxsize=64)
 def parse_tiles(spec: str) -> dict[str, tuple[int, ...]]:
     """The launch-config overrides of a :meth:`TritonBackend.Config.tiles_spec` string: key
-    (``gemm``, a kind of ``TILE_KINDS`` with or without ``decode_``, ``dw``, ``down_combine``,
-    ``up_gemv``)
+    (``gemm``, a kind of ``TILE_KINDS`` with or without ``decode_``, ``dw``, ``down_combine``)
     -> ints. The custom ops take the string (plain arguments); the launchers the dict."""
     out = {}
     for part in spec.split(";") if spec else ():
@@ -137,14 +116,13 @@ ENV_VARS = {
     "recompute_act": "MOEKIT_TRITON_RECOMPUTE_ACT",
     "inplace_dgrad": "MOEKIT_TRITON_INPLACE_DGRAD",
     "fused_decode_tokens": "MOEKIT_TRITON_FUSED_DECODE_T",
-    "gemv_up_tokens": "MOEKIT_TRITON_GEMV_UP_T",
     "pdl": "MOEKIT_TRITON_PDL",
     "tma": "MOEKIT_TRITON_TMA",
     "persistent": "MOEKIT_TRITON_PERSISTENT",
+    "gather_x": "MOEKIT_TRITON_GATHER_X",
     "gemm_tile": "MOEKIT_TRITON_CONFIG",
     "dw_tile": "MOEKIT_TRITON_DW_CONFIG",
     "down_combine_tile": "MOEKIT_TRITON_DOWN_COMBINE_CONFIG",
-    "up_gemv_tile": "MOEKIT_TRITON_UP_GEMV_CONFIG",
     **{f"kind_tiles.{k}": f"MOEKIT_TRITON_{k.upper()}_CONFIG" for k in _KIND_KEYS},
 }
 
@@ -156,7 +134,7 @@ def _from_env(name: str, var: str, text: str) -> Any:
         if text not in allowed:
             raise ValueError(f"{where}; allowed: {allowed}")
         return text
-    if name in ("recompute_act", "tma"):
+    if name in ("recompute_act", "tma", "gather_x"):
         if text not in ("auto", "0", "1"):
             raise ValueError(f"{where}; allowed: 'auto', '0', '1'")
         return None if text == "auto" else text == "1"
@@ -164,14 +142,12 @@ def _from_env(name: str, var: str, text: str) -> Any:
         if text not in _BOOL_ENV:
             raise ValueError(f"{where}; it must be 0 or 1")
         return _BOOL_ENV[text]
-    if name in ("fused_decode_tokens", "gemv_up_tokens"):
+    if name == "fused_decode_tokens":
         if not text.isdigit():
             raise ValueError(f"{where}; it must be a non-negative integer")
         return int(text)
     if name == "down_combine_tile":
         return DownCombineTile.parse(text, var)
-    if name == "up_gemv_tile":
-        return UpGemvTile.parse(text, var)
     return GemmTile.parse(text, var)
 
 
@@ -196,15 +172,14 @@ class TritonBackend(ExpertsBackend):
         recompute_act: bool | None = None  # None: wherever the dgrad is split
         inplace_dgrad: bool = True  # eager backward writes dH over the saved pre-activation
         fused_decode_tokens: int = 1  # inference at <= this many tokens: down + combine fused
-        gemv_up_tokens: int = 1  # inference at <= this many tokens: up as GEMVs over every SM
         pdl: bool = True  # decode: programmatic dependent launch (CUDA, SM >= 9)
         tma: bool | None = None  # GEMM tiles through tensor descriptors; None: auto
         persistent: bool = True  # TMA row GEMMs: one program per SM walking the tiles
+        gather_x: bool | None = None  # TMA up / gather GEMM: x's rows gathered first; None: wide outputs
         gemm_tile: GemmTile | None = None  # training row-GEMM tile (BN halved for 2 accumulators)
         kind_tiles: dict[str, GemmTile] = field(default_factory=dict)  # per kind, BN per accumulator
         dw_tile: GemmTile | None = None  # weight-grad kernel tile
         down_combine_tile: DownCombineTile | None = None  # fused decode down + combine
-        up_gemv_tile: UpGemvTile | None = None  # decode up projection as GEMVs
 
         def __post_init__(self) -> None:
             super().__post_init__()
@@ -213,21 +188,19 @@ class TritonBackend(ExpertsBackend):
                 raise ValueError(f"{o}.dgrad={self.dgrad!r} is not supported; allowed: {_DGRAD}")
             if self.dw not in _DW:
                 raise ValueError(f"{o}.dw={self.dw!r} is not supported; allowed: {_DW}")
-            for name in ("recompute_act", "tma"):
+            for name in ("recompute_act", "tma", "gather_x"):
                 v = getattr(self, name)
                 if v is not None and not isinstance(v, bool):
                     raise TypeError(f"{o}.{name}={v!r}; allowed: None (auto), True, False")
             for name in ("inplace_dgrad", "pdl", "persistent"):
                 if not isinstance(getattr(self, name), bool):
                     raise TypeError(f"{o}.{name}={getattr(self, name)!r}; it must be True or False")
-            for name in ("fused_decode_tokens", "gemv_up_tokens"):
-                n = getattr(self, name)
-                if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-                    raise ValueError(f"{o}.{name}={n!r}; it must be an integer >= 0")
+            n = self.fused_decode_tokens
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"{o}.fused_decode_tokens={n!r}; it must be an integer >= 0")
             self.gemm_tile = _as(GemmTile, o, "gemm_tile", self.gemm_tile)
             self.dw_tile = _as(GemmTile, o, "dw_tile", self.dw_tile)
             self.down_combine_tile = _as(DownCombineTile, o, "down_combine_tile", self.down_combine_tile)
-            self.up_gemv_tile = _as(UpGemvTile, o, "up_gemv_tile", self.up_gemv_tile)
             if not isinstance(self.kind_tiles, dict):
                 raise TypeError(f"{o}.kind_tiles must be a dict kind -> GemmTile, got {self.kind_tiles!r}")
             for k in self.kind_tiles:
@@ -239,14 +212,15 @@ class TritonBackend(ExpertsBackend):
             """The launch-config overrides as one string (see :func:`parse_tiles`)."""
             parts = [f"{k}={_tile_spec(t)}" for k, t in sorted(self.kind_tiles.items())]
             for key, t in (("gemm", self.gemm_tile), ("dw", self.dw_tile),
-                           ("down_combine", self.down_combine_tile),
-                           ("up_gemv", self.up_gemv_tile)):
+                           ("down_combine", self.down_combine_tile)):
                 if t is not None:
                     parts.append(f"{key}={_tile_spec(t)}")
             if self.tma is not None:
                 parts.append(f"tma={int(self.tma)}")
             if not self.persistent:
                 parts.append("persistent=0")
+            if self.gather_x is not None:
+                parts.append(f"gather_x={int(self.gather_x)}")
             return ";".join(parts)
 
         def with_env_overrides(self, environ=None) -> TritonBackend.Config:

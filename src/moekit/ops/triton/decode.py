@@ -1,6 +1,6 @@
-"""Launchers of the decode kernels (``kernels_decode``; inference at a token or a few): the up
-projection as matrix-vector products over every SM, the fused down projection + combine, and
-the routing plan in one launch. Checks, launch config, launch, as in ``launchers``.
+"""Launchers of the decode kernels (``kernels_decode``; inference at a token or a few): the fused
+down projection + combine, and the routing plan in one launch. Checks, launch config, launch,
+as in ``launchers``.
 """
 
 from __future__ import annotations
@@ -8,69 +8,12 @@ from __future__ import annotations
 import torch
 import triton
 
-from ...activations import GPT_OSS_ALPHA, GPT_OSS_LIMIT
 from ...plan import RoutingPlan
 from . import kernels_decode as KD
 from . import launch_config as C
-from .kernels_common import ACT_CODES
-from .launch_config import _DTYPES, _check, _major, _num_sms, _rows_contig
+from .launch_config import _check, _major, _rows_contig
 
-__all__ = ["SMALL_PLAN_MAX_SLOTS", "down_combine", "small_plan", "up_gemv", "use_pdl"]
-
-
-def up_gemv(
-    x_TD: torch.Tensor,
-    w_EHD: torch.Tensor,
-    b_EH: torch.Tensor | None,
-    token_ids_N: torch.Tensor,
-    expert_ids_N: torch.Tensor,
-    roww_N: torch.Tensor | None,
-    act: str,
-    gated: bool,
-    pdl: bool = False,
-    interleaved: bool = False,
-    tiles: dict | None = None,
-    alpha: float = GPT_OSS_ALPHA,
-    limit: float = GPT_OSS_LIMIT,
-) -> torch.Tensor:
-    """The activated up projection ``a_NF`` of the plan's rows (``token_ids_N``,
-    ``expert_ids_N``), as ``up_forward`` computes it without ``h``, from matrix-vector products
-    cut evenly over a multiple of the SM count (the decode path: at a token or so the GEMM tiles
-    of ``up_forward`` leave SMs idle). Fast when W's rows are contiguous along D. ``pdl``: the
-    next kernel is :func:`down_combine` launched as its programmatic dependent."""
-    _check("x", x_TD, 2)
-    _check("gate_up_proj", w_EHD, 3, x_TD.dtype, x_TD.device)
-    if x_TD.dtype not in _DTYPES:
-        raise TypeError(f"triton experts support {_DTYPES}, got {x_TD.dtype}")
-    _, H, D = w_EHD.shape
-    F = H // 2 if gated else H
-    N = token_ids_N.shape[0]
-    x_TD = _rows_contig(x_TD)
-    a = x_TD.new_empty(N, F)
-    if N == 0 or F == 0:
-        return a
-    P = N * F
-    if P >= 2**31:
-        raise ValueError(f"up_gemv takes fewer than 2**31 outputs, got N*F={N}*{F}; it is the decode path")
-    o = tiles.get("up_gemv") if tiles else None
-    if C.interpreting():
-        bp, bd, per_sm, nw = 2, 16, 2, 4
-    elif o is not None:
-        bp, bd, per_sm, nw = o
-    else:
-        bp, bd, per_sm, nw = 4, 256, 4, 4
-    per_prog = triton.cdiv(triton.cdiv(P, _num_sms(x_TD.device) * per_sm), bp) * bp
-    KD.up_gemv_kernel[(triton.cdiv(P, per_prog),)](
-        x_TD, w_EHD, b_EH if b_EH is not None else x_TD, token_ids_N, expert_ids_N,
-        roww_N if roww_N is not None else x_TD, a,
-        P, F, D, per_prog,
-        x_TD.stride(0), w_EHD.stride(0), w_EHD.stride(1), w_EHD.stride(2),
-        b_EH.stride(0) if b_EH is not None else 0, a.stride(0),
-        GATED=gated, ACT=ACT_CODES[act], HAS_BIAS=b_EH is not None, WOI=roww_N is not None,
-        INTERLEAVED=interleaved, PDL=pdl, BLOCK_P=bp, BLOCK_D=bd, ALPHA=float(alpha),
-        LIMIT=float(limit), num_warps=nw, num_stages=1,
-    )
-    return a
+__all__ = ["SMALL_PLAN_MAX_SLOTS", "down_combine", "small_plan", "use_pdl"]
 
 
 # programmatic dependent launch needs a Triton with grid-dependency control (newer than the

@@ -1,89 +1,11 @@
-"""The decode ``@triton.jit`` kernels (a token or a few, inference): the up projection as
-matrix-vector products spread evenly over the SMs, the down projection fused with the combine,
-and the routing plan in one program. Legend as in ``kernels``.
+"""The decode ``@triton.jit`` kernels (a token or a few, inference): the down projection fused
+with the combine, and the routing plan in one program. Legend as in ``kernels``.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-from .kernels_common import _glu_fwd, _unary_fwd
-
-
-# ----------------------------------------------------------------------------- decode: up
-@triton.jit
-def up_gemv_kernel(
-    X, W, B, TOK, EIDS, ROWW, A_OUT,
-    P, F, Dm, per_prog,
-    stride_xt, stride_we, stride_wh, stride_wd, stride_be, stride_an,
-    GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, WOI: tl.constexpr,
-    INTERLEAVED: tl.constexpr, PDL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-    ALPHA, LIMIT,
-):
-    """Decode: ``a[r, f] = act(x[tok[r]] . W[e[r], f] (* w_row if WOI) + b[e[r], f])`` as one dot
-    product per output, the ``P = N * F`` outputs ``(r, f)`` (row-major) cut into equal runs of
-    ``per_prog`` consecutive ones, one run per program (the launcher starts a multiple of the SM
-    count): every SM streams the same share of the touched weights, where the GEMM tiles of
-    ``up_kernel`` leave SMs idle at a token or so. ``BLOCK_P`` outputs per step; gated, their
-    gate and up rows of W are the tile's rows ``2i`` and ``2i + 1`` (``INTERLEAVED``: W's rows
-    ``2f, 2f + 1``; else ``f, F + f``), taken apart in registers for the GLU. Each row is read
-    along D in ``BLOCK_D`` steps, the next step's tiles requested before the current ones are
-    used. ``PDL``: lets the next kernel (``down_combine_kernel``) start while this one runs."""
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-    NR: tl.constexpr = 2 * BLOCK_P if GATED else BLOCK_P
-    q = tl.arange(0, NR)
-    if GATED:
-        qp = q // 2
-    else:
-        qp = q
-    ds = tl.arange(0, BLOCK_D)
-    md = ds < Dm
-    start = tl.program_id(0) * per_prog
-    end = tl.minimum(start + per_prog, P)
-    for p0 in range(start, end, BLOCK_P):
-        j = p0 + qp
-        ok = j < end
-        r64 = tl.where(ok, j // F, 0).to(tl.int64)
-        f = j % F
-        if GATED:
-            if INTERLEAVED:
-                hrow = 2 * f + q % 2
-            else:
-                hrow = f + (q % 2) * F
-        else:
-            hrow = f
-        e64 = tl.load(EIDS + r64, mask=ok, other=0).to(tl.int64)
-        t64 = tl.load(TOK + r64, mask=ok, other=0).to(tl.int64)
-        w_ptrs = W + (e64 * stride_we + hrow.to(tl.int64) * stride_wh)[:, None] + ds[None, :] * stride_wd
-        x_ptrs = X + (t64 * stride_xt)[:, None] + ds[None, :]
-        acc = tl.zeros((NR,), dtype=tl.float32)
-        wt = tl.load(w_ptrs, mask=ok[:, None] & md[None, :], other=0.0)
-        xt = tl.load(x_ptrs, mask=ok[:, None] & md[None, :], other=0.0)
-        for d0 in range(0, Dm, BLOCK_D):
-            # the next step's tiles are requested before this step's are used
-            mn = ok[:, None] & ((d0 + BLOCK_D + ds) < Dm)[None, :]
-            w_ptrs += BLOCK_D * stride_wd
-            x_ptrs += BLOCK_D
-            w_nxt = tl.load(w_ptrs, mask=mn, other=0.0)
-            x_nxt = tl.load(x_ptrs, mask=mn, other=0.0)
-            acc += tl.sum(wt.to(tl.float32) * xt.to(tl.float32), axis=1)
-            wt = w_nxt
-            xt = x_nxt
-        if WOI:
-            acc = acc * tl.load(ROWW + r64, mask=ok, other=0.0)
-        if HAS_BIAS:
-            acc += tl.load(B + e64 * stride_be + hrow, mask=ok, other=0.0).to(tl.float32)
-        jp = p0 + tl.arange(0, BLOCK_P)
-        okp = jp < end
-        if GATED:
-            g, u = tl.split(tl.reshape(acc, (BLOCK_P, 2)))
-            act = _glu_fwd(g, u, ACT, ALPHA, LIMIT)
-        else:
-            act = _unary_fwd(acc, ACT)
-        rp64 = tl.where(okp, jp // F, 0).to(tl.int64)
-        tl.store(A_OUT + rp64 * stride_an + jp % F, act.to(A_OUT.dtype.element_ty), mask=okp)
 
 
 # ----------------------------------------------------------------------------- decode: down + combine

@@ -89,6 +89,15 @@ def rows_gemm_tma_kernel(
 
 
 @triton.jit
+def _x_tile(X, x_ptrs, row0, k0, mask_m, ks, D, X_DESC: tl.constexpr):
+    """The up projection's ``[BLOCK_M, BLOCK_K]`` tile of x's rows at ``k0``: through the
+    descriptor of the gathered rows (``X_DESC``), else gathered by token (``x_ptrs``)."""
+    if X_DESC:
+        return X.load([row0, k0])
+    return tl.load(x_ptrs, mask=mask_m[:, None] & ((k0 + ks) < D)[None, :], other=0.0)
+
+
+@triton.jit
 def up_tma_kernel(
     X, W_DESC, B, TOK, ROWW, H_OUT, A_OUT,
     COUNTS, OFFSETS,
@@ -97,10 +106,11 @@ def up_tma_kernel(
     GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, WOI: tl.constexpr,
     STORE_H: tl.constexpr, W_K_CONTIG: tl.constexpr, E_P2: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    ONE_ACC: tl.constexpr = False, ALPHA=1.702, LIMIT=7.0,
+    ONE_ACC: tl.constexpr = False, X_DESC: tl.constexpr = False, ALPHA=1.702, LIMIT=7.0,
 ):
     """``up_kernel`` (gate rows first; W ``[E, H, D]``, or a transposed view of ``[E, D, H]``)
-    with the weight tiles through a descriptor; the token gather of x stays a pointer load.
+    with the weight tiles through a descriptor; the token gather of x stays a pointer load, or
+    (``X_DESC``) ``X`` is a descriptor over x's rows gathered beforehand in the plan's order.
     ``ONE_ACC`` (gated, W_DESC over W seen as ``[E, 2, F, D]``): one accumulator for the gate
     and up columns. One program per tile: as a persistent kernel it was 15-20% slower at every
     training shape (H200, bf16: qwen3 2.04 against 1.68 ms)."""
@@ -112,16 +122,19 @@ def up_tma_kernel(
     rows64 = rows.to(tl.int64)
     mask_m = rows < row_end
     n0 = pid_n * BLOCK_N
-    tok = tl.load(TOK + rows64, mask=mask_m, other=0).to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
-    x_ptrs = X + tok[:, None] * stride_xt + ks[None, :]
+    if X_DESC:
+        x_ptrs = TOK  # unused (the tiles come through the descriptor): only stepped
+    else:
+        tok = tl.load(TOK + rows64, mask=mask_m, other=0).to(tl.int64)
+        x_ptrs = X + tok[:, None] * stride_xt + ks[None, :]
     if ONE_ACC:
         # W seen as [E, 2, F, D]: the gate and up tiles come in one copy and feed one
         # [BLOCK_M, 2 * BLOCK_N] MMA (x's tile read once per k step, not once per accumulator)
         acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
         for kt in range(tl.cdiv(D, BLOCK_K)):
             k0 = kt * BLOCK_K
-            xt = tl.load(x_ptrs, mask=mask_m[:, None] & ((k0 + ks) < D)[None, :], other=0.0)
+            xt = _x_tile(X, x_ptrs, row0, k0, mask_m, ks, D, X_DESC)
             wt = tl.reshape(W_DESC.load([e, 0, n0, k0]), (2 * BLOCK_N, BLOCK_K))
             acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PREC)
             x_ptrs += BLOCK_K
@@ -132,7 +145,7 @@ def up_tma_kernel(
             acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kt in range(tl.cdiv(D, BLOCK_K)):
             k0 = kt * BLOCK_K
-            xt = tl.load(x_ptrs, mask=mask_m[:, None] & ((k0 + ks) < D)[None, :], other=0.0)
+            xt = _x_tile(X, x_ptrs, row0, k0, mask_m, ks, D, X_DESC)
             acc_g = tl.dot(xt, _w_tile(W_DESC, e, n0, k0, W_K_CONTIG, BLOCK_N, BLOCK_K), acc_g,
                            input_precision=PREC)
             if GATED:

@@ -4,8 +4,7 @@ them, and ``fused_experts``: the ``fused`` entry of the ``triton`` backend.
 
 Forward (3 kernels):  up (gather x rows by token + GEMM + bias + activation; saves the
 pre-activation) -> down (grouped GEMM) -> combine (fixed-order weighted sum over k); at decode
-(inference, ``fused_decode_tokens`` tokens or fewer) down and combine are one kernel, and (at
-``gemv_up_tokens`` or fewer) the up projection runs as matrix-vector products over every SM.
+(inference, ``fused_decode_tokens`` tokens or fewer) down and combine are one kernel.
 Backward (5-6 kernels): down-dgrad (gather the output grad by token + GEMM, activation
 derivative and routing-weight grad in the epilogue; in eager mode, unless the graph is
 retained, it writes dH over the saved pre-activation; it also recomputes the activation, which
@@ -91,23 +90,6 @@ def _(y, inverse, weights, dot_with):
     T, K = inverse.shape
     dot = y.new_empty((T, K) if dot_with is not None else (0,), dtype=torch.float32)
     return y.new_empty(T, y.shape[1]), dot
-
-
-@torch.library.custom_op(f"{_NS}::up_gemv", mutates_args=())
-def up_gemv_op(
-    x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], token_ids: torch.Tensor,
-    expert_ids: torch.Tensor, roww: Optional[torch.Tensor], act: str, gated: bool,
-    pdl: bool = False, interleaved: bool = False, tiles: str = "", alpha: float = GPT_OSS_ALPHA,
-    limit: float = GPT_OSS_LIMIT,
-) -> torch.Tensor:
-    return LD.up_gemv(x, w, b, token_ids, expert_ids, roww, act, gated, pdl, interleaved,
-                      parse_tiles(tiles), alpha, limit)
-
-
-@up_gemv_op.register_fake
-def _(x, w, b, token_ids, expert_ids, roww, act, gated, pdl=False, interleaved=False, tiles="",
-      alpha=GPT_OSS_ALPHA, limit=GPT_OSS_LIMIT):
-    return x.new_empty(token_ids.shape[0], w.shape[1] // 2 if gated else w.shape[1])
 
 
 @torch.library.custom_op(f"{_NS}::down_combine", mutates_args=())
@@ -380,13 +362,9 @@ def fused_experts(
     combine_w = None if weight_on_input else topk_weights_TK
     fuse = x_TD.shape[0] <= s.fused_decode_tokens
     pdl = fuse and LD.use_pdl(x_TD.device, s.pdl)
-    if x_TD.shape[0] <= s.gemv_up_tokens and gate_up_proj.stride(2) == 1:  # rows contiguous along D
-        a = up_gemv_op(x_TD, gate_up_proj, gate_up_proj_bias, plan.token_ids_N, plan.expert_ids_N,
-                       roww, activation, gated, pdl, gate_up_interleaved, tiles, alpha, limit)
-    else:
-        _, a = up_op(x_TD, gate_up_proj, gate_up_proj_bias, plan.token_ids_N, roww, plan.counts_E,
-                     plan.offsets_E, activation, gated, False, pdl, gate_up_interleaved, tiles,
-                     alpha, limit)
+    _, a = up_op(x_TD, gate_up_proj, gate_up_proj_bias, plan.token_ids_N, roww, plan.counts_E,
+                 plan.offsets_E, activation, gated, False, pdl, gate_up_interleaved, tiles,
+                 alpha, limit)
     if fuse:
         return down_combine_op(a, down_proj, down_proj_bias, plan.inverse_TK, plan.expert_ids_N,
                                combine_w, pdl, tiles)
