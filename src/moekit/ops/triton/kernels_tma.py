@@ -93,8 +93,10 @@ def _x_tile(X, x_ptrs, row0, k0, mask_m, ks, D, X_DESC: tl.constexpr):
     """The up projection's ``[BLOCK_M, BLOCK_K]`` tile of x's rows at ``k0``: through the
     descriptor of the gathered rows (``X_DESC``), else gathered by token (``x_ptrs``)."""
     if X_DESC:
-        return X.load([row0, k0])
-    return tl.load(x_ptrs, mask=mask_m[:, None] & ((k0 + ks) < D)[None, :], other=0.0)
+        xt = X.load([row0, k0])
+    else:
+        xt = tl.load(x_ptrs, mask=mask_m[:, None] & ((k0 + ks) < D)[None, :], other=0.0)
+    return xt
 
 
 @triton.jit
