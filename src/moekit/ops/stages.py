@@ -105,8 +105,11 @@ def check_given_plan(plan, topk_ids_TK: torch.Tensor, num_experts: int, what: st
     _check_same_device(topk_ids_TK, plan, what)
 
 
-def gather_slots(y_ND: torch.Tensor, inverse_TK: torch.Tensor) -> torch.Tensor:
-    """``out[t, k] = y_ND[inverse_TK[t, k]]``, zero where the slot was dropped (-1)."""
+def gather_slots(y_ND: torch.Tensor, inverse_TK: torch.Tensor, *, every_slot: bool = False
+                 ) -> torch.Tensor:
+    """``out[t, k] = y_ND[inverse_TK[t, k]]``, zero where the slot was dropped (-1).
+    ``every_slot``: the caller knows that no slot was dropped (a plan with a row per slot):
+    one gather, no zero row appended."""
     if y_ND.dim() != 2 or inverse_TK.dim() != 2:
         raise ValueError(
             f"gather_slots takes y [N, D] and inverse [T, K], got {tuple(y_ND.shape)} and {tuple(inverse_TK.shape)}"
@@ -117,34 +120,43 @@ def gather_slots(y_ND: torch.Tensor, inverse_TK: torch.Tensor) -> torch.Tensor:
     on_cpu = inverse_TK.device.type == "cpu" and not torch.compiler.is_compiling()
     if on_cpu and inverse_TK.numel() and int(inverse_TK.max()) >= N:
         raise ValueError(f"gather_slots: inverse points at row {int(inverse_TK.max())} of y's {N} rows")
+    if every_slot:
+        return y_ND.index_select(0, inverse_TK.reshape(-1)).view(T, K, D)
     y_pad = torch.cat([y_ND, y_ND.new_zeros(1, D)])
     idx = torch.where(inverse_TK < 0, N, inverse_TK).reshape(-1)
     return y_pad.index_select(0, idx).view(T, K, D)
 
 
+def _every_slot(plan: RoutingPlan) -> bool:
+    """The plan has a row per slot (no drops, no zero experts): known on the host."""
+    return not torch.compiler.is_compiling() and plan.num_rows == plan.num_tokens * plan.top_k
+
+
 class _Permute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, token_ids_N, inverse_TK):
+    def forward(ctx, x_TD, token_ids_N, inverse_TK, every_slot):
         ctx.save_for_backward(inverse_TK)
+        ctx.every_slot = every_slot
         return x_TD.index_select(0, token_ids_N)
 
     @staticmethod
     def backward(ctx, g_ND):
         (inverse_TK,) = ctx.saved_tensors
-        return gather_slots(g_ND.contiguous(), inverse_TK).sum(1), None, None
+        g = gather_slots(g_ND.contiguous(), inverse_TK, every_slot=ctx.every_slot)
+        return g.sum(1), None, None, None
 
 
 class _GatherSlots(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y_ND, inverse_TK, sorted_slots_N):
+    def forward(ctx, y_ND, inverse_TK, sorted_slots_N, every_slot):
         ctx.save_for_backward(sorted_slots_N)
-        return gather_slots(y_ND, inverse_TK)
+        return gather_slots(y_ND, inverse_TK, every_slot=every_slot)
 
     @staticmethod
     def backward(ctx, g_TKD):
         (sorted_slots_N,) = ctx.saved_tensors
         T, K, D = g_TKD.shape
-        return g_TKD.reshape(T * K, D).index_select(0, sorted_slots_N), None, None
+        return g_TKD.reshape(T * K, D).index_select(0, sorted_slots_N), None, None, None
 
 
 def row_weights(topk_weights_TK: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
@@ -177,7 +189,7 @@ def permute(
     """Rows of ``x_TD`` in expert order, ``[N, D]``; scaled by their routing weight when
     ``topk_weights_TK`` is given (routing weight on the expert input, as Llama 4 does)."""
     check_permute(x_TD, plan, topk_weights_TK)
-    x_ND = _Permute.apply(x_TD, plan.token_ids_N, plan.inverse_TK)
+    x_ND = _Permute.apply(x_TD, plan.token_ids_N, plan.inverse_TK, _every_slot(plan))
     if topk_weights_TK is not None:
         x_ND = x_ND * row_weights(topk_weights_TK, plan).to(x_ND.dtype).unsqueeze(-1)
     return x_ND
@@ -189,7 +201,7 @@ def unpermute(
     """Combine: ``out[t] = sum_k w[t, k] * y_ND[row(t, k)]`` (``w = 1`` when ``topk_weights_TK``
     is None), summed over k in a fixed order; dropped slots contribute zero."""
     check_unpermute(y_ND, plan, topk_weights_TK)
-    rows_TKD = _GatherSlots.apply(y_ND, plan.inverse_TK, plan.sorted_slots_N)
+    rows_TKD = _GatherSlots.apply(y_ND, plan.inverse_TK, plan.sorted_slots_N, _every_slot(plan))
     if topk_weights_TK is None:
         return rows_TKD.sum(1)
     w_T1K = topk_weights_TK.to(y_ND.dtype).unsqueeze(1)
