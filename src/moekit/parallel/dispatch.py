@@ -187,6 +187,7 @@ class AllToAllDispatcher(Dispatcher):
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self._streams: dict = {}
+        self._headers: dict = {}  # (header, device) -> the header on the device
 
     def _stream(self, x: torch.Tensor, async_op: bool):
         if not async_op or x.device.type != "cuda":
@@ -195,11 +196,22 @@ class AllToAllDispatcher(Dispatcher):
             self._streams[x.device] = torch.cuda.Stream(device=x.device)
         return self._streams[x.device]
 
+    def _header(self, header: list[int], device: torch.device) -> torch.Tensor:
+        """``header`` on ``device``, copied there once per distinct value (the status of a
+        forward that succeeds is the same every time)."""
+        key = (tuple(header), device)
+        h = self._headers.get(key)
+        if h is None:
+            if len(self._headers) >= 16:  # (failures and other shapes: keep a few)
+                self._headers.clear()
+            h = self._headers[key] = to_device(torch.tensor(header, dtype=torch.int64), device)
+        return h
+
     def exchange_counts(self, counts_CP: torch.Tensor, header: list[int]) -> tuple[torch.Tensor, list]:
-        c = counts_CP.to(torch.int64).reshape(-1)
-        flat = torch.cat([c, to_device(torch.tensor(header, dtype=torch.int64), c.device)])
+        # one int64 row (cat promotes the counts), one all-gather, one copy to the host
+        flat = torch.cat([counts_CP.reshape(-1), self._header(header, counts_CP.device)])
         got = _all_gather_flat(flat, self.group).view(self.world_size, -1).cpu()
-        n = c.numel()
+        n = counts_CP.numel()
         return got[:, :n].reshape((self.world_size,) + tuple(counts_CP.shape)), got[:, n:].tolist()
 
     def dispatch(self, x_ND: torch.Tensor, layout: Layout, *, async_op: bool = False,

@@ -99,8 +99,10 @@ class Pipeline:
         self.routing_cols = routing_cols  # K of the token exchange's routing weights (0: none)
         self.routing_dtype = routing_dtype
         self.num_params = 0
-        self.send_at = [0, *accumulate(l.num_send for l in layouts)]
-        self.recv_at = [0, *accumulate(l.num_recv for l in layouts)]
+        self.send_sizes = [l.num_send for l in layouts]
+        self.recv_sizes = [l.num_recv for l in layouts]
+        self.send_at = [0, *accumulate(self.send_sizes)]
+        self.recv_at = [0, *accumulate(self.recv_sizes)]
         self.x_all: torch.Tensor | None = None
 
     def apply(self, send_ND: torch.Tensor, params: list[torch.Tensor | None],
@@ -119,36 +121,39 @@ class Pipeline:
                                                               needs[:self.num_params])
         return (dx_ND, dx_side, *grads, *side_grads)
 
-    def _exchanges(self, rows_ND: torch.Tensor, into_RD: torch.Tensor) -> list:
-        """Every chunk's rows sent towards the experts (dispatch direction), received into
-        ``into_RD``: ``[(received, handle)]``."""
-        out = []
-        for c, lay in enumerate(self.layouts):
-            s0, s1 = self.send_at[c], self.send_at[c + 1]
-            r0, r1 = self.recv_at[c], self.recv_at[c + 1]
-            out.append(self.disp.dispatch(rows_ND[s0:s1], lay, async_op=True, out=into_RD[r0:r1]))
-        return out
+    def _split(self, t: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+        """``t``'s rows per chunk (views; one op, none for one chunk)."""
+        return [t] if len(sizes) == 1 else list(t.split(sizes))
 
-    def _pipe(self, first: list, recv_RD: torch.Tensor, back_ND: torch.Tensor, step,
+    def _exchanges(self, rows_ND: torch.Tensor, into_RD: torch.Tensor) -> tuple[list, list]:
+        """Every chunk's rows sent towards the experts (dispatch direction), received into
+        ``into_RD``: ``([(received, handle)], the chunks' views of into_RD)``."""
+        into = self._split(into_RD, self.recv_sizes)
+        rows = self._split(rows_ND, self.send_sizes)
+        return [self.disp.dispatch(x, lay, async_op=True, out=buf)
+                for x, lay, buf in zip(rows, self.layouts, into)], into
+
+    def _pipe(self, first: list, recv: list, back_ND: torch.Tensor, step,
               extra_ND: torch.Tensor | None = None) -> list:
-        """For each chunk: wait for its rows, ``step(c, rows)``, send the result back into
-        ``back_ND`` (and, with ``extra_ND``, the runner's routing grad into it); returns the
-        back exchanges (not yet waited for)."""
+        """For each chunk: wait for its rows (``first``, received into the views ``recv``),
+        ``step(c, rows)``, send the result back into ``back_ND`` (and, with ``extra_ND``, the
+        runner's routing grad into it); returns the back exchanges (not yet waited for)."""
         backs = []
+        back = self._split(back_ND, self.send_sizes)
+        extra = None if extra_ND is None else self._split(extra_ND, self.send_sizes)
         for c, lay in enumerate(self.layouts):
             res, h = first[c]
             h.wait()
-            rows = _into(res, recv_RD[self.recv_at[c]:self.recv_at[c + 1]])
-            s0, s1 = self.send_at[c], self.send_at[c + 1]
-            y = step(c, rows).to(back_ND.dtype)
-            backs.append((self.disp.combine(y, lay, async_op=True, out=back_ND[s0:s1]),
-                          back_ND[s0:s1]))
-            if extra_ND is not None:
+            rows = _into(res, recv[c])
+            y = step(c, rows)
+            if y.dtype != back_ND.dtype:
+                y = y.to(back_ND.dtype)
+            backs.append((self.disp.combine(y, lay, async_op=True, out=back[c]), back[c]))
+            if extra is not None:
                 g = self.runner.routing_grad(c)
                 g = rows.new_zeros(rows.shape[0], extra_ND.shape[1], dtype=extra_ND.dtype) \
                     if g is None else g.to(extra_ND.dtype)
-                backs.append((self.disp.combine(g, lay, async_op=True, out=extra_ND[s0:s1]),
-                              extra_ND[s0:s1]))
+                backs.append((self.disp.combine(g, lay, async_op=True, out=extra[c]), extra[c]))
         return backs
 
     def _finish(self, backs: list) -> None:
@@ -168,9 +173,9 @@ class Pipeline:
                                        **self.plan_kwargs[c])
 
         with torch.no_grad():
-            first = self._exchanges(send_ND, x_all)
+            first, recv = self._exchanges(send_ND, x_all)
             y_side = None if self.side is None else self.side.forward(0, x_side, None, 0, 0)
-            backs = self._pipe(first, x_all, y_ND, step)
+            backs = self._pipe(first, recv, y_ND, step)
             self._finish(backs)
         self.x_all = x_all
         return y_ND, y_side
@@ -187,11 +192,11 @@ class Pipeline:
             dw_NK = g_ND.new_empty(self.send_at[-1], self.routing_cols, dtype=self.routing_dtype)
         dx_side, side_grads = None, []
         with torch.no_grad():
-            first = self._exchanges(g_ND, dy_all)
+            first, recv = self._exchanges(g_ND, dy_all)
             if self.side is not None:  # while the first exchange travels
                 dx_side = self.side.backward(0, g_side)
                 side_grads = self.side.weight_grads()
-            backs = self._pipe(first, dy_all, dx_ND, self.runner.backward, dw_NK)
+            backs = self._pipe(first, recv, dx_ND, self.runner.backward, dw_NK)
             # while the last exchange travels
             grads = self.runner.weight_grads(self.x_all, dy_all, needs)
             self.x_all = None
