@@ -268,6 +268,25 @@ def test_plan_num_real_slots():
             make_plan(ids, 4, num_zero_experts=3, num_real_slots=bad)
 
 
+def test_prepare_plan_finish_is_make_plans_plan():
+    """``prepare_plan(...).finish(n)`` (the device work before n is known) is the plan of
+    ``make_plan(..., num_real_slots=n)``, field for field and dtype for dtype."""
+    from moekit.plan import prepare_plan
+
+    g = torch.Generator().manual_seed(2)
+    for T, K, E, Z in ((7, 3, 4, 1), (5, 1, 3, 2), (0, 2, 4, 1), (6, 4, 1, 1)):
+        ids = torch.randint(0, E + Z, (T, K), generator=g)
+        n = int((ids < E).sum())
+        a = make_plan(ids, E, num_zero_experts=Z, num_real_slots=n)
+        b = prepare_plan(ids, E, num_zero_experts=Z).finish(n)
+        for f in ("sorted_slots_N", "token_ids_N", "expert_ids_N", "counts_E", "offsets_E",
+                  "inverse_TK", "num_dropped"):
+            x, y = getattr(a, f), getattr(b, f)
+            assert x.dtype == y.dtype and torch.equal(x, y), f
+        assert (b.num_tokens, b.top_k, b.num_experts, b.num_rows) == (T, K, E, n)
+        b.check_ids(ids)
+
+
 def test_plan_check_ids_off_is_the_same_plan():
     """``check_ids=False`` (ids the caller built from checked ones) makes the same plan; the
     default still refuses ids out of range."""

@@ -31,6 +31,8 @@ __all__ = [
     "count_per_expert",
     "ids_fingerprint",
     "make_plan",
+    "prepare_plan",
+    "PreparedPlan",
 ]
 
 DROP_POLICIES = ("position", "weight")
@@ -325,3 +327,53 @@ def make_plan(
         plan.padded_offsets_E = padded_offsets.to(torch.int32)
         plan.num_padded_rows = N + num_experts * (pad_to_multiple - 1)
     return plan.record_ids(topk_ids_TK)
+
+
+@dataclass
+class PreparedPlan:
+    """A dropless plan with zero experts before it is cut to its real slots (from
+    :func:`prepare_plan`): every slot has a row here, the zero experts' slots last."""
+
+    plan: RoutingPlan  # every slot's row, the zero experts' included (inverse: -1 for them)
+
+    def finish(self, num_real_slots: int) -> RoutingPlan:
+        """The plan of the first ``num_real_slots`` rows (the real experts' slots): the plan
+        ``make_plan(..., num_real_slots=num_real_slots)`` makes, of views (no device op)."""
+        p, n = self.plan, num_real_slots
+        return RoutingPlan(
+            num_tokens=p.num_tokens, top_k=p.top_k, num_experts=p.num_experts,
+            sorted_slots_N=p.sorted_slots_N[:n], token_ids_N=p.token_ids_N[:n],
+            expert_ids_N=p.expert_ids_N[:n], counts_E=p.counts_E, offsets_E=p.offsets_E,
+            inverse_TK=p.inverse_TK, num_dropped=p.num_dropped, ids_key=p.ids_key,
+        )
+
+
+def prepare_plan(topk_ids_TK: torch.Tensor, num_experts: int, *,
+                 num_zero_experts: int = 1) -> PreparedPlan:
+    """``make_plan(topk_ids_TK, num_experts, num_zero_experts=Z, check_ids=False)`` (dropless)
+    in two steps, for a caller that learns the number of real slots later (expert
+    parallelism's token exchange, from its counts exchange): the device work is queued now,
+    and ``finish(num_real_slots)`` cuts the plan to its rows without a device op or a host
+    sync. The plan includes every zero expert's slot until then (``plan.num_rows`` = T*K)."""
+    if topk_ids_TK.dim() != 2 or topk_ids_TK.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"topk_ids must be [T, K] int32 or int64, got {tuple(topk_ids_TK.shape)} "
+                         f"{topk_ids_TK.dtype}")
+    T, K = topk_ids_TK.shape
+    flat = topk_ids_TK.reshape(-1)
+    if flat.dtype != torch.int64:
+        flat = flat.to(torch.int64)
+    device = flat.device
+    order = torch.argsort(flat, stable=True)  # (the zero experts' slots sort last)
+    counts = torch.zeros(num_experts + num_zero_experts, dtype=torch.int32, device=device)
+    counts = counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))[:num_experts]
+    inverse = torch.empty(T * K, dtype=torch.int64, device=device).scatter_(
+        0, order, torch.arange(T * K, device=device))
+    plan = RoutingPlan(
+        num_tokens=T, top_k=K, num_experts=num_experts, sorted_slots_N=order,
+        token_ids_N=torch.div(order, K, rounding_mode="floor") if K > 1 else order,
+        expert_ids_N=flat.index_select(0, order), counts_E=counts,
+        offsets_E=torch.cumsum(counts, 0, dtype=torch.int32),
+        inverse_TK=inverse.masked_fill_(flat >= num_experts, -1).view(T, K),
+        num_dropped=torch.zeros((), dtype=torch.int64, device=device),
+    )
+    return PreparedPlan(plan.record_ids(topk_ids_TK))

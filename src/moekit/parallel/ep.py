@@ -258,6 +258,11 @@ class ExpertParallel(nn.Module):
             ps = list(_ReplicaGradSum.apply(self, *ps))
         return ps + [None, None] if len(ps) == 2 else ps
 
+    def _keep(self, plan: RoutingPlan, layouts: list[Layout]) -> None:
+        """``last_plans`` and ``last_layouts`` of this forward (without nn.Module's setattr)."""
+        object.__setattr__(self, "last_plans", [plan])
+        object.__setattr__(self, "last_layouts", layouts)
+
     def _slots(self, C: int, dev: torch.device) -> Slots:
         t = self._slot_tables.get(C)
         if t is None or t.ext_table.device != dev:
@@ -271,13 +276,13 @@ class ExpertParallel(nn.Module):
         T, K = ids_TK.shape
         dev = ids_TK.device
         C = self.num_chunks
-        ids = ids_TK.to(torch.long)
+        ids = ids_TK if ids_TK.dtype == torch.long else ids_TK.to(torch.long)
         if S.ext_table.shape[1] > 1:
             s = torch.arange(T * K, device=dev).view(T, K)
             rep = (s + self.rank) % self._num_replicas[ids]
             q_TK = S.ext_table[ids, rep]
-        else:
-            q_TK = S.ext_table[ids, 0]
+        else:  # (the table's one column)
+            q_TK = torch.take(S.ext_table, ids)
         if S.shared_ext.shape[1]:  # one more row per token, to a shared rank, weight 1
             t = torch.arange(T, device=dev)
             q_sh = S.shared_ext[(t * C) // max(T, 1), t % S.shared_ext.shape[1]]
@@ -317,7 +322,7 @@ class ExpertParallel(nn.Module):
         dev = x_TD.device
         on_input = experts.config.routing_weight_on == "input"
         backend = experts.backend_for(dev, x_TD.dtype)
-        C = self.num_chunks
+        C, W, me = self.num_chunks, self.world_size, self.rank
         S = self._slots(C, dev)
 
         # 1. logical expert -> extended slot (and the shared column)
@@ -326,33 +331,31 @@ class ExpertParallel(nn.Module):
         # 2. one sender plan over the slots: rows chunk-major, then by rank
         plan = backend.make_plan(q_TK, S.num_slots, check_ids=False)  # (from the slot tables)
         send = backend.permute(x_TD, plan, w_TK if on_input else None)
-        self.last_plans = [plan]
-
-        # 3. counts [W, Q] on the host (one host sync), with every rank's fail-together status
-        counts, headers = self.dispatcher.exchange_counts(plan.counts_E.view(1, -1),
-                                                          status_row(None, x_TD, K))
-        raise_from_rows(self.group, headers, None)
-        counts = counts[:, 0]
-        counts_dev = None if self.is_shared_rank else to_device(counts, dev)  # for recv_ids
-        rows = counts.tolist()  # (plain lists: a few hundred host-tensor ops cost ~0.3 ms here)
-        layouts, mine = [], []
-        for c in range(C):
-            st, n = S.starts[c], S.counts[c]
-            send_c = [sum(rows[self.rank][st[r]:st[r] + n[r]]) for r in range(self.world_size)]
-            a, b = st[self.rank], st[self.rank] + n[self.rank]
-            layouts.append(Layout(send=send_c, recv=[sum(row[a:b]) for row in rows]))
-            mine.append((a, b))
-        self.last_layouts = layouts
-        kw: list[dict] = [{} for _ in range(C)]
-        if experts.capacity_factor is not None and not self.is_shared_rank:
-            T_total = int(counts[:, S.routed].sum()) // K if K else 0
-            capacity = capacity_for(T_total, K, self.num_experts, experts.capacity_factor)
-            for c in range(C):
-                kw[c] = {"capacity": capacity, "drop_policy": experts.drop_policy}
         # the receiver's weight-drop policy needs the routing weights of the rows it gets
         send_w = None
         if experts.capacity_factor is not None and experts.drop_policy == "weight":
             send_w = w_TK.reshape(-1).index_select(0, plan.sorted_slots_N).float().unsqueeze(1)
+
+        # 3. counts [W, Q] on the host (one host sync), with every rank's fail-together status;
+        # from here to the experts' first GEMM the device waits for the host: few ops
+        counts, headers = self.dispatcher.exchange_counts(plan.counts_E.view(1, -1),
+                                                          status_row(None, x_TD, K))
+        raise_from_rows(self.group, headers, None)
+        rows = [r[0] for r in counts.tolist()]  # (plain lists: host-tensor ops cost more)
+        mine = [(S.starts[c][me], S.starts[c][me] + S.counts[c][me]) for c in range(C)]
+        layouts = []
+        for c, (a, b) in enumerate(mine):
+            st, n = S.starts[c], S.counts[c]
+            layouts.append(Layout(send=[sum(rows[me][st[r]:st[r] + n[r]]) for r in range(W)],
+                                  recv=[sum(row[a:b]) for row in rows]))
+        self._keep(plan, layouts)
+        kw: list[dict] = [{} for _ in range(C)]
+        if experts.capacity_factor is not None and not self.is_shared_rank:
+            routed = sum(map(sum, rows)) - sum(row[q] for row in rows for q in S.shared_slots)
+            capacity = capacity_for(routed // K if K else 0, K, self.num_experts,
+                                    experts.capacity_factor)
+            for c in range(C):
+                kw[c] = {"capacity": capacity, "drop_policy": experts.drop_policy}
         at = 0
         for c in range(C):
             if send_w is not None:
@@ -362,15 +365,17 @@ class ExpertParallel(nn.Module):
                     kw[c]["row_weights"] = rw
             at += layouts[c].num_send
 
+        # each received row's expert [R, 1]: every sender's rows of the chunk's group, by
+        # expert (their counts go to the device in one copy; None on a shared rank)
+        reps = None
+        if not self.is_shared_rank:
+            need = [n for a, b in mine for row in rows for n in row[a:b]]
+            reps = to_device(torch.tensor(need, dtype=torch.long), dev).split(
+                [W * (b - a) for a, b in mine])
+
         def recv_ids(c):
-            if self.is_shared_rank:
-                return None
-            a, b = mine[c]
-            R = layouts[c].num_recv
-            return torch.repeat_interleave(
-                torch.arange(b - a, device=dev).repeat(self.world_size),
-                counts_dev[:, a:b].reshape(-1), output_size=R,
-            ).view(R, 1)
+            return None if reps is None else torch.repeat_interleave(
+                S.recv_base[c], reps[c], dim=0, output_size=layouts[c].num_recv)
 
         # 4-5. dispatch -> local experts -> combine, chunk by chunk (pipeline.py)
         pipe, params, side_params = self._pipeline(

@@ -27,9 +27,12 @@ class Slots:
     starts: list  # [C][W] first extended slot of (chunk, rank)
     counts: list  # [C][W] slots of (chunk, rank)
     groups: list  # [C] (lo, hi): this rank's local slots in each chunk
-    routed: torch.Tensor  # [Q] bool: routed (not shared) slots
+    shared_slots: tuple  # the extended slots of the shared ranks
     dest: torch.Tensor  # [Q] the destination (chunk c, rank r) = c*W + r of each slot
-    first: torch.Tensor  # [C*W] the first extended slot of each destination
+    destinations: torch.Tensor  # [C*W] 0, 1, ..., C*W - 1
+    local: torch.Tensor  # int32 [Q] each slot's local expert within its destination's group
+    group_size: torch.Tensor  # int32 [C*W + 1] each destination's slots (then a 0)
+    recv_base: list  # [C] [W*(hi-lo), 1]: this rank's experts of the chunk's group, per sender
 
     @staticmethod
     def build(p: Placement, rank: int, C: int, dev: torch.device) -> Slots:
@@ -39,7 +42,7 @@ class Slots:
         shared = [[0] * len(p.shared_ranks) for _ in range(C)]
         starts = [[0] * W for _ in range(C)]
         counts = [[0] * W for _ in range(C)]
-        routed: list[bool] = []
+        shared_slots: list[int] = []
         q = 0
         for c in range(C):
             for r in range(W):
@@ -47,7 +50,7 @@ class Slots:
                 if r in p.shared_ranks:
                     shared[c][p.shared_ranks.index(r)] = q
                     counts[c][r] = 1
-                    routed.append(False)
+                    shared_slots.append(q)
                     q += 1
                     continue
                 L = len(p.slots[r])
@@ -56,16 +59,20 @@ class Slots:
                     ext_of_slot[first[r] + j] = q
                     q += 1
                 counts[c][r] = hi - lo
-                routed.extend([True] * (hi - lo))
         L = len(p.slots[rank])
+        groups = [(L * c // C, L * (c + 1) // C) for c in range(C)]
         ext = torch.tensor(ext_of_slot, dtype=torch.long)
         dest = [c * W + r for c in range(C) for r in range(W) for _ in range(counts[c][r])]
+        local = [j for c in range(C) for r in range(W) for j in range(counts[c][r])]
+        sizes = [counts[c][r] for c in range(C) for r in range(W)] + [0]
+
+        def put(v, dtype=torch.long):
+            return torch.tensor(v, dtype=dtype).to(dev)
+
         return Slots(
             num_slots=q, ext_table=ext[p.replica_table()].to(dev),
-            shared_ext=torch.tensor(shared, dtype=torch.long).view(C, len(p.shared_ranks)).to(dev),
-            starts=starts, counts=counts, groups=[(L * c // C, L * (c + 1) // C) for c in range(C)],
-            routed=torch.tensor(routed, dtype=torch.bool),
-            dest=torch.tensor(dest, dtype=torch.long).to(dev),
-            first=torch.tensor([starts[c][r] for c in range(C) for r in range(W)],
-                               dtype=torch.long).to(dev),
+            shared_ext=put(shared).view(C, len(p.shared_ranks)),
+            starts=starts, counts=counts, groups=groups, shared_slots=tuple(shared_slots),
+            dest=put(dest), destinations=torch.arange(C * W, device=dev), local=put(local, torch.int32), group_size=put(sizes, torch.int32),
+            recv_base=[torch.arange(hi - lo, device=dev).repeat(W).view(-1, 1) for lo, hi in groups],
         )
