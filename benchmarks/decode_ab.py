@@ -34,10 +34,8 @@ ROWS = ["16,32,128,4,4", "16,64,128,4,4", "16,32,256,4,3", "16,64,64,4,6", "16,1
 
 
 def _configs(a):
-    """(name, settings) of every up x down pair and split, the defaults first and last."""
+    """(name, settings) of every up x down pair, the defaults first and last."""
     out = [("default", TritonBackend.Config())]
-    for n in a.split:
-        out.append((f"decode_split_k={n}", TritonBackend.Config(decode_split_k=n)))
     for u, d in itertools.product(a.up, a.down_combine):
         out.append((f"up={u} down_combine={d}", TritonBackend.Config(
             kind_tiles={"decode_up_gated": GemmTile.parse(u)}, down_combine_tile=DownCombineTile.parse(d))))
@@ -102,8 +100,6 @@ def main():
     p.add_argument("--up", nargs="*", default=UP)
     p.add_argument("--down-combine", nargs="*", default=DOWN_COMBINE)
     p.add_argument("--rows", nargs="*", default=ROWS)
-    p.add_argument("--split", type=int, nargs="*", default=[1, 2, 3, 4, 6, 8],
-                   help="decode_split_k values (the up projection split along D)")
     p.add_argument("--alone", action="store_true", help="also time each kernel alone")
     p.add_argument("--copies", type=int, default=4, help="weight copies the calls cycle through")
     p.add_argument("--rep-ms", type=int, default=60)

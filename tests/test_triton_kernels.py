@@ -93,7 +93,6 @@ if not INTERP:
             (dict(fused_decode_tokens=-1), ValueError, "fused_decode_tokens=-1"),
             (dict(pdl="yes"), TypeError, "pdl='yes'"),
             (dict(tma=1), TypeError, "tma=1; allowed: None (auto), True, False"),
-            (dict(decode_split_k=9), ValueError, "decode_split_k=9; allowed: None (auto) or 1..8"),
             (dict(gather_x="yes"), TypeError, "gather_x='yes'; allowed: None (auto), True, False"),
             (dict(gemm_tile=(128, 0, 64)), ValueError, "expected 5 positive integers"),
             (dict(kind_tiles={"down": GemmTile(16, 16, 16)}), ValueError, "has key 'down'"),
@@ -107,7 +106,7 @@ if not INTERP:
                "MOEKIT_TRITON_FUSED_DECODE_T": "8", "MOEKIT_TRITON_PDL": "0", "MOEKIT_TRITON_TMA": "0",
                "MOEKIT_TRITON_PERSISTENT": "0", "MOEKIT_TRITON_GATHER_X": "1",
                "MOEKIT_TRITON_CONFIG": "128,256,64,8,3", "MOEKIT_TRITON_DW_CONFIG": "64,64,32,4,3",
-               "MOEKIT_TRITON_DOWN_COMBINE_CONFIG": "4,64,4,1", "MOEKIT_TRITON_DECODE_SPLIT_K": "3",
+               "MOEKIT_TRITON_DOWN_COMBINE_CONFIG": "4,64,4,1",
                "MOEKIT_TRITON_DECODE_UP_GATED_CONFIG": "16,32,128,4,4"}
         c = C.from_env(env)
         assert (c.dgrad, c.dw, c.recompute_act, c.inplace_dgrad, c.fused_decode_tokens, c.pdl, c.tma) == (
@@ -115,12 +114,11 @@ if not INTERP:
         assert "tma=0" in c.tiles_spec() and C.from_env({"MOEKIT_TRITON_TMA": "auto"}).tma is None
         assert c.persistent is False and "persistent=0" in c.tiles_spec()
         assert c.gather_x is True and "gather_x=1" in c.tiles_spec() and C().gather_x is None
-        assert c.decode_split_k == 3 and C.from_env({"MOEKIT_TRITON_DECODE_SPLIT_K": "auto"}).decode_split_k is None
         assert C().to_dict()["tma"] is None and C().to_dict()["persistent"] is True
         assert c.gemm_tile == GemmTile(128, 256, 64, 8, 3) and c.dw_tile == GemmTile(64, 64, 32, 4, 3)
         assert c.kind_tiles == {"decode_up_gated": GemmTile(16, 32, 128, 4, 4)}
         assert c.down_combine_tile.block_f == 64
-        assert C.from_env({}) == C() and len(ENV_VARS) == 21
+        assert C.from_env({}) == C() and len(ENV_VARS) == 20
         d = C(dgrad="fused").to_dict()
         assert d["name"] == "triton" and d["dgrad"] == "fused"
         for var, text, msg in [("MOEKIT_TRITON_DW_CONFIG", "128,128,64", "MOEKIT_TRITON_DW_CONFIG='128,128,64': expected 5"),
@@ -287,9 +285,6 @@ else:
             (ops.rows_gemm_op, (torch.randn(20, 8), w2, b2, *pargs)),
             (ops.combine_op, (torch.randn(20, 16), plan.inverse_TK, wts, x)),
             (ops.down_combine_op, (torch.randn(20, 8), w2, b2, plan.inverse_TK, plan.expert_ids_N, wts)),
-            (ops.up_partials_op, (x, w1, b1, plan.token_ids_N, None, *pargs, True, 3)),
-            (ops.down_combine_op, (torch.randn(2, 20, 16), w2, b2, plan.inverse_TK, plan.expert_ids_N, wts,
-                                   False, "", "silu", True)),
             (ops.down_dgrad_op, (x, w2, b2, plan.token_ids_N, roww, torch.randn(20, 16), *pargs,
                                  "silu", True, False, True)),
             (ops.down_dgrad_op, (x, w2, b2, plan.token_ids_N, roww, torch.randn(20, 16), *pargs,
@@ -495,53 +490,6 @@ else:
         s = max(1.0, truth.abs().max().item())
         assert (fused.double() - truth).abs().max().item() <= 2e-5 * s
         torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5 * s)
-
-    @pytest.mark.parametrize("T,K,act,gated,bias,woi,dropped,split", [
-        (1, 2, "silu", True, True, False, False, 2),  # decode: one token
-        (3, 3, "gpt_oss", True, True, True, False, 3),  # K not a power of two, weight on input
-        (2, 4, "relu2", False, False, False, False, 4),  # not gated
-        (5, 2, "gelu", True, True, False, True, 3),  # capacity drops
-    ])
-    def test_decode_split_k(monkeypatch, T, K, act, gated, bias, woi, dropped, split):
-        """decode_split_k: the fused decode's up projection split along D into fp32 partial
-        sums (counted), added and activated by the down + combine kernel: the output matches
-        the float64 loop in fp32 and the unsplit kernels'; the automatic choice splits where
-        the row tiles are fewer than the SMs, and never with interleaved gate/up rows."""
-        from moekit.ops.triton import decode
-
-        calls = []
-        real = decode.up_partials
-        monkeypatch.setattr(decode, "up_partials", lambda *a: calls.append(a[8]) or real(*a))
-        ts, ids, _ = _inputs(T, 64, 20, 6, K, gated, bias=bias, seed=80 + T,
-                             scale=4.0 if act == "gpt_oss" else 1.0)
-        plan = make_plan(ids, 6, capacity_factor=0.5) if dropped else None
-        if dropped:
-            assert int(plan.num_dropped) > 0
-
-        def run(dtype, backend="loop"):
-            c = [None if t is None else t.to(dtype) for t in ts]
-            with torch.no_grad():
-                return moe_experts(c[0], c[1], c[2], ids, c[5], activation=act, gate_up_proj_bias=c[3],
-                                   down_proj_bias=c[4], backend=backend, weight_on_input=woi, plan=plan)
-
-        truth = run(torch.float64)
-        s = max(1.0, truth.abs().max().item())
-        whole = run(torch.float32, TritonBackend.Config(fused_decode_tokens=8, decode_split_k=1))
-        assert not calls
-        parts = run(torch.float32, TritonBackend.Config(fused_decode_tokens=8, decode_split_k=split))
-        assert calls == [split]
-        assert (parts.double() - truth).abs().max().item() <= 2e-5 * s
-        torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-5 * s)
-        # auto: 4 "SMs" under the interpreter; one 16-row tile per expert, two 16-column tiles
-        n_tiles = min(6, ids.numel()) * 2
-        want = max(1, min(4, -(-4 // n_tiles)))
-        assert decode.split_k(None, ids.numel(), 6, 20, 64, gated, torch.float32, torch.device("cpu")) == want
-        assert decode.split_k(16, ids.numel(), 6, 20, 64, gated, torch.float32, torch.device("cpu")) == 4
-        inv, eids, w2 = make_plan(ids, 6).inverse_TK, make_plan(ids, 6).expert_ids_N, ts[2].float()
-        with pytest.raises(ValueError, match="or partial sums"):
-            decode.down_combine(torch.zeros(2, ids.numel(), 40), w2, None, inv, eids, None)
-        with pytest.raises(ValueError, match="2F: gated partial sums"):
-            decode.down_combine(torch.zeros(2, ids.numel(), 20), w2, None, inv, eids, None, act="silu")
 
     @pytest.mark.parametrize("T,K,E,dups", [(1, 8, 128, False), (3, 2, 5, True), (64, 8, 128, False),
                                             (128, 8, 300, True), (7, 1, 4, True), (5, 3, 1, True)])

@@ -24,17 +24,13 @@ from ..plan import RoutingPlan
 from .backends import ExpertsBackend
 from .stages import check_permute, check_unpermute
 
-__all__ = ["ENV_VARS", "MAX_DECODE_SPLIT", "TILE_KINDS", "DownCombineTile", "GemmTile", "TritonBackend",
-           "parse_tiles"]
+__all__ = ["ENV_VARS", "TILE_KINDS", "DownCombineTile", "GemmTile", "TritonBackend", "parse_tiles"]
 
 # the row-GEMM kinds a tile can be given for, in training and (``decode_``) at decode sizes
 TILE_KINDS = ("up_gated", "up", "rows", "dgrad")
 _KIND_KEYS = TILE_KINDS + tuple(f"decode_{k}" for k in TILE_KINDS)
 _DGRAD = ("auto", "fused", "split", "grouped_mm")
 _DW = ("auto", "triton", "grouped_mm")
-# the most parts the fused decode splits the up projection into (the down + combine kernel
-# holds every part's partial-sum tile in registers)
-MAX_DECODE_SPLIT = 8
 
 
 def _ints(owner: str, values, n: int) -> tuple[int, ...]:
@@ -120,7 +116,6 @@ ENV_VARS = {
     "recompute_act": "MOEKIT_TRITON_RECOMPUTE_ACT",
     "inplace_dgrad": "MOEKIT_TRITON_INPLACE_DGRAD",
     "fused_decode_tokens": "MOEKIT_TRITON_FUSED_DECODE_T",
-    "decode_split_k": "MOEKIT_TRITON_DECODE_SPLIT_K",
     "pdl": "MOEKIT_TRITON_PDL",
     "tma": "MOEKIT_TRITON_TMA",
     "persistent": "MOEKIT_TRITON_PERSISTENT",
@@ -151,12 +146,6 @@ def _from_env(name: str, var: str, text: str) -> Any:
         if not text.isdigit():
             raise ValueError(f"{where}; it must be a non-negative integer")
         return int(text)
-    if name == "decode_split_k":
-        if text == "auto":
-            return None
-        if not text.isdigit() or not 1 <= int(text) <= MAX_DECODE_SPLIT:
-            raise ValueError(f"{where}; allowed: 'auto' or 1..{MAX_DECODE_SPLIT}")
-        return int(text)
     if name == "down_combine_tile":
         return DownCombineTile.parse(text, var)
     return GemmTile.parse(text, var)
@@ -184,7 +173,6 @@ class TritonBackend(ExpertsBackend):
         inplace_dgrad: bool = True  # eager backward writes dH over the saved pre-activation
         fused_decode_tokens: int = 1  # inference at <= this many tokens: down + combine fused
         pdl: bool = True  # decode: programmatic dependent launch (CUDA, SM >= 9)
-        decode_split_k: int | None = None  # fused decode: up projection split along D; None: auto
         tma: bool | None = None  # GEMM tiles through tensor descriptors; None: auto
         persistent: bool = True  # TMA row GEMMs: one program per SM walking the tiles
         gather_x: bool | None = None  # TMA up / gather GEMM: x's rows gathered first; None: wide outputs
@@ -210,11 +198,6 @@ class TritonBackend(ExpertsBackend):
             n = self.fused_decode_tokens
             if isinstance(n, bool) or not isinstance(n, int) or n < 0:
                 raise ValueError(f"{o}.fused_decode_tokens={n!r}; it must be an integer >= 0")
-            n = self.decode_split_k
-            if n is not None and (isinstance(n, bool) or not isinstance(n, int)
-                                  or not 1 <= n <= MAX_DECODE_SPLIT):
-                raise ValueError(
-                    f"{o}.decode_split_k={n!r}; allowed: None (auto) or 1..{MAX_DECODE_SPLIT}")
             self.gemm_tile = _as(GemmTile, o, "gemm_tile", self.gemm_tile)
             self.dw_tile = _as(GemmTile, o, "dw_tile", self.dw_tile)
             self.down_combine_tile = _as(DownCombineTile, o, "down_combine_tile", self.down_combine_tile)

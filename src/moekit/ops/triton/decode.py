@@ -1,6 +1,6 @@
-"""Launchers of the decode kernels (``kernels_decode``; inference at a token or a few): the up
-projection split along D (fp32 partial sums), the fused down projection + combine, and the
-routing plan in one launch. Checks, launch config, launch, as in ``launchers``.
+"""Launchers of the decode kernels (``kernels_decode``; inference at a token or a few): the fused
+down projection + combine, and the routing plan in one launch. Checks, launch config, launch,
+as in ``launchers``.
 """
 
 from __future__ import annotations
@@ -8,87 +8,12 @@ from __future__ import annotations
 import torch
 import triton
 
-from ...activations import GPT_OSS_ALPHA, GPT_OSS_LIMIT
 from ...plan import RoutingPlan
-from ..triton_backend import MAX_DECODE_SPLIT
-from . import kernels as K
 from . import kernels_decode as KD
 from . import launch_config as C
-from .kernels_common import ACT_CODES
-from .launch_config import _DTYPES, _check, _e_p2, _major, _max_tiles, _num_sms, _prec, _rows_contig
+from .launch_config import _check, _major, _rows_contig
 
-__all__ = ["SMALL_PLAN_MAX_SLOTS", "down_combine", "small_plan", "split_k",
-           "split_parts", "up_partials", "use_pdl"]
-
-
-def split_k(setting: int | None, n_rows: int, n_experts: int, F: int, D: int, gated: bool,
-            dtype: torch.dtype, device: torch.device, tiles: dict | None = None) -> int:
-    """How many parts the decode up projection splits D into (``TritonBackend.Config.
-    decode_split_k``): the setting when given (1: no split); by default (None) enough for
-    the up kernel's tiles to cover every SM once (at T=1 on qwen3, 96 tiles on 132 SMs: 2),
-    at most :data:`MAX_DECODE_SPLIT` and one ``BLOCK_K`` of D per part."""
-    cfg = C._gemm_config(n_rows, n_experts, F, "up_gated" if gated else "up", dtype, tiles)
-    most = max(1, min(MAX_DECODE_SPLIT, D // cfg.BLOCK_K))
-    if setting is not None:
-        return min(setting, most)
-    n_tiles = _max_tiles(n_rows, n_experts, cfg.BLOCK_M) * triton.cdiv(F, cfg.BLOCK_N)
-    return max(1, min(most, triton.cdiv(_num_sms(device), n_tiles)))
-
-
-def split_parts(n_rows: int, n_experts: int, F: int, D: int, gated: bool, dtype: torch.dtype,
-                split: int, tiles: dict | None = None):
-    """``(launch config, columns of D per part, parts)`` of :func:`up_partials`."""
-    cfg = C._gemm_config(n_rows, n_experts, F, "up_gated" if gated else "up", dtype, tiles)
-    k_split = triton.cdiv(triton.cdiv(D, split), cfg.BLOCK_K) * cfg.BLOCK_K
-    return cfg, k_split, max(1, triton.cdiv(D, k_split))
-
-
-def up_partials(
-    x_TD: torch.Tensor,
-    w_EHD: torch.Tensor,
-    b_EH: torch.Tensor | None,
-    token_ids_N: torch.Tensor,
-    roww_N: torch.Tensor | None,
-    counts_E: torch.Tensor,
-    offsets_E: torch.Tensor,
-    gated: bool,
-    split: int,
-    pdl: bool = False,
-    tiles: dict | None = None,
-) -> torch.Tensor:
-    """The up projection's pre-activation as ``[S, N, H]`` fp32 partial sums over ``S`` parts
-    of D (``S <= split``; the bias in the first part, each times the routing weight when
-    ``roww_N`` is given): more programs than the row tiles alone at a token or so, for
-    :func:`down_combine` to add and activate. Gate rows first (not interleaved)."""
-    _check("x", x_TD, 2)
-    _check("gate_up_proj", w_EHD, 3, x_TD.dtype, x_TD.device)
-    if x_TD.dtype not in _DTYPES:
-        raise TypeError(f"triton experts support {_DTYPES}, got {x_TD.dtype}")
-    if not 1 <= split <= MAX_DECODE_SPLIT:
-        raise ValueError(f"split={split}; allowed: 1..{MAX_DECODE_SPLIT}")
-    E, H, D = w_EHD.shape
-    F = H // 2 if gated else H
-    N = token_ids_N.shape[0]
-    x_TD = _rows_contig(x_TD)
-    cfg, k_split, parts = split_parts(N, E, F, D, gated, x_TD.dtype, split, tiles)
-    p = torch.empty(parts, N, H, device=x_TD.device, dtype=torch.float32)
-    if N == 0:
-        return p
-    num_pid_m = _max_tiles(N, E, cfg.BLOCK_M)
-    K.up_kernel[(num_pid_m * triton.cdiv(F, cfg.BLOCK_N), parts)](
-        x_TD, w_EHD, b_EH if b_EH is not None else x_TD, token_ids_N,
-        roww_N if roww_N is not None else x_TD, p, p,
-        counts_E, offsets_E,
-        E, D, F, num_pid_m,
-        x_TD.stride(0), w_EHD.stride(0), w_EHD.stride(1), w_EHD.stride(2),
-        b_EH.stride(0) if b_EH is not None else 0, p.stride(1), 0,
-        GATED=gated, ACT=0, HAS_BIAS=b_EH is not None, WOI=roww_N is not None,
-        STORE_H=False, E_P2=_e_p2(E), PREC=_prec(x_TD.dtype),
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-        PDL=pdl, SPLIT=max(2, parts), k_split=k_split, stride_hs=p.stride(0),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return p
+__all__ = ["SMALL_PLAN_MAX_SLOTS", "down_combine", "small_plan", "use_pdl"]
 
 
 # programmatic dependent launch needs a Triton with grid-dependency control (newer than the
@@ -116,33 +41,18 @@ def down_combine(
     weights_TK: torch.Tensor | None,
     pdl: bool = False,
     tiles: dict | None = None,
-    act: str | None = None,
-    gated: bool = True,
-    alpha: float = GPT_OSS_ALPHA,
-    limit: float = GPT_OSS_LIMIT,
 ) -> torch.Tensor:
     """``out[t] = sum_k w[t,k] (a[inv[t,k]] @ w[e_k].T + b[e_k])`` (``w = 1`` when
     ``weights_TK`` is None) in one kernel: the decode forward's down projection and combine.
-    ``pdl``: launched as a programmatic dependent of the up kernel that wrote ``a_NF``. With
-    ``act``, ``a_NF`` is :func:`up_partials`' ``[S, N, H]`` fp32 partial sums of the
-    pre-activation, added and activated (``act``, ``gated``, ``alpha``, ``limit``) here."""
-    split = a_NF.dim() == 3
-    if split != (act is not None):
-        raise ValueError("down_combine takes an activated a [N, F], or partial sums [S, N, H] "
-                         f"with their activation; got a {a_NF.dim()}-D a and act={act!r}")
-    if split:
-        _check("partial sums", a_NF, 3, torch.float32)
-        _check("down_proj", w_EDF, 3, None, a_NF.device)
-    else:
-        _check("a", a_NF, 2)
-        _check("down_proj", w_EDF, 3, a_NF.dtype, a_NF.device)
+    ``pdl``: launched as a programmatic dependent of the up kernel that wrote ``a_NF``."""
+    _check("a", a_NF, 2)
+    _check("down_proj", w_EDF, 3, a_NF.dtype, a_NF.device)
     _, D, F = w_EDF.shape
-    if a_NF.shape[-1] != (2 * F if split and gated else F):
-        raise ValueError(f"a has {a_NF.shape[-1]} columns, down_proj expects F={F}"
-                         + (" (2F: gated partial sums)" if split and gated else ""))
+    if a_NF.shape[1] != F:
+        raise ValueError(f"a has {a_NF.shape[1]} columns, down_proj expects F={F}")
     T, Kk = inverse_TK.shape
-    a_NF = a_NF.contiguous() if split else _rows_contig(a_NF)
-    out = torch.empty(T, D, device=a_NF.device, dtype=w_EDF.dtype)
+    a_NF = _rows_contig(a_NF)
+    out = a_NF.new_empty(T, D)
     if T == 0 or D == 0:
         return out
     o = tiles.get("down_combine") if tiles else None
@@ -158,13 +68,10 @@ def down_combine(
     KD.down_combine_kernel[(T * num_pid_d,)](
         a_NF, w_EDF, b_ED if b_ED is not None else a_NF, inv, expert_ids_N, w, out,
         D, F, num_pid_d,
-        a_NF.stride(-2), w_EDF.stride(0), w_EDF.stride(1), w_EDF.stride(2),
+        a_NF.stride(0), w_EDF.stride(0), w_EDF.stride(1), w_EDF.stride(2),
         b_ED.stride(0) if b_ED is not None else 0, out.stride(0),
         K=Kk, K_P2=max(1, triton.next_power_of_2(Kk)), HAS_W=weights_TK is not None,
         HAS_BIAS=b_ED is not None, PDL=pdl, BLOCK_D=bd, BLOCK_F=bf,
-        PARTIALS=split, S_P2=triton.next_power_of_2(a_NF.shape[0]) if split else 1, GATED=gated,
-        ACT=ACT_CODES[act] if split else 0, ALPHA=float(alpha), LIMIT=float(limit),
-        n_parts=a_NF.shape[0] if split else 1, stride_as=a_NF.stride(0) if split else 0,
         num_warps=nw, num_stages=ns, **({"launch_pdl": True} if pdl else {}),
     )
     return out

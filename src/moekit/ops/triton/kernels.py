@@ -74,13 +74,8 @@ def up_kernel(
     STORE_H: tl.constexpr, E_P2: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PDL: tl.constexpr = False, INTERLEAVED: tl.constexpr = False, ALPHA=1.702, LIMIT=7.0,
-    SPLIT: tl.constexpr = 1, k_split=0, stride_hs=0,
 ):
     """``h = x[tok] @ W[e].T (* w_row if WOI) + b``; stores h (pre-activation) and act(h).
-    ``SPLIT > 1`` (decode, not interleaved): program ``(tile, s)`` of a 2-D grid sums only the
-    ``k_split`` columns of D from ``s * k_split`` and stores its fp32 partial sums of h (the
-    bias in the first) at ``H_OUT + s * stride_hs``; no activation (``down_combine_kernel``
-    adds the partials and applies it).
 
     Gated: the program computes gate columns ``n`` and up columns ``F + n`` together, so the
     GLU is applied in the epilogue. The token gather happens in the prologue (``x[tok]``):
@@ -106,20 +101,12 @@ def up_kernel(
     e64 = e.to(tl.int64)
     x_ptrs = X + tok[:, None] * stride_xt + ks[None, :]
     wg_ptrs = W + e64 * stride_we + cols[None, :].to(tl.int64) * stride_wh + ks[:, None] * stride_wd
-    if SPLIT > 1:
-        k_lo = tl.program_id(1) * k_split
-        k_hi = tl.minimum(k_lo + k_split, D)
-        x_ptrs += k_lo
-        wg_ptrs += k_lo.to(tl.int64) * stride_wd
-    else:
-        k_lo = 0
-        k_hi = D
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GATED:
         wu_ptrs = wg_ptrs + F * stride_wh
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        mk = (k0 + ks) < k_hi
+    for k0 in range(0, D, BLOCK_K):
+        mk = (k0 + ks) < D
         xt = tl.load(x_ptrs, mask=mask_m[:, None] & mk[None, :], other=0.0)
         wg = tl.load(wg_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
         acc_g = tl.dot(xt, wg, acc_g, input_precision=PREC)
@@ -131,37 +118,9 @@ def up_kernel(
         wg_ptrs += BLOCK_K * stride_wd
     if not GATED:
         acc_u = acc_g
-    if SPLIT > 1:
-        _up_partials(acc_g, acc_u, e64, rows64, mask_m, cols, mask_n, B, ROWW, H_OUT, F,
-                     stride_be, stride_hn, stride_hs, GATED, HAS_BIAS, WOI)
-        return
     _up_epilogue(acc_g, acc_u, e64, rows64, mask_m, cols, mask_n, B, ROWW,
                  H_OUT, A_OUT, F, stride_be, stride_hn, stride_an, GATED, ACT, HAS_BIAS, WOI,
                  STORE_H, ALPHA, LIMIT)
-
-
-@triton.jit
-def _up_partials(acc_g, acc_u, e64, rows64, mask_m, cols, mask_n, B, ROWW, P_OUT, F,
-                 stride_be, stride_pn, stride_ps, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 WOI: tl.constexpr):
-    """A split-K program's epilogue: its fp32 partial sums of h (times the routing weight,
-    ``WOI``; the bias added by the first split only) stored at its split's ``[N, H]`` slice."""
-    s = tl.program_id(1)
-    if WOI:
-        rw = tl.load(ROWW + rows64, mask=mask_m, other=0.0)
-        acc_g = acc_g * rw[:, None]
-        acc_u = acc_u * rw[:, None]
-    if HAS_BIAS:
-        first = (s == 0).to(tl.float32)
-        acc_g += first * tl.load(B + e64 * stride_be + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            acc_u += first * tl.load(B + e64 * stride_be + F + cols, mask=mask_n,
-                                     other=0.0).to(tl.float32)[None, :]
-    ptrs = P_OUT + s.to(tl.int64) * stride_ps + rows64[:, None] * stride_pn + cols[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    tl.store(ptrs, acc_g, mask=mask)
-    if GATED:
-        tl.store(ptrs + F, acc_u, mask=mask)
 
 
 @triton.jit

@@ -7,24 +7,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels_common import _glu_fwd, _unary_fwd
-
-
-@triton.jit
-def _activated_rows(pg, pu, GATED: tl.constexpr, ACT: tl.constexpr, ALPHA, LIMIT,
-                    K_P2: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
-    """The ``[K_P2 * BLOCK_D, BLOCK_F]`` activation tile of ``down_combine_kernel`` (row
-    ``k * BLOCK_D + d``: slot k) from the split-K partial sums ``[S_P2, K_P2, BLOCK_F]`` of the
-    slots' gate (``pg``) and up (``pu``) pre-activations: summed over the splits, activated once
-    per slot, repeated over the block's ``BLOCK_D`` output columns."""
-    g = tl.sum(pg, axis=0)
-    if GATED:
-        act = _glu_fwd(g, tl.sum(pu, axis=0), ACT, ALPHA, LIMIT)
-    else:
-        act = _unary_fwd(g, ACT)
-    return tl.reshape(tl.broadcast_to(act[:, None, :], (K_P2, BLOCK_D, BLOCK_F)),
-                      (K_P2 * BLOCK_D, BLOCK_F))
-
 
 # ----------------------------------------------------------------------------- decode: down + combine
 @triton.jit
@@ -34,8 +16,6 @@ def down_combine_kernel(
     stride_an, stride_we, stride_wd, stride_wf, stride_be, stride_ot,
     K: tl.constexpr, K_P2: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
     PDL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
-    PARTIALS: tl.constexpr = False, S_P2: tl.constexpr = 1, GATED: tl.constexpr = True,
-    ACT: tl.constexpr = 0, ALPHA=1.702, LIMIT=7.0, n_parts=1, stride_as=0,
 ):
     """Decode: ``out[t] = sum_k w[t,k] * (a[inv[t,k]] @ down[e_k].T + b[e_k])`` for one token
     and one block of output columns, the down projection and the combine in one kernel (no
@@ -45,10 +25,7 @@ def down_combine_kernel(
     to stream the weights with about one program per SM; the per-slot sums are added in a
     fixed order (deterministic). Each token reads its own experts' weights: the path for very
     few tokens. ``PDL``: launched as a programmatic dependent of the up kernel; the routing
-    and the first weight tile are read before waiting for it (only ``A`` is its output).
-    ``PARTIALS``: ``A`` holds the up kernel's ``n_parts`` fp32 partial sums of the
-    pre-activation (``[n_parts, N, H]``, part ``s`` at ``A + s * stride_as``); each step adds
-    them and applies the activation (``ACT``, ``GATED``; ``ALPHA``, ``LIMIT`` for ``gpt_oss``)."""
+    and the first weight tile are read before waiting for it (only ``A`` is its output)."""
     pid = tl.program_id(0)
     t64 = (pid // num_pid_d).to(tl.int64)
     js = tl.arange(0, K_P2 * BLOCK_D)  # row j = slot k, column d
@@ -60,54 +37,22 @@ def down_combine_kernel(
     e64 = tl.load(EIDS + r64, mask=ok, other=0).to(tl.int64)
     fs = tl.arange(0, BLOCK_F)
     w_ptrs = W + (e64 * stride_we + d_j.to(tl.int64) * stride_wd)[:, None] + fs[None, :] * stride_wf
+    a_ptrs = A + r64[:, None] * stride_an + fs[None, :]
     acc = tl.zeros((K_P2 * BLOCK_D,), dtype=tl.float32)
     wt = tl.load(w_ptrs, mask=ok[:, None] & (fs < F)[None, :], other=0.0)
-    if PARTIALS:  # the partial sums: [S_P2, K_P2, BLOCK_F] tiles of the slots' rows
-        ss = tl.arange(0, S_P2)
-        kk = tl.arange(0, K_P2)
-        r_k = tl.load(INV + t64 * K + kk, mask=kk < K, other=-1)
-        rk64 = tl.where(r_k >= 0, r_k, 0).to(tl.int64)
-        p_ptrs = (A + ss[:, None, None].to(tl.int64) * stride_as + rk64[None, :, None] * stride_an
-                  + fs[None, None, :])
-        pm = (ss < n_parts)[:, None, None] & (r_k >= 0)[None, :, None]
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-        pg = tl.load(p_ptrs, mask=pm & (fs < F)[None, None, :], other=0.0)
-        if GATED:
-            pu = tl.load(p_ptrs + F, mask=pm & (fs < F)[None, None, :], other=0.0)
-        else:
-            pu = pg
-        for f0 in range(0, F, BLOCK_F):
-            # the next step's tiles are requested before this step's are used
-            mf = (f0 + BLOCK_F + fs) < F
-            w_ptrs += BLOCK_F * stride_wf
-            p_ptrs += BLOCK_F
-            w_nxt = tl.load(w_ptrs, mask=ok[:, None] & mf[None, :], other=0.0)
-            pg_nxt = tl.load(p_ptrs, mask=pm & mf[None, None, :], other=0.0)
-            if GATED:
-                pu_nxt = tl.load(p_ptrs + F, mask=pm & mf[None, None, :], other=0.0)
-            else:
-                pu_nxt = pg_nxt
-            at = _activated_rows(pg, pu, GATED, ACT, ALPHA, LIMIT, K_P2, BLOCK_D, BLOCK_F)
-            acc += tl.sum(wt.to(tl.float32) * at, axis=1)
-            wt = w_nxt
-            pg = pg_nxt
-            pu = pu_nxt
-    else:
-        a_ptrs = A + r64[:, None] * stride_an + fs[None, :]
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-        at = tl.load(a_ptrs, mask=ok[:, None] & (fs < F)[None, :], other=0.0)
-        for f0 in range(0, F, BLOCK_F):
-            # the next step's tiles are requested before this step's are used
-            mf = (f0 + BLOCK_F + fs) < F
-            w_ptrs += BLOCK_F * stride_wf
-            a_ptrs += BLOCK_F
-            w_nxt = tl.load(w_ptrs, mask=ok[:, None] & mf[None, :], other=0.0)
-            a_nxt = tl.load(a_ptrs, mask=ok[:, None] & mf[None, :], other=0.0)
-            acc += tl.sum(wt.to(tl.float32) * at.to(tl.float32), axis=1)
-            wt = w_nxt
-            at = a_nxt
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    at = tl.load(a_ptrs, mask=ok[:, None] & (fs < F)[None, :], other=0.0)
+    for f0 in range(0, F, BLOCK_F):
+        # the next step's tiles are requested before this step's are used
+        mf = (f0 + BLOCK_F + fs) < F
+        w_ptrs += BLOCK_F * stride_wf
+        a_ptrs += BLOCK_F
+        w_nxt = tl.load(w_ptrs, mask=ok[:, None] & mf[None, :], other=0.0)
+        a_nxt = tl.load(a_ptrs, mask=ok[:, None] & mf[None, :], other=0.0)
+        acc += tl.sum(wt.to(tl.float32) * at.to(tl.float32), axis=1)
+        wt = w_nxt
+        at = a_nxt
     if HAS_BIAS:
         acc += tl.load(B + e64 * stride_be + d_j, mask=ok, other=0.0).to(tl.float32)
     if HAS_W:

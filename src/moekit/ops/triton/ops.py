@@ -92,38 +92,17 @@ def _(y, inverse, weights, dot_with):
     return y.new_empty(T, y.shape[1]), dot
 
 
-@torch.library.custom_op(f"{_NS}::up_partials", mutates_args=())
-def up_partials_op(
-    x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], token_ids: torch.Tensor,
-    roww: Optional[torch.Tensor], counts: torch.Tensor, offsets: torch.Tensor, gated: bool,
-    split: int, pdl: bool = False, tiles: str = "",
-) -> torch.Tensor:
-    return LD.up_partials(x, w, b, token_ids, roww, counts, offsets, gated, split, pdl,
-                          parse_tiles(tiles))
-
-
-@up_partials_op.register_fake
-def _(x, w, b, token_ids, roww, counts, offsets, gated, split, pdl=False, tiles=""):
-    _, _, parts = LD.split_parts(token_ids.shape[0], w.shape[0], w.shape[1] // 2 if gated else w.shape[1],
-                                 w.shape[2], gated, x.dtype, split, parse_tiles(tiles))
-    return x.new_empty(parts, token_ids.shape[0], w.shape[1], dtype=torch.float32)
-
-
 @torch.library.custom_op(f"{_NS}::down_combine", mutates_args=())
 def down_combine_op(
     a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], inverse: torch.Tensor,
     expert_ids: torch.Tensor, weights: Optional[torch.Tensor], pdl: bool = False, tiles: str = "",
-    act: Optional[str] = None, gated: bool = True, alpha: float = GPT_OSS_ALPHA,
-    limit: float = GPT_OSS_LIMIT,
 ) -> torch.Tensor:
-    return LD.down_combine(a, w, b, inverse, expert_ids, weights, pdl, parse_tiles(tiles), act,
-                           gated, alpha, limit)
+    return LD.down_combine(a, w, b, inverse, expert_ids, weights, pdl, parse_tiles(tiles))
 
 
 @down_combine_op.register_fake
-def _(a, w, b, inverse, expert_ids, weights, pdl=False, tiles="", act=None, gated=True,
-      alpha=GPT_OSS_ALPHA, limit=GPT_OSS_LIMIT):
-    return w.new_empty(inverse.shape[0], w.shape[1])
+def _(a, w, b, inverse, expert_ids, weights, pdl=False, tiles=""):
+    return a.new_empty(inverse.shape[0], w.shape[1])
 
 
 @torch.library.custom_op(f"{_NS}::down_dgrad", mutates_args=())
@@ -383,15 +362,6 @@ def fused_experts(
     combine_w = None if weight_on_input else topk_weights_TK
     fuse = x_TD.shape[0] <= s.fused_decode_tokens
     pdl = fuse and LD.use_pdl(x_TD.device, s.pdl)
-    F = down_proj.shape[2]
-    split = (LD.split_k(s.decode_split_k, plan.num_rows, plan.num_experts, F, x_TD.shape[1], gated,
-                        x_TD.dtype, x_TD.device, parse_tiles(tiles))
-             if fuse and not gate_up_interleaved else 1)
-    if split > 1:  # the up projection split along D; the partial sums added in down + combine
-        p = up_partials_op(x_TD, gate_up_proj, gate_up_proj_bias, plan.token_ids_N, roww,
-                           plan.counts_E, plan.offsets_E, gated, split, pdl, tiles)
-        return down_combine_op(p, down_proj, down_proj_bias, plan.inverse_TK, plan.expert_ids_N,
-                               combine_w, pdl, tiles, activation, gated, alpha, limit)
     _, a = up_op(x_TD, gate_up_proj, gate_up_proj_bias, plan.token_ids_N, roww, plan.counts_E,
                  plan.offsets_E, activation, gated, False, pdl, gate_up_interleaved, tiles,
                  alpha, limit)
