@@ -368,9 +368,9 @@ class ExpertParallel(nn.Module):
         # each received row's expert [R, 1]: every sender's rows of the chunk's group, by
         # expert (their counts go to the device in one copy; None on a shared rank)
         reps = None
-        if not self.is_shared_rank:
-            need = [n for a, b in mine for row in rows for n in row[a:b]]
-            reps = to_device(torch.tensor(need, dtype=torch.long), dev).split(
+        if not self.is_shared_rank:  # (slices of the host tensor: a list to tensor costs more)
+            need = [counts[:, 0, a:b].reshape(-1) for a, b in mine]
+            reps = to_device(need[0] if C == 1 else torch.cat(need), dev).split(
                 [W * (b - a) for a, b in mine])
 
         def recv_ids(c):
