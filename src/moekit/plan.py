@@ -186,6 +186,15 @@ def capacity_for(num_tokens: int, top_k: int, num_experts: int, capacity_factor:
     return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
 
 
+def _argsort(ids: torch.Tensor, n_ids: int) -> torch.Tensor:
+    """Stable argsort of ids in ``[0, n_ids)``. On an accelerator, many int64 ids are sorted
+    as int32: the same order, half the radix passes (65536 ids on an H200: 138 -> 84 us)."""
+    if (ids.dtype == torch.int64 and ids.device.type != "cpu" and ids.numel() >= 4096
+            and n_ids <= _INT32_MAX):
+        ids = ids.to(torch.int32)
+    return torch.argsort(ids, stable=True)
+
+
 def make_plan(
     topk_ids_TK: torch.Tensor,
     num_experts: int,
@@ -249,7 +258,7 @@ def make_plan(
     device = topk_ids_TK.device
     if device.type == "meta":
         raise ValueError("topk_ids are on the meta device (no values): a routing plan needs real ids")
-    flat = topk_ids_TK.reshape(-1)
+    keys = flat = topk_ids_TK.reshape(-1)
     if flat.dtype != torch.int64:
         flat = flat.to(torch.int64)
     n_ids = num_experts + num_zero_experts
@@ -272,10 +281,9 @@ def make_plan(
         by_weight = torch.argsort(-topk_weights_TK.reshape(-1).float(), stable=True)
         order = by_weight[torch.argsort(flat[by_weight], stable=True)]
     else:
-        order = torch.argsort(flat, stable=True)
+        order = _argsort(keys, n_ids)
     sorted_experts = flat.index_select(0, order)
-    # (few small ops: each is a kernel launch on an accelerator; the counts are made int32,
-    # the dtype the plan keeps, directly)
+    # (few ops, each a launch on an accelerator: the counts made in the plan's int32 at once)
     counts_all = torch.zeros(n_ids, dtype=torch.int32, device=device).scatter_add_(
         0, flat, torch.ones_like(flat, dtype=torch.int32))
     if num_zero_experts:  # the zero experts' slots sort last: no rows for them
@@ -331,14 +339,12 @@ def make_plan(
 
 @dataclass
 class PreparedPlan:
-    """A dropless plan with zero experts before it is cut to its real slots (from
-    :func:`prepare_plan`): every slot has a row here, the zero experts' slots last."""
+    """:func:`prepare_plan`'s plan before its cut (a row per slot, the zero experts' last)."""
 
     plan: RoutingPlan  # every slot's row, the zero experts' included (inverse: -1 for them)
 
     def finish(self, num_real_slots: int) -> RoutingPlan:
-        """The plan of the first ``num_real_slots`` rows (the real experts' slots): the plan
-        ``make_plan(..., num_real_slots=num_real_slots)`` makes, of views (no device op)."""
+        """``make_plan(..., num_real_slots=num_real_slots)``'s plan, of views (no device op)."""
         p, n = self.plan, num_real_slots
         return RoutingPlan(
             num_tokens=p.num_tokens, top_k=p.top_k, num_experts=p.num_experts,
@@ -359,12 +365,10 @@ def prepare_plan(topk_ids_TK: torch.Tensor, num_experts: int, *,
         raise ValueError(f"topk_ids must be [T, K] int32 or int64, got {tuple(topk_ids_TK.shape)} "
                          f"{topk_ids_TK.dtype}")
     T, K = topk_ids_TK.shape
-    flat = topk_ids_TK.reshape(-1)
-    if flat.dtype != torch.int64:
-        flat = flat.to(torch.int64)
-    device = flat.device
-    order = torch.argsort(flat, stable=True)  # (the zero experts' slots sort last)
-    counts = torch.zeros(num_experts + num_zero_experts, dtype=torch.int32, device=device)
+    keys = flat = topk_ids_TK.reshape(-1)
+    flat, device, n_ids = flat.to(torch.int64), flat.device, num_experts + num_zero_experts
+    order = _argsort(keys, n_ids)  # (the zero experts' slots sort last)
+    counts = torch.zeros(n_ids, dtype=torch.int32, device=device)
     counts = counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))[:num_experts]
     inverse = torch.empty(T * K, dtype=torch.int64, device=device).scatter_(
         0, order, torch.arange(T * K, device=device))
