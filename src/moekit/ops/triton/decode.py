@@ -18,8 +18,6 @@ __all__ = ["SMALL_PLAN_MAX_SLOTS", "down_combine", "small_plan", "use_pdl"]
 
 # programmatic dependent launch needs a Triton with grid-dependency control (newer than the
 # oldest one moekit supports)
-
-
 _HAS_PDL = hasattr(getattr(getattr(triton.language, "extra", None), "cuda", None), "gdc_wait")
 
 

@@ -80,8 +80,10 @@ def up_forward(
     one_acc = w_desc is not None and w_desc[1] and gated
     if w_desc is not None:
         # x's rows gathered once into a temporary, so that its tiles too come through a
-        # descriptor (large experts; H200, bf16, the GEMM alone with the gather timed: mixtral
-        # 6.79 -> 6.16 ms, gpt-oss 4.08 -> 3.68, deepseek-64e 6.87 -> 6.69; qwen3 1.45 -> 1.57)
+        # descriptor (large experts; H200, bf16, benchmarks/gather_ab.py, the gather plus the
+        # TMA row GEMM against the gather in the prologue: mixtral 6.79 -> 6.16 ms, gpt-oss
+        # 4.08 -> 3.68, deepseek-64e 6.87 -> 6.69, qwen3 1.45 -> 1.57; in the layer, fwd+bwd:
+        # mixtral 28.33 -> 27.92, deepseek-64e 31.87 -> 31.56, gpt-oss 17.69 -> 17.37)
         x_src = x_TD
         if _gather_x(tiles, F, D, x_TD):
             xg = gather_rows(x_TD, token_ids_N)
