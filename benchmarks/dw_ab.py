@@ -14,9 +14,10 @@ import argparse
 import json
 
 import torch
-from ab_common import SHAPES, ab, shape_inputs, tile
 
 from moekit.ops.triton import weight_grads as W
+
+from ab_common import SHAPES, ab, shape_inputs, tile
 
 DEFAULT_CONFIGS = ["128,128,64,8,4", "128,256,64,8,3"]
 

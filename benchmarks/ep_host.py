@@ -137,7 +137,10 @@ def main():
     a = ap.parse_args()
     out = {}
     for W in map(int, a.worlds.split(",")):
-        s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
         ctx = mp.get_context("spawn")
         q = ctx.SimpleQueue()
         ps = [ctx.Process(target=worker, args=(r, W, port, a.iters, q)) for r in range(W)]

@@ -9,9 +9,10 @@ row GEMM on rows gathered already: what ``TritonBackend.Config.gather_x`` decide
 import sys
 
 import torch
-from ab_common import ab, shape_inputs
 
 from moekit.ops.triton import launchers as L
+
+from ab_common import ab, shape_inputs
 
 
 def main(names):

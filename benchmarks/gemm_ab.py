@@ -14,10 +14,11 @@ import argparse
 import json
 
 import torch
-from ab_common import ab, shape_inputs, tile
 
 from moekit.ops.triton import launchers as L
 from moekit.ops.triton import weight_grads as W
+
+from ab_common import ab, shape_inputs, tile
 
 UP = ["128,128,64,8,3", "128,128,64,8,4", "128,128,32,8,4", "64,128,64,4,4", "128,64,64,4,4",
       "256,64,64,8,3"]

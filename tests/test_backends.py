@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from reference import moe_experts_ref
 
 from moekit import GroupedExperts, MoE, TokenChoiceTopKRouter
 from moekit.ops import (
@@ -27,6 +26,8 @@ from moekit.ops import (
 )
 from moekit.ops import backends as backends_mod
 from moekit.plan import make_plan
+
+from reference import moe_experts_ref
 
 
 class Recording(LoopBackend):

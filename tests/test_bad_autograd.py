@@ -7,12 +7,13 @@ import copy
 
 import pytest
 import torch
-from reference import assert_close, moe_experts_ref
 from torch.utils.checkpoint import checkpoint
 
 from moekit import MoE, TokenChoiceTopKRouter
 from moekit.ops import expert_down, expert_up, moe_experts, permute, unpermute
 from moekit.plan import make_plan
+
+from reference import assert_close, moe_experts_ref
 
 T, D, F, E, K = 4, 5, 3, 4, 2
 R = TokenChoiceTopKRouter.Config

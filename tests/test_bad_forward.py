@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import assert_close, moe_experts_ref
 
 from moekit import GroupedExperts, MoE, SharedExperts, TokenChoiceTopKRouter
+
+from reference import assert_close, moe_experts_ref
 
 D, F, E, K = 8, 16, 4, 2
 R = TokenChoiceTopKRouter.Config

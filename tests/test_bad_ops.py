@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import assert_close, moe_experts_ref
 
 from moekit import balance
 from moekit.ops import expert_down, expert_up, moe_experts, permute, unpermute
 from moekit.ops.stages import gather_slots
 from moekit.plan import make_plan
+
+from reference import assert_close, moe_experts_ref
 
 T, D, F, E, K = 5, 8, 16, 4, 2
 g = torch.Generator().manual_seed(0)

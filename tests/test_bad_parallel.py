@@ -23,8 +23,9 @@ import torch.multiprocessing as mp
 
 from moekit import MoE, TokenChoiceTopKRouter
 from moekit.parallel import apply_ep
-from moekit.parallel.ep import EXCHANGES
 from moekit.parallel.checks import RankInputError
+from moekit.parallel.ep import EXCHANGES
+
 from test_parallel import _free_port
 
 D, F, E, K = 8, 16, 4, 2

@@ -8,8 +8,18 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from moekit import MoE, TokenChoiceTopKRouter, balance
-from reference import (assert_close, counts_ref, linear_ref, moe_ref, ref_params, route_ref,
-                       seq_aux_ref, switch_aux_ref, z_loss_ref)
+
+from reference import (
+    assert_close,
+    counts_ref,
+    linear_ref,
+    moe_ref,
+    ref_params,
+    route_ref,
+    seq_aux_ref,
+    switch_aux_ref,
+    z_loss_ref,
+)
 
 R = TokenChoiceTopKRouter.Config
 
@@ -85,7 +95,7 @@ def test_switch_aux_loss_padding_does_not_count():
 
 def test_switch_aux_loss_uniform_is_one():
     # perfectly balanced routing with uniform probabilities gives E * sum (1/E)(1/E) = 1
-    E, K, T = 4, 2, 8
+    E, T = 4, 8  # top-2
     scores = torch.full((T, E), 1.0 / E)
     ids = torch.tensor([[(2 * t) % E, (2 * t + 1) % E] for t in range(T)])
     assert balance.switch_aux_loss(scores, ids).item() == pytest.approx(1.0)

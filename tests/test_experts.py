@@ -10,6 +10,7 @@ import torch
 from moekit import GroupedExperts
 from moekit.experts import depth_scaled_std
 from moekit.ops import available_backends, moe_experts
+
 from reference import assert_close, assert_tolerance_rule, moe_experts_ref
 
 BACKENDS = ["loop", "grouped_mm"]

@@ -18,7 +18,6 @@ import torch
 transformers = pytest.importorskip("transformers", minversion="5.0")
 mh = pytest.importorskip("moekit.hf")
 
-from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.integrations.moe import ExpertsInterface  # noqa: E402
 
 import moekit  # noqa: E402

@@ -7,6 +7,7 @@ import torch
 
 from moekit import GroupedExperts, MoE, SharedExperts, TokenChoiceTopKRouter
 from moekit.experts import depth_scaled_std
+
 from reference import assert_close, assert_tolerance_rule, moe_ref, ref_params
 
 R = TokenChoiceTopKRouter.Config

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import activate, assert_close, interleave_gate_up, moe_experts_ref
 
 from moekit.ops import expert_down, expert_up, moe_experts, permute, row_weights, unpermute
 from moekit.plan import make_plan
+
+from reference import activate, assert_close, interleave_gate_up, moe_experts_ref
 
 BACKENDS = ["loop", "grouped_mm"]
 

@@ -123,7 +123,7 @@ def zero_grads(*mods):
 
 
 def scenario(ep_kwargs, moe_kwargs, Ts, *, seed=0, logits_fn=None, repeat=1, tag=""):
-    rank, W = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     moe = make_moe(seed, **moe_kwargs)
     ref = copy.deepcopy(moe)
     apply_ep(moe, **ep_kwargs)

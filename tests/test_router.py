@@ -10,6 +10,7 @@ import torch
 
 import moekit
 from moekit import MoE, RouterOutput, TokenChoiceTopKRouter
+
 from reference import assert_close, moe_experts_ref, route_ref
 
 R = TokenChoiceTopKRouter.Config

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moekit import SharedExperts
+
 from reference import assert_close, assert_tolerance_rule, shared_ref
 
 

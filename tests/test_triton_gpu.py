@@ -13,7 +13,7 @@ pytestmark = [
 ]
 triton = pytest.importorskip("triton")
 
-from moekit.ops import TritonBackend, moe_experts
+from moekit.ops import TritonBackend, moe_experts  # noqa: E402 - after the skips above
 
 
 def _err(a, b):

@@ -140,10 +140,10 @@ if not INTERP:
         assert not triton_available(torch.device("cuda"), torch.int32)
 
 else:
-    from reference import deinterleave_gate_up, interleave_gate_up
-
     from moekit.ops import TritonBackend, moe_experts
     from moekit.plan import make_plan
+
+    from reference import deinterleave_gate_up, interleave_gate_up
 
     def _inputs(T, D, F, E, K, gated, *, bias, seed, ids=None, scale=1.0):
         g = torch.Generator().manual_seed(seed)

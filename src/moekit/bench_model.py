@@ -192,7 +192,7 @@ def bench_family(family: str, *, layers: int = 2, batch: int = 4, seq: int = 204
             undo()
         rows.append(ModelRow(family, mode, T, train_ms, T / train_ms * 1e3, peak, prefill_ms,
                              T / prefill_ms * 1e3, err))
-    del model
+    model = None  # (the closures above hold it too: this frees it before the cache is emptied)
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
     return rows
