@@ -361,23 +361,7 @@ def prepare_plan(topk_ids_TK: torch.Tensor, num_experts: int, *,
     parallelism's token exchange, from its counts exchange): the device work is queued now,
     and ``finish(num_real_slots)`` cuts the plan to its rows without a device op or a host
     sync. The plan includes every zero expert's slot until then (``plan.num_rows`` = T*K)."""
-    if topk_ids_TK.dim() != 2 or topk_ids_TK.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"topk_ids must be [T, K] int32 or int64, got {tuple(topk_ids_TK.shape)} "
-                         f"{topk_ids_TK.dtype}")
-    T, K = topk_ids_TK.shape
-    keys = flat = topk_ids_TK.reshape(-1)
-    flat, device, n_ids = flat.to(torch.int64), flat.device, num_experts + num_zero_experts
-    order = _argsort(keys, n_ids)  # (the zero experts' slots sort last)
-    counts = torch.zeros(n_ids, dtype=torch.int32, device=device)
-    counts = counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))[:num_experts]
-    inverse = torch.empty(T * K, dtype=torch.int64, device=device).scatter_(
-        0, order, torch.arange(T * K, device=device))
-    plan = RoutingPlan(
-        num_tokens=T, top_k=K, num_experts=num_experts, sorted_slots_N=order,
-        token_ids_N=torch.div(order, K, rounding_mode="floor") if K > 1 else order,
-        expert_ids_N=flat.index_select(0, order), counts_E=counts,
-        offsets_E=torch.cumsum(counts, 0, dtype=torch.int32),
-        inverse_TK=inverse.masked_fill_(flat >= num_experts, -1).view(T, K),
-        num_dropped=torch.zeros((), dtype=torch.int64, device=device),
-    )
-    return PreparedPlan(plan.record_ids(topk_ids_TK))
+    plan = make_plan(topk_ids_TK, num_experts, num_zero_experts=num_zero_experts,
+                     num_real_slots=topk_ids_TK.numel(), check_ids=False)
+    plan.inverse_TK.masked_fill_(topk_ids_TK >= num_experts, -1)  # the zero experts' slots
+    return PreparedPlan(plan)
