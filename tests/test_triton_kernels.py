@@ -822,7 +822,7 @@ else:
         """gather_x: the TMA up projection reads x's rows gathered beforehand (one gather_rows
         call, counted) through a descriptor, with the same bits as the gather in its prologue;
         by default only where the output is at least GATHER_X_MIN_COLS wide."""
-        from moekit.ops.triton import launchers
+        from moekit.ops.triton import launch_config, launchers
 
         calls = []
         real = launchers.gather_rows
@@ -842,7 +842,7 @@ else:
         h1, a1 = launchers.up_forward(*args, tiles={"tma": (1,), "gather_x": (1,)})
         assert calls == [1]
         assert torch.equal(h1, h0) and torch.equal(a1, a0)
-        monkeypatch.setattr(launchers, "GATHER_X_MIN_COLS", F)
+        monkeypatch.setattr(launch_config, "GATHER_X_MIN_COLS", F)
         launchers.up_forward(*args, tiles={"tma": (1,)})
         assert calls == [1, 1]
 

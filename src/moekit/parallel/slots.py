@@ -73,6 +73,7 @@ class Slots:
             num_slots=q, ext_table=ext[p.replica_table()].to(dev),
             shared_ext=put(shared).view(C, len(p.shared_ranks)),
             starts=starts, counts=counts, groups=groups, shared_slots=tuple(shared_slots),
-            dest=put(dest), destinations=torch.arange(C * W, device=dev), local=put(local, torch.int32), group_size=put(sizes, torch.int32),
+            dest=put(dest), destinations=torch.arange(C * W, device=dev),
+            local=put(local, torch.int32), group_size=put(sizes, torch.int32),
             recv_base=[torch.arange(hi - lo, device=dev).repeat(W).view(-1, 1) for lo, hi in groups],
         )

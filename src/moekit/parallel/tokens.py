@@ -9,7 +9,8 @@ sends ``x[t]`` once per destination (DeepEP's dispatch), with a small metadata r
 destination's local expert of each of the token's k slots (not there: the number of the
 destination's experts in the chunk, the receiver plan's zero expert) and its routing weight.
 The sender's plan and the metadata are made before the counts exchange's host sync
-(``prepare_plan``), for every (token, destination), and cut to the rows sent after it. The receiver runs its experts on the received tokens as on one process (the backend's
+(``prepare_plan``), for every (token, destination), and cut to the rows sent after it. The
+receiver runs its experts on the received tokens as on one process (the backend's
 chunk runner: its plan, ``num_zero_experts=1`` marking the slots held elsewhere, the combine
 with the routing weights) and sends back each token's partial sum over its local experts; the
 sender adds the partials of its token's destinations (a fixed order: deterministic).

@@ -137,6 +137,11 @@ def _e_p2(n_experts: int) -> int:
     return max(2, triton.next_power_of_2(int(n_experts)))
 
 
+# the TMA up projection gathers x's rows first from this output width on (qwen3's 768 and
+# olmoe's 1024 columns keep the gather in the GEMM's prologue)
+GATHER_X_MIN_COLS = 2048
+
+
 def _tma_wanted(tiles: dict | None, t: torch.Tensor, n_rows: int, n_experts: int) -> bool:
     """Whether a row GEMM reads its tiles through tensor descriptors: the ``tma`` setting
     (``TritonBackend.Config.tma``) when given; by default (None) at training sizes, in 16-bit
@@ -154,6 +159,16 @@ def _tma_wanted(tiles: dict | None, t: torch.Tensor, n_rows: int, n_experts: int
         return v == (1,)
     return (t.device.type == "cuda" and not interpreting() and t.dtype != torch.float32
             and n_rows / max(1, n_experts) > 64 and _major(t.device) >= 9)
+
+
+def _gather_x(tiles: dict | None, out_cols: int, D: int, x_TD: torch.Tensor) -> bool:
+    """Whether the TMA up projection (or gather GEMM) gathers x's rows into a temporary first:
+    the ``gather_x`` setting (``TritonBackend.Config.gather_x``) when given, by default (None)
+    where the GEMM's output is at least ``GATHER_X_MIN_COLS`` columns wide; never where the
+    rows' width breaks a descriptor's 16-byte alignment."""
+    v = tiles.get("gather_x") if tiles else None
+    want = out_cols >= GATHER_X_MIN_COLS if v is None else v == (1,)
+    return want and (D * x_TD.element_size()) % 16 == 0
 
 
 def _persistent(tiles: dict | None, grid: tuple[int], device: torch.device) -> tuple[bool, tuple[int]]:

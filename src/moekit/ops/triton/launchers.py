@@ -27,11 +27,7 @@ from .launch_config import (
     _weight_descriptor,
 )
 
-__all__ = ["GATHER_X_MIN_COLS", "combine", "gather_rows", "rows_gemm", "up_forward"]
-
-# the TMA up projection gathers x's rows first from this output width on (qwen3's 768 and
-# olmoe's 1024 columns keep the gather in the GEMM's prologue)
-GATHER_X_MIN_COLS = 2048
+__all__ = ["combine", "gather_rows", "rows_gemm", "up_forward"]
 
 
 # ----------------------------------------------------------------------------- forward
@@ -85,7 +81,7 @@ def up_forward(
         # 4.08 -> 3.68, deepseek-64e 6.87 -> 6.69, qwen3 1.45 -> 1.57; in the layer, fwd+bwd:
         # mixtral 28.33 -> 27.92, deepseek-64e 31.87 -> 31.56, gpt-oss 17.69 -> 17.37)
         x_src = x_TD
-        if _gather_x(tiles, F, D, x_TD):
+        if C._gather_x(tiles, F, D, x_TD):
             xg = gather_rows(x_TD, token_ids_N)
             x_src = TensorDescriptor(xg, [N, D], [D, 1], [cfg.BLOCK_M, cfg.BLOCK_K])
         KT.up_tma_kernel[grid](
@@ -117,16 +113,6 @@ def up_forward(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return h, a
-
-
-def _gather_x(tiles: dict | None, out_cols: int, D: int, x_TD: torch.Tensor) -> bool:
-    """Whether the TMA up projection (or gather GEMM) gathers x's rows into a temporary first:
-    the ``gather_x`` setting (``TritonBackend.Config.gather_x``) when given, by default (None)
-    where the GEMM's output is at least ``GATHER_X_MIN_COLS`` columns wide; never where the
-    rows' width breaks a descriptor's 16-byte alignment."""
-    v = tiles.get("gather_x") if tiles else None
-    want = out_cols >= GATHER_X_MIN_COLS if v is None else v == (1,)
-    return want and (D * x_TD.element_size()) % 16 == 0
 
 
 def rows_gemm(
