@@ -7,6 +7,105 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .kernels import _up_epilogue
+from .kernels_common import _find_tile
+
+
+# ----------------------------------------------------------------------------- decode: up, stream-K
+@triton.jit
+def up_stream_k_kernel(
+    X, W, B, TOK, ROWW, A_OUT, COUNTS, OFFSETS, WS, LOCKS,
+    E, D, F, num_pid_n,
+    stride_xt, stride_we, stride_wh, stride_wd, stride_be, stride_an,
+    GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, WOI: tl.constexpr,
+    E_P2: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALPHA, LIMIT,
+):
+    """The decode up projection (``up_kernel``'s result, no h stored) with its work cut evenly
+    over a fixed grid, stream-K style: the ``tiles * KI`` units (tile = row tile x column tile
+    of the real tiles, KI = k blocks of D) are shared out in equal contiguous runs, so that
+    every program streams the same number of weight bytes whatever the tile count (with one
+    token, 8 experts x 12 column tiles = 96 tiles would leave a third of 132 SMs idle). A run
+    covers the tail of one tile, whole tiles and the head of another; a whole tile gets its
+    epilogue at once; a part stores its fp32 sums in ``WS[tile, its first k block]`` and adds
+    its k blocks to ``LOCKS[tile]`` (zero before the launch, left at zero after it), and the
+    program whose blocks complete the count adds every part in k order (deterministic for a
+    given grid) and runs the epilogue. No program waits on another."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    es = tl.arange(0, E_P2)
+    cnt = tl.load(COUNTS + es, mask=es < E, other=0)
+    n_tiles = tl.sum((cnt + BLOCK_M - 1) // BLOCK_M, 0) * num_pid_n
+    KI = tl.cdiv(D, BLOCK_K)
+    work = (n_tiles * KI).to(tl.int64)
+    P = tl.num_programs(0)
+    pid = tl.program_id(0)
+    u = pid * work // P
+    u_end = (pid + 1) * work // P
+    ms = tl.arange(0, BLOCK_M)
+    ns = tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    ws_off = ms[:, None] * (2 * BLOCK_N) + ns[None, :]
+    while u < u_end:
+        tile = (u // KI).to(tl.int32)
+        k_lo = (u - tile * KI).to(tl.int32)
+        k_hi = tl.minimum(KI, k_lo + (u_end - u)).to(tl.int32)
+        pid_m = tile // num_pid_n
+        e, row0, row_end = _find_tile(pid_m, COUNTS, OFFSETS, E, E_P2, BLOCK_M)
+        rows = row0 + ms
+        mask_m = rows < row_end
+        rows64 = rows.to(tl.int64)
+        cols = (tile % num_pid_n) * BLOCK_N + ns
+        mask_n = cols < F
+        e64 = e.to(tl.int64)
+        tok = tl.load(TOK + rows64, mask=mask_m, other=0).to(tl.int64)
+        x_ptrs = X + tok[:, None] * stride_xt + (k_lo * BLOCK_K + ks)[None, :]
+        wg_ptrs = (W + e64 * stride_we + cols[None, :].to(tl.int64) * stride_wh
+                   + (k_lo * BLOCK_K + ks)[:, None].to(tl.int64) * stride_wd)
+        wu_ptrs = wg_ptrs + F * stride_wh
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_lo * BLOCK_K, k_hi * BLOCK_K, BLOCK_K):
+            mk = (k0 + ks) < D
+            xt = tl.load(x_ptrs, mask=mask_m[:, None] & mk[None, :], other=0.0)
+            wg = tl.load(wg_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
+            acc_g = tl.dot(xt, wg, acc_g, input_precision=PREC)
+            if GATED:
+                wu = tl.load(wu_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
+                acc_u = tl.dot(xt, wu, acc_u, input_precision=PREC)
+                wu_ptrs += BLOCK_K * stride_wd
+            x_ptrs += BLOCK_K
+            wg_ptrs += BLOCK_K * stride_wd
+        last = (k_lo == 0) & (k_hi == KI)
+        if not last:
+            # a part: its sums go to slot k_lo of the tile, its k blocks to the tile's count
+            t0 = tile.to(tl.int64) * KI
+            ws = WS + t0 * (BLOCK_M * 2 * BLOCK_N) + ws_off
+            tl.store(ws + k_lo * (BLOCK_M * 2 * BLOCK_N), acc_g)
+            tl.store(ws + k_lo * (BLOCK_M * 2 * BLOCK_N) + BLOCK_N, acc_u)
+            tl.debug_barrier()  # every thread's sums are stored before the count (release)
+            done = tl.atomic_add(LOCKS + tile, k_hi - k_lo, sem="acq_rel", scope="gpu")
+            last = done + (k_hi - k_lo) == KI
+            if last:
+                # the parts in k order: the one at unit x is program q's, which ends at end(q)
+                acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                x = t0
+                while x < t0 + KI:
+                    q_ws = ws + (x - t0) * (BLOCK_M * 2 * BLOCK_N)
+                    acc_g += tl.load(q_ws, cache_modifier=".cg")
+                    acc_u += tl.load(q_ws + BLOCK_N, cache_modifier=".cg")
+                    q = ((x + 1) * P - 1) // work
+                    x = (q + 1) * work // P
+                tl.store(LOCKS + tile, 0)
+        if last:
+            if not GATED:
+                acc_u = acc_g
+            _up_epilogue(acc_g, acc_u, e64, rows64, mask_m, cols, mask_n, B, ROWW, A_OUT, A_OUT,
+                         F, stride_be, 0, stride_an, GATED, ACT, HAS_BIAS, WOI, False,
+                         ALPHA, LIMIT)
+        u += (k_hi - k_lo).to(tl.int64)
+
 
 # ----------------------------------------------------------------------------- decode: down + combine
 @triton.jit
