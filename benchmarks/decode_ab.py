@@ -3,8 +3,7 @@ experts forward as the benchmark's decode rows time it (CUDA-graph replay, the r
 given), for each pair of a gated up projection tile (``decode_up_gated``: ``BM,BN,BK,warps,
 stages``, BN per accumulator) and a down projection: the fused down + combine kernel
 (``BD,BF,warps,stages``) or, unfused (``fused_decode_tokens=0``), the row GEMM
-(``decode_rows`` tile) then the combine; each up tile also as the stream-K up projection
-(``stream_k``: its work cut evenly over that many programs per SM); as ``TritonBackend.Config`` settings, the default
+(``decode_rows`` tile) then the combine; as ``TritonBackend.Config`` settings, the default
 configs first and last. Prints each time and its share of the device copy rate measured in the
 same process, and the largest difference of its output from the defaults' (the tiles change
 the order of the fp32 sums). ``--alone`` also times each kernel by itself against the bytes of
@@ -40,9 +39,6 @@ def _configs(a):
     for u, d in itertools.product(a.up, a.down_combine):
         out.append((f"up={u} down_combine={d}", TritonBackend.Config(
             kind_tiles={"decode_up_gated": GemmTile.parse(u)}, down_combine_tile=DownCombineTile.parse(d))))
-    for u, n in itertools.product(a.up, a.stream_k):
-        out.append((f"up={u} stream_k={n}", TritonBackend.Config(
-            stream_k=n, kind_tiles={"decode_up_gated": GemmTile.parse(u)})))
     for u, r in itertools.product(a.up, a.rows):
         out.append((f"up={u} rows={r} + combine", TritonBackend.Config(
             fused_decode_tokens=0,
@@ -80,10 +76,6 @@ def _alone(a, x, ws, ids, wts, plan, ceil, T):
     runs = [(f"up={u}", up_bytes, lambda u=u: launchers.up_forward(
         x, nxt()[0], None, plan.token_ids_N, None, plan.counts_E, plan.offsets_E, "silu", True, False,
         tiles=tiles(kind_tiles={"decode_up_gated": GemmTile.parse(u)}))) for u in a.up]
-    runs += [(f"up={u} stream_k={n}", up_bytes, lambda u=u, n=n: decode.up_stream_k(
-        x, nxt()[0], None, plan.token_ids_N, None, plan.counts_E, plan.offsets_E, "silu", True, n,
-        tiles=tiles(kind_tiles={"decode_up_gated": GemmTile.parse(u)})))
-        for u, n in itertools.product(a.up, a.stream_k)]
     runs += [(f"down_combine={d}", down_bytes, lambda d=d: decode.down_combine(
         act, nxt()[1], None, plan.inverse_TK, plan.expert_ids_N, wts,
         tiles=tiles(down_combine_tile=DownCombineTile.parse(d)))) for d in a.down_combine]
@@ -108,8 +100,6 @@ def main():
     p.add_argument("--up", nargs="*", default=UP)
     p.add_argument("--down-combine", nargs="*", default=DOWN_COMBINE)
     p.add_argument("--rows", nargs="*", default=ROWS)
-    p.add_argument("--stream-k", type=int, nargs="*", default=[1, 2],
-                   help="programs per SM of the stream-K up projection (TritonBackend.Config.stream_k)")
     p.add_argument("--alone", action="store_true", help="also time each kernel alone")
     p.add_argument("--copies", type=int, default=4, help="weight copies the calls cycle through")
     p.add_argument("--rep-ms", type=int, default=60)

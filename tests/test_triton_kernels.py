@@ -91,7 +91,6 @@ if not INTERP:
             (dict(recompute_act="sometimes"), TypeError, "recompute_act='sometimes'"),
             (dict(inplace_dgrad=1), TypeError, "inplace_dgrad=1"),
             (dict(fused_decode_tokens=-1), ValueError, "fused_decode_tokens=-1"),
-            (dict(stream_k=-2), ValueError, "stream_k=-2; it must be an integer >= 0"),
             (dict(pdl="yes"), TypeError, "pdl='yes'"),
             (dict(tma=1), TypeError, "tma=1; allowed: None (auto), True, False"),
             (dict(gather_x="yes"), TypeError, "gather_x='yes'; allowed: None (auto), True, False"),
@@ -105,7 +104,7 @@ if not INTERP:
         env = {"MOEKIT_TRITON_DGRAD": "split", "MOEKIT_TRITON_DW": "grouped_mm",
                "MOEKIT_TRITON_RECOMPUTE_ACT": "1", "MOEKIT_TRITON_INPLACE_DGRAD": "0",
                "MOEKIT_TRITON_FUSED_DECODE_T": "8", "MOEKIT_TRITON_PDL": "0", "MOEKIT_TRITON_TMA": "0",
-               "MOEKIT_TRITON_PERSISTENT": "0", "MOEKIT_TRITON_GATHER_X": "1", "MOEKIT_TRITON_STREAM_K": "2",
+               "MOEKIT_TRITON_PERSISTENT": "0", "MOEKIT_TRITON_GATHER_X": "1",
                "MOEKIT_TRITON_CONFIG": "128,256,64,8,3", "MOEKIT_TRITON_DW_CONFIG": "64,64,32,4,3",
                "MOEKIT_TRITON_DOWN_COMBINE_CONFIG": "4,64,4,1",
                "MOEKIT_TRITON_DECODE_UP_GATED_CONFIG": "16,32,128,4,4"}
@@ -115,12 +114,11 @@ if not INTERP:
         assert "tma=0" in c.tiles_spec() and C.from_env({"MOEKIT_TRITON_TMA": "auto"}).tma is None
         assert c.persistent is False and "persistent=0" in c.tiles_spec()
         assert c.gather_x is True and "gather_x=1" in c.tiles_spec() and C().gather_x is None
-        assert c.stream_k == 2 and C().to_dict()["stream_k"] == C().stream_k
         assert C().to_dict()["tma"] is None and C().to_dict()["persistent"] is True
         assert c.gemm_tile == GemmTile(128, 256, 64, 8, 3) and c.dw_tile == GemmTile(64, 64, 32, 4, 3)
         assert c.kind_tiles == {"decode_up_gated": GemmTile(16, 32, 128, 4, 4)}
         assert c.down_combine_tile.block_f == 64
-        assert C.from_env({}) == C() and len(ENV_VARS) == 21
+        assert C.from_env({}) == C() and len(ENV_VARS) == 20
         d = C(dgrad="fused").to_dict()
         assert d["name"] == "triton" and d["dgrad"] == "fused"
         for var, text, msg in [("MOEKIT_TRITON_DW_CONFIG", "128,128,64", "MOEKIT_TRITON_DW_CONFIG='128,128,64': expected 5"),
@@ -287,7 +285,6 @@ else:
             (ops.rows_gemm_op, (torch.randn(20, 8), w2, b2, *pargs)),
             (ops.combine_op, (torch.randn(20, 16), plan.inverse_TK, wts, x)),
             (ops.down_combine_op, (torch.randn(20, 8), w2, b2, plan.inverse_TK, plan.expert_ids_N, wts)),
-            (ops.up_stream_k_op, (x, w1, b1, plan.token_ids_N, roww, *pargs, "silu", True, 2)),
             (ops.down_dgrad_op, (x, w2, b2, plan.token_ids_N, roww, torch.randn(20, 16), *pargs,
                                  "silu", True, False, True)),
             (ops.down_dgrad_op, (x, w2, b2, plan.token_ids_N, roww, torch.randn(20, 16), *pargs,
@@ -493,46 +490,6 @@ else:
         s = max(1.0, truth.abs().max().item())
         assert (fused.double() - truth).abs().max().item() <= 2e-5 * s
         torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5 * s)
-
-    @pytest.mark.parametrize("T,K,E,D,F,act,gated,bias,woi", [
-        (1, 3, 4, 80, 16, "silu", True, False, False),  # 3 tiles of 5 k blocks: parts across tiles
-        (1, 3, 4, 80, 40, "gpt_oss", True, True, False),  # column tiles with a ragged edge
-        (3, 2, 4, 48, 32, "relu2", False, True, True),  # plain activation, weight on input
-        (5, 3, 6, 64, 24, "silu", True, True, False),  # several rows per tile
-    ])
-    def test_stream_k_up_projection(T, K, E, D, F, act, gated, bias, woi):
-        """The stream-K decode up projection equals the up kernel (fp32, at every programs-per-SM
-        count: whole tiles, tiles in 2-5 parts, more programs than k blocks), and leaves its
-        per-tile counters at zero; through the layer (``stream_k``), the float64 loop."""
-        from moekit.ops.triton import decode, launchers
-
-        ts, ids, _ = _inputs(T, D, F, E, K, gated, bias=bias, seed=60 + T)
-        x, w1, _, b1, _, wts = [None if t is None else t.float() for t in ts]
-        plan = make_plan(ids, E)
-        roww = wts.reshape(-1).index_select(0, plan.sorted_slots_N) if woi else None
-        args = (x, w1, b1, plan.token_ids_N, roww, plan.counts_E, plan.offsets_E, act, gated)
-        _, ref = launchers.up_forward(*args, store_h=False)
-        locks = []
-        real_zeros = torch.zeros
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(decode.torch, "zeros", lambda *a, **k: locks.append(real_zeros(*a, **k)) or locks[-1])
-            for pps in (1, 2, 3, 5, 9):
-                a = decode.up_stream_k(*args, pps)
-                torch.testing.assert_close(a, ref, rtol=1e-5, atol=1e-5)
-        assert len(locks) == 5 and all(int(t.abs().sum()) == 0 for t in locks)
-        with pytest.raises(ValueError, match="programs_per_sm must be an integer >= 1"):
-            decode.up_stream_k(*args, 0)
-        ts64 = [None if t is None else t.double() for t in ts]
-
-        def run(dtype, backend):
-            c = [None if t is None else t.to(dtype) for t in ts64]
-            with torch.no_grad():
-                return moe_experts(c[0], c[1], c[2], ids, c[5], activation=act, gate_up_proj_bias=c[3],
-                                   down_proj_bias=c[4], backend=backend, weight_on_input=woi)
-
-        truth = run(torch.float64, "loop")
-        fast = run(torch.float32, TritonBackend.Config(fused_decode_tokens=8, stream_k=3))
-        assert (fast.double() - truth).abs().max().item() <= 2e-5 * max(1.0, truth.abs().max().item())
 
     @pytest.mark.parametrize("T,K,E,dups", [(1, 8, 128, False), (3, 2, 5, True), (64, 8, 128, False),
                                             (128, 8, 300, True), (7, 1, 4, True), (5, 3, 1, True)])

@@ -117,7 +117,6 @@ ENV_VARS = {
     "inplace_dgrad": "MOEKIT_TRITON_INPLACE_DGRAD",
     "fused_decode_tokens": "MOEKIT_TRITON_FUSED_DECODE_T",
     "pdl": "MOEKIT_TRITON_PDL",
-    "stream_k": "MOEKIT_TRITON_STREAM_K",
     "tma": "MOEKIT_TRITON_TMA",
     "persistent": "MOEKIT_TRITON_PERSISTENT",
     "gather_x": "MOEKIT_TRITON_GATHER_X",
@@ -143,7 +142,7 @@ def _from_env(name: str, var: str, text: str) -> Any:
         if text not in _BOOL_ENV:
             raise ValueError(f"{where}; it must be 0 or 1")
         return _BOOL_ENV[text]
-    if name in ("fused_decode_tokens", "stream_k"):
+    if name == "fused_decode_tokens":
         if not text.isdigit():
             raise ValueError(f"{where}; it must be a non-negative integer")
         return int(text)
@@ -174,7 +173,6 @@ class TritonBackend(ExpertsBackend):
         inplace_dgrad: bool = True  # eager backward writes dH over the saved pre-activation
         fused_decode_tokens: int = 1  # inference at <= this many tokens: down + combine fused
         pdl: bool = True  # decode: programmatic dependent launch (CUDA, SM >= 9)
-        stream_k: int = 0  # fused decode: up projection's work cut evenly, programs per SM (0: off)
         tma: bool | None = None  # GEMM tiles through tensor descriptors; None: auto
         persistent: bool = True  # TMA row GEMMs: one program per SM walking the tiles
         gather_x: bool | None = None  # TMA up / gather GEMM: x's rows gathered first; None: wide outputs
@@ -197,10 +195,9 @@ class TritonBackend(ExpertsBackend):
             for name in ("inplace_dgrad", "pdl", "persistent"):
                 if not isinstance(getattr(self, name), bool):
                     raise TypeError(f"{o}.{name}={getattr(self, name)!r}; it must be True or False")
-            for name in ("fused_decode_tokens", "stream_k"):
-                n = getattr(self, name)
-                if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-                    raise ValueError(f"{o}.{name}={n!r}; it must be an integer >= 0")
+            n = self.fused_decode_tokens
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"{o}.fused_decode_tokens={n!r}; it must be an integer >= 0")
             self.gemm_tile = _as(GemmTile, o, "gemm_tile", self.gemm_tile)
             self.dw_tile = _as(GemmTile, o, "dw_tile", self.dw_tile)
             self.down_combine_tile = _as(DownCombineTile, o, "down_combine_tile", self.down_combine_tile)
@@ -224,7 +221,6 @@ class TritonBackend(ExpertsBackend):
                 parts.append("persistent=0")
             if self.gather_x is not None:
                 parts.append(f"gather_x={int(self.gather_x)}")
-
             return ";".join(parts)
 
         def with_env_overrides(self, environ=None) -> TritonBackend.Config:

@@ -8,14 +8,12 @@ from __future__ import annotations
 import torch
 import triton
 
-from ...activations import GPT_OSS_ALPHA, GPT_OSS_LIMIT
 from ...plan import RoutingPlan
-from . import kernels as K
 from . import kernels_decode as KD
 from . import launch_config as C
-from .launch_config import _DTYPES, _check, _e_p2, _major, _max_tiles, _num_sms, _prec, _rows_contig
+from .launch_config import _check, _major, _rows_contig
 
-__all__ = ["SMALL_PLAN_MAX_SLOTS", "down_combine", "small_plan", "up_stream_k", "use_pdl"]
+__all__ = ["SMALL_PLAN_MAX_SLOTS", "down_combine", "small_plan", "use_pdl"]
 
 
 # programmatic dependent launch needs a Triton with grid-dependency control (newer than the
@@ -30,59 +28,6 @@ def use_pdl(device: torch.device, enabled: bool = True) -> bool:
     capability 9 or newer; elsewhere it does nothing."""
     return (enabled and device.type == "cuda" and not C.interpreting() and _HAS_PDL
             and _major(device) >= 9)
-
-
-def up_stream_k(
-    x_TD: torch.Tensor,
-    w_EHD: torch.Tensor,
-    b_EH: torch.Tensor | None,
-    token_ids_N: torch.Tensor,
-    roww_N: torch.Tensor | None,
-    counts_E: torch.Tensor,
-    offsets_E: torch.Tensor,
-    act: str,
-    gated: bool,
-    programs_per_sm: int,
-    pdl: bool = False,
-    tiles: dict | None = None,
-    alpha: float = GPT_OSS_ALPHA,
-    limit: float = GPT_OSS_LIMIT,
-) -> torch.Tensor:
-    """The decode up projection's activation ``a_NF`` (``launchers.up_forward`` with no h, gate
-    and up rows not interleaved), its work cut evenly over ``programs_per_sm`` programs per SM
-    (``up_stream_k_kernel``; ``TritonBackend.Config.stream_k``)."""
-    _check("x", x_TD, 2)
-    _check("gate_up_proj", w_EHD, 3, x_TD.dtype, x_TD.device)
-    if x_TD.dtype not in _DTYPES:
-        raise TypeError(f"triton experts support {_DTYPES}, got {x_TD.dtype}")
-    if isinstance(programs_per_sm, bool) or not isinstance(programs_per_sm, int) or programs_per_sm < 1:
-        raise ValueError(f"programs_per_sm must be an integer >= 1, got {programs_per_sm!r}")
-    E, H, D = w_EHD.shape
-    F = H // 2 if gated else H
-    N = token_ids_N.shape[0]
-    x_TD = _rows_contig(x_TD)
-    a = x_TD.new_empty(N, F)
-    if N == 0 or F == 0:
-        return a
-    cfg = C._gemm_config(N, E, F, "up_gated" if gated else "up", x_TD.dtype, tiles)
-    num_pid_n = triton.cdiv(F, cfg.BLOCK_N)
-    n_tiles = _max_tiles(N, E, cfg.BLOCK_M) * num_pid_n
-    ki = triton.cdiv(D, cfg.BLOCK_K)
-    ws = torch.empty(n_tiles * ki * cfg.BLOCK_M * 2 * cfg.BLOCK_N, dtype=torch.float32, device=x_TD.device)
-    locks = torch.zeros(n_tiles, dtype=torch.int32, device=x_TD.device)
-    KD.up_stream_k_kernel[(programs_per_sm * _num_sms(x_TD.device),)](
-        x_TD, w_EHD, b_EH if b_EH is not None else x_TD, token_ids_N,
-        roww_N if roww_N is not None else x_TD, a, counts_E, offsets_E, ws, locks,
-        E, D, F, num_pid_n,
-        x_TD.stride(0), w_EHD.stride(0), w_EHD.stride(1), w_EHD.stride(2),
-        b_EH.stride(0) if b_EH is not None else 0, a.stride(0),
-        GATED=gated, ACT=K.ACT_CODES[act], HAS_BIAS=b_EH is not None, WOI=roww_N is not None,
-        E_P2=_e_p2(E), PREC=_prec(x_TD.dtype), PDL=pdl,
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-        ALPHA=float(alpha), LIMIT=float(limit),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return a
 
 
 def down_combine(

@@ -64,23 +64,6 @@ def _(x, w, b, token_ids, roww, counts, offsets, act, gated, store_h, pdl=False,
     return x.new_empty((N, H) if store_h else (0, H)), x.new_empty(N, F)
 
 
-@torch.library.custom_op(f"{_NS}::up_stream_k", mutates_args=())
-def up_stream_k_op(
-    x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], token_ids: torch.Tensor,
-    roww: Optional[torch.Tensor], counts: torch.Tensor, offsets: torch.Tensor,
-    act: str, gated: bool, programs_per_sm: int, pdl: bool = False, tiles: str = "",
-    alpha: float = GPT_OSS_ALPHA, limit: float = GPT_OSS_LIMIT,
-) -> torch.Tensor:
-    return LD.up_stream_k(x, w, b, token_ids, roww, counts, offsets, act, gated, programs_per_sm,
-                          pdl, parse_tiles(tiles), alpha, limit)
-
-
-@up_stream_k_op.register_fake
-def _(x, w, b, token_ids, roww, counts, offsets, act, gated, programs_per_sm, pdl=False, tiles="",
-      alpha=GPT_OSS_ALPHA, limit=GPT_OSS_LIMIT):
-    return x.new_empty(token_ids.shape[0], w.shape[1] // 2 if gated else w.shape[1])
-
-
 @torch.library.custom_op(f"{_NS}::rows_gemm", mutates_args=())
 def rows_gemm_op(
     a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], counts: torch.Tensor,
@@ -379,14 +362,9 @@ def fused_experts(
     combine_w = None if weight_on_input else topk_weights_TK
     fuse = x_TD.shape[0] <= s.fused_decode_tokens
     pdl = fuse and LD.use_pdl(x_TD.device, s.pdl)
-    if fuse and s.stream_k and not gate_up_interleaved:
-        a = up_stream_k_op(x_TD, gate_up_proj, gate_up_proj_bias, plan.token_ids_N, roww,
-                           plan.counts_E, plan.offsets_E, activation, gated, s.stream_k, pdl,
-                           tiles, alpha, limit)
-    else:
-        _, a = up_op(x_TD, gate_up_proj, gate_up_proj_bias, plan.token_ids_N, roww, plan.counts_E,
-                     plan.offsets_E, activation, gated, False, pdl, gate_up_interleaved, tiles,
-                     alpha, limit)
+    _, a = up_op(x_TD, gate_up_proj, gate_up_proj_bias, plan.token_ids_N, roww, plan.counts_E,
+                 plan.offsets_E, activation, gated, False, pdl, gate_up_interleaved, tiles,
+                 alpha, limit)
     if fuse:
         return down_combine_op(a, down_proj, down_proj_bias, plan.inverse_TK, plan.expert_ids_N,
                                combine_w, pdl, tiles)
