@@ -63,7 +63,7 @@ if not INTERP:
         assert (g.BLOCK_M, g.BLOCK_N, g.BLOCK_K, g.num_warps, g.num_stages) == (32, 64, 64, 2, 2)
         assert launch_config._gemm_config(4096, 8, 512, "rows", bf16, None).BLOCK_N == 256  # the default
         assert launch_config._dw_config(bf16, tiles) == (32, 32, 16, 2, 2)
-        assert tiles["down_combine"] == (8, 32, 2, 1, 1)
+        assert tiles["down_combine"] == (8, 32, 2, 1)
 
     def test_the_registered_triton_backend_takes_the_environment_overrides(monkeypatch):
         """The backend chosen by the name "triton" has the default settings plus the
@@ -97,8 +97,7 @@ if not INTERP:
             (dict(gemm_tile=(128, 0, 64)), ValueError, "expected 5 positive integers"),
             (dict(kind_tiles={"down": GemmTile(16, 16, 16)}), ValueError, "has key 'down'"),
             (dict(dw_tile="128,128,64,8,3"), TypeError, "dw_tile must be a GemmTile"),
-            (dict(down_combine_tile=(4, 0, 4, 1)), ValueError, "expected 5 positive integers"),
-            (dict(down_combine_tile=(4, 64, 4, 1, 3)), ValueError, "prefetch=3: it must be a power of 2"),
+            (dict(down_combine_tile=(4, 0, 4, 1)), ValueError, "expected 4 positive integers"),
         ]:
             with pytest.raises(err, match=re.escape(msg)):
                 C(**bad)
@@ -118,13 +117,12 @@ if not INTERP:
         assert C().to_dict()["tma"] is None and C().to_dict()["persistent"] is True
         assert c.gemm_tile == GemmTile(128, 256, 64, 8, 3) and c.dw_tile == GemmTile(64, 64, 32, 4, 3)
         assert c.kind_tiles == {"decode_up_gated": GemmTile(16, 32, 128, 4, 4)}
-        assert c.down_combine_tile.block_f == 64 and c.down_combine_tile.prefetch == 1
-        assert C.from_env({"MOEKIT_TRITON_DOWN_COMBINE_CONFIG": "4,64,4,1,2"}).down_combine_tile.prefetch == 2
+        assert c.down_combine_tile.block_f == 64
         assert C.from_env({}) == C() and len(ENV_VARS) == 20
         d = C(dgrad="fused").to_dict()
         assert d["name"] == "triton" and d["dgrad"] == "fused"
         for var, text, msg in [("MOEKIT_TRITON_DW_CONFIG", "128,128,64", "MOEKIT_TRITON_DW_CONFIG='128,128,64': expected 5"),
-                               ("MOEKIT_TRITON_DOWN_COMBINE_CONFIG", "4,x,4,1", "expected 4 to 5 positive integers 'BD,BF,warps,stages[,prefetch]'"),
+                               ("MOEKIT_TRITON_DOWN_COMBINE_CONFIG", "4,x,4,1", "BD,BF,warps,stages"),
                                ("MOEKIT_TRITON_RECOMPUTE_ACT", "sometimes", "allowed: 'auto', '0', '1'"),
                                ("MOEKIT_TRITON_DGRAD", "both", "allowed: ('auto', 'fused', 'split', 'grouped_mm')"),
                                ("MOEKIT_TRITON_FUSED_DECODE_T", "-1", "non-negative integer"),
@@ -461,9 +459,8 @@ else:
     ])
     def test_fused_decode_down_combine(monkeypatch, T, K, bias, woi, dropped):
         """Inference at few tokens runs down + combine as one kernel (counted): the output
-        matches the float64 loop in fp32, and the unfused kernels' output, at every prefetch."""
+        matches the float64 loop in fp32, and the unfused kernels' output."""
         from moekit.ops.triton import decode
-        from moekit.ops.triton_backend import DownCombineTile
 
         calls = []
         real = decode.down_combine
@@ -493,12 +490,6 @@ else:
         s = max(1.0, truth.abs().max().item())
         assert (fused.double() - truth).abs().max().item() <= 2e-5 * s
         torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5 * s)
-        # the weights' first columns read before the wait: a head of 1, 2 and 4 column tiles
-        # (4: wider than F, so the loop after it has nothing to do)
-        for pf in (1, 2, 4):
-            tile = DownCombineTile(4, 8, 2, 1, pf)
-            out = run(torch.float32, TritonBackend.Config(fused_decode_tokens=8, down_combine_tile=tile))
-            assert (out.double() - truth).abs().max().item() <= 2e-5 * s, pf
 
     @pytest.mark.parametrize("T,K,E,dups", [(1, 8, 128, False), (3, 2, 5, True), (64, 8, 128, False),
                                             (128, 8, 300, True), (7, 1, 4, True), (5, 3, 1, True)])

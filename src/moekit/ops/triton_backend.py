@@ -53,12 +53,10 @@ class _Tile:
     def parse(cls, text: str, what: str | None = None):
         """From the text form, e.g. ``"128,256,64,8,3"``."""
         n = len(dataclasses.fields(cls))
-        lo = getattr(cls, "_min_parts", n)
         parts = [p.strip() for p in str(text).split(",")]
-        if not lo <= len(parts) <= n or not all(p.isdigit() and int(p) > 0 for p in parts):
-            count = n if lo == n else f"{lo} to {n}"
+        if len(parts) != n or not all(p.isdigit() and int(p) > 0 for p in parts):
             raise ValueError(
-                f"{what or cls.__name__}={text!r}: expected {count} positive integers '{cls._spec}'")
+                f"{what or cls.__name__}={text!r}: expected {n} positive integers '{cls._spec}'")
         return cls(*map(int, parts))
 
 
@@ -79,18 +77,11 @@ class GemmTile(_Tile):
 class DownCombineTile(_Tile):
     """The launch config of the fused decode down projection + combine kernel."""
 
-    _spec: ClassVar[str] = "BD,BF,warps,stages[,prefetch]"
-    _min_parts: ClassVar[int] = 4
+    _spec: ClassVar[str] = "BD,BF,warps,stages"
     block_d: int
     block_f: int
     num_warps: int = 4
     num_stages: int = 1
-    prefetch: int = 1  # BF-wide column tiles of the weights read before waiting for the up kernel
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.prefetch & (self.prefetch - 1):
-            raise ValueError(f"DownCombineTile.prefetch={self.prefetch}: it must be a power of 2")
 
 
 def _as(tile_cls, owner: str, name: str, v):

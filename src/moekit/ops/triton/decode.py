@@ -54,12 +54,12 @@ def down_combine(
     if T == 0 or D == 0:
         return out
     o = tiles.get("down_combine") if tiles else None
-    if o is not None:
-        bd, bf, nw, ns, pf = (*o, 1)[:5]
-    elif C.interpreting():
-        bd, bf, nw, ns, pf = 16, 16, 4, 1, 1
+    if C.interpreting():
+        bd, bf, nw, ns = 16, 16, 4, 1
+    elif o is not None:
+        bd, bf, nw, ns = o
     else:  # H200, qwen3 decode T=1 (CUDA graph, plan given): 4x64 w4 26.1 us, 4x128 w8 24.0 us
-        bd, bf, nw, ns, pf = 4, 128, 8, 1, 1
+        bd, bf, nw, ns = 4, 128, 8, 1
     num_pid_d = triton.cdiv(D, bd)
     inv = inverse_TK.contiguous()
     w = weights_TK.contiguous() if weights_TK is not None else inv
@@ -69,7 +69,7 @@ def down_combine(
         a_NF.stride(0), w_EDF.stride(0), w_EDF.stride(1), w_EDF.stride(2),
         b_ED.stride(0) if b_ED is not None else 0, out.stride(0),
         K=Kk, K_P2=max(1, triton.next_power_of_2(Kk)), HAS_W=weights_TK is not None,
-        HAS_BIAS=b_ED is not None, PDL=pdl, BLOCK_D=bd, BLOCK_F=bf, HEAD_F=bf * pf,
+        HAS_BIAS=b_ED is not None, PDL=pdl, BLOCK_D=bd, BLOCK_F=bf,
         num_warps=nw, num_stages=ns, **({"launch_pdl": True} if pdl else {}),
     )
     return out

@@ -15,7 +15,7 @@ def down_combine_kernel(
     Dm, F, num_pid_d,
     stride_an, stride_we, stride_wd, stride_wf, stride_be, stride_ot,
     K: tl.constexpr, K_P2: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PDL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, HEAD_F: tl.constexpr,
+    PDL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     """Decode: ``out[t] = sum_k w[t,k] * (a[inv[t,k]] @ down[e_k].T + b[e_k])`` for one token
     and one block of output columns, the down projection and the combine in one kernel (no
@@ -25,9 +25,7 @@ def down_combine_kernel(
     to stream the weights with about one program per SM; the per-slot sums are added in a
     fixed order (deterministic). Each token reads its own experts' weights: the path for very
     few tokens. ``PDL``: launched as a programmatic dependent of the up kernel; the routing
-    and the first ``HEAD_F`` weight columns (a multiple of ``BLOCK_F``) are read before waiting
-    for it (only ``A`` is its output), so that this kernel's weights stream while the up
-    kernel, which leaves SMs idle at one token, still runs."""
+    and the first weight tile are read before waiting for it (only ``A`` is its output)."""
     pid = tl.program_id(0)
     t64 = (pid // num_pid_d).to(tl.int64)
     js = tl.arange(0, K_P2 * BLOCK_D)  # row j = slot k, column d
@@ -37,24 +35,17 @@ def down_combine_kernel(
     ok = (r_j >= 0) & (d_j < Dm)
     r64 = tl.where(r_j >= 0, r_j, 0).to(tl.int64)
     e64 = tl.load(EIDS + r64, mask=ok, other=0).to(tl.int64)
-    w_rows = W + (e64 * stride_we + d_j.to(tl.int64) * stride_wd)[:, None]
-    a_rows = A + r64[:, None] * stride_an
-    hs = tl.arange(0, HEAD_F)
-    m_head = ok[:, None] & (hs < F)[None, :]
-    w_head = tl.load(w_rows + hs[None, :] * stride_wf, mask=m_head, other=0.0)
+    fs = tl.arange(0, BLOCK_F)
+    w_ptrs = W + (e64 * stride_we + d_j.to(tl.int64) * stride_wd)[:, None] + fs[None, :] * stride_wf
+    a_ptrs = A + r64[:, None] * stride_an + fs[None, :]
+    acc = tl.zeros((K_P2 * BLOCK_D,), dtype=tl.float32)
+    wt = tl.load(w_ptrs, mask=ok[:, None] & (fs < F)[None, :], other=0.0)
     if PDL:
         tl.extra.cuda.gdc_wait()
-    a_head = tl.load(a_rows + hs[None, :], mask=m_head, other=0.0)
-    # the loop's first tiles are requested before the head is used, each step's next tiles
-    # before its own
-    fs = HEAD_F + tl.arange(0, BLOCK_F)
-    w_ptrs = w_rows + fs[None, :] * stride_wf
-    a_ptrs = a_rows + fs[None, :]
-    wt = tl.load(w_ptrs, mask=ok[:, None] & (fs < F)[None, :], other=0.0)
     at = tl.load(a_ptrs, mask=ok[:, None] & (fs < F)[None, :], other=0.0)
-    acc = tl.sum(w_head.to(tl.float32) * a_head.to(tl.float32), axis=1)
-    for f0 in range(HEAD_F, F, BLOCK_F):
-        mf = (f0 + BLOCK_F + tl.arange(0, BLOCK_F)) < F
+    for f0 in range(0, F, BLOCK_F):
+        # the next step's tiles are requested before this step's are used
+        mf = (f0 + BLOCK_F + fs) < F
         w_ptrs += BLOCK_F * stride_wf
         a_ptrs += BLOCK_F
         w_nxt = tl.load(w_ptrs, mask=ok[:, None] & mf[None, :], other=0.0)
