@@ -5,7 +5,7 @@
 # Usage (device tool, carry .whl and .peers): MOEKIT_COMMIT=<sha> bash benchmarks/run_gpu.sh
 # (write the sha out here: the device's copy of the tree has a stale git HEAD)
 # Knobs (environment): SKIP_TESTS, TEST_K (pytest -k), TEST_TIMEOUT, SHAPES, SWEEP (settings for
-# --sweep), SWEEP_SHAPES, PROFILE (shapes to profile), REP_MS, BENCH_TIMEOUT, SKIP_MODEL, MODEL_TIMEOUT.
+# --sweep), SWEEP_SHAPES, PROFILE (shapes to profile), REP_MS, ROUNDS (timing rounds, impls in turn), BENCH_TIMEOUT, SKIP_MODEL, MODEL_TIMEOUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -24,7 +24,7 @@ export PYTHONPATH=src:/tmp/site:.peers
 } > "$OUT/gpu_tests.log"
 tail -3 "$OUT/gpu_tests.log"
 timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_experts.py --out "$OUT" --peers .peers \
-  --rep-ms "${REP_MS:-20}" --impls moekit-triton hf-grouped_mm scattermoe \
+  --rep-ms "${REP_MS:-20}" --rounds "${ROUNDS:-5}" --impls moekit-triton hf-grouped_mm scattermoe \
   --shapes ${SHAPES:-qwen3-30b-a3b olmoe gpt-oss-20b mixtral-8x7b deepseek-v3-64e qwen3-decode-T1 qwen3-decode-T8 qwen3-decode-T64} \
   ${SWEEP:+--sweep-shapes ${SWEEP_SHAPES:-qwen3-30b-a3b olmoe} --sweep $SWEEP} \
   ${PROFILE:+--profile $PROFILE} > "$OUT/bench.log" 2>&1

@@ -98,3 +98,32 @@ def test_sweep_env_restores(monkeypatch):
         assert os.environ["MOEKIT_TRITON_PDL"] == "0"
         assert os.environ["MOEKIT_TRITON_DW_CONFIG"] == "64,64,32,4,3"
     assert os.environ["MOEKIT_TRITON_PDL"] == "1" and "MOEKIT_TRITON_DW_CONFIG" not in os.environ
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU smoke-test path")
+def test_rounds_time_the_impls_in_turn_and_report_medians(tmp_path, monkeypatch):
+    """``rounds=3``: every training row is timed three times, in the order impl a, b, a, b
+    (after each impl's own first pass), and reports the median of its samples."""
+    from moekit import bench_measure
+
+    clock = iter(range(1, 1000))
+    calls = []
+
+    def fake_time_ms(fn, device, *, rep_ms=100):
+        calls.append(fn)
+        return float(next(clock))
+
+    monkeypatch.setattr(bench_measure, "_time_ms", fake_time_ms)
+    rows = benchmark.run(tmp_path, shapes=["tiny-cpu"], impls=["moekit-loop", "moekit-grouped_mm"],
+                         rep_ms=2, rounds=3, log=lambda s: None)
+    assert [r["impl"] for r in rows] == ["moekit-loop", "moekit-grouped_mm"]
+    # first pass: loop fwd 1, fb 2; grouped_mm fwd 3, fb 4; then rounds: loop 5, 6; gmm 7, 8;
+    # loop 9, 10; gmm 11, 12
+    assert rows[0]["fwd_ms_rounds"] == [1.0, 5.0, 9.0] and rows[0]["fwd_bwd_ms_rounds"] == [2.0, 6.0, 10.0]
+    assert rows[1]["fwd_bwd_ms_rounds"] == [4.0, 8.0, 12.0]
+    assert rows[0]["fwd_ms"] == 5.0 and rows[1]["fwd_bwd_ms"] == 8.0
+    assert rows[1]["fwd_bwd_tflops"] == pytest.approx(3 * benchmark.CPU_SHAPES[0].fwd_flops / 8.0 / 1e9)
+    data = json.loads((tmp_path / "cpu.json").read_text())
+    assert "3 round(s)" in data["meta"]["timing"]
+    with pytest.raises(SystemExit):
+        benchmark.main(["--out", str(tmp_path), "--rounds", "0"])

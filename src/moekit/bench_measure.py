@@ -169,19 +169,52 @@ def _bench_experts_g(shape, impl, dev, dtype, inputs, ref, g_full, *, rep_ms):
         best = min(v for v in (row["fwd_ms"], row.get("fwd_ms_graph"), row.get("fwd_ms_plan_given"),
                                row.get("fwd_ms_plan_given_graph")) if v)
         row["weight_gbps"] = row["weight_bytes"] / best / 1e6
+    fb = _fwd_bwd_fn(f, inputs, g_full)
+    grads = fb()
+    row["grad_rel_err"] = _rel(grads[0][:s].float(), ref["dx"])
+    del grads
+    _time_fwd_bwd(row, fb, shape, dev, rep_ms)
+    leaves = [t.detach().requires_grad_(True) for t in (x, w1, w2, wts)]
+    row["saved_mem_gib"] = _saved_mem_gib(
+        lambda: f(leaves[0], leaves[1], leaves[2], ids, leaves[3]), dev)
+    return row
+
+
+def _fwd_bwd_fn(f, inputs, g_full):
+    """One forward+backward of impl ``f`` on ``inputs``, returning the gradients of x, both
+    weights and the routing weights."""
+    x, w1, w2, ids, wts = inputs
     leaves = [t.detach().requires_grad_(True) for t in (x, w1, w2, wts)]
 
     def fb():
         out = f(leaves[0], leaves[1], leaves[2], ids, leaves[3])
         return torch.autograd.grad(out, leaves, g_full)
 
-    grads = fb()
-    row["grad_rel_err"] = _rel(grads[0][:s].float(), ref["dx"])
-    del grads
-    _time_fwd_bwd(row, fb, shape, dev, rep_ms)
-    row["saved_mem_gib"] = _saved_mem_gib(
-        lambda: f(leaves[0], leaves[1], leaves[2], ids, leaves[3]), dev)
-    return row
+    return fb
+
+
+def retime_rounds(rows: list[dict], shape: Shape, device, inputs, g_full, rounds: int,
+                  rep_ms: int) -> None:
+    """Time the forward and the forward+backward of every row of ``shape`` (its impls, one
+    after the other) ``rounds - 1`` more times, the impls in turn in each round, so that a
+    drift of the GPU's clocks (they fall as it warms up under these GEMMs) touches every impl
+    alike; each row keeps its samples (``fwd_ms_rounds``, ``fwd_bwd_ms_rounds``) and their
+    median becomes its ``fwd_ms`` / ``fwd_bwd_ms`` (and TFLOP/s)."""
+    live = [r for r in rows if "error" not in r and r.get("fwd_bwd_ms")]
+    for r in live:
+        r["fwd_ms_rounds"], r["fwd_bwd_ms_rounds"] = [r["fwd_ms"]], [r["fwd_bwd_ms"]]
+    x, w1, w2, ids, wts = inputs
+    for _ in range(rounds - 1):
+        for r in live:
+            f = _get_impl(r["impl"])
+            with torch.no_grad():
+                r["fwd_ms_rounds"].append(_time_ms(lambda: f(x, w1, w2, ids, wts), device, rep_ms=rep_ms))
+            r["fwd_bwd_ms_rounds"].append(_time_ms(_fwd_bwd_fn(f, inputs, g_full), device, rep_ms=rep_ms))
+    for r in live:
+        r["fwd_ms"] = statistics.median(r["fwd_ms_rounds"])
+        r["fwd_bwd_ms"] = statistics.median(r["fwd_bwd_ms_rounds"])
+        r["fwd_tflops"] = shape.fwd_flops / r["fwd_ms"] / 1e9
+        r["fwd_bwd_tflops"] = 3 * shape.fwd_flops / r["fwd_bwd_ms"] / 1e9
 
 
 def _saved_mem_gib(fwd, device) -> float | None:

@@ -50,8 +50,10 @@ def _versions() -> dict:
     return v
 
 
-def _meta(dev, dtype, ceil) -> dict:
+def _meta(dev, dtype, ceil, rounds: int = 1) -> dict:
     return {"device": _device_name(dev), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+            "timing": f"median of triton.testing.do_bench; training shapes: median over {rounds} "
+                      "round(s) of the impls timed in turn",
             "dtype": str(dtype).replace("torch.", ""), "ceilings": ceil, "versions": _versions(),
             "cpu_smoke_test": dev.type != "cuda",
             "flops": "forward 6*T*K*D*F, forward+backward 18*T*K*D*F",

@@ -53,6 +53,7 @@ from .bench_measure import (
     _time_ms,  # noqa: F401 - re-exported
     layer_config,  # noqa: F401 - re-exported
     measure_ceilings,
+    retime_rounds,
 )
 from .bench_report import (
     _device_name,
@@ -119,6 +120,7 @@ def run(
     device: str | None = None,
     dtype: torch.dtype = torch.bfloat16,
     rep_ms: int = 100,
+    rounds: int = 1,
     slice_tokens: int = 256,
     sweep: list[str] | None = None,
     sweep_shapes: list[str] | None = None,
@@ -130,7 +132,9 @@ def run(
     ``shapes``/``impls`` filter by name (default: all shapes and the impls that make sense on
     this device). Without a GPU it runs ``CPU_SHAPES`` in fp32 and says so. ``sweep`` is a
     list of settings to time moekit-triton under at the first training shape (see
-    ``_sweep_setting``; several joined by ``;``).
+    ``_sweep_setting``; several joined by ``;``). ``rounds`` > 1: at the training shapes the
+    impls are timed that many times in turn and each row reports the medians
+    (``bench_measure.retime_rounds``).
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type != "cuda":
@@ -159,7 +163,7 @@ def run(
                 r["device"] = _device_name(dev)
                 rows.append(r)
                 log(_fmt(r))
-            write_results(out_dir, _meta(dev, dtype, ceil), rows, png=False)
+            write_results(out_dir, _meta(dev, dtype, ceil, rounds), rows, png=False)
             continue
         inputs = make_inputs(shape, dev, dtype)
         ref = _reference(shape, inputs, slice_tokens)
@@ -167,11 +171,16 @@ def run(
         g_full = torch.randn(shape.T, shape.D, device=dev, dtype=dtype,
                              generator=torch.Generator(device=dev).manual_seed(7))
         ref["dx"] = torch.autograd.grad(ref["y_out"], ref["y_leaf"], g_full[: ref["slice"]].float())[0]
+        shape_rows = []
         for impl in (impls or _default_impls(dev, shape)):
             if impl == "hf-batched_mm" and shape.T * shape.K * 3 * shape.D * shape.F * 2 > 8 * 2**30:
                 continue
-            r = _one(shape, impl, dev, dtype, inputs, ref, g_full, rep_ms, log)
-            rows.append(r)
+            shape_rows.append(_one(shape, impl, dev, dtype, inputs, ref, g_full, rep_ms, log))
+        if rounds > 1 and shape.kind == "train":
+            retime_rounds(shape_rows, shape, dev, inputs, g_full, rounds, rep_ms)
+            for r in shape_rows:
+                log(_fmt(r) + (f"  (median of {rounds} rounds)" if "fwd_bwd_ms_rounds" in r else ""))
+        rows += shape_rows
         if sweep and shape.kind == "train" and shape.name in (sweep_shapes or [todo[0].name]):
             for cfg in sweep:
                 with sweep_env(cfg):
@@ -185,8 +194,8 @@ def run(
         del inputs, ref
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-        write_results(out_dir, _meta(dev, dtype, ceil), rows, png=False)  # partial results survive
-    meta = _meta(dev, dtype, ceil)
+        write_results(out_dir, _meta(dev, dtype, ceil, rounds), rows, png=False)  # partial results survive
+    meta = _meta(dev, dtype, ceil, rounds)
     write_results(out_dir, meta, rows)
     if prof_txt:
         (Path(out_dir) / f"{meta['device']}-profile.txt").write_text("\n\n".join(prof_txt))
@@ -230,6 +239,8 @@ def check_args(a: argparse.Namespace) -> None:
             raise ValueError(f"--{opt} was given without a name; leave it out for all")
     if a.rep_ms <= 0:
         raise ValueError(f"--rep-ms must be > 0, got {a.rep_ms}")
+    if a.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {a.rounds}")
     for spec in a.sweep or []:
         for part in spec.split(";"):
             _check_sweep_part(part)
@@ -268,6 +279,8 @@ def main(argv: list[str] | None = None, *, default_out: str = "benchmarks/result
     p.add_argument("--impls", nargs="*", default=None, help=f"impls (default: by device); of {IMPLS}")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--rep-ms", type=int, default=100, help="timing budget per measurement")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="training shapes: time the impls this many times in turn, report medians")
     p.add_argument("--sweep", nargs="*", default=None,
                    help="settings to time moekit-triton under at the first training shape: triton configs "
                         "'BM,BN,BK,warps,stages' (row GEMMs), 'dw:BO,BI,BK,warps,stages' (weight grads) or "
@@ -282,8 +295,8 @@ def main(argv: list[str] | None = None, *, default_out: str = "benchmarks/result
         p.error(str(e))
     if a.peers:
         sys.path.insert(0, a.peers)
-    run(a.out, shapes=a.shapes, impls=a.impls, device=a.device, rep_ms=a.rep_ms, sweep=a.sweep,
-        sweep_shapes=a.sweep_shapes, profile=a.profile)
+    run(a.out, shapes=a.shapes, impls=a.impls, device=a.device, rep_ms=a.rep_ms, rounds=a.rounds,
+        sweep=a.sweep, sweep_shapes=a.sweep_shapes, profile=a.profile)
     return 0
 
 
