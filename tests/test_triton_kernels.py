@@ -86,7 +86,7 @@ if not INTERP:
 
         C = TritonBackend.Config
         for bad, err, msg in [
-            (dict(dgrad="both"), ValueError, "allowed: ('auto', 'fused', 'split', 'grouped_mm', 'epilogue')"),
+            (dict(dgrad="both"), ValueError, "allowed: ('auto', 'fused', 'split', 'grouped_mm')"),
             (dict(dw="cublas"), ValueError, "allowed: ('auto', 'triton', 'grouped_mm')"),
             (dict(recompute_act="sometimes"), TypeError, "recompute_act='sometimes'"),
             (dict(inplace_dgrad=1), TypeError, "inplace_dgrad=1"),
@@ -124,7 +124,7 @@ if not INTERP:
         for var, text, msg in [("MOEKIT_TRITON_DW_CONFIG", "128,128,64", "MOEKIT_TRITON_DW_CONFIG='128,128,64': expected 5"),
                                ("MOEKIT_TRITON_DOWN_COMBINE_CONFIG", "4,x,4,1", "BD,BF,warps,stages"),
                                ("MOEKIT_TRITON_RECOMPUTE_ACT", "sometimes", "allowed: 'auto', '0', '1'"),
-                               ("MOEKIT_TRITON_DGRAD", "both", "allowed: ('auto', 'fused', 'split', 'grouped_mm', 'epilogue')"),
+                               ("MOEKIT_TRITON_DGRAD", "both", "allowed: ('auto', 'fused', 'split', 'grouped_mm')"),
                                ("MOEKIT_TRITON_FUSED_DECODE_T", "-1", "non-negative integer"),
                                ("MOEKIT_TRITON_PDL", "yes", "0 or 1")]:
             with pytest.raises(ValueError, match=re.escape(msg)):
@@ -544,7 +544,7 @@ else:
     def test_dgrad_setting_picks_the_kernel(monkeypatch):
         from moekit.ops.triton import backward
 
-        with pytest.raises(ValueError, match="allowed: \\('auto', 'fused', 'split', 'grouped_mm', 'epilogue'\\)"):
+        with pytest.raises(ValueError, match="allowed: \\('auto', 'fused', 'split', 'grouped_mm'\\)"):
             backward.dgrad_mode(768, False, "both")
         assert backward.dgrad_mode(768, False) == backward.dgrad_mode(14336, False) == "split"
         assert backward.dgrad_mode(2880, False) == "fused"
@@ -816,51 +816,6 @@ else:
         # the weight grads with one operand gathered and neither scaled (the routing weight on
         # the input scales x's rows)
         assert calls.count("dw_tma_kernel") == (1 if woi else 2), calls
-
-    @pytest.mark.parametrize("act,gated,bias,woi,interleaved", [
-        ("silu", True, False, False, False), ("gpt_oss", True, True, False, True),
-        ("relu2", False, True, True, False), ("gelu", True, True, False, False)])
-    def test_epilogue_dgrad_is_the_split_dgrad_in_one_kernel(monkeypatch, act, gated, bias, woi,
-                                                            interleaved):
-        """dgrad="epilogue" (TMA): one dgrad_tma_kernel launch (counted) instead of the gather
-        GEMM and act_bwd_kernel, with split's results: every gradient equal up to the order
-        of the routing-weight grad's partial sums (and the down bias's term, summed apart),
-        against the float64 loop in fp32; without TMA it is the split dgrad."""
-        from moekit.ops.triton import backward, kernels_bwd
-
-        calls = []
-        monkeypatch.setattr(backward.KT, "dgrad_tma_kernel",
-                            _Counted(backward.KT.dgrad_tma_kernel, calls, "dgrad_tma_kernel"))
-        monkeypatch.setattr(backward.KB, "act_bwd_kernel",
-                            _Counted(kernels_bwd.act_bwd_kernel, calls, "act_bwd_kernel"))
-        ts, ids, gy = _inputs(37, 32, 24, 5, 2, gated, bias=bias, seed=93,
-                              scale=6.0 if act == "gpt_oss" else 1.0)
-        kw = {}
-        if interleaved:
-            from reference import interleave_gate_up
-
-            ts[1] = interleave_gate_up(ts[1])
-            ts[3] = interleave_gate_up(ts[3])
-            kw = dict(gate_up_interleaved=True)
-
-        def run(cfg, dtype):
-            leaves = [None if t is None else t.detach().to(dtype).requires_grad_(True) for t in ts]
-            x, w1, w2, b1, b2, wts = leaves
-            y = moe_experts(x, w1, w2, ids, wts, activation=act, gate_up_proj_bias=b1,
-                            down_proj_bias=b2, backend=cfg, weight_on_input=woi, **kw)
-            live = [t for t in leaves if t is not None]
-            return [y] + list(torch.autograd.grad(y, live, gy.to(dtype)))
-
-        epi = run(TritonBackend.Config(dgrad="epilogue", tma=True), torch.float32)
-        assert calls == ["dgrad_tma_kernel"], calls
-        split = run(TritonBackend.Config(dgrad="split", tma=True), torch.float32)
-        assert calls == ["dgrad_tma_kernel", "act_bwd_kernel"], calls
-        truth = run("loop", torch.float64)
-        for name, a, b, t in zip(_names(bias), epi, split, truth):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
-            assert _max_err(a, t) <= 2e-5 * _scale(t), name
-        run(TritonBackend.Config(dgrad="epilogue", tma=False), torch.float32)
-        assert calls[2:] == ["act_bwd_kernel"], calls  # no descriptors: the split dgrad
 
     @pytest.mark.parametrize("gated,woi", [(True, False), (False, True)])
     def test_up_projection_on_gathered_rows(monkeypatch, gated, woi):

@@ -29,7 +29,7 @@ __all__ = ["ENV_VARS", "TILE_KINDS", "DownCombineTile", "GemmTile", "TritonBacke
 # the row-GEMM kinds a tile can be given for, in training and (``decode_``) at decode sizes
 TILE_KINDS = ("up_gated", "up", "rows", "dgrad")
 _KIND_KEYS = TILE_KINDS + tuple(f"decode_{k}" for k in TILE_KINDS)
-_DGRAD = ("auto", "fused", "split", "grouped_mm", "epilogue")
+_DGRAD = ("auto", "fused", "split", "grouped_mm")
 _DW = ("auto", "triton", "grouped_mm")
 
 

@@ -10,11 +10,10 @@ import triton
 from ...activations import GPT_OSS_ALPHA, GPT_OSS_LIMIT
 from . import kernels as K
 from . import kernels_bwd as KB
-from . import kernels_tma as KT
 from . import launch_config as C
 from . import weight_grads as W
-from .launch_config import _e_p2, _max_tiles, _prec, _rows_contig, _tma_wanted, _weight_descriptor
-from .launchers import _x_source, up_forward
+from .launch_config import _e_p2, _max_tiles, _prec, _rows_contig
+from .launchers import up_forward
 
 __all__ = ["activation_prescaled", "dgrad_mode", "down_dgrad", "recompute_activation"]
 
@@ -59,7 +58,7 @@ def down_dgrad(
     if mode != "fused":
         return _down_dgrad_split(g_TD, w_EDF, b_ED, token_ids_N, roww_N, h_NH, counts_E, offsets_E,
                                  act, gated, woi, store_a, out, expert_ids_N, interleaved, tiles,
-                                 alpha, limit, mode)
+                                 alpha, limit, mode == "grouped_mm")
     E, D, F = w_EDF.shape
     N, H = h_NH.shape
     g_TD = _rows_contig(g_TD)
@@ -96,13 +95,13 @@ def down_dgrad(
     return dh, a, dwt
 
 
-_DGRAD_MODES = ("auto", "fused", "split", "grouped_mm", "epilogue")
+_DGRAD_MODES = ("auto", "fused", "split", "grouped_mm")
 
 
 def dgrad_mode(hidden: int, use_grouped_mm: bool, setting: str = "auto",
                rows_cublas: bool | None = None) -> str:
     """How the backward's first step runs (``setting``, ``TritonBackend.Config.dgrad`` =
-    ``auto``, the default, | ``fused`` | ``split`` | ``grouped_mm`` | ``epilogue``):
+    ``auto``, the default, | ``fused`` | ``split`` | ``grouped_mm``):
 
     * ``fused``: ``down_dgrad_kernel``, the GEMM ``G = gout[tok] @ down[e]`` with the activation
       backward in its epilogue (which holds two pre-activation tiles beside the accumulator,
@@ -112,10 +111,7 @@ def dgrad_mode(hidden: int, use_grouped_mm: bool, setting: str = "auto",
       whole rows (H100, fwd+bwd: qwen3 9.76 -> 9.53 ms, mixtral 33.40 -> 30.84);
     * ``grouped_mm``: split, with the GEMM as torch's grouped GEMM (cuBLAS) over a gathered copy
       of the output grad's rows (H200, gpt-oss fwd+bwd 19.24 ms against 21.44 fused and 19.32
-      split; deepseek-64e 33.64, 35.61, 34.05);
-    * ``epilogue``: split's results from one kernel where the weight tiles come through a
-      descriptor (``dgrad_tma_kernel``: the gather GEMM with the row pass's work on its tile in
-      the epilogue, no ``[N, F]`` buffer); ``split`` where they do not (no TMA).
+      split; deepseek-64e 33.64, 35.61, 34.05).
 
     ``auto``: where the weight grads use cuBLAS (``use_grouped_mm``, large experts)
     ``grouped_mm`` if the row GEMMs do too (``rows_cublas``, :func:`rows_on_cublas`; default:
@@ -136,7 +132,7 @@ def dgrad_mode(hidden: int, use_grouped_mm: bool, setting: str = "auto",
 
 def _down_dgrad_split(g_TD, w_EDF, b_ED, token_ids_N, roww_N, h_NH, counts_E, offsets_E, act, gated,
                       woi, store_a, out, expert_ids_N, interleaved, tiles=None,
-                      alpha=GPT_OSS_ALPHA, limit=GPT_OSS_LIMIT, mode="split"):
+                      alpha=GPT_OSS_ALPHA, limit=GPT_OSS_LIMIT, use_grouped_mm=False):
     _, D, F = w_EDF.shape
     N, H = h_NH.shape
     if b_ED is not None and not woi and expert_ids_N is None:
@@ -153,18 +149,7 @@ def _down_dgrad_split(g_TD, w_EDF, b_ED, token_ids_N, roww_N, h_NH, counts_E, of
     if N == 0:
         return dh, a, dwt
     g_TD = _rows_contig(g_TD)
-    E = w_EDF.shape[0]
-    w_desc = None
-    if mode == "epilogue" and _tma_wanted(tiles, g_TD, N, E):
-        cfg = C._gemm_config(N, E, F, "dgrad", g_TD.dtype, tiles)
-        w_desc = _weight_descriptor(w_EDF.transpose(1, 2), cfg.BLOCK_N, cfg.BLOCK_K)
-    if w_desc is not None:  # one kernel: the gather GEMM with the activation backward after it
-        _dgrad_epilogue(g_TD, w_desc, F, token_ids_N, roww_N, h_NH, dh, a, dwt, counts_E, offsets_E,
-                        act, gated, woi, store_a, interleaved, cfg, tiles, alpha, limit)
-        if b_ED is not None and not woi:  # <gout[t], b_down[e]> of each row, from [T, E] dots
-            dwt += (g_TD.float() @ b_ED.float().T)[token_ids_N, expert_ids_N]
-        return dh, a, dwt
-    if mode == "grouped_mm":  # the rows gathered once, then cuBLAS
+    if use_grouped_mm:  # the rows gathered once, then cuBLAS
         G = W.grouped_mm(g_TD.index_select(0, token_ids_N), w_EDF, offsets_E)
     else:
         _, G = up_forward(g_TD, w_EDF.transpose(1, 2), None, token_ids_N, None, counts_E, offsets_E,
@@ -185,30 +170,6 @@ def _down_dgrad_split(g_TD, w_EDF, b_ED, token_ids_N, roww_N, h_NH, counts_E, of
         LIMIT=float(limit), num_warps=4,
     )
     return dh, a, dwt
-
-
-def _dgrad_epilogue(g_TD, w_desc, F, token_ids_N, roww_N, h_NH, dh, a, dwt, counts_E, offsets_E, act,
-                    gated, woi, store_a, interleaved, cfg, tiles, alpha, limit):
-    """``dgrad_tma_kernel``: the split dgrad's GEMM and row pass as one kernel (``dwt``, zeros
-    on entry, gets the sum of the column blocks' partials)."""
-    N, E = h_NH.shape[0], counts_E.shape[0]
-    num_pid_m = _max_tiles(N, E, cfg.BLOCK_M)
-    num_pid_n = triton.cdiv(F, cfg.BLOCK_N)
-    parts = torch.zeros(0 if woi else N, num_pid_n, device=g_TD.device, dtype=torch.float32)
-    g_src = _x_source(g_TD, token_ids_N, F, cfg, tiles)
-    KT.dgrad_tma_kernel[(num_pid_m * num_pid_n,)](
-        g_src, w_desc[0], token_ids_N, roww_N, h_NH, dh, a, parts,
-        counts_E, offsets_E,
-        E, g_TD.shape[1], F, num_pid_m,
-        g_TD.stride(0), h_NH.stride(0), dh.stride(0), a.stride(0),
-        GATED=gated, ACT=K.ACT_CODES[act], WOI=woi, STORE_A=store_a, INTERLEAVED=interleaved,
-        W_K_CONTIG=w_desc[1], E_P2=_e_p2(E), PREC=_prec(g_TD.dtype),
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-        X_DESC=g_src is not g_TD, ALPHA=float(alpha), LIMIT=float(limit),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    if not woi:
-        dwt += parts.sum(-1)
 
 
 def activation_prescaled(mode: str, woi: bool) -> bool:

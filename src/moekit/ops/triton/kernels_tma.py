@@ -22,7 +22,6 @@ import triton
 import triton.language as tl
 
 from .kernels import _rows_epilogue, _up_epilogue
-from .kernels_bwd import _act_bwd_tile
 from .kernels_common import _find_tile, _swizzle
 
 
@@ -142,101 +141,25 @@ def up_tma_kernel(
             acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PREC)
             x_ptrs += BLOCK_K
         acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
-    elif GATED:
+    else:
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if GATED:
+            acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kt in range(tl.cdiv(D, BLOCK_K)):
             k0 = kt * BLOCK_K
             xt = _x_tile(X, x_ptrs, row0, k0, mask_m, ks, D, X_DESC)
             acc_g = tl.dot(xt, _w_tile(W_DESC, e, n0, k0, W_K_CONTIG, BLOCK_N, BLOCK_K), acc_g,
                            input_precision=PREC)
-            acc_u = tl.dot(xt, _w_tile(W_DESC, e, F + n0, k0, W_K_CONTIG, BLOCK_N, BLOCK_K), acc_u,
-                           input_precision=PREC)
+            if GATED:
+                acc_u = tl.dot(xt, _w_tile(W_DESC, e, F + n0, k0, W_K_CONTIG, BLOCK_N, BLOCK_K), acc_u,
+                               input_precision=PREC)
             x_ptrs += BLOCK_K
-    else:
-        acc_g = _gather_gemm(X, W_DESC, x_ptrs, e, row0, n0, mask_m, ks, D, W_K_CONTIG, X_DESC, PREC,
-                             BLOCK_M, BLOCK_N, BLOCK_K)
-        acc_u = acc_g
+        if not GATED:
+            acc_u = acc_g
     cols = n0 + tl.arange(0, BLOCK_N)
     _up_epilogue(acc_g, acc_u, e.to(tl.int64), rows64, mask_m, cols, cols < F, B, ROWW, H_OUT,
                  A_OUT, F, stride_be, stride_hn, stride_an, GATED, ACT, HAS_BIAS, WOI, STORE_H,
                  ALPHA, LIMIT)
-
-
-@triton.jit
-def _gather_gemm(X, W_DESC, x_ptrs, e, row0, n0, mask_m, ks, D, W_K_CONTIG: tl.constexpr,
-                 X_DESC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One accumulator of ``x[rows] @ W[e][n0:].T`` over D: x's tiles as ``_x_tile`` reads them,
-    W's through its descriptor."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kt in range(tl.cdiv(D, BLOCK_K)):
-        k0 = kt * BLOCK_K
-        xt = _x_tile(X, x_ptrs, row0, k0, mask_m, ks, D, X_DESC)
-        acc = tl.dot(xt, _w_tile(W_DESC, e, n0, k0, W_K_CONTIG, BLOCK_N, BLOCK_K), acc,
-                     input_precision=PREC)
-        x_ptrs += BLOCK_K
-    return acc
-
-
-@triton.jit
-def dgrad_tma_kernel(
-    G, W_DESC, TOK, ROWW, HPRE, DH, A_OUT, DWT,
-    COUNTS, OFFSETS,
-    E, D, F, num_pid_m,
-    stride_gt, stride_hn, stride_dhn, stride_an,
-    GATED: tl.constexpr, ACT: tl.constexpr, WOI: tl.constexpr, STORE_A: tl.constexpr,
-    INTERLEAVED: tl.constexpr, W_K_CONTIG: tl.constexpr, E_P2: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    X_DESC: tl.constexpr = False, ALPHA=1.702, LIMIT=7.0,
-):
-    """The backward's first step in one kernel with the weight tiles through a descriptor
-    (``TritonBackend.Config.dgrad="epilogue"``): the gather GEMM ``gout[tok] @ down[e]`` of
-    the split dgrad (``up_tma_kernel``'s main loop; ``X_DESC``: the output grad's rows gathered
-    beforehand) with ``act_bwd_kernel``'s work on its tile in the epilogue: dH from the saved
-    pre-activation (``DH`` may be ``HPRE``), the activation times the row's routing weight
-    (``STORE_A``, as the split stores it) and, with the weight on the output, the routing-weight
-    grad's partial ``<G, act(h)>`` over this column block into ``DWT[row, pid_n]``."""
-    num_pid_n = tl.cdiv(F, BLOCK_N)
-    pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, num_pid_n, GROUP_M)
-    e, row0, row_end = _find_tile(pid_m, COUNTS, OFFSETS, E, E_P2, BLOCK_M)
-    if e >= E:
-        return
-    rows = row0 + tl.arange(0, BLOCK_M)
-    rows64 = rows.to(tl.int64)
-    mask_m = rows < row_end
-    n0 = pid_n * BLOCK_N
-    ks = tl.arange(0, BLOCK_K)
-    if X_DESC:
-        g_ptrs = TOK  # unused (the tiles come through the descriptor): only stepped
-    else:
-        tok = tl.load(TOK + rows64, mask=mask_m, other=0).to(tl.int64)
-        g_ptrs = G + tok[:, None] * stride_gt + ks[None, :]
-    acc = _gather_gemm(G, W_DESC, g_ptrs, e, row0, n0, mask_m, ks, D, W_K_CONTIG, X_DESC, PREC,
-                       BLOCK_M, BLOCK_N, BLOCK_K)
-    # the epilogue on the two column halves in turn: half the registers live at a time
-    acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-    part = _dgrad_epilogue_half(acc0, ROWW, HPRE, DH, A_OUT, rows64, n0, mask_m, F, stride_hn,
-                                stride_dhn, stride_an, GATED, ACT, WOI, STORE_A, INTERLEAVED,
-                                BLOCK_M, BLOCK_N // 2, ALPHA, LIMIT)
-    part += _dgrad_epilogue_half(acc1, ROWW, HPRE, DH, A_OUT, rows64, n0 + BLOCK_N // 2, mask_m, F,
-                                 stride_hn, stride_dhn, stride_an, GATED, ACT, WOI, STORE_A,
-                                 INTERLEAVED, BLOCK_M, BLOCK_N // 2, ALPHA, LIMIT)
-    if not WOI:
-        tl.store(DWT + rows64 * num_pid_n + pid_n, part, mask=mask_m)
-
-
-@triton.jit
-def _dgrad_epilogue_half(acc, ROWW, HPRE, DH, A_OUT, rows64, c0, mask_m, F, stride_hn, stride_dhn,
-                         stride_an, GATED: tl.constexpr, ACT: tl.constexpr, WOI: tl.constexpr,
-                         STORE_A: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, ALPHA, LIMIT):
-    """``_act_bwd_tile`` on columns ``c0 .. c0 + BLOCK_N`` (the activation stored times the
-    routing weight); returns the routing-weight grad's partial over them (zeros with ``WOI``)."""
-    a, out_mask = _act_bwd_tile(acc, ROWW, HPRE, DH, A_OUT, rows64, c0, mask_m, F, stride_hn,
-                                stride_dhn, stride_an, GATED, ACT, WOI, STORE_A, INTERLEAVED,
-                                BLOCK_M, BLOCK_N, ALPHA, LIMIT, not WOI)
-    return tl.sum(tl.where(out_mask, acc * a, 0.0), axis=1)
 
 
 @triton.jit

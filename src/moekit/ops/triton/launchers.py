@@ -80,7 +80,10 @@ def up_forward(
         # TMA row GEMM against the gather in the prologue: mixtral 6.79 -> 6.16 ms, gpt-oss
         # 4.08 -> 3.68, deepseek-64e 6.87 -> 6.69, qwen3 1.45 -> 1.57; in the layer, fwd+bwd:
         # mixtral 28.33 -> 27.92, deepseek-64e 31.87 -> 31.56, gpt-oss 17.69 -> 17.37)
-        x_src = _x_source(x_TD, token_ids_N, F, cfg, tiles)
+        x_src = x_TD
+        if C._gather_x(tiles, F, D, x_TD):
+            xg = gather_rows(x_TD, token_ids_N)
+            x_src = TensorDescriptor(xg, [N, D], [D, 1], [cfg.BLOCK_M, cfg.BLOCK_K])
         KT.up_tma_kernel[grid](
             x_src, w_desc[0], b_EH if b_EH is not None else x_TD, token_ids_N,
             roww_N if roww_N is not None else x_TD, h, a,
@@ -209,16 +212,6 @@ def combine(
     )
     dot = parts.sum(-1) if has_dot else y_ND.new_zeros(0, dtype=torch.float32)
     return out, dot
-
-
-def _x_source(x_TD: torch.Tensor, token_ids_N: torch.Tensor, out_cols: int, cfg, tiles: dict | None):
-    """What a TMA gather GEMM reads x's rows from: ``x_TD`` itself (gathered by token in the
-    GEMM's prologue), or where ``launch_config._gather_x`` says so a descriptor over its rows
-    gathered into a temporary in the plan's order (``X_DESC``)."""
-    if not C._gather_x(tiles, out_cols, x_TD.shape[1], x_TD):
-        return x_TD
-    N, D = token_ids_N.shape[0], x_TD.shape[1]
-    return TensorDescriptor(gather_rows(x_TD, token_ids_N), [N, D], [D, 1], [cfg.BLOCK_M, cfg.BLOCK_K])
 
 
 def gather_rows(src_TD: torch.Tensor, idx_N: torch.Tensor, w_N: torch.Tensor | None = None) -> torch.Tensor:
