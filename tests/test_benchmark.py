@@ -107,10 +107,8 @@ def test_rounds_time_the_impls_in_turn_and_report_medians(tmp_path, monkeypatch)
     from moekit import bench_measure
 
     clock = iter(range(1, 1000))
-    calls = []
 
     def fake_time_ms(fn, device, *, rep_ms=100):
-        calls.append(fn)
         return float(next(clock))
 
     monkeypatch.setattr(bench_measure, "_time_ms", fake_time_ms)
