@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -125,3 +126,27 @@ def test_rounds_time_the_impls_in_turn_and_report_medians(tmp_path, monkeypatch)
     assert "3 round(s)" in data["meta"]["timing"]
     with pytest.raises(SystemExit):
         benchmark.main(["--out", str(tmp_path), "--rounds", "0"])
+
+
+def test_rounds_time_sweep_rows_under_their_settings(monkeypatch):
+    """A sweep row is timed again as moekit-triton with its settings in the environment (and
+    only then): ``benchmark._timed_as`` through ``retime_rounds``."""
+    from moekit import bench_measure
+
+    seen = []
+
+    def fake_time_ms(fn, device, *, rep_ms=100):
+        seen.append(os.environ.get("MOEKIT_TRITON_PDL"))
+        return 1.0
+
+    monkeypatch.setattr(bench_measure, "_time_ms", fake_time_ms)
+    monkeypatch.delenv("MOEKIT_TRITON_PDL", raising=False)
+    shape = benchmark.CPU_SHAPES[0]
+    inputs = benchmark.make_inputs(shape, torch.device("cpu"), torch.float32)
+    rows = [{"impl": "moekit-loop", "fwd_ms": 3.0, "fwd_bwd_ms": 3.0},
+            {"impl": "moekit-triton[MOEKIT_TRITON_PDL=0]", "sweep": "MOEKIT_TRITON_PDL=0",
+             "fwd_ms": 3.0, "fwd_bwd_ms": 3.0}]
+    g = torch.zeros(shape.T, shape.D)
+    bench_measure.retime_rounds(rows, shape, torch.device("cpu"), inputs, g, 2, 1, benchmark._timed_as)
+    assert seen == [None, None, "0", "0"] and "MOEKIT_TRITON_PDL" not in os.environ
+    assert rows[1]["fwd_bwd_ms_rounds"] == [3.0, 1.0] and rows[1]["fwd_bwd_ms"] == 2.0

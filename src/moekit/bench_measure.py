@@ -7,6 +7,7 @@ layer (``_bench_layer``, ``layer_config``), and the per-kernel profile. Driven b
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 
@@ -194,22 +195,26 @@ def _fwd_bwd_fn(f, inputs, g_full):
 
 
 def retime_rounds(rows: list[dict], shape: Shape, device, inputs, g_full, rounds: int,
-                  rep_ms: int) -> None:
+                  rep_ms: int, timed_as=None) -> None:
     """Time the forward and the forward+backward of every row of ``shape`` (its impls, one
     after the other) ``rounds - 1`` more times, the impls in turn in each round, so that a
     drift of the GPU's clocks (they fall as it warms up under these GEMMs) touches every impl
     alike; each row keeps its samples (``fwd_ms_rounds``, ``fwd_bwd_ms_rounds``) and their
-    median becomes its ``fwd_ms`` / ``fwd_bwd_ms`` (and TFLOP/s)."""
+    median becomes its ``fwd_ms`` / ``fwd_bwd_ms`` (and TFLOP/s). ``timed_as(row)``: the impl
+    and the context (e.g. settings in the environment) to time a row under; default: its
+    ``impl`` as it is."""
     live = [r for r in rows if "error" not in r and r.get("fwd_bwd_ms")]
     for r in live:
         r["fwd_ms_rounds"], r["fwd_bwd_ms_rounds"] = [r["fwd_ms"]], [r["fwd_bwd_ms"]]
     x, w1, w2, ids, wts = inputs
     for _ in range(rounds - 1):
         for r in live:
-            f = _get_impl(r["impl"])
-            with torch.no_grad():
-                r["fwd_ms_rounds"].append(_time_ms(lambda: f(x, w1, w2, ids, wts), device, rep_ms=rep_ms))
-            r["fwd_bwd_ms_rounds"].append(_time_ms(_fwd_bwd_fn(f, inputs, g_full), device, rep_ms=rep_ms))
+            impl, context = timed_as(r) if timed_as else (r["impl"], contextlib.nullcontext())
+            f = _get_impl(impl)
+            with context:
+                with torch.no_grad():
+                    r["fwd_ms_rounds"].append(_time_ms(lambda: f(x, w1, w2, ids, wts), device, rep_ms=rep_ms))
+                r["fwd_bwd_ms_rounds"].append(_time_ms(_fwd_bwd_fn(f, inputs, g_full), device, rep_ms=rep_ms))
     for r in live:
         r["fwd_ms"] = statistics.median(r["fwd_ms_rounds"])
         r["fwd_bwd_ms"] = statistics.median(r["fwd_bwd_ms_rounds"])

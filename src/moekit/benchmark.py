@@ -101,6 +101,13 @@ def sweep_env(spec: str):
                 os.environ[var] = v
 
 
+def _timed_as(row: dict):
+    """``(impl, context)`` to time a row again under: a sweep row's impl under its settings."""
+    if "sweep" in row:
+        return "moekit-triton", sweep_env(row["sweep"])
+    return row["impl"], contextlib.nullcontext()
+
+
 def _sweep_setting(part: str) -> tuple[str, str]:
     """One ``--sweep`` setting: ``BM,BN,BK,warps,stages`` (row GEMMs), ``dw:BO,BI,BK,warps,stages``
     (weight grads) or ``VAR=VALUE`` (any environment setting)."""
@@ -133,8 +140,8 @@ def run(
     this device). Without a GPU it runs ``CPU_SHAPES`` in fp32 and says so. ``sweep`` is a
     list of settings to time moekit-triton under at the first training shape (see
     ``_sweep_setting``; several joined by ``;``). ``rounds`` > 1: at the training shapes the
-    impls are timed that many times in turn and each row reports the medians
-    (``bench_measure.retime_rounds``).
+    impls (and the sweep's settings) are timed that many times in turn and each row reports
+    the medians (``bench_measure.retime_rounds``).
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type != "cuda":
@@ -176,18 +183,18 @@ def run(
             if impl == "hf-batched_mm" and shape.T * shape.K * 3 * shape.D * shape.F * 2 > 8 * 2**30:
                 continue
             shape_rows.append(_one(shape, impl, dev, dtype, inputs, ref, g_full, rep_ms, log))
-        if rounds > 1 and shape.kind == "train":
-            retime_rounds(shape_rows, shape, dev, inputs, g_full, rounds, rep_ms)
-            for r in shape_rows:
-                log(_fmt(r) + (f"  (median of {rounds} rounds)" if "fwd_bwd_ms_rounds" in r else ""))
-        rows += shape_rows
         if sweep and shape.kind == "train" and shape.name in (sweep_shapes or [todo[0].name]):
             for cfg in sweep:
                 with sweep_env(cfg):
                     r = _one(shape, "moekit-triton", dev, dtype, inputs, ref, g_full, rep_ms, log)
                 r["impl"] = f"moekit-triton[{cfg}]"
-                r["sweep"] = True
-                rows.append(r)
+                r["sweep"] = cfg
+                shape_rows.append(r)
+        if rounds > 1 and shape.kind == "train":
+            retime_rounds(shape_rows, shape, dev, inputs, g_full, rounds, rep_ms, _timed_as)
+            for r in shape_rows:
+                log(_fmt(r) + (f"  (median of {rounds} rounds)" if "fwd_bwd_ms_rounds" in r else ""))
+        rows += shape_rows
         if profile and shape.name in profile and dev.type == "cuda":
             prof_txt.append(_profile(shape, "moekit-triton", dev, dtype, inputs, g_full))
             log(prof_txt[-1])
