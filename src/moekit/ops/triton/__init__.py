@@ -3,7 +3,8 @@
 Layers: ``kernels`` and ``kernels_tma`` (``@triton.jit``; the latter read tiles through tensor
 descriptors), ``kernels_decode`` -> ``launchers`` (the forward), ``decode`` (the decode forward and
 plan), ``backward`` (the dgrad step) and ``weight_grads``,
-all on ``launch_config`` (checks, launch configs, device facts, descriptors) -> ``ops`` (``torch.library`` custom ops with fake implementations, the autograd function and
+all on ``launch_config`` (checks, launch configs, device facts, descriptors) -> ``custom_ops``
+(``torch.library`` custom ops with fake implementations) -> ``ops`` (the autograd function and
 ``fused_experts``) and ``grouped_linear`` (the staged path's grouped linear layer). The backend
 object that calls them, with its settings, is :class:`moekit.ops.triton_backend.TritonBackend`.
 Importing this package raises ImportError when Triton is not installed (``pip install

@@ -24,17 +24,14 @@ from ...activations import GPT_OSS_ALPHA, GPT_OSS_LIMIT, activation_params
 from ..triton_backend import parse_tiles
 from . import backward as B
 from . import launchers as L
+from .custom_ops import combine_op, rows_gemm_op, up_op, weight_grad_op
 from .ops import (
     _down_projection,
     _graph_freed_after_backward,
     _stored_transposed,
-    combine_op,
     input_grad_rows,
-    rows_gemm_op,
     slot_grads,
     training_paths,
-    up_op,
-    weight_grad_op,
 )
 
 __all__ = ["TritonChunks"]

@@ -14,7 +14,7 @@ import torch
 from ...plan import RoutingPlan
 from ..triton_backend import parse_tiles
 from . import weight_grads as W
-from .ops import rows_gemm_op, weight_grad_op
+from .custom_ops import rows_gemm_op, weight_grad_op
 
 __all__ = ["GroupedLinear", "triton_grouped_linear"]
 

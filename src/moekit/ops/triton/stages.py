@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import launchers as L
-from .ops import combine_op
+from .custom_ops import combine_op
 
 __all__ = ["permute", "unpermute"]
 
