@@ -6,7 +6,8 @@ paths is a typed field of ``TritonBackend.Config`` (recorded by ``to_dict()``) a
 an argument from ``TritonBackend.fused`` down to the launchers. Environment variables
 (``MOEKIT_TRITON_*``, :data:`ENV_VARS`) override fields only through
 ``TritonBackend.Config.from_env()`` / ``with_env_overrides()``, which the backend registered
-as ``"triton"`` uses for its defaults: that is how the benchmark's sweeps reach them.
+as ``"triton"`` uses for its defaults: that is how the benchmark's sweeps reach them. The
+settings' types (tiles, ``parse_tiles``, the environment variables) are in ``triton_settings``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import dataclasses
 import functools
 import os
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -23,133 +24,21 @@ from ..activations import activation_params
 from ..plan import RoutingPlan
 from .backends import ExpertsBackend
 from .stages import check_permute, check_unpermute
+from .triton_settings import (
+    _DGRAD,
+    _DW,
+    _KIND_KEYS,
+    ENV_VARS,
+    TILE_KINDS,
+    DownCombineTile,
+    GemmTile,
+    _as,
+    _from_env,
+    _tile_spec,
+    parse_tiles,
+)
 
 __all__ = ["ENV_VARS", "TILE_KINDS", "DownCombineTile", "GemmTile", "TritonBackend", "parse_tiles"]
-
-# the row-GEMM kinds a tile can be given for, in training and (``decode_``) at decode sizes
-TILE_KINDS = ("up_gated", "up", "rows", "dgrad")
-_KIND_KEYS = TILE_KINDS + tuple(f"decode_{k}" for k in TILE_KINDS)
-_DGRAD = ("auto", "fused", "split", "grouped_mm")
-_DW = ("auto", "triton", "grouped_mm")
-
-
-def _ints(owner: str, values, n: int) -> tuple[int, ...]:
-    vals = tuple(values)
-    if len(vals) != n or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in vals):
-        raise ValueError(f"{owner}: expected {n} positive integers, got {values!r}")
-    return vals
-
-
-class _Tile:
-    """A launch config: positive integer fields, also written as their comma-separated text
-    (``_spec`` names them)."""
-
-    _spec: ClassVar[str]
-
-    def __post_init__(self) -> None:
-        _ints(type(self).__name__, dataclasses.astuple(self), len(dataclasses.fields(self)))
-
-    @classmethod
-    def parse(cls, text: str, what: str | None = None):
-        """From the text form, e.g. ``"128,256,64,8,3"``."""
-        n = len(dataclasses.fields(cls))
-        parts = [p.strip() for p in str(text).split(",")]
-        if len(parts) != n or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise ValueError(
-                f"{what or cls.__name__}={text!r}: expected {n} positive integers '{cls._spec}'")
-        return cls(*map(int, parts))
-
-
-@dataclass(frozen=True)
-class GemmTile(_Tile):
-    """A launch config of a row-tiled grouped GEMM (or, for the weight grads, ``block_m`` =
-    output rows, ``block_n`` = output columns). Gated kernels take ``block_n`` per accumulator."""
-
-    _spec: ClassVar[str] = "BM,BN,BK,warps,stages"
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int = 4
-    num_stages: int = 3
-
-
-@dataclass(frozen=True)
-class DownCombineTile(_Tile):
-    """The launch config of the fused decode down projection + combine kernel."""
-
-    _spec: ClassVar[str] = "BD,BF,warps,stages"
-    block_d: int
-    block_f: int
-    num_warps: int = 4
-    num_stages: int = 1
-
-
-def _as(tile_cls, owner: str, name: str, v):
-    if v is None or isinstance(v, tile_cls):
-        return v
-    if isinstance(v, (tuple, list)):
-        return tile_cls(*v)
-    raise TypeError(f"{owner}.{name} must be a {tile_cls.__name__} (or a tuple of its ints), got {v!r}")
-
-
-def _tile_spec(t) -> str:
-    return ",".join(str(v) for v in dataclasses.astuple(t))
-
-
-@functools.lru_cache(maxsize=64)
-def parse_tiles(spec: str) -> dict[str, tuple[int, ...]]:
-    """The launch-config overrides of a :meth:`TritonBackend.Config.tiles_spec` string: key
-    (``gemm``, a kind of ``TILE_KINDS`` with or without ``decode_``, ``dw``, ``down_combine``)
-    -> ints. The custom ops take the string (plain arguments); the launchers the dict."""
-    out = {}
-    for part in spec.split(";") if spec else ():
-        key, vals = part.split("=")
-        out[key] = tuple(int(v) for v in vals.split(","))
-    return out
-
-
-_BOOL_ENV = {"0": False, "1": True}
-# field -> environment variable that overrides it (for benchmark sweeps)
-ENV_VARS = {
-    "dgrad": "MOEKIT_TRITON_DGRAD",
-    "dw": "MOEKIT_TRITON_DW",
-    "recompute_act": "MOEKIT_TRITON_RECOMPUTE_ACT",
-    "inplace_dgrad": "MOEKIT_TRITON_INPLACE_DGRAD",
-    "fused_decode_tokens": "MOEKIT_TRITON_FUSED_DECODE_T",
-    "pdl": "MOEKIT_TRITON_PDL",
-    "tma": "MOEKIT_TRITON_TMA",
-    "persistent": "MOEKIT_TRITON_PERSISTENT",
-    "gather_x": "MOEKIT_TRITON_GATHER_X",
-    "gemm_tile": "MOEKIT_TRITON_CONFIG",
-    "dw_tile": "MOEKIT_TRITON_DW_CONFIG",
-    "down_combine_tile": "MOEKIT_TRITON_DOWN_COMBINE_CONFIG",
-    **{f"kind_tiles.{k}": f"MOEKIT_TRITON_{k.upper()}_CONFIG" for k in _KIND_KEYS},
-}
-
-
-def _from_env(name: str, var: str, text: str) -> Any:
-    where = f"{var}={text!r}"
-    if name in ("dgrad", "dw"):
-        allowed = _DGRAD if name == "dgrad" else _DW
-        if text not in allowed:
-            raise ValueError(f"{where}; allowed: {allowed}")
-        return text
-    if name in ("recompute_act", "tma", "gather_x"):
-        if text not in ("auto", "0", "1"):
-            raise ValueError(f"{where}; allowed: 'auto', '0', '1'")
-        return None if text == "auto" else text == "1"
-    if name in ("inplace_dgrad", "pdl", "persistent"):
-        if text not in _BOOL_ENV:
-            raise ValueError(f"{where}; it must be 0 or 1")
-        return _BOOL_ENV[text]
-    if name == "fused_decode_tokens":
-        if not text.isdigit():
-            raise ValueError(f"{where}; it must be a non-negative integer")
-        return int(text)
-    if name == "down_combine_tile":
-        return DownCombineTile.parse(text, var)
-    return GemmTile.parse(text, var)
-
 
 class TritonBackend(ExpertsBackend):
     """Fused Triton kernels (``moekit.ops.triton``): the whole experts call in 3 kernels

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ...activations import GPT_OSS_ALPHA, GPT_OSS_LIMIT, activation_params
-from ..triton_backend import parse_tiles
+from ..triton_settings import parse_tiles
 from . import backward as B
 from . import launchers as L
 from .custom_ops import combine_op, rows_gemm_op, up_op, weight_grad_op

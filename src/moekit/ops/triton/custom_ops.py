@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from ...activations import GPT_OSS_ALPHA, GPT_OSS_LIMIT
-from ..triton_backend import parse_tiles
+from ..triton_settings import parse_tiles
 from . import backward as B
 from . import decode as LD
 from . import launchers as L

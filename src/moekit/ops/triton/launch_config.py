@@ -7,7 +7,7 @@ is small (each touched expert's weights are then read once: its rows fit one til
 column tiles spread the weight read over every SM), the Hopper training config otherwise.
 Under the interpreter (``TRITON_INTERPRET=1``) small tiles keep the CPU tests quick.
 The launchers that pick a config take ``tiles``, the overrides of ``TritonBackend.Config``
-(``moekit.ops.triton_backend.parse_tiles`` of its ``tiles_spec()``): ``"gemm"`` the training
+(``moekit.ops.triton_settings.parse_tiles`` of its ``tiles_spec()``): ``"gemm"`` the training
 row-GEMM config (gated kernels take half of BN per accumulator), a kind (``"up_gated"``,
 ``"up"``, ``"rows"``, ``"dgrad"``, optionally prefixed ``"decode_"``) the training / decode
 config of that kind (BN per accumulator), ``"dw"`` the weight-grad config and

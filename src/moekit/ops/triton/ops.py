@@ -29,7 +29,8 @@ import torch
 
 from ...activations import GPT_OSS_ALPHA, GPT_OSS_LIMIT
 from ...plan import RoutingPlan
-from ..triton_backend import TritonBackend, parse_tiles
+from ..triton_backend import TritonBackend
+from ..triton_settings import parse_tiles
 from . import backward as B
 from . import decode as LD
 from . import weight_grads as W
