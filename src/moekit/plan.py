@@ -153,15 +153,17 @@ def check_plan(plan: object, what: str) -> RoutingPlan:
 
 
 def count_per_expert(
-    ids: torch.Tensor, num_experts: int, weights: torch.Tensor | None = None
+    ids: torch.Tensor, num_experts: int, weights: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.int64,
 ) -> torch.Tensor:
-    """``[E]`` occurrences of each expert id in ``ids`` (int64), or the sum of ``weights`` per id
-    (their dtype). Unlike ``torch.bincount`` on CUDA this never syncs with the host (bincount
-    reads the largest id back to size its output) and is deterministic for integer counts."""
+    """``[E]`` occurrences of each expert id in ``ids`` (in ``dtype``), or the sum of ``weights``
+    per id (their dtype). Unlike ``torch.bincount`` on CUDA this never syncs with the host
+    (bincount reads the largest id back to size its output) and is deterministic for integer
+    counts."""
     ids = ids.reshape(-1)
     if ids.dtype != torch.int64:
         ids = ids.to(torch.int64)
-    src = torch.ones_like(ids) if weights is None else weights.reshape(-1)
+    src = torch.ones_like(ids, dtype=dtype) if weights is None else weights.reshape(-1)
     out = torch.zeros(num_experts, dtype=src.dtype, device=ids.device)
     return out.scatter_add_(0, ids, src)
 
@@ -284,8 +286,7 @@ def make_plan(
         order = _argsort(keys, n_ids)
     sorted_experts = flat.index_select(0, order)
     # (few ops, each a launch on an accelerator: the counts made in the plan's int32 at once)
-    counts_all = torch.zeros(n_ids, dtype=torch.int32, device=device).scatter_add_(
-        0, flat, torch.ones_like(flat, dtype=torch.int32))
+    counts_all = count_per_expert(flat, n_ids, dtype=torch.int32)
     if num_zero_experts:  # the zero experts' slots sort last: no rows for them
         n_real = int((flat < num_experts).sum()) if num_real_slots is None else num_real_slots
         order, sorted_experts = order[:n_real], sorted_experts[:n_real]
