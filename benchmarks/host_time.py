@@ -15,6 +15,7 @@ import torch
 import triton.testing as tt
 
 from moekit.bench_impls import SHAPES, _get_impl, make_inputs
+from moekit.bench_measure import _fwd_bwd_fn
 
 
 def main():
@@ -33,15 +34,10 @@ def main():
     torch.cuda.synchronize()
     matmul_ms = start.elapsed_time(end) / 20
     for shape in [s for s in SHAPES if s.name in a.shapes]:
-        x, w1, w2, ids, wts = make_inputs(shape, dev, torch.bfloat16)
+        inputs = make_inputs(shape, dev, torch.bfloat16)
         g = torch.randn(shape.T, shape.D, device=dev, dtype=torch.bfloat16)
         for impl in a.impls:
-            f = _get_impl(impl)
-            leaves = [t.detach().requires_grad_(True) for t in (x, w1, w2, wts)]
-
-            def fb(f=f, leaves=leaves):
-                return torch.autograd.grad(f(leaves[0], leaves[1], leaves[2], ids, leaves[3]), leaves, g)
-
+            fb = _fwd_bwd_fn(_get_impl(impl), inputs, g)
             for _ in range(3):
                 fb()
             torch.cuda.synchronize()

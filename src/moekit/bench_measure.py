@@ -241,13 +241,7 @@ def _profile(shape, impl, dev, dtype, inputs, g_full) -> str:
     """CUDA time per kernel over one forward+backward (torch.profiler), as text."""
     from torch.profiler import ProfilerActivity, profile
 
-    x, w1, w2, ids, wts = inputs
-    f = _get_impl(impl)
-    leaves = [t.detach().requires_grad_(True) for t in (x, w1, w2, wts)]
-
-    def fb():
-        return torch.autograd.grad(f(leaves[0], leaves[1], leaves[2], ids, leaves[3]), leaves, g_full)
-
+    fb = _fwd_bwd_fn(_get_impl(impl), inputs, g_full)
     fb()
     _sync(dev)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
