@@ -3,11 +3,13 @@ the launchers' ``tiles`` overrides) at training shapes: the two dW GEMMs of one 
 alone (do_bench medians, the configs alternated twice), and the same weight grads over gathered
 contiguous copies (the copy's time counted: ``copy+`` rows); outputs compared with the first
 config's. ``--tma``: each config also with the sorted operand through a tensor descriptor
-(``TritonBackend.Config.tma``); ``--cublas``: torch grouped_mm over gathered copies too. The
+(``TritonBackend.Config.tma``); ``--cublas``: torch grouped_mm over gathered copies too;
+``--gluon``: the warp-specialized Gluon kernel over the same gathered copies (Hopper). The
 down projection's dW is timed as the layer runs it by default (the recomputed activation carries
 the routing weight, so no operand is scaled). Prints a table; with --out writes it as JSON.
 
     PYTHONPATH=src python benchmarks/dw_ab.py --shapes qwen3 olmoe --configs 128,128,64,8,4 128,256,64,8,3
+    PYTHONPATH=src python benchmarks/dw_ab.py --configs 128,256,64,8,3 --cublas --gluon
 """
 
 import argparse
@@ -38,6 +40,7 @@ def main():
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
     p.add_argument("--tma", action="store_true", help="each config with and without descriptors")
     p.add_argument("--cublas", action="store_true", help="also torch grouped_mm on gathered copies")
+    p.add_argument("--gluon", action="store_true", help="also the Gluon kernel on gathered copies")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     rows = []
@@ -58,7 +61,10 @@ def main():
             variants[f"copy+{a.configs[-1]}"] = lambda fa=fa, t=last: _gathered(fa, t)
             if a.cublas:
                 variants["grouped_mm"] = lambda fa=fa: W.weight_grad(
-                    *fa, torch.bfloat16, False, use_grouped_mm=True)[0]
+                    *fa, torch.bfloat16, False, use_grouped_mm=True, tiles={"gluon": (0,)})[0]
+            if a.gluon:
+                variants["gluon"] = lambda fa=fa: W.weight_grad(
+                    *fa, torch.bfloat16, False, use_grouped_mm=True, tiles={"gluon": (1,)})[0]
             flops = 2 * N * D * (2 * F if which == "dW_up" else F)
             rows += [dict(r, shape=name) for r in ab(variants, flops, f"{name} {which}")]
     if a.out:

@@ -241,3 +241,53 @@ def test_tensor_descriptors_match_pointer_loads(case):
         b = _run(TritonBackend.Config(tma=False, dgrad=dgrad), ids, low, act, woi)
         for i, (x, y) in enumerate(zip(a, b)):
             assert torch.equal(x, y), (dgrad, i, (x.double() - y.double()).abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("transposed", [False, True], ids=["eoi", "transposed"])
+def test_gluon_weight_grad(dtype, transposed):
+    """The warp-specialized Gluon weight-grad kernel (Hopper) against fp32 per-expert products,
+    beside torch's grouped GEMM under the tolerance rule: uneven experts (row blocks that run
+    into the next expert), experts without rows (exact zeros), O and I not multiples of the
+    tile (clipped stores), and the transposed layout."""
+    from moekit.ops.triton import weight_grads as W
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel needs compute capability 9")
+    counts = torch.tensor([300, 0, 1, 250, 0, 449, 64], device="cuda", dtype=torch.int32)
+    offsets = counts.cumsum(0, dtype=torch.int32)
+    N, O, I = int(counts.sum()), 200, 264
+    g = torch.Generator(device="cpu").manual_seed(5)
+    lm, rm = (torch.randn(N, n, generator=g).cuda().to(dtype) for n in (O, I))
+    assert W.gluon_wanted(None, lm, rm)
+    truth = torch.stack([a.double().T @ b.double() for a, b in
+                         zip(lm.split(counts.tolist()), rm.split(counts.tolist()))])
+    fast = W._dw_gluon(lm, rm, counts, offsets, transposed)
+    plain = W._dw_cublas(lm, rm, counts, offsets, dtype, transposed)
+    assert fast.shape == (7, O, I) and fast.dtype == dtype
+    if transposed:
+        assert fast.transpose(1, 2).is_contiguous()
+    assert torch.count_nonzero(fast[[1, 4]]) == 0
+    e_a, e_p, s = _err(fast, truth), _err(plain, truth), _scale(truth)
+    assert e_a <= 2 * e_p + 2e-3 * s, f"gluon err {e_a:.3e} > 2 * cuBLAS {e_p:.3e} + atol"
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[2]], ids=["gpt-oss", "mixtral"])
+def test_gluon_and_cublas_weight_grads_in_the_layer(case):
+    """The layer with its gathered-copy weight grads on the Gluon kernel (``gluon=True``) and on
+    cuBLAS (``gluon=False``): both under the tolerance rule against the fp32 loop, the rest of
+    the outputs bit-identical."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel needs compute capability 9")
+    T, D, F, E, K, act, gated, bias, woi, skew = case
+    ids, f32, low = _inputs(T, D, F, E, K, gated, torch.bfloat16, bias, seed=7, skew=skew)
+    truth = _run("loop", ids, f32, act, woi)
+    plain = _run("grouped_mm", ids, low, act, woi)
+    on = _run(TritonBackend.Config(dw="grouped_mm", gluon=True), ids, low, act, woi)
+    off = _run(TritonBackend.Config(dw="grouped_mm", gluon=False), ids, low, act, woi)
+    names = ["y", "dx", "dw_up", "dw_down"] + (["db_up", "db_down"] if bias else []) + ["dtopk"]
+    for name, a, b, p, t in zip(names, on, off, plain, truth):
+        if not name.startswith("dw"):
+            assert torch.equal(a, b), name
+        e_a, e_b, e_p, s = _err(a, t), _err(b, t), _err(p, t), _scale(t)
+        assert max(e_a, e_b) <= 2 * e_p + 2e-3 * s, f"{name}: gluon {e_a:.3e} / cuBLAS {e_b:.3e} vs plain {e_p:.3e}"

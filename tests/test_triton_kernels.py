@@ -94,6 +94,7 @@ if not INTERP:
             (dict(pdl="yes"), TypeError, "pdl='yes'"),
             (dict(tma=1), TypeError, "tma=1; allowed: None (auto), True, False"),
             (dict(gather_x="yes"), TypeError, "gather_x='yes'; allowed: None (auto), True, False"),
+            (dict(gluon="on"), TypeError, "gluon='on'; allowed: None (auto), True, False"),
             (dict(gemm_tile=(128, 0, 64)), ValueError, "expected 5 positive integers"),
             (dict(kind_tiles={"down": GemmTile(16, 16, 16)}), ValueError, "has key 'down'"),
             (dict(dw_tile="128,128,64,8,3"), TypeError, "dw_tile must be a GemmTile"),
@@ -104,7 +105,7 @@ if not INTERP:
         env = {"MOEKIT_TRITON_DGRAD": "split", "MOEKIT_TRITON_DW": "grouped_mm",
                "MOEKIT_TRITON_RECOMPUTE_ACT": "1", "MOEKIT_TRITON_INPLACE_DGRAD": "0",
                "MOEKIT_TRITON_FUSED_DECODE_T": "8", "MOEKIT_TRITON_PDL": "0", "MOEKIT_TRITON_TMA": "0",
-               "MOEKIT_TRITON_PERSISTENT": "0", "MOEKIT_TRITON_GATHER_X": "1",
+               "MOEKIT_TRITON_PERSISTENT": "0", "MOEKIT_TRITON_GATHER_X": "1", "MOEKIT_TRITON_GLUON": "0",
                "MOEKIT_TRITON_CONFIG": "128,256,64,8,3", "MOEKIT_TRITON_DW_CONFIG": "64,64,32,4,3",
                "MOEKIT_TRITON_DOWN_COMBINE_CONFIG": "4,64,4,1",
                "MOEKIT_TRITON_DECODE_UP_GATED_CONFIG": "16,32,128,4,4"}
@@ -114,11 +115,12 @@ if not INTERP:
         assert "tma=0" in c.tiles_spec() and C.from_env({"MOEKIT_TRITON_TMA": "auto"}).tma is None
         assert c.persistent is False and "persistent=0" in c.tiles_spec()
         assert c.gather_x is True and "gather_x=1" in c.tiles_spec() and C().gather_x is None
+        assert c.gluon is False and "gluon=0" in c.tiles_spec() and C().to_dict()["gluon"] is None
         assert C().to_dict()["tma"] is None and C().to_dict()["persistent"] is True
         assert c.gemm_tile == GemmTile(128, 256, 64, 8, 3) and c.dw_tile == GemmTile(64, 64, 32, 4, 3)
         assert c.kind_tiles == {"decode_up_gated": GemmTile(16, 32, 128, 4, 4)}
         assert c.down_combine_tile.block_f == 64
-        assert C.from_env({}) == C() and len(ENV_VARS) == 20
+        assert C.from_env({}) == C() and len(ENV_VARS) == 21
         d = C(dgrad="fused").to_dict()
         assert d["name"] == "triton" and d["dgrad"] == "fused"
         for var, text, msg in [("MOEKIT_TRITON_DW_CONFIG", "128,128,64", "MOEKIT_TRITON_DW_CONFIG='128,128,64': expected 5"),
@@ -358,6 +360,25 @@ else:
         calls.clear()
         assert not weight_grads.dw_uses_grouped_mm(T * K, E, D, F, torch.float32, torch.device("cpu"), "triton")
         assert weight_grads.dw_uses_grouped_mm(T * K, E, D, F, torch.float32, torch.device("cpu"), "grouped_mm")
+
+    def test_gluon_setting_off_hopper():
+        """The Gluon weight-grad kernel runs on Hopper GPUs only: here (the interpreter, CPU)
+        ``gluon=None`` and ``False`` keep torch's grouped GEMM, and ``True`` raises naming why."""
+        from moekit.ops.triton import weight_grads
+
+        if weight_grads._grouped_mm is None:
+            pytest.skip("torch has no grouped_mm")
+        T, D, F, E, K = 20, 16, 24, 5, 2
+        ts, ids, gy = _inputs(T, D, F, E, K, True, bias=False, seed=22)
+        for gluon in (None, False):
+            _check_fp32(ts, ids, gy, "silu", False, False,
+                        backend=TritonBackend.Config(dw="grouped_mm", gluon=gluon))
+        l, r = torch.randn(8, 16), torch.randn(8, 8)
+        assert not weight_grads.gluon_wanted(None, l, r)
+        assert not weight_grads.gluon_wanted({"gluon": (0,)}, l, r)
+        with pytest.raises(RuntimeError, match="gluon=True, but the Gluon kernel cannot run: it runs on CUDA GPUs only"):
+            _check_fp32(ts, ids, gy, "silu", False, False,
+                        backend=TritonBackend.Config(dw="grouped_mm", gluon=True))
 
     @pytest.mark.parametrize("retain,inplace", [(False, True), (True, True), (False, False)])
     def test_inplace_dgrad_only_when_the_graph_is_freed(retain, inplace):

@@ -65,6 +65,7 @@ class TritonBackend(ExpertsBackend):
         tma: bool | None = None  # GEMM tiles through tensor descriptors; None: auto
         persistent: bool = True  # TMA row GEMMs: one program per SM walking the tiles
         gather_x: bool | None = None  # TMA up / gather GEMM: x's rows gathered first; None: wide outputs
+        gluon: bool | None = None  # weight grads over gathered rows by the Gluon kernel; None: on Hopper
         gemm_tile: GemmTile | None = None  # training row-GEMM tile (BN halved for 2 accumulators)
         kind_tiles: dict[str, GemmTile] = field(default_factory=dict)  # per kind, BN per accumulator
         dw_tile: GemmTile | None = None  # weight-grad kernel tile
@@ -77,7 +78,7 @@ class TritonBackend(ExpertsBackend):
                 raise ValueError(f"{o}.dgrad={self.dgrad!r} is not supported; allowed: {_DGRAD}")
             if self.dw not in _DW:
                 raise ValueError(f"{o}.dw={self.dw!r} is not supported; allowed: {_DW}")
-            for name in ("recompute_act", "tma", "gather_x"):
+            for name in ("recompute_act", "tma", "gather_x", "gluon"):
                 v = getattr(self, name)
                 if v is not None and not isinstance(v, bool):
                     raise TypeError(f"{o}.{name}={v!r}; allowed: None (auto), True, False")
@@ -110,6 +111,8 @@ class TritonBackend(ExpertsBackend):
                 parts.append("persistent=0")
             if self.gather_x is not None:
                 parts.append(f"gather_x={int(self.gather_x)}")
+            if self.gluon is not None:
+                parts.append(f"gluon={int(self.gluon)}")
             return ";".join(parts)
 
         def with_env_overrides(self, environ=None) -> TritonBackend.Config:

@@ -107,6 +107,7 @@ ENV_VARS = {
     "tma": "MOEKIT_TRITON_TMA",
     "persistent": "MOEKIT_TRITON_PERSISTENT",
     "gather_x": "MOEKIT_TRITON_GATHER_X",
+    "gluon": "MOEKIT_TRITON_GLUON",
     "gemm_tile": "MOEKIT_TRITON_CONFIG",
     "dw_tile": "MOEKIT_TRITON_DW_CONFIG",
     "down_combine_tile": "MOEKIT_TRITON_DOWN_COMBINE_CONFIG",
@@ -121,7 +122,7 @@ def _from_env(name: str, var: str, text: str) -> Any:
         if text not in allowed:
             raise ValueError(f"{where}; allowed: {allowed}")
         return text
-    if name in ("recompute_act", "tma", "gather_x"):
+    if name in ("recompute_act", "tma", "gather_x", "gluon"):
         if text not in ("auto", "0", "1"):
             raise ValueError(f"{where}; allowed: 'auto', '0', '1'")
         return None if text == "auto" else text == "1"

@@ -1,0 +1,159 @@
+"""Warp-specialized weight-grad GEMM for Hopper, in Gluon (Triton's lower-level language).
+
+``dW[e] = L[rows of e].T @ R[rows of e]`` for rows sorted by expert, ``L [N, O]`` and
+``R [N, I]`` contiguous (the gathered copies that the cuBLAS path builds too), ``dW [E, O, I]``.
+
+One persistent program per SM walks the output tiles ``(expert, O tile, I tile)``; in each, a
+one-warp loader partition streams blocks of the expert's rows of L and R through TMA into a
+ring of shared-memory stages, and the default partition (two warp groups) multiplies them
+with asynchronous ``wgmma`` while the next stages load, then writes the tile through TMA (an
+``[E, O, I]`` descriptor, so stores clip at each expert's O and I). The last block of an
+expert's rows runs into the next expert's rows; the consumer zeroes those rows of L's tile in
+shared memory before its MMA. Experts without rows get zeros.
+
+Imported only where it is used (``weight_grads``): it needs ``triton.experimental.gluon``
+(Triton >= 3.5) and runs on compute capability 9 (``wgmma``) only. H200, bf16, the GEMM alone
+against torch's grouped GEMM (cuBLAS) on the same gathered operands (``benchmarks/dw_ab.py
+--cublas --gluon``): Mixtral's up projection 5.68 against 6.68 ms, Qwen3's 1.31 against 1.43, DeepSeek-64e's
+6.22 against 6.60.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+__all__ = ["weight_grad_ws"]
+
+BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M, NUM_WARPS = 128, 256, 64, 3, 8, 8
+
+
+@gluon.jit
+def _tile(t, COUNTS, OFFSETS, O, I, BM: gl.constexpr, BN: gl.constexpr, GM: gl.constexpr):
+    """Output tile ``t``: its expert, first O and I indices, and the expert's rows
+    ``[start, end)``. Tiles go expert by expert; within one, GM O tiles share each I tile."""
+    num_m = gl.cdiv(O, BM)
+    num_n = gl.cdiv(I, BN)
+    per_e = num_m * num_n
+    e = t // per_e
+    local = t % per_e
+    first_m = (local // (GM * num_n)) * GM
+    size_m = gl.minimum(num_m - first_m, GM)
+    pid_m = first_m + (local % (GM * num_n)) % size_m
+    pid_n = (local % (GM * num_n)) // size_m
+    end = gl.load(OFFSETS + e)
+    start = end - gl.load(COUNTS + e)
+    return e, pid_m * BM, pid_n * BN, start, end
+
+
+@gluon.jit
+def _loader(l_desc, r_desc, COUNTS, OFFSETS, E, O, I, l_bufs, r_bufs, ready, empty,
+            GM: gl.constexpr):
+    BK: gl.constexpr = l_desc.block_type.shape[0]
+    BM: gl.constexpr = l_desc.block_type.shape[1]
+    BN: gl.constexpr = r_desc.block_type.shape[1]
+    NB: gl.constexpr = l_bufs.shape[0]
+    it = 0
+    for t in range(gl.program_id(0), E * gl.cdiv(O, BM) * gl.cdiv(I, BN), gl.num_programs(0)):
+        e, m0, n0, start, end = _tile(t, COUNTS, OFFSETS, O, I, BM, BN, GM)
+        for r0 in range(start, end, BK):
+            s = it % NB
+            mbarrier.wait(empty.index(s), ((it // NB) & 1) ^ 1)  # the stage's last MMA is done
+            bar = ready.index(s)
+            mbarrier.expect(bar, l_desc.block_type.nbytes + r_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(l_desc, [r0, m0], bar, l_bufs.index(s))
+            tma.async_copy_global_to_shared(r_desc, [r0, n0], bar, r_bufs.index(s))
+            it += 1
+
+
+@gluon.jit
+def _consumer(dw_desc, COUNTS, OFFSETS, E, O, I, l_bufs, r_bufs, c_smem, ready, empty,
+              GM: gl.constexpr, NW: gl.constexpr):
+    BM: gl.constexpr = dw_desc.block_type.shape[1]
+    BN: gl.constexpr = dw_desc.block_type.shape[2]
+    BK: gl.constexpr = l_bufs.shape[1]
+    NB: gl.constexpr = l_bufs.shape[0]
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                         instr_shape=[16, BN, 16])
+    row_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])
+    it = 0
+    for t in range(gl.program_id(0), E * gl.cdiv(O, BM) * gl.cdiv(I, BN), gl.num_programs(0)):
+        e, m0, n0, start, end = _tile(t, COUNTS, OFFSETS, O, I, BM, BN, GM)
+        acc = gl.zeros((BM, BN), dtype=gl.float32, layout=acc_layout)
+        prev = 0
+        for r0 in range(start, end, BK):
+            s = it % NB
+            mbarrier.wait(ready.index(s), (it // NB) & 1)
+            lt = l_bufs.index(s)
+            if r0 + BK > end:  # rows of the next expert: zero them in L's tile
+                v = lt.load(row_layout)
+                rows = r0 + gl.arange(0, BK, layout=gl.SliceLayout(1, row_layout))
+                lt.store(gl.where((rows < end)[:, None], v, gl.zeros_like(v)))
+                fence_async_shared()
+                gl.thread_barrier()
+            acc = warpgroup_mma(lt.permute((1, 0)), r_bufs.index(s), acc, is_async=True)
+            # one MMA stays in flight; the one before it has finished: free its stage
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            mbarrier.arrive(empty.index(prev), pred=r0 > start)
+            prev = s
+            it += 1
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index(prev), pred=end > start)
+        tma.store_wait(0)  # the previous tile's store has left c_smem
+        c_smem.reshape([BM, BN]).store(acc.to(dw_desc.dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(dw_desc, [e, m0, n0], c_smem)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def weight_grad_ws_kernel(l_desc, r_desc, dw_desc, COUNTS, OFFSETS, E, O, I,
+                          GM: gl.constexpr, NB: gl.constexpr, num_warps: gl.constexpr):
+    l_bufs = gl.allocate_shared_memory(l_desc.dtype, [NB] + l_desc.block_type.shape, l_desc.layout)
+    r_bufs = gl.allocate_shared_memory(r_desc.dtype, [NB] + r_desc.block_type.shape, r_desc.layout)
+    c_smem = gl.allocate_shared_memory(dw_desc.dtype, dw_desc.block_type.shape, dw_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NB):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    gl.warp_specialize([
+        (_consumer, (dw_desc, COUNTS, OFFSETS, E, O, I, l_bufs, r_bufs, c_smem, ready, empty, GM,
+                     num_warps)),
+        (_loader, (l_desc, r_desc, COUNTS, OFFSETS, E, O, I, l_bufs, r_bufs, ready, empty, GM)),
+    ], [1], [40])
+
+
+def weight_grad_ws(l_NO: torch.Tensor, r_NI: torch.Tensor, counts_E: torch.Tensor,
+                   offsets_E: torch.Tensor, num_sms: int) -> torch.Tensor:
+    """``dW[e] = L[rows of e].T @ R[rows of e]`` (``[E, O, I]``, contiguous, L's dtype).
+    ``l_NO``, ``r_NI``: contiguous, bf16 or fp16, O and I multiples of 8 (TMA's 16-byte
+    strides); ``counts_E``, ``offsets_E``: int32 rows per expert and their running end."""
+    N, O = l_NO.shape
+    I = r_NI.shape[1]
+    E = counts_E.shape[0]
+    dw = l_NO.new_empty(E, O, I)
+    dt = gl.bfloat16 if l_NO.dtype == torch.bfloat16 else gl.float16
+
+    def desc(t, shape, strides, block):
+        return TensorDescriptor(t, shape, strides, block, gl.NVMMASharedLayout.get_default_for(block, dt))
+
+    l_desc = desc(l_NO, [N, O], [O, 1], [BLOCK_K, BLOCK_M])
+    r_desc = desc(r_NI, [N, I], [I, 1], [BLOCK_K, BLOCK_N])
+    dw_desc = desc(dw, [E, O, I], [O * I, I, 1], [1, BLOCK_M, BLOCK_N])
+    tiles = E * triton.cdiv(O, BLOCK_M) * triton.cdiv(I, BLOCK_N)
+    weight_grad_ws_kernel[(min(num_sms, tiles),)](
+        l_desc, r_desc, dw_desc, counts_E, offsets_E, E, O, I,
+        GM=GROUP_M, NB=STAGES, num_warps=NUM_WARPS,
+    )
+    return dw
