@@ -32,8 +32,8 @@ _grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch,
 
 def dw_uses_grouped_mm(n_rows: int, n_experts: int, dim: int, hidden: int, dtype, device,
                        mode: str = "auto") -> bool:
-    """Whether the weight grads run as torch grouped_mm (cuBLAS) GEMMs over gathered copies
-    instead of ``dw_kernel`` (and the plain row GEMMs, the input grad's rows ``dH @ W_up`` and,
+    """Whether the weight grads run over gathered copies (by the Gluon kernel where
+    :func:`gluon_wanted`, else torch grouped_mm, cuBLAS) instead of ``dw_kernel`` (and the plain row GEMMs, the input grad's rows ``dH @ W_up`` and,
     without a down bias, the forward's down projection, by :func:`grouped_mm` instead of
     ``rows_gemm_kernel``): ``mode`` (``TritonBackend.Config.dw``) = ``auto`` (the default) |
     ``triton`` | ``grouped_mm``.
