@@ -12,10 +12,10 @@ expert's rows runs into the next expert's rows; the consumer zeroes those rows o
 shared memory before its MMA. Experts without rows get zeros.
 
 Imported only where it is used (``weight_grads``): it needs ``triton.experimental.gluon``
-(Triton >= 3.5) and runs on compute capability 9 (``wgmma``) only. H200, bf16, the GEMM alone
-against torch's grouped GEMM (cuBLAS) on the same gathered operands (``benchmarks/dw_ab.py
---cublas --gluon``): Mixtral's up projection 5.68 against 6.68 ms, Qwen3's 1.31 against 1.43, DeepSeek-64e's
-6.22 against 6.60.
+(Triton >= 3.5) and runs on compute capability 9 (``wgmma``) only. H200, bf16, against torch's
+grouped GEMM (cuBLAS) on the same gathered operands, the copies counted (``benchmarks/dw_ab.py
+--cublas --gluon``, ``benchmarks/results/H200-s10-dw-ab.json``): Mixtral's up projection 5.77
+against 6.50 ms, Qwen3's 1.50 against 1.62, GPT-OSS's 3.59 against 3.91.
 """
 
 from __future__ import annotations

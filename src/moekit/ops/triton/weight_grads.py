@@ -33,10 +33,11 @@ _grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch,
 def dw_uses_grouped_mm(n_rows: int, n_experts: int, dim: int, hidden: int, dtype, device,
                        mode: str = "auto") -> bool:
     """Whether the weight grads run over gathered copies (by the Gluon kernel where
-    :func:`gluon_wanted`, else torch grouped_mm, cuBLAS) instead of ``dw_kernel`` (and the plain row GEMMs, the input grad's rows ``dH @ W_up`` and,
-    without a down bias, the forward's down projection, by :func:`grouped_mm` instead of
-    ``rows_gemm_kernel``): ``mode`` (``TritonBackend.Config.dw``) = ``auto`` (the default) |
-    ``triton`` | ``grouped_mm``.
+    :func:`gluon_wanted`, else by torch grouped_mm, cuBLAS) instead of ``dw_kernel`` (and the
+    plain row GEMMs, the input grad's rows ``dH @ W_up`` and, without a down bias, the
+    forward's down projection, by :func:`grouped_mm` instead of ``rows_gemm_kernel``):
+    ``mode`` (``TritonBackend.Config.dw``) = ``auto`` (the default) | ``triton`` |
+    ``grouped_mm``.
 
     ``auto`` uses cuBLAS on a Hopper GPU in bf16 for large experts (``F >= 2048``: GPT-OSS,
     Mixtral, DeepSeek), where cuBLAS's grouped GEMM is faster than ``dw_kernel`` (about 330
@@ -112,9 +113,9 @@ def gluon_wanted(tiles: dict | None, l_NO: torch.Tensor, r_NI: torch.Tensor) -> 
     warp-specialized Gluon kernel (``kernels_gluon``) instead of torch's grouped GEMM: never
     with the ``gluon`` setting (``TritonBackend.Config.gluon``) False; with True or None (auto)
     on a Hopper GPU in bf16/fp16 wherever both operands suit TMA (contiguous, 16-byte aligned,
-    O and I multiples of 8). True where the kernel cannot run at all raises. H200, bf16, the
-    GEMM alone on the same gathered operands: faster than cuBLAS at every training shape
-    measured (Mixtral's up projection 5.68 against 6.68 ms, Qwen3's 1.31 against 1.43)."""
+    O and I multiples of 8). True where the kernel cannot run at all raises. H200, bf16, on the
+    same gathered operands: faster than cuBLAS at every training shape measured (1.03-1.13x,
+    ``benchmarks/results/H200-s10-dw-ab.json``)."""
     v = tiles.get("gluon") if tiles else None
     if v == (0,):
         return False
