@@ -13,8 +13,9 @@ from . import balance, ops, presets
 from .config import Config, Module
 from .experts import GroupedExperts
 from .moe import MoE
-from .plan import RoutingPlan, make_plan
+from .plan import make_plan
 from .router import RouterOutput, TokenChoiceTopKRouter
+from .routing_plan import RoutingPlan
 from .shared import SharedExperts
 
 __version__ = "0.1.0"

@@ -20,6 +20,11 @@ Every number reported is measured: the per-step load comes from ``moe.tokens_per
 the final load statistics, the dead experts and the per-domain assignment come from routing a
 held-out evaluation set (``eval_seqs`` sequences, the same for every run) through the final
 model in eval mode.
+
+This module holds the demo's configuration (:class:`DemoConfig`, ``RUNS``), the training of
+one run (:func:`train_one`), the three runs with their JSON summary (:func:`run_demo`) and the
+printed table (:func:`format_table`). The model is in ``demo_model.py`` (:class:`TinyMoELM`),
+the picture in ``demo_plot.py`` (:func:`plot_demo`), the corpus in ``demo_data.py``.
 """
 
 from __future__ import annotations
@@ -33,11 +38,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from . import balance
 from .config import check_nonneg, check_positive
-from .demo_data import DOMAINS, VOCAB_SIZE, make_batch
+from .demo_data import DOMAINS, make_batch
+from .demo_model import TinyMoELM
+from .demo_plot import plot_demo
 from .moe import MoE
 from .presets import get_preset
 
@@ -76,63 +82,6 @@ class DemoConfig:
         unknown = [r for r in self.runs if r not in RUNS]
         if unknown:
             raise ValueError(f"{o}.runs: unknown run(s) {unknown}; allowed: {RUNS}")
-
-
-# ---------------------------------------------------------------------------- model
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)); x + moe(norm(x))."""
-
-    def __init__(self, dim: int, n_heads: int, moe_cfg: MoE.Config):
-        super().__init__()
-        if dim % n_heads:
-            raise ValueError(f"dim={dim} is not divisible by n_heads={n_heads}")
-        self.n_heads = n_heads
-        self.norm1 = nn.RMSNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
-        self.norm2 = nn.RMSNorm(dim)
-        self.moe = moe_cfg.build()
-
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        B, S, D = x_BSD.shape
-        q, k, v = self.qkv(self.norm1(x_BSD)).view(B, S, 3, self.n_heads, D // self.n_heads).unbind(2)
-        a = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
-        )
-        x_BSD = x_BSD + self.proj(a.transpose(1, 2).reshape(B, S, D))
-        return x_BSD + self.moe(self.norm2(x_BSD))
-
-
-class TinyMoELM(nn.Module):
-    def __init__(self, moe_cfg: MoE.Config, *, n_layers: int, n_heads: int, seq_len: int,
-                 vocab_size: int = VOCAB_SIZE):
-        super().__init__()
-        dim = moe_cfg.dim
-        self.embed = nn.Embedding(vocab_size, dim)
-        self.pos = nn.Parameter(torch.zeros(seq_len, dim))
-        self.blocks = nn.ModuleList(Block(dim, n_heads, moe_cfg) for _ in range(n_layers))
-        self.norm = nn.RMSNorm(dim)
-        self.head = nn.Linear(dim, vocab_size, bias=False)
-
-    @property
-    def moes(self) -> list[MoE]:
-        return [b.moe for b in self.blocks]
-
-    def init_weights(self, router_init_std: float) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-        nn.init.normal_(self.embed.weight, std=0.5)
-        nn.init.normal_(self.pos, std=0.02)
-        for i, moe in enumerate(self.moes):
-            moe.init_weights(0.02, layer_id=i)
-            nn.init.normal_(moe.router.gate.weight, std=router_init_std)
-
-    def forward(self, ids_BS: torch.Tensor) -> torch.Tensor:
-        x = self.embed(ids_BS) + self.pos[: ids_BS.shape[1]]
-        for b in self.blocks:
-            x = b(x)
-        return self.head(self.norm(x))
 
 
 # ---------------------------------------------------------------------------- runs
@@ -302,98 +251,3 @@ def format_table(summary: dict) -> str:
             f"{r['max_over_mean']:>14.2f} {str(r['dead_experts']) + '/' + str(L * E):>13}"
         )
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------- plot
-def plot_demo(summary: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    runs = summary["runs"]
-    E, K = summary["moe"]["num_experts"], summary["moe"]["top_k"]
-    L = summary["config"]["n_layers"]
-    domains = summary["domains"]
-    colors = ["tab:red", "tab:blue", "tab:green"]
-    n = len(runs)
-    fig = plt.figure(figsize=(15, 3.4 + 3.1 * n), dpi=100)
-    gs = fig.add_gridspec(1 + n, 2, width_ratios=[2.2, 1], height_ratios=[1.1] + [1] * n,
-                          hspace=0.6, wspace=0.2, top=0.93)
-    cfgd = summary["config"]
-    fig.suptitle(
-        f"moekit demo: tiny MoE LM ({cfgd['preset']} tiny: {E} experts, top-{K}, {L} layers) on "
-        f"{len(domains)} synthetic domains, {cfgd['steps']} steps",
-        fontsize=13,
-    )
-
-    def smooth(y, w):
-        y = np.asarray(y, dtype=float)
-        if len(y) < w or w <= 1:
-            return y
-        c = np.cumsum(np.insert(y, 0, 0.0))
-        s = (c[w:] - c[:-w]) / w
-        return np.concatenate([y[: w - 1], s])
-
-    w = max(1, cfgd["steps"] // 30)
-    ax = fig.add_subplot(gs[0, 0])
-    for r, c in zip(runs, colors):
-        ax.plot(smooth(r["loss_curve"], w), color=c, label=f"{r['run']} ({r['final_loss']:.3f})")
-    ax.set_title("training loss (cross-entropy, nats/byte; smoothed)")
-    ax.set_xlabel("step")
-    lo = min(min(smooth(r["loss_curve"], w)) for r in runs)
-    ax.set_ylim(lo - 0.05, max(lo + 0.5, min(3.0, max(r["loss_curve"][0] for r in runs))))
-    ax.legend(loc="upper right", fontsize=9, title="run (final loss)", title_fontsize=9)
-    ax.grid(alpha=0.3)
-
-    ax = fig.add_subplot(gs[0, 1])
-    for r, c in zip(runs, colors):
-        ls = np.asarray(r["load_per_step"])  # [steps, L, E]
-        mm = (ls.max(-1) / ls.mean(-1)).max(-1)
-        ax.plot(smooth(mm, w), color=c, label=r["run"])
-    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ax.set_title("max/mean expert load per step (worst layer)")
-    ax.set_xlabel("step")
-    ax.set_ylim(bottom=0.9)
-    ax.legend(fontsize=9)
-    ax.grid(alpha=0.3)
-
-    # a common colour scale for every heatmap: load / mean load, 0 .. E/K (all slots on one)
-    vmax = min(E / K, max(
-        float((np.asarray(r["load_per_step"]) / np.asarray(r["load_per_step"]).mean(-1, keepdims=True)).max())
-        for r in runs
-    ))
-    for i, r in enumerate(runs):
-        ls = np.asarray(r["load_per_step"])  # [steps, L, E]
-        rel = ls / ls.mean(-1, keepdims=True)
-        img = rel.transpose(1, 2, 0).reshape(L * E, -1)  # rows: layer-major experts
-        ax = fig.add_subplot(gs[1 + i, 0])
-        im = ax.imshow(img, aspect="auto", interpolation="nearest", cmap="magma", vmin=0, vmax=vmax)
-        for li in range(1, L):
-            ax.axhline(li * E - 0.5, color="white", lw=1.5)
-        ax.set_yticks([li * E + E // 2 - 0.5 for li in range(L)],
-                      [f"layer {li}\nexperts\n0-{E - 1}" for li in range(L)], fontsize=8)
-        ax.set_xlabel("step")
-        ax.set_title(
-            f"{r['run']}: load per expert over steps (load / mean);  final max/mean "
-            f"{r['max_over_mean']:.2f}, dead {r['dead_experts']}/{L * E}",
-            fontsize=10, color=colors[i],
-        )
-        fig.colorbar(im, ax=ax, pad=0.01, fraction=0.03)
-
-        frac = np.asarray(r["domain_expert_fraction"])  # [L, domains, E]
-        ax = fig.add_subplot(gs[1 + i, 1])
-        panel = np.concatenate([frac[li] for li in range(L)], axis=1)  # [domains, L*E]
-        im2 = ax.imshow(panel, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0,
-                        vmax=max(0.5, float(panel.max())))
-        for li in range(1, L):
-            ax.axvline(li * E - 0.5, color="white", lw=1.5)
-        ax.set_yticks(range(len(domains)), domains, fontsize=9)
-        ax.set_xticks(range(L * E), [str(e) for _ in range(L) for e in range(E)], fontsize=6)
-        ax.set_xlabel("  |  ".join(f"layer {li} experts" for li in range(L)), fontsize=9)
-        ax.set_title("held-out tokens: share of each domain's picks per expert", fontsize=10)
-        fig.colorbar(im2, ax=ax, pad=0.01, fraction=0.05)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return Path(path)

@@ -34,10 +34,11 @@ import torch
 from torch import nn
 
 from .activations import canonical_activation, resolve_gated
+from .capacity import DROP_POLICIES
 from .config import Config, Module, check_bool, check_choice, check_nonneg_int, check_positive
 from .ops.api import moe_experts
 from .ops.backends import ExpertsBackend, backend_names, resolve_backend
-from .plan import DROP_POLICIES, RoutingPlan
+from .routing_plan import RoutingPlan
 
 __all__ = ["GroupedExperts"]
 

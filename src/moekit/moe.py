@@ -1,6 +1,9 @@
 """MoE: router -> routing plan -> grouped experts -> combine (+ shared experts).
 
-Nothing but the composition lives here; each stage is its own module with its own config.
+This module holds the layer, :class:`MoE`, and its ``MoE.Config``: the composition, the load
+counting, the aux-loss attachment and ``update_expert_bias``. Each stage is its own module
+with its own config; the checks of the config and of the forward's inputs are in
+``moe_checks.py`` (:func:`check_moe_config`, :func:`check_moe_input`).
 Legend: B batch, S sequence, T = B*S tokens, D model dim, E experts, K top-k.
 """
 
@@ -11,31 +14,14 @@ from dataclasses import dataclass, field
 import torch
 
 from . import balance
-from .config import (
-    Config,
-    Module,
-    check_bool,
-    check_choice,
-    check_nonneg,
-    check_nonneg_int,
-    check_positive,
-)
+from .capacity import sequence_capacity_keep
+from .config import Config, Module
 from .experts import GroupedExperts, depth_scaled_std
-from .plan import DROP_POLICIES, sequence_capacity_keep
+from .moe_checks import _in_backward, check_moe_config, check_moe_input
 from .router import RouterOutput, TokenChoiceTopKRouter
 from .shared import SharedExperts
 
 __all__ = ["MoE"]
-
-
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass, e.g. when activation checkpointing
-    recomputes this layer's forward: statistics must not be counted twice then. (Under
-    torch.compile the check is not traceable; compiled activation checkpointing recomputes
-    inside the compiled backward graph, where this Python code does not run.)"""
-    if torch.compiler.is_compiling():
-        return False
-    return torch._C._current_graph_task_id() != -1
 
 
 class MoE(Module):
@@ -86,44 +72,7 @@ class MoE(Module):
         zero_experts: int = 0
 
         def __post_init__(self) -> None:
-            o = "MoE.Config"
-            for name in ("dim", "hidden_dim", "num_experts"):
-                check_positive(o, name, getattr(self, name))
-            check_nonneg_int(o, "zero_experts", self.zero_experts)
-            if self.zero_experts and self.capacity_factor is not None:
-                raise ValueError(
-                    f"{o}: zero_experts={self.zero_experts} cannot be combined with capacity_factor="
-                    f"{self.capacity_factor}; zero-computation experts are dropless"
-                )
-            if not isinstance(self.router, Config):
-                raise TypeError(
-                    f"{o}.router must be a moekit Config (e.g. TokenChoiceTopKRouter.Config, or a "
-                    f"custom Config whose build(dim=, num_experts=) returns a router); got {type(self.router).__name__}"
-                )
-            if not isinstance(self.experts, GroupedExperts.Config):
-                raise TypeError(f"{o}.experts must be a GroupedExperts.Config, got {type(self.experts).__name__}")
-            if self.shared_experts is not None and not isinstance(self.shared_experts, SharedExperts.Config):
-                raise TypeError(
-                    f"{o}.shared_experts must be a SharedExperts.Config or None, got {type(self.shared_experts).__name__}"
-                )
-            if self.capacity_factor is not None:
-                check_positive(o, "capacity_factor", self.capacity_factor, integer=False)
-            check_choice(o, "drop_policy", self.drop_policy, DROP_POLICIES)
-            for name in ("load_balance_coeff", "seq_aux_loss_coeff", "z_loss_coeff"):
-                check_nonneg(o, name, getattr(self, name))
-            check_positive(o, "expert_bias_update_rate", self.expert_bias_update_rate, integer=False)
-            if self.sequence_capacity is not None:
-                check_positive(o, "sequence_capacity", self.sequence_capacity)
-                if self.capacity_factor is not None:
-                    raise ValueError(
-                        f"{o}: sequence_capacity={self.sequence_capacity} and capacity_factor="
-                        f"{self.capacity_factor} are two capacity rules; set one of them"
-                    )
-            check_bool(o, "output_bias", self.output_bias)
-            if self.output_norm_eps is not None:
-                check_positive(o, "output_norm_eps", self.output_norm_eps, integer=False)
-            if isinstance(self.router, TokenChoiceTopKRouter.Config):
-                self.router.validate_for(self.router_experts)
+            check_moe_config(self)
 
         @property
         def top_k(self) -> int:
@@ -212,7 +161,10 @@ class MoE(Module):
         all_ranks = self.dispatch is not None
         problem = r = None
         try:
-            self._check_input(x, token_mask, router_logits)
+            check_moe_input(
+                x, token_mask, router_logits, dim=self.dim, router_experts=self.router_experts,
+                router=self.router, experts=self.experts,
+            )
             if x.numel() == 0 and not all_ranks:
                 self.aux_losses = {}
                 self.last_router_output = None
@@ -286,57 +238,6 @@ class MoE(Module):
         if not isinstance(r, RouterOutput):
             raise TypeError(f"the router must return a RouterOutput, got {type(r).__name__}")
         return r
-
-    def _check_input(self, x, token_mask, router_logits) -> None:
-        """Shape, dtype and device of the inputs (metadata only, except the values of a
-        non-boolean token_mask on CPU)."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"MoE input must be a tensor, got {type(x).__name__}")
-        if x.dim() not in (2, 3) or x.shape[-1] != self.dim:
-            raise ValueError(f"MoE input must be [T, {self.dim}] or [B, S, {self.dim}], got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"MoE input must be a floating tensor, got {x.dtype}")
-        w = self.router.gate.weight if isinstance(getattr(self.router, "gate", None), torch.nn.Linear) else None
-        if w is not None and x.device != w.device:
-            raise ValueError(
-                f"MoE input is on {x.device} but the layer's parameters are on {w.device}; move one of them"
-            )
-        wx = next((p for p in self.experts.parameters() if p.is_floating_point()), None)
-        if wx is not None and x.dtype != wx.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(
-                f"MoE input has dtype {x.dtype} but the experts' weights are {wx.dtype}; cast the "
-                f"input or the layer (moe.to({wx.dtype}) / moe.to({x.dtype}))"
-            )
-        if x.device.type == "meta":
-            raise ValueError(
-                "MoE input is on the meta device: routing needs values; materialize the layer "
-                "(module.to_empty(device=...) then init_weights() or load_state_dict) and run on real tensors"
-            )
-        T = x.numel() // self.dim
-        if token_mask is not None:
-            if not isinstance(token_mask, torch.Tensor):
-                raise TypeError(f"token_mask must be a tensor, got {type(token_mask).__name__}")
-            if token_mask.numel() != T:
-                raise ValueError(f"token_mask has {token_mask.numel()} entries; the input has {T} tokens")
-            if token_mask.device != x.device:
-                raise ValueError(f"token_mask is on {token_mask.device} but the input is on {x.device}")
-            if (token_mask.dtype != torch.bool and token_mask.device.type == "cpu"
-                    and not torch.compiler.is_compiling()
-                    and not bool(((token_mask == 0) | (token_mask == 1)).all())):
-                raise ValueError("token_mask must hold only 0/1 (or True/False): 1 for real tokens, 0 for padding")
-        if router_logits is not None:
-            if not isinstance(router_logits, torch.Tensor) or not router_logits.is_floating_point():
-                raise TypeError(
-                    "router_logits must be a floating tensor [T, E], got "
-                    f"{getattr(router_logits, 'dtype', type(router_logits).__name__)}"
-                )
-            if router_logits.dim() == 0 or router_logits.numel() != T * self.router_experts:
-                raise ValueError(
-                    f"router_logits must be [T={T}, E={self.router_experts}] (or [B, S, E]), "
-                    f"got {tuple(router_logits.shape)}"
-                )
-            if router_logits.device != x.device:
-                raise ValueError(f"router_logits is on {router_logits.device} but the input is on {x.device}")
 
     def _switch_loss_on(self) -> bool:
         return self.training and self.config.load_balance_coeff > 0

@@ -8,11 +8,14 @@
 * :func:`config_from_hf`: the :class:`moekit.MoE.Config` of a model's sparse block.
 * :func:`from_hf_state_dict` / :func:`to_hf_state_dict`: checkpoint conversion.
 
-Modules: experts_impl (the experts backend), families (the per-family maps), layout (tensor
-correspondences), derive (configs), detect (structure detection), probe (numerical checks of
-a router or a gate function), hf_moe (the stand-in module), build (one block), patching
-(patch/unpatch/save), convert (state dicts), tiny (test models), discover and coverage
-(every MoE family of the installed transformers through both routes).
+Modules: experts_impl (the experts backend), family_spec (``FamilySpec``, the layouts, the
+config readers), family_rules (the per-family routing and check functions), families (the
+named families and their lookups), layout (tensor correspondences), derive (configs), detect
+(recognising MoE blocks), block_spec (an unlisted family's spec read from its block),
+block_parts (parts of a block's structure), probe (numerical checks of a router or a gate
+function), hf_moe (the stand-in module), build (one block), patching (patch/unpatch/save),
+convert (state dicts), tiny (test models), discover and coverage (every MoE family of the
+installed transformers through both routes).
 See docs/hf.md.
 """
 
@@ -27,7 +30,8 @@ except ImportError as e:  # pragma: no cover - exercised without transformers on
 
 from .convert import PER_EXPERT_NAMES, from_hf_state_dict, to_hf_state_dict
 from .experts_impl import EXPERTS_IMPLEMENTATION, moekit_experts_forward, register
-from .families import FAMILIES, FamilySpec
+from .families import FAMILIES
+from .family_spec import FamilySpec
 from .patching import (
     HFMoE,
     PatchError,

@@ -9,14 +9,14 @@ from torch import nn
 
 from ..moe import MoE
 from ..router import TokenChoiceTopKRouter
+from .block_spec import generic_spec
 from .derive import config_from_hf, text_config
-from .detect import generic_spec
-from .families import (
+from .families import spec_for_block
+from .family_spec import (
     RET_FLAT_LOGITS,
     RET_LOGITS,
     RET_TENSOR,
     RET_WEIGHTS,
-    spec_for_block,
     top_k_of,
 )
 from .hf_moe import HFMoE

@@ -10,13 +10,13 @@ from ..experts import GroupedExperts
 from ..moe import MoE
 from ..router import TokenChoiceTopKRouter
 from ..shared import SharedExperts
-from .families import (
+from .families import spec_for_model_type
+from .family_spec import (
     FamilySpec,
     activation_of,
     hf_get,
     num_experts_of,
     routing_from_config,
-    spec_for_model_type,
     top_k_of,
 )
 from .layout import PatchError

@@ -1,215 +1,44 @@
-"""Declarative per-family maps: where each family keeps its router, experts and shared expert,
-how its experts are laid out, what its block returns, and its routing from the HF config.
+"""The named families (:data:`FAMILIES`: one :class:`FamilySpec` each) and their lookups by
+model type (:func:`spec_for_model_type`) and block class (:func:`spec_for_block`).
 
-A :class:`FamilySpec` is all moekit needs to know about a family; :data:`FAMILIES` holds the
-named ones. Families not listed go through :func:`generic_spec`, which reads the same facts
-from the block's structure and the config; ``patch`` then verifies the guess on a probe.
+:class:`FamilySpec`, the layouts, :func:`hf_get` and :func:`routing_from_config` live in
+family_spec.py, and the per-family routing and check functions in family_rules.py; all that
+this module's ``__all__`` lists is importable from here. Families not listed go through
+:func:`moekit.hf.block_spec.generic_spec`, which reads the same facts from the block's
+structure and the config; ``patch`` then verifies the guess on a probe.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable
-
-from .experts_impl import HIDDEN_ACT_NAMES
+from .family_rules import (
+    _clamped_silu,
+    _dbrx_check,
+    _deepseek_routing,
+    _deepseek_v2_check,
+    _deepseek_v2_routing,
+    _deepseek_v4_block_router,
+    _deepseek_v4_check,
+    _gpt_oss_experts,
+    _llama4_check,
+    _longcat_check,
+    _mixtral_check,
+    _phimoe_check,
+    _softmax,
+    _switch_check,
+)
+from .family_spec import (
+    DBRX_ROWS,
+    INTERLEAVED_TRANSPOSED,
+    PER_EXPERT,
+    RET_LOGITS,
+    RET_WEIGHTS,
+    TRANSPOSED,
+    FamilySpec,
+    hf_get,
+    routing_from_config,
+)
 
 __all__ = ["FamilySpec", "FAMILIES", "spec_for_model_type", "hf_get", "routing_from_config"]
-
-# experts layouts (decided by family / decorator flags, never by shape)
-CONCAT = "concat"  # gate_up_proj [E, 2F, D], down_proj [E, D, F]
-TRANSPOSED = "transposed"  # gate_up_proj [E, D, 2F] (gate cols first), down_proj [E, F, D]
-INTERLEAVED_TRANSPOSED = "interleaved_transposed"  # [E, D, 2F] with gate/up columns alternating
-DBRX_ROWS = "dbrx_rows"  # mlp.w1 / v1 / w2 [E * F, D] each (gate, up, down transposed)
-# one nn.Linear-style module per expert (``experts.expert_{i}.wi / wo``, non-gated), stacked once
-# into moekit's [E, F, D] / [E, D, F] at patch time (extra: expert_key, expert_linears)
-PER_EXPERT = "per_expert"
-LAYOUTS = (CONCAT, TRANSPOSED, INTERLEAVED_TRANSPOSED, DBRX_ROWS, PER_EXPERT)
-
-# what a block's forward returns
-RET_TENSOR = "tensor"
-RET_WEIGHTS = "tuple_weights"  # (y, topk weights [T, K])  (GPT-OSS)
-RET_LOGITS = "tuple_logits"  # (y, router logits [T, E])  (Llama 4)
-RET_FLAT_LOGITS = "tuple_flat_logits"  # (y.flatten(), router logits.flatten())  (ERNIE-VL)
-
-
-def hf_get(cfg: Any, *names: str, default: Any = None) -> Any:
-    """The first of ``names`` that ``cfg`` has and is not None."""
-    for n in names:
-        v = getattr(cfg, n, None)
-        if v is not None:
-            return v
-    return default
-
-
-def num_experts_of(cfg) -> int | None:
-    return hf_get(cfg, "num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-
-
-def top_k_of(cfg) -> int | None:
-    return hf_get(cfg, "num_experts_per_tok", "moe_topk", "top_k", "moe_k")
-
-
-def activation_of(cfg, owner: str, act: str | None = None) -> str:
-    act = act or hf_get(cfg, "hidden_act", "hidden_activation", default="silu")
-    if act not in HIDDEN_ACT_NAMES:
-        raise ValueError(
-            f"{owner}: hidden_act={act!r} has no moekit activation; supported: {sorted(HIDDEN_ACT_NAMES)}"
-        )
-    return HIDDEN_ACT_NAMES[act]
-
-
-@dataclass(frozen=True)
-class FamilySpec:
-    """Where a family keeps things, and its routing (``routing(cfg) -> router kwargs``)."""
-
-    name: str
-    model_types: tuple[str, ...]
-    block_classes: tuple[str, ...]
-    router: str = "gate"
-    router_linear: str = ""  # the gate Linear inside the router ("" = the router's own weight)
-    expert_bias: str | None = None  # selection-only bias (default: router.e_score_correction_bias)
-    expert_bias_row: bool = False  # stored [1, E] rather than [E]
-    experts: str = "experts"
-    shared: str | None = None
-    shared_gate: str | None = None
-    layout: str = CONCAT
-    returns: str = RET_TENSOR
-    expert_hidden: Callable[[Any], int] = lambda c: hf_get(
-        c, "moe_intermediate_size", "intermediate_size"
-    )
-    shared_hidden: Callable[[Any], int] | None = None
-    routing: Callable[[Any], dict] = lambda c: {}
-    experts_kwargs: Callable[[Any], dict] = lambda c: {}
-    check: Callable[[Any], str | None] = lambda c: None  # a reason the config is inexpressible
-    router_in_fp32: bool = False  # the HF gate matmul runs in float32
-    extra: dict = field(default_factory=dict)
-
-    def with_(self, **changes) -> "FamilySpec":
-        return replace(self, **changes)
-
-
-def _softmax(norm_attr="norm_topk_prob", default_norm=False):
-    def f(c):
-        return dict(
-            score_func="softmax", route_norm=bool(hf_get(c, norm_attr, default=default_norm))
-        )
-
-    return f
-
-
-def _noise_refusal(c, key: str, what: str) -> str | None:
-    """Why ``patch`` refuses a config whose ``key`` (training-time noise, ``what``) is set."""
-    v = hf_get(c, key, default=0.0)
-    if v:
-        return (f"{key}={v} {what} in training; moekit's MoE has no such option (set it to 0.0 "
-                "to patch)")
-    return None
-
-
-def _mixtral_check(c):
-    return _noise_refusal(c, "router_jitter_noise", "multiplies the block input by random noise")
-
-
-def _deepseek_routing(c):
-    g, tg = hf_get(c, "n_group", default=1), hf_get(c, "topk_group", default=1)
-    kw = dict(
-        score_func=hf_get(c, "scoring_func", default="sigmoid"),
-        route_norm=bool(hf_get(c, "norm_topk_prob", default=True)),
-        route_scale=float(hf_get(c, "routed_scaling_factor", default=1.0)),
-        use_expert_bias=True,
-    )
-    if g > 1:
-        kw.update(num_expert_groups=g, num_limited_groups=tg, topk_beyond_groups=True)
-    return kw
-
-
-def _deepseek_v2_routing(c):
-    kw = dict(
-        score_func="softmax",
-        route_norm=False,
-        route_scale=float(hf_get(c, "routed_scaling_factor", default=1.0)),
-    )
-    g, tg = hf_get(c, "n_group", default=1), hf_get(c, "topk_group", default=1)
-    if hf_get(c, "topk_method", default="greedy") == "group_limited_greedy" and g > 1:
-        kw.update(num_expert_groups=g, num_limited_groups=tg, group_score="max")
-    return kw
-
-
-def _deepseek_v2_check(c):
-    m = hf_get(c, "topk_method", default="greedy")
-    if m not in ("greedy", "group_limited_greedy"):
-        return (
-            f"topk_method={m!r} is not supported (moekit has 'greedy' and 'group_limited_greedy')"
-        )
-    return None
-
-
-def _gpt_oss_experts(c):
-    from ..activations import GPT_OSS_ALPHA, GPT_OSS_LIMIT, make_activation_name
-
-    a = hf_get(c, "swiglu_alpha", default=GPT_OSS_ALPHA)
-    lim = hf_get(c, "swiglu_limit", default=GPT_OSS_LIMIT)
-    return dict(activation=make_activation_name("gpt_oss", alpha=a, limit=lim), use_bias=True)
-
-
-def _phimoe_check(c):
-    return _noise_refusal(c, "input_jitter_noise", "multiplies the block input by random noise")
-
-
-def _longcat_check(c):
-    if not hf_get(c, "n_routed_experts", default=0):
-        return "n_routed_experts=0: only zero-computation experts, nothing for moekit's experts"
-    return None
-
-
-def _clamped_silu(c):
-    from ..activations import make_activation_name
-
-    return make_activation_name("silu", limit=hf_get(c, "swiglu_limit"))
-
-
-def _deepseek_v4_check(c):
-    if hf_get(c, "hidden_act", default="silu") != "silu":
-        return f"hidden_act={c.hidden_act!r}: moekit's clamped GLU is SiLU's"
-    return None
-
-
-def _deepseek_v4_block_router(block, c) -> dict:
-    """The hash layers' router (``is_hash``): experts from the token-id table ``tid2eid``,
-    weighted by the gate's scores there."""
-    if not getattr(block, "is_hash", False):
-        return {}
-    return dict(routing="hash", hash_vocab_size=int(c.vocab_size), hash_weights="scores",
-                use_expert_bias=False)
-
-
-def _dbrx_check(c):
-    f = c.ffn_config
-    if getattr(f, "moe_jitter_eps", None):
-        return (
-            f"ffn_config.moe_jitter_eps={f.moe_jitter_eps} scales the router input by noise in "
-            "training; moekit's MoE has no such option"
-        )
-    if getattr(f, "moe_normalize_expert_weights", 1.0) not in (None, 1, 1.0):
-        return (
-            f"ffn_config.moe_normalize_expert_weights={f.moe_normalize_expert_weights}: moekit "
-            "renormalises by the sum (the p=1 norm) only"
-        )
-    return None
-
-
-def _switch_check(c):
-    why = (_noise_refusal(c, "router_jitter_noise", "multiplies the router input by random noise")
-           or _noise_refusal(c, "dropout_rate", "applies dropout inside every expert"))
-    if why:
-        return why
-    if hf_get(c, "router_dtype", default="float32") != "float32":
-        return f"router_dtype={c.router_dtype!r}: moekit patches Switch routers in float32 only"
-    return None
-
-
-def _llama4_check(c):
-    return _noise_refusal(c, "router_jitter_noise", "multiplies the router input by random noise")
 
 
 FAMILIES: dict[str, FamilySpec] = {
@@ -453,21 +282,3 @@ def spec_for_model_type(model_type: str | None) -> FamilySpec | None:
 
 def spec_for_block(block) -> FamilySpec | None:
     return _BY_BLOCK_CLASS.get(type(block).__name__)
-
-
-def routing_from_config(cfg) -> dict:
-    """A first guess at a generic family's routing from common config attribute names."""
-    kw: dict = {}
-    score = hf_get(cfg, "scoring_func", "score_func", "router_score_func")
-    if score in ("softmax", "sigmoid"):
-        kw["score_func"] = score
-    norm = hf_get(cfg, "norm_topk_prob", "moe_renormalize", "route_norm")
-    if norm is not None:
-        kw["route_norm"] = bool(norm)
-    scale = hf_get(cfg, "routed_scaling_factor", "router_scaling_factor", "route_scale")
-    if scale is not None:
-        kw["route_scale"] = float(scale)
-    g, tg = hf_get(cfg, "n_group", "num_expert_group"), hf_get(cfg, "topk_group")
-    if g is not None and tg is not None and g > 1:
-        kw.update(num_expert_groups=int(g), num_limited_groups=int(tg))
-    return kw

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..moe import MoE
-from .families import RET_FLAT_LOGITS, RET_LOGITS, RET_TENSOR, RET_WEIGHTS
+from .family_spec import RET_FLAT_LOGITS, RET_LOGITS, RET_TENSOR, RET_WEIGHTS
 from .layout import expert_index, get_path, to_hf
 
 __all__ = ["HFMoE"]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..moe import MoE
-from .families import (
+from .family_spec import (
     CONCAT,
     DBRX_ROWS,
     INTERLEAVED_TRANSPOSED,

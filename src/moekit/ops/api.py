@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..activations import get_activation
-from ..plan import RoutingPlan
+from ..routing_plan import RoutingPlan
 from .backends import ExpertsBackend, resolve_backend
 from .stages import check_expert_down, check_expert_up, check_given_plan
 

@@ -1,7 +1,7 @@
 """Experts backends: one interface for every way of computing the routed experts.
 
 A backend is an object built from its nested ``Config`` (``LoopBackend.Config().build()``)
-that owns what it needs to run the experts over a :class:`~moekit.plan.RoutingPlan`:
+that owns what it needs to run the experts over a :class:`~moekit.routing_plan.RoutingPlan`:
 
 * ``make_plan(topk_ids_TK, num_experts, ...)``: the routing plan (the plan module's one
   builder; a backend may override it, as the triton backend does at decode sizes);
@@ -30,7 +30,8 @@ import torch
 
 from ..activations import get_activation
 from ..config import Config
-from ..plan import RoutingPlan, make_plan
+from ..plan import make_plan
+from ..routing_plan import RoutingPlan
 from .reference import grouped_linear_loop
 from .stages import permute, unpermute
 from .torch_mm import grouped_linear_mm, grouped_mm_available

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..plan import RoutingPlan, check_plan
+from ..routing_plan import RoutingPlan, check_plan
 
 __all__ = [
     "check_expert_down",

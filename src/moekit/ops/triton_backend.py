@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..activations import activation_params
-from ..plan import RoutingPlan
+from ..routing_plan import RoutingPlan
 from .backends import ExpertsBackend
 from .stages import check_permute, check_unpermute
 from .triton_settings import (

@@ -1,30 +1,16 @@
 """Expert parallelism: :class:`ExpertParallel`, the dispatch and combine that ``apply_ep``
 (``moekit/parallel/apply.py``) sets beside the layer's experts (``moe.dispatch``; the experts
 module stays the layer's own ``GroupedExperts``, keeping only this rank's experts, and runs
-through its backend).
+through its backend), and the exchange choice (``EXCHANGES``, :func:`check_exchange`).
 
-Forward of :class:`ExpertParallel` (legend: T tokens, K top-k, D model dim, C chunks, Q =
-extended slots: every rank's slots plus one per shared rank and chunk, N = rows this rank
-sends, R = rows it receives, L = its local experts):
-
-1. map each (token, k)'s logical expert to an extended slot (:class:`Slots`: numbered
-   chunk by chunk, chunk c holding the slots ``[L*c//C, L*(c+1)//C)`` of every rank, then
-   rank by rank; a replica, for redundant experts: ``replica = (t*K + k + rank) %
-   replicas``); with external shared experts one more column per token goes to a shared
-   rank, weight 1, in the chunk of the token's position;
-2. one sender plan over the Q slots (``make_plan``, dropless) and ``permute`` (the routing
-   weight is applied here when ``routing_weight_on="input"``): the rows are chunk-major,
-   then rank-major;
-3. counts per slot are all-gathered: every rank derives each chunk's send and receive split
-   sizes (one collective and the forward's one host sync);
-4. the pipeline (``pipeline.py``): each chunk's dispatch (all_to_all_single) -> the local
-   experts of the chunk's group on the received rows (the backend's chunk runner: its plan,
-   one row per slot, capacity drops in the global token order, identical to the
-   single-process layer; the fused kernels with the triton backend) -> its combine, the
-   chunks' exchanges travelling while other chunks compute; on a shared rank: the shared
-   experts instead;
-5. ``unpermute`` with the routing weights over K in a fixed order (deterministic; same
-   arithmetic as the single-process layer).
+Here: the layer's state and the parts both exchanges share: the placement
+(``set_placement``), the extended slots of each (token, k) (``_ext_slots``, over the tables of
+``slots.py``), the pipeline of one forward (``_pipeline``, ``pipeline.py``), the local expert
+weights (``_params``; the replicas' gradient sum is ``replica_grads.py``) and the fail-together
+path (``fail_together``). The forward of each exchange is its own module: ``rows.py``
+(:func:`~moekit.parallel.rows.forward_rows`, one row per routed (token, expert)) and
+``tokens.py`` (:func:`~moekit.parallel.tokens.forward_tokens`, each token once per
+destination).
 
 Gradient conventions (see docs/parallel.md): expert weights hold the full gradient of the
 layer fed all ranks' tokens (the sum over ranks happens in the all-to-all backward; no
@@ -36,19 +22,19 @@ the group (``sync_replicated_grads``) — or average, if each rank's loss is a m
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..experts import GroupedExperts
 from ..ops.chunked import AutogradChunks, module_fn
-from ..plan import RoutingPlan, capacity_for
+from ..plan import RoutingPlan
 from .checks import exchange_device, raise_from_rows, raise_on_every_rank, status_row
-from .dispatch import AllToAllDispatcher, Dispatcher, Layout, to_device
+from .dispatch import AllToAllDispatcher, Dispatcher, Layout
 from .pipeline import Pipeline
 from .placement import Placement
+from .replica_grads import _ReplicaGradSum
+from .rows import forward_rows
 from .slots import Slots
 from .tokens import PARTIALS, counts_width, forward_tokens
 from .tp import tp_gather, tp_scatter
@@ -64,45 +50,6 @@ def check_exchange(exchange: str, partials: str) -> None:
         raise ValueError(f"exchange={exchange!r}; allowed: {EXCHANGES}")
     if partials not in PARTIALS:
         raise ValueError(f"partials={partials!r}; allowed: {PARTIALS}")
-
-
-class _ReplicaGradSum(torch.autograd.Function):
-    """Identity on the local expert tensors; the backward sums the gradients of the replicas
-    of each redundant expert over the group (one all-reduce), so every replica gets the
-    gradient of the whole layer for that expert."""
-
-    @staticmethod
-    def forward(ctx, mod, *tensors):
-        ctx.mod = mod
-        return tuple(t.view_as(t) for t in tensors)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        mod = ctx.mod
-        rows = mod._replica_rows  # [L] row in the hot buffer of each local slot, -1 if not hot
-        H = mod._num_hot
-        flat = []
-        for g, shape in zip(grads, mod._param_shapes):
-            g = torch.zeros(shape, device=rows.device, dtype=mod._grad_dtype) if g is None else g
-            buf = g.new_zeros((H + 1,) + tuple(shape[1:]))
-            idx = torch.where(rows < 0, H, rows)
-            buf.index_add_(0, idx, g.to(buf.dtype))
-            flat.append(buf[:H].reshape(-1))
-        big = torch.cat(flat) if flat else None
-        dist.all_reduce(big, group=mod.group)
-        out, off = [], 0
-        for g, shape in zip(grads, mod._param_shapes):
-            n = H * math.prod(shape[1:])
-            summed = big[off:off + n].view((H,) + tuple(shape[1:]))
-            off += n
-            g = torch.zeros(shape, device=rows.device, dtype=big.dtype) if g is None else g
-            hot = rows >= 0
-            g = torch.where(
-                hot.view((-1,) + (1,) * (len(shape) - 1)),
-                summed.index_select(0, rows.clamp(min=0)).to(g.dtype), g,
-            ) if shape[0] > 0 else g
-            out.append(g)
-        return (None, *out)
 
 
 class ExpertParallel(nn.Module):
@@ -318,69 +265,4 @@ class ExpertParallel(nn.Module):
                     local_shared: nn.Module | None = None) -> torch.Tensor:
         if self.exchange == "tokens":
             return forward_tokens(self, x_TD, ids_TK, w_TK, experts, local_shared)
-        K = ids_TK.shape[1]
-        dev = x_TD.device
-        on_input = experts.config.routing_weight_on == "input"
-        backend = experts.backend_for(dev, x_TD.dtype)
-        C, W, me = self.num_chunks, self.world_size, self.rank
-        S = self._slots(C, dev)
-
-        # 1. logical expert -> extended slot (and the shared column)
-        q_TK, w_TK = self._ext_slots(ids_TK, w_TK, S)
-
-        # 2. one sender plan over the slots: rows chunk-major, then by rank
-        plan = backend.make_plan(q_TK, S.num_slots, check_ids=False)  # (from the slot tables)
-        send = backend.permute(x_TD, plan, w_TK if on_input else None)
-        # the receiver's weight-drop policy needs the routing weights of the rows it gets
-        send_w = None
-        if experts.capacity_factor is not None and experts.drop_policy == "weight":
-            send_w = w_TK.reshape(-1).index_select(0, plan.sorted_slots_N).float().unsqueeze(1)
-
-        # 3. counts [W, Q] on the host (one host sync), with every rank's fail-together status;
-        # from here to the experts' first GEMM the device waits for the host: few ops
-        counts, headers = self.dispatcher.exchange_counts(plan.counts_E.view(1, -1),
-                                                          status_row(None, x_TD, K))
-        raise_from_rows(self.group, headers, None)
-        rows = [r[0] for r in counts.tolist()]  # (plain lists: host-tensor ops cost more)
-        mine = [(S.starts[c][me], S.starts[c][me] + S.counts[c][me]) for c in range(C)]
-        layouts = []
-        for c, (a, b) in enumerate(mine):
-            st, n = S.starts[c], S.counts[c]
-            layouts.append(Layout(send=[sum(rows[me][st[r]:st[r] + n[r]]) for r in range(W)],
-                                  recv=[sum(row[a:b]) for row in rows]))
-        self._keep(plan, layouts)
-        kw: list[dict] = [{} for _ in range(C)]
-        if experts.capacity_factor is not None and not self.is_shared_rank:
-            routed = sum(map(sum, rows)) - sum(row[q] for row in rows for q in S.shared_slots)
-            capacity = capacity_for(routed // K if K else 0, K, self.num_experts,
-                                    experts.capacity_factor)
-            for c in range(C):
-                kw[c] = {"capacity": capacity, "drop_policy": experts.drop_policy}
-        at = 0
-        for c in range(C):
-            if send_w is not None:
-                with torch.no_grad():
-                    rw = self.dispatcher.dispatch(send_w[at:at + layouts[c].num_send], layouts[c])[0]
-                if not self.is_shared_rank:
-                    kw[c]["row_weights"] = rw
-            at += layouts[c].num_send
-
-        # each received row's expert [R, 1]: every sender's rows of the chunk's group, by
-        # expert (their counts go to the device in one copy; None on a shared rank)
-        reps = None
-        if not self.is_shared_rank:  # (slices of the host tensor: a list to tensor costs more)
-            need = [counts[:, 0, a:b].reshape(-1) for a, b in mine]
-            reps = to_device(need[0] if C == 1 else torch.cat(need), dev).split(
-                [W * (b - a) for a, b in mine])
-
-        def recv_ids(c):
-            return None if reps is None else torch.repeat_interleave(
-                S.recv_base[c], reps[c], dim=0, output_size=layouts[c].num_recv)
-
-        # 4-5. dispatch -> local experts -> combine, chunk by chunk (pipeline.py)
-        pipe, params, side_params = self._pipeline(
-            layouts, S, backend, experts, recv_ids, kw, local_shared,
-            sum(lay.num_recv for lay in layouts))
-        y_send, y_shared = pipe.apply(send, params, x_TD if pipe.side else None, side_params)
-        y_TD = backend.unpermute(y_send, plan, None if on_input else w_TK)
-        return y_TD if y_shared is None else y_TD + y_shared
+        return forward_rows(self, x_TD, ids_TK, w_TK, experts, local_shared)

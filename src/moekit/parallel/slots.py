@@ -1,7 +1,7 @@
 """The extended slot tables of expert parallelism (:class:`Slots`): how a rank numbers every
 (chunk, rank, local expert) so that the rows it sends, sorted by extended slot, are contiguous
-per chunk and, within a chunk, per destination rank (``ep.py``), and the token exchange's
-destinations (``tokens.py``)."""
+per chunk and, within a chunk, per destination rank (the row exchange, ``rows.py``), and the
+token exchange's destinations (``tokens.py``)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 travels once to each (chunk, rank) holding at least one of its experts, not once per routed
 expert, and comes back as one partial sum.
 
-The row exchange (``exchange="rows"``, ``ep.py``) sends one row per routed (token, expert):
+The row exchange (``exchange="rows"``, ``rows.py``) sends one row per routed (token, expert):
 with top-k routing over W ranks a token whose k experts sit on fewer than k ranks is sent
 several times to the same rank (EP=2, top-8: about 4 copies to each rank). Here the sender
 sends ``x[t]`` once per destination (DeepEP's dispatch), with a small metadata row: the

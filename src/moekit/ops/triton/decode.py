@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from ...plan import RoutingPlan
+from ...routing_plan import RoutingPlan
 from . import kernels_decode as KD
 from . import launch_config as C
 from .launch_config import _check, _major, _rows_contig

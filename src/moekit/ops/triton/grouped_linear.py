@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ...plan import RoutingPlan
+from ...routing_plan import RoutingPlan
 from ..triton_settings import parse_tiles
 from . import weight_grads as W
 from .custom_ops import rows_gemm_op, weight_grad_op

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ...activations import GPT_OSS_ALPHA, GPT_OSS_LIMIT
-from ...plan import RoutingPlan
+from ...routing_plan import RoutingPlan
 from ..triton_backend import TritonBackend
 from ..triton_settings import parse_tiles
 from . import backward as B
