@@ -259,7 +259,8 @@ def test_gluon_weight_grad(dtype, transposed):
     N, O, I = int(counts.sum()), 200, 264
     g = torch.Generator(device="cpu").manual_seed(5)
     lm, rm = (torch.randn(N, n, generator=g).cuda().to(dtype) for n in (O, I))
-    assert W.gluon_wanted(None, lm, rm)
+    # auto: not at 152 rows per expert (below GLUON_MIN_ROWS_PER_EXPERT); True: wherever it can run
+    assert W.gluon_wanted({"gluon": (1,)}, lm, rm, 7) and not W.gluon_wanted(None, lm, rm, 7)
     truth = torch.stack([a.double().T @ b.double() for a, b in
                          zip(lm.split(counts.tolist()), rm.split(counts.tolist()))])
     fast = W._dw_gluon(lm, rm, counts, offsets, transposed)

@@ -374,8 +374,8 @@ else:
             _check_fp32(ts, ids, gy, "silu", False, False,
                         backend=TritonBackend.Config(dw="grouped_mm", gluon=gluon))
         l, r = torch.randn(8, 16), torch.randn(8, 8)
-        assert not weight_grads.gluon_wanted(None, l, r)
-        assert not weight_grads.gluon_wanted({"gluon": (0,)}, l, r)
+        assert not weight_grads.gluon_wanted(None, l, r, 1)
+        assert not weight_grads.gluon_wanted({"gluon": (0,)}, l, r, 1)
         with pytest.raises(RuntimeError, match="gluon=True, but the Gluon kernel cannot run: it runs on CUDA GPUs only"):
             _check_fp32(ts, ids, gy, "silu", False, False,
                         backend=TritonBackend.Config(dw="grouped_mm", gluon=True))

@@ -108,14 +108,22 @@ def _gluon_unavailable(t: torch.Tensor) -> str | None:
     return _gluon_import_error()
 
 
-def gluon_wanted(tiles: dict | None, l_NO: torch.Tensor, r_NI: torch.Tensor) -> bool:
-    """Whether a weight grad over gathered copies (``dW[e] = l[rows].T @ r[rows]``) runs on the
-    warp-specialized Gluon kernel (``kernels_gluon``) instead of torch's grouped GEMM: never
-    with the ``gluon`` setting (``TritonBackend.Config.gluon``) False; with True or None (auto)
-    on a Hopper GPU in bf16/fp16 wherever both operands suit TMA (contiguous, 16-byte aligned,
-    O and I multiples of 8). True where the kernel cannot run at all raises. H200, bf16, on the
-    same gathered operands: faster than cuBLAS at every training shape measured (1.03-1.13x,
-    ``benchmarks/results/H200-s10-dw-ab.json``)."""
+# ``gluon=None`` (auto) takes the Gluon weight-grad kernel from this many rows per expert on: it
+# was faster than cuBLAS at every shape measured, all at 1024-2048 rows per expert (H200, bf16,
+# 1.03-1.13x, ``benchmarks/results/H200-s10-dw-ab.json``); with fewer rows each output tile has
+# fewer row blocks to hide its epilogue behind, and that was not measured
+GLUON_MIN_ROWS_PER_EXPERT = 1024
+
+
+def gluon_wanted(tiles: dict | None, l_NO: torch.Tensor, r_NI: torch.Tensor,
+                 n_experts: int) -> bool:
+    """Whether a weight grad over gathered copies (``dW[e] = l[rows].T @ r[rows]``, ``n_experts``
+    experts) runs on the warp-specialized Gluon kernel (``kernels_gluon``) instead of torch's
+    grouped GEMM: never with the ``gluon`` setting (``TritonBackend.Config.gluon``) False; on a
+    Hopper GPU in bf16/fp16 wherever both operands suit TMA (contiguous, 16-byte aligned, O and I
+    multiples of 8) with True, and with None (auto) there from
+    :data:`GLUON_MIN_ROWS_PER_EXPERT` rows per expert on. True where the kernel cannot run at
+    all raises."""
     v = tiles.get("gluon") if tiles else None
     if v == (0,):
         return False
@@ -124,6 +132,8 @@ def gluon_wanted(tiles: dict | None, l_NO: torch.Tensor, r_NI: torch.Tensor) -> 
         if v == (1,):
             raise RuntimeError(f"TritonBackend.Config.gluon=True, but the Gluon kernel cannot run: "
                                f"{why}; use gluon=None (auto) or False")
+        return False
+    if v is None and l_NO.shape[0] < GLUON_MIN_ROWS_PER_EXPERT * n_experts:
         return False
     return all(t.dtype == l_NO.dtype and t.is_contiguous() and t.data_ptr() % 16 == 0
                and t.shape[1] % 8 == 0 for t in (l_NO, r_NI))
@@ -201,7 +211,7 @@ def weight_grad(
             dw_scale = scale and scale_dw
             lm = _gather_rows(l_src, l_tok, roww_N if dw_scale and scale_left else None)
             rm = _gather_rows(r_src, r_tok, roww_N if dw_scale and not scale_left else None)
-            if gluon_wanted(tiles, lm, rm):
+            if gluon_wanted(tiles, lm, rm, E):
                 dw = _dw_gluon(lm, rm, counts_E, offsets_E, transposed).to(out_dtype)
             else:
                 dw = _dw_cublas(lm, rm, counts_E, offsets_E, out_dtype, transposed)
