@@ -18,8 +18,9 @@ export PYTHONPATH=src:/tmp/site:.peers
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch,triton,transformers;print('torch',torch.__version__,'triton',triton.__version__,'transformers',transformers.__version__)"
   if [ -z "$SKIP_TESTS" ]; then
-    timeout "${TEST_TIMEOUT:-170}" python3 -m pytest -q -p no:cacheprovider -m gpu ${TEST_K:+-k "$TEST_K"} \
+    timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -m gpu ${TEST_K:+-k "$TEST_K"} \
       tests/test_triton_gpu.py tests/test_bad_ops.py 2>&1
+    echo "pytest exit code $? (124: cut by TEST_TIMEOUT)"
   fi
 } > "$OUT/gpu_tests.log"
 tail -3 "$OUT/gpu_tests.log"
