@@ -37,7 +37,8 @@ from .activations import canonical_activation, resolve_gated
 from .capacity import DROP_POLICIES
 from .config import Config, Module, check_bool, check_choice, check_nonneg_int, check_positive
 from .ops.api import moe_experts
-from .ops.backends import ExpertsBackend, backend_names, resolve_backend
+from .ops.backends import backend_names, resolve_backend
+from .ops.experts_backend import ExpertsBackend
 from .routing_plan import RoutingPlan
 
 __all__ = ["GroupedExperts"]

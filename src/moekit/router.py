@@ -1,7 +1,9 @@
-"""Token-choice top-k routing: TokenChoiceTopKRouter and RouterOutput.
+"""Token-choice top-k routing: TokenChoiceTopKRouter (with its ``Config``) and RouterOutput.
 
 The router only decides which experts each token goes to and with what weight; it never
-touches expert weights. Legend: T tokens, D model dim, E experts, K top-k, G expert groups.
+touches expert weights. The checks of ``TokenChoiceTopKRouter.Config`` are in
+``router_checks.py`` (:func:`check_router_config`, :func:`check_router_num_experts`).
+Legend: T tokens, D model dim, E experts, K top-k, G expert groups.
 
 Routing orders
 --------------
@@ -45,16 +47,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config, Module, check_bool, check_choice, check_nonneg, check_positive
+from .config import Config, Module, check_positive
 from .ops.gate import fp32_gate_applies, fp32_gate_logits
+from .router_checks import check_router_config, check_router_num_experts
 from .sparsemixer import sparsemixer_top2
 
 __all__ = ["RouterOutput", "TokenChoiceTopKRouter"]
-
-SCORE_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
-ROUTINGS = ("learned", "hash", "sparsemixer")
-HASH_WEIGHTS = ("uniform", "scores")
-GROUP_SCORES = ("top2_sum", "max")
 
 
 @dataclass
@@ -110,88 +108,10 @@ class TokenChoiceTopKRouter(Module):
         sparsemixer_eps: float = 0.01
 
         def __post_init__(self) -> None:
-            o = "TokenChoiceTopKRouter.Config"
-            check_positive(o, "top_k", self.top_k)
-            check_choice(o, "score_func", self.score_func, SCORE_FUNCS)
-            check_choice(o, "routing", self.routing, ROUTINGS)
-            check_choice(o, "hash_weights", self.hash_weights, HASH_WEIGHTS)
-            check_choice(o, "group_score", self.group_score, GROUP_SCORES)
-            check_nonneg(o, "route_scale", self.route_scale)
-            for name in ("route_norm", "topk_before_score", "use_router_bias", "use_expert_bias",
-                         "force_load_balance"):
-                check_bool(o, name, getattr(self, name))
-            if isinstance(self.hash_seed, bool) or not isinstance(self.hash_seed, int):
-                raise TypeError(f"{o}.hash_seed={self.hash_seed!r}; it must be an integer")
-            check_choice(
-                o, "router_dtype", self.router_dtype,
-                (None, torch.float32, torch.float64, torch.bfloat16, torch.float16),
-            )
-            g, lg = self.num_expert_groups, self.num_limited_groups
-            if (g is None) != (lg is None):
-                raise ValueError(
-                    f"{o}: num_expert_groups={g} and num_limited_groups={lg} must be set together "
-                    "(group-limited routing) or both left None"
-                )
-            if g is not None:
-                check_positive(o, "num_expert_groups", g)
-                check_positive(o, "num_limited_groups", lg)
-                if lg > g:
-                    raise ValueError(
-                        f"{o}: num_limited_groups={lg} > num_expert_groups={g}; it must be in [1, {g}]"
-                    )
-                if self.topk_before_score:
-                    raise ValueError(
-                        f"{o}: topk_before_score=True cannot be combined with group-limited routing "
-                        "(num_expert_groups); group limits are defined on scores"
-                    )
-            if self.routing == "hash":
-                if self.use_expert_bias:
-                    raise ValueError(
-                        f"{o}: use_expert_bias=True has no effect with routing='hash' (the table fixes "
-                        "the experts); set use_expert_bias=False"
-                    )
-                if self.hash_vocab_size is None:
-                    raise ValueError(f"{o}: routing='hash' needs hash_vocab_size (the token vocabulary size)")
-                check_positive(o, "hash_vocab_size", self.hash_vocab_size)
-                if g is not None or self.topk_before_score:
-                    raise ValueError(f"{o}: routing='hash' takes no groups and no topk_before_score")
-            check_nonneg(o, "sparsemixer_eps", self.sparsemixer_eps)
-            if self.routing == "sparsemixer":
-                if self.top_k != 2:
-                    raise ValueError(f"{o}: routing='sparsemixer' picks two experts; top_k={self.top_k} must be 2")
-                if self.score_func != "softmax":
-                    raise ValueError(
-                        f"{o}: routing='sparsemixer' weighs by masked softmaxes; score_func="
-                        f"{self.score_func!r} must be 'softmax'"
-                    )
-                bad = [n for n in ("use_expert_bias", "topk_before_score", "force_load_balance")
-                       if getattr(self, n)]
-                if g is not None:
-                    bad.append("num_expert_groups")
-                if bad:
-                    raise ValueError(f"{o}: routing='sparsemixer' cannot be combined with {bad}")
+            check_router_config(self)
 
         def validate_for(self, num_experts: int) -> None:
-            o = "TokenChoiceTopKRouter.Config"
-            if self.top_k > num_experts:
-                raise ValueError(f"{o}: top_k={self.top_k} > num_experts={num_experts}; it must be in [1, {num_experts}]")
-            g = self.num_expert_groups
-            if g is not None:
-                if num_experts % g:
-                    raise ValueError(
-                        f"{o}: num_experts={num_experts} is not divisible by num_expert_groups={g}"
-                    )
-                per_group = num_experts // g
-                if self.group_score == "top2_sum" and per_group < 2:
-                    raise ValueError(
-                        f"{o}: group_score='top2_sum' needs >= 2 experts per group; got {per_group}"
-                    )
-                if self.top_k > self.num_limited_groups * per_group and not self.topk_beyond_groups:
-                    raise ValueError(
-                        f"{o}: top_k={self.top_k} exceeds the {self.num_limited_groups} kept groups "
-                        f"x {per_group} experts = {self.num_limited_groups * per_group} eligible experts "
-                        "(topk_beyond_groups=True picks the rest from the masked groups)"
-                    )
+            check_router_num_experts(self, num_experts)
 
     def __init__(self, config: Config, *, dim: int, num_experts: int):
         super().__init__()

@@ -2,16 +2,15 @@
 
 from .api import check_expert_args, expert_down, expert_up, moe_experts
 from .backends import (
-    ExpertsBackend,
-    GroupedMMBackend,
-    LoopBackend,
     auto_backend,
     available_backends,
     backend_names,
     register_backend,
     resolve_backend,
 )
+from .experts_backend import ExpertsBackend
 from .stages import permute, row_weights, unpermute
+from .torch_backends import GroupedMMBackend, LoopBackend
 from .triton_backend import TritonBackend
 
 try:  # the kernels, imported now rather than inside a traced forward (needs Triton)

@@ -14,7 +14,8 @@ import torch
 
 from ..activations import get_activation
 from ..routing_plan import RoutingPlan
-from .backends import ExpertsBackend, resolve_backend
+from .backends import resolve_backend
+from .experts_backend import ExpertsBackend
 from .stages import check_expert_down, check_expert_up, check_given_plan
 
 __all__ = ["check_expert_args", "expert_down", "expert_up", "moe_experts"]

@@ -22,7 +22,7 @@ import torch
 
 from ..activations import activation_params
 from ..routing_plan import RoutingPlan
-from .backends import ExpertsBackend
+from .experts_backend import ExpertsBackend
 from .stages import check_permute, check_unpermute
 from .triton_settings import (
     _DGRAD,
