@@ -14,7 +14,8 @@ masked tokens count neither in the routed fractions nor in the mean probabilitie
 changing what the layer returns (Megatron-Core's trick): the output passes through an
 identity whose backward also sends gradient 1 into the loss.
 :func:`expert_bias_update` is DeepSeek-V3's sign rule: raise the selection bias of
-under-loaded experts by ``rate``, lower that of over-loaded ones.
+under-loaded experts by ``rate``, lower that of over-loaded ones. :func:`in_backward` tells the
+layer when activation checkpointing recomputes its forward, so that loads are counted once.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "attach_aux_loss",
     "count_tokens_per_expert",
     "expert_bias_update",
+    "in_backward",
     "load_stats",
     "sequence_aux_loss",
     "switch_aux_loss",
@@ -180,6 +182,16 @@ def expert_bias_update(tokens_per_expert_E: torch.Tensor, rate: float) -> torch.
     _check_load(tokens_per_expert_E, "expert_bias_update")
     load = tokens_per_expert_E.float()
     return rate * torch.sign(load.mean() - load)
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward pass, e.g. when activation checkpointing
+    recomputes this layer's forward: statistics must not be counted twice then. (Under
+    torch.compile the check is not traceable; compiled activation checkpointing recomputes
+    inside the compiled backward graph, where this Python code does not run.)"""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
 
 
 def load_stats(tokens_per_expert_E: torch.Tensor) -> dict:

@@ -17,7 +17,7 @@ from . import balance
 from .capacity import sequence_capacity_keep
 from .config import Config, Module
 from .experts import GroupedExperts, depth_scaled_std
-from .moe_checks import _in_backward, check_moe_config, check_moe_input
+from .moe_checks import check_moe_config, check_moe_input
 from .router import RouterOutput, TokenChoiceTopKRouter
 from .shared import SharedExperts
 
@@ -186,7 +186,7 @@ class MoE(Module):
 
         # routed slots per expert: for the load statistics (not counted again when activation
         # checkpointing recomputes the forward) and the load-balance loss, counted once
-        count_stats = not _in_backward()
+        count_stats = not balance.in_backward()
         load_E = None
         if count_stats or self._switch_loss_on():
             with torch.no_grad():

@@ -1,11 +1,9 @@
-"""The checks of the MoE layer (``moe.py``): its config's fields, its forward's inputs, and
-whether autograd is running a backward.
+"""The checks of the MoE layer (``moe.py``): its config's fields and its forward's inputs.
 
 :func:`check_moe_config` validates ``MoE.Config`` (its ``__post_init__``);
 :func:`check_moe_input` the input, ``token_mask`` and ``router_logits`` of ``MoE.forward``
 against the layer's dim, router and experts. Each raises a ValueError or TypeError naming
-the field or argument and what is allowed. ``_in_backward`` tells ``MoE.forward`` when
-activation checkpointing recomputes it (the load counts are not counted again then).
+the field or argument and what is allowed.
 """
 
 from __future__ import annotations
@@ -26,16 +24,6 @@ from .router import TokenChoiceTopKRouter
 from .shared import SharedExperts
 
 __all__ = ["check_moe_config", "check_moe_input"]
-
-
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass, e.g. when activation checkpointing
-    recomputes this layer's forward: statistics must not be counted twice then. (Under
-    torch.compile the check is not traceable; compiled activation checkpointing recomputes
-    inside the compiled backward graph, where this Python code does not run.)"""
-    if torch.compiler.is_compiling():
-        return False
-    return torch._C._current_graph_task_id() != -1
 
 
 def check_moe_config(cfg) -> None:
