@@ -9,7 +9,8 @@ import triton
 from moekit.plan import make_plan
 
 # the training shapes (T, D, F, E, K) the A/B scripts take by name
-SHAPES = {"qwen3": (16384, 2048, 768, 128, 8), "olmoe": (16384, 2048, 1024, 64, 8),
+SHAPES = {"qwen3": (16384, 2048, 768, 128, 8), "qwen3-t8192": (8192, 2048, 768, 128, 8),
+          "olmoe": (16384, 2048, 1024, 64, 8),
           "gpt-oss": (16384, 2880, 2880, 32, 4), "mixtral": (8192, 4096, 14336, 8, 2),
           "deepseek-64e": (8192, 7168, 2048, 64, 8)}
 

@@ -26,7 +26,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--vocab", type=int, default=32768)
-    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--iters", type=int, default=5, help="timed steps per mode and round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds, each putting the model in every mode in turn")
     p.add_argument("--out", default=None, help="folder for <device>-model.json and .md")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -34,12 +35,13 @@ def main(argv=None) -> int:
     rows = []
     for fam in a.families:  # one family at a time, so that a failure keeps the rows before it
         rows += run([fam], layers=a.layers, batch=a.batch, seq=a.seq, vocab=a.vocab,
-                    modes=a.modes, iters=a.iters)
+                    modes=a.modes, iters=a.iters, rounds=a.rounds)
         print(format_table(rows), flush=True)
     dev = torch.device("cuda")
     meta = {"device": _device_name(dev), "versions": _versions(), "layers": a.layers,
             "tokens": a.batch * a.seq, "batch": a.batch, "seq": a.seq, "vocab": a.vocab,
-            "dtype": "bfloat16", "timing": f"median of {a.iters} steps after 2 warm-up steps"}
+            "dtype": "bfloat16", "timing": f"median of {a.rounds} rounds x {a.iters} steps, the modes in turn in each "
+                      "round, each after 2 warm-up steps"}
     if a.out:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)

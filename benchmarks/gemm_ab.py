@@ -33,6 +33,7 @@ def main():
     p.add_argument("--rows-t", nargs="*", default=[], help="configs of the input-grad row GEMM")
     p.add_argument("--cublas", action="store_true", help="also the row GEMM by torch grouped_mm")
     p.add_argument("--tma", action="store_true", help="each config with and without descriptors")
+    p.add_argument("--gluon", action="store_true", help="also the row GEMMs by the Gluon kernel")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     rows = []
@@ -52,11 +53,11 @@ def main():
                                    tiles=t)),
         ]
         for kind, cfgs, flops, fn in kinds:
-            if not cfgs:
+            if not cfgs and not (a.gluon and kind != "up_gated"):
                 continue
             key = "rows" if kind == "rows_t" else kind
             variants = {}
-            modes = {"": {}}
+            modes = {"": {"gluon": (0,)}}
             if a.tma:
                 modes = {" ptr": {"tma": (0,)}, " tma": {"tma": (1,), "persistent": (0,)},
                          " tma persistent": {"tma": (1,), "persistent": (1,)}}
@@ -64,7 +65,11 @@ def main():
                     modes = {" ptr": {"tma": (0,)}, " tma": {"tma": (1,)}}
             for c in cfgs:
                 for suffix, extra in modes.items():
-                    variants[c + suffix] = lambda fn=fn, t={key: tile(c), **extra}: fn(t)
+                    t = {key: tile(c), "gluon": (0,), **extra}
+                    variants[c + suffix] = lambda fn=fn, t=t: fn(t)
+            if kind != "up_gated" and a.gluon:  # the default Triton config, then Gluon
+                variants["triton default"] = lambda fn=fn: fn({"gluon": (0,)})
+                variants["gluon"] = lambda fn=fn: fn({"gluon": (1,)})
             if kind == "rows" and a.cublas:  # the same GEMM by torch's grouped GEMM (cuBLAS)
                 w2_t = w2.transpose(1, 2)
                 variants["grouped_mm"] = lambda w=w2_t: W.grouped_mm(act, w, plan.offsets_E)

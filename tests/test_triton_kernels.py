@@ -362,9 +362,10 @@ else:
         assert weight_grads.dw_uses_grouped_mm(T * K, E, D, F, torch.float32, torch.device("cpu"), "grouped_mm")
 
     def test_gluon_setting_off_hopper():
-        """The Gluon weight-grad kernel runs on Hopper GPUs only: here (the interpreter, CPU)
-        ``gluon=None`` and ``False`` keep torch's grouped GEMM, and ``True`` raises naming why."""
-        from moekit.ops.triton import weight_grads
+        """The Gluon kernels run on Hopper GPUs only: here (the interpreter, CPU) ``gluon=None``
+        and ``False`` keep torch's grouped GEMM and the Triton row GEMMs, and ``True`` raises
+        naming why."""
+        from moekit.ops.triton import gluon_rules, weight_grads
 
         if weight_grads._grouped_mm is None:
             pytest.skip("torch has no grouped_mm")
@@ -374,9 +375,14 @@ else:
             _check_fp32(ts, ids, gy, "silu", False, False,
                         backend=TritonBackend.Config(dw="grouped_mm", gluon=gluon))
         l, r = torch.randn(8, 16), torch.randn(8, 8)
-        assert not weight_grads.gluon_wanted(None, l, r, 1)
-        assert not weight_grads.gluon_wanted({"gluon": (0,)}, l, r, 1)
-        with pytest.raises(RuntimeError, match="gluon=True, but the Gluon kernel cannot run: it runs on CUDA GPUs only"):
+        assert not gluon_rules.gluon_wanted(None, l, r, 1)
+        assert not gluon_rules.gluon_wanted({"gluon": (0,)}, l, r, 1)
+        w = torch.randn(2, 8, 16)
+        assert not gluon_rules.gluon_rows_wanted(None, l, w)
+        assert not gluon_rules.gluon_rows_wanted({"gluon": (0,)}, l, w)
+        with pytest.raises(RuntimeError, match="gluon=True, but the Gluon kernels cannot run"):
+            gluon_rules.gluon_rows_wanted({"gluon": (1,)}, l, w)
+        with pytest.raises(RuntimeError, match="gluon=True, but the Gluon kernels cannot run: it runs on CUDA GPUs only"):
             _check_fp32(ts, ids, gy, "silu", False, False,
                         backend=TritonBackend.Config(dw="grouped_mm", gluon=True))
 

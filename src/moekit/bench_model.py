@@ -3,7 +3,7 @@
 run by transformers' ``grouped_mm``, by ``experts_implementation="moekit"`` and by
 ``moekit.hf.patch`` (the whole sparse block replaced by :class:`moekit.MoE`).
 
-Each row reports the median time, tokens/s, the peak memory above the model's own, and the
+Each row reports the median time (the modes alternated over a few rounds), tokens/s, the peak memory above the model's own, and the
 relative error of the prefill logits against an fp32 run of the same weights. The same model
 object (same weights, same inputs) serves every row of a family, so the rows compare only the
 experts' path. Used by ``benchmarks/bench_model.py``; ``run(..., tiny=True)`` builds small
@@ -110,7 +110,7 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _median_ms(fn, device, warmup: int, iters: int) -> float:
+def _times_ms(fn, device, warmup: int, iters: int) -> list[float]:
     for _ in range(warmup):
         fn()
     times = []
@@ -120,7 +120,7 @@ def _median_ms(fn, device, warmup: int, iters: int) -> float:
         fn()
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return times
 
 
 def _peak_gib(fn, device) -> float:
@@ -152,10 +152,15 @@ def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 def bench_family(family: str, *, layers: int = 2, batch: int = 4, seq: int = 2048,
                  vocab: int = 32768, dtype: torch.dtype = torch.bfloat16, device="cuda",
-                 modes=MODES, warmup: int = 2, iters: int = 5, tiny: bool = False,
-                 seed: int = 0) -> list[ModelRow]:
+                 modes=MODES, warmup: int = 2, iters: int = 5, rounds: int = 3,
+                 tiny: bool = False, seed: int = 0) -> list[ModelRow]:
+    """One row per mode: the medians over ``rounds`` rounds, each of which puts the model in
+    every mode in turn (``warmup`` untimed steps, then ``iters`` timed ones), so that a drift of
+    the machine's clocks during the run reaches every mode alike."""
     import moekit.hf  # noqa: F401 - registers experts_implementation="moekit"
 
+    if rounds < 1 or iters < 1 or warmup < 0:
+        raise ValueError(f"rounds={rounds}, iters={iters} must be >= 1 and warmup={warmup} >= 0")
     model = build_model(family, layers=layers, vocab=vocab, dtype=dtype, device=device,
                         tiny=tiny, seed=seed)
     g = torch.Generator(device="cpu").manual_seed(seed + 1)
@@ -168,31 +173,37 @@ def bench_family(family: str, *, layers: int = 2, batch: int = 4, seq: int = 204
         ref = model(ids, use_cache=False).logits.float()
         model.set_experts_implementation("grouped_mm")
         model.to(dtype)
+
+    def train_step():
+        loss = model(ids, labels=labels, use_cache=False).loss
+        loss.backward()
+        for p in model.parameters():
+            p.grad = None
+
+    def prefill():
+        with torch.no_grad():
+            return model(ids, use_cache=True).logits
+
     T = batch * seq
+    train, pre, peak, err = ({m: [] for m in modes} for _ in range(4))
+    for r in range(rounds):
+        for mode in modes:
+            undo = _set_mode(model, mode)
+            try:
+                if r == 0:
+                    with torch.no_grad():
+                        err[mode] = _rel_err(model(ids, use_cache=False).logits, ref)
+                    peak[mode] = _peak_gib(train_step, device)
+                train[mode] += _times_ms(train_step, device, warmup, iters)
+                pre[mode] += _times_ms(prefill, device, warmup, iters)
+            finally:
+                undo()
     rows = []
     for mode in modes:
-        undo = _set_mode(model, mode)
-        try:
-            def train_step():
-                loss = model(ids, labels=labels, use_cache=False).loss
-                loss.backward()
-                for p in model.parameters():
-                    p.grad = None
-
-            def prefill():
-                with torch.no_grad():
-                    return model(ids, use_cache=True).logits
-
-            with torch.no_grad():
-                err = _rel_err(model(ids, use_cache=False).logits, ref)
-            train_ms = _median_ms(train_step, device, warmup, iters)
-            peak = _peak_gib(train_step, device)
-            prefill_ms = _median_ms(prefill, device, warmup, iters)
-        finally:
-            undo()
-        rows.append(ModelRow(family, mode, T, train_ms, T / train_ms * 1e3, peak, prefill_ms,
-                             T / prefill_ms * 1e3, err))
-    model = None  # (the closures above hold it too: this frees it before the cache is emptied)
+        train_ms, prefill_ms = statistics.median(train[mode]), statistics.median(pre[mode])
+        rows.append(ModelRow(family, mode, T, train_ms, T / train_ms * 1e3, peak[mode],
+                             prefill_ms, T / prefill_ms * 1e3, err[mode]))
+    model = train_step = prefill = None  # frees the model before the cache is emptied
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
     return rows

@@ -1,6 +1,7 @@
 """Launchers of the forward kernels: check shapes/dtypes/devices/contiguity, pick the launch
 config (``launch_config``), launch. The up projection (token gather + GEMM + activation), the
-row GEMM on sorted rows, the combine and the row gather. The decode launchers are in
+row GEMM on sorted rows (Triton, or on Hopper the Gluon ping-pong kernel of
+``kernels_gluon_rows`` where ``gluon_rules`` says so), the combine and the row gather. The decode launchers are in
 ``decode``, the backward's in ``backward`` and ``weight_grads``.
 """
 
@@ -13,6 +14,7 @@ from ...activations import GPT_OSS_ALPHA, GPT_OSS_LIMIT
 from . import kernels as K
 from . import kernels_tma as KT
 from . import launch_config as C
+from .gluon_rules import gluon_rows_wanted
 from .launch_config import (
     _DTYPES,
     TensorDescriptor,
@@ -20,6 +22,7 @@ from .launch_config import (
     _check,
     _e_p2,
     _max_tiles,
+    _num_sms,
     _persistent,
     _prec,
     _rows_contig,
@@ -133,9 +136,13 @@ def rows_gemm(
     E, O, I = w_EOI.shape
     N = a_NI.shape[0]
     a_NI = _rows_contig(a_NI)
-    y = a_NI.new_empty(N, O)
     if N == 0:
-        return y
+        return a_NI.new_empty(0, O)
+    if b_EO is None and out_rows_N is None and gluon_rows_wanted(tiles, a_NI, w_EOI):
+        from .kernels_gluon_rows import rows_gemm_ws
+
+        return rows_gemm_ws(a_NI, w_EOI, counts_E, offsets_E, _num_sms(a_NI.device))
+    y = a_NI.new_empty(N, O)
     cfg = C._gemm_config(N, E, O, "rows", a_NI.dtype, tiles)
     num_pid_m = _max_tiles(N, E, cfg.BLOCK_M)
     grid = (num_pid_m * triton.cdiv(O, cfg.BLOCK_N),)

@@ -1,11 +1,9 @@
 """Launchers of the weight gradients (``dW[e] = L[rows].T @ R[rows]``, Triton, or over gathered
 copies by the warp-specialized Gluon kernel on Hopper or torch's grouped GEMM) and the rules
 that send a GEMM to gathered copies (``dw_uses_grouped_mm``, ``dw_up_uses_grouped_mm``,
-``rows_on_cublas``) and to Gluon (``gluon_wanted``)."""
+``rows_on_cublas``); ``gluon_rules.gluon_wanted`` sends them to Gluon."""
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
@@ -13,6 +11,7 @@ import triton
 from . import kernels_bwd as KB
 from . import kernels_tma as KT
 from . import launch_config as C
+from .gluon_rules import gluon_wanted
 from .launch_config import (
     TensorDescriptor,
     _aligned,
@@ -23,8 +22,8 @@ from .launch_config import (
     _tma_wanted,
 )
 
-__all__ = ["dw_up_uses_grouped_mm", "dw_uses_grouped_mm", "gluon_wanted", "grouped_mm",
-           "rows_on_cublas", "weight_grad"]
+__all__ = ["dw_up_uses_grouped_mm", "dw_uses_grouped_mm", "grouped_mm", "rows_on_cublas",
+           "weight_grad"]
 
 
 _grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -85,58 +84,6 @@ def rows_on_cublas(use_grouped_mm: bool, tiles: dict | None, t: torch.Tensor, n_
     row GEMM at 670 TFLOP/s against cuBLAS's 642 at Mixtral's shape, 507 against 497 at
     Qwen3's)."""
     return use_grouped_mm and not _tma_wanted(tiles, t, n_rows, n_experts)
-
-
-@functools.cache
-def _gluon_import_error() -> str | None:
-    try:
-        from . import kernels_gluon  # noqa: F401
-    except ImportError as e:  # Triton < 3.5 has no triton.experimental.gluon (or not its Hopper parts)
-        return f"triton.experimental.gluon could not be imported ({e}); pip install -U triton"
-    return None
-
-
-def _gluon_unavailable(t: torch.Tensor) -> str | None:
-    """Why the Gluon weight-grad kernel cannot run on tensors like ``t`` (None: it can)."""
-    if t.device.type != "cuda" or C.interpreting():
-        return f"it runs on CUDA GPUs only (not under TRITON_INTERPRET); got a {t.device.type} tensor"
-    if t.dtype not in (torch.bfloat16, torch.float16):
-        return f"it needs bfloat16 or float16 operands, got {t.dtype}"
-    if _major(t.device) != 9:
-        return (f"it needs a GPU of compute capability 9 (Hopper's wgmma); {t.device} has "
-                f"{_major(t.device)}")
-    return _gluon_import_error()
-
-
-# ``gluon=None`` (auto) takes the Gluon weight-grad kernel from this many rows per expert on: it
-# was faster than cuBLAS at every shape measured, all at 1024-2048 rows per expert (H200, bf16,
-# 1.03-1.13x, ``benchmarks/results/H200-s10-dw-ab.json``); with fewer rows each output tile has
-# fewer row blocks to hide its epilogue behind, and that was not measured
-GLUON_MIN_ROWS_PER_EXPERT = 1024
-
-
-def gluon_wanted(tiles: dict | None, l_NO: torch.Tensor, r_NI: torch.Tensor,
-                 n_experts: int) -> bool:
-    """Whether a weight grad over gathered copies (``dW[e] = l[rows].T @ r[rows]``, ``n_experts``
-    experts) runs on the warp-specialized Gluon kernel (``kernels_gluon``) instead of torch's
-    grouped GEMM: never with the ``gluon`` setting (``TritonBackend.Config.gluon``) False; on a
-    Hopper GPU in bf16/fp16 wherever both operands suit TMA (contiguous, 16-byte aligned, O and I
-    multiples of 8) with True, and with None (auto) there from
-    :data:`GLUON_MIN_ROWS_PER_EXPERT` rows per expert on. True where the kernel cannot run at
-    all raises."""
-    v = tiles.get("gluon") if tiles else None
-    if v == (0,):
-        return False
-    why = _gluon_unavailable(l_NO)
-    if why is not None:
-        if v == (1,):
-            raise RuntimeError(f"TritonBackend.Config.gluon=True, but the Gluon kernel cannot run: "
-                               f"{why}; use gluon=None (auto) or False")
-        return False
-    if v is None and l_NO.shape[0] < GLUON_MIN_ROWS_PER_EXPERT * n_experts:
-        return False
-    return all(t.dtype == l_NO.dtype and t.is_contiguous() and t.data_ptr() % 16 == 0
-               and t.shape[1] % 8 == 0 for t in (l_NO, r_NI))
 
 
 def _dw_gluon(lm: torch.Tensor, rm: torch.Tensor, counts_E: torch.Tensor, offsets_E: torch.Tensor,
