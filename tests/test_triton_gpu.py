@@ -295,8 +295,11 @@ def test_gluon_rows_gemm(dtype, layout):
         w = (torch.randn(E, O, I, generator=g) * I ** -0.5).cuda().to(dtype)
     else:
         w = (torch.randn(E, I, O, generator=g) * I ** -0.5).cuda().to(dtype).transpose(1, 2)
-    # auto: the I-contiguous weight only (the down projection); True: both layouts
-    assert gluon_rules.gluon_rows_wanted(None, a, w) == (layout == "eoi")
+    # auto: from 1024 rows per expert, the I-contiguous weight only (the down projection);
+    # True: both layouts, any size
+    big = a.new_empty(1024 * E, I)
+    assert gluon_rules.gluon_rows_wanted(None, big, w) == (layout == "eoi")
+    assert not gluon_rules.gluon_rows_wanted(None, a, w)
     assert gluon_rules.gluon_rows_wanted({"gluon": (1,)}, a, w)
     assert not gluon_rules.gluon_rows_wanted({"gluon": (0,)}, a, w)
     truth = torch.cat([x.double() @ w[e].double().T for e, x in enumerate(a.split(counts.tolist()))])

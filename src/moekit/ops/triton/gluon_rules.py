@@ -78,7 +78,9 @@ def gluon_wanted(tiles: dict | None, l_NO: torch.Tensor, r_NI: torch.Tensor,
 # ``benchmarks/results/H200-s11-gemm-ab-gluon.json``): Qwen3's down projection 0.722 against
 # 0.790 ms (0.407 / 0.420 at 512 rows per expert), OLMoE's 0.915 against 0.958; the input grad
 # (the weight O-contiguous) no faster (1.441 / 1.480, 0.815 / 0.796, 1.825 / 1.831 ms), Mixtral's
-# GEMMs 11% slower
+# GEMMs 11% slower. Below 1024 rows per expert it is not taken: no faster in a Qwen3-sized model's
+# training step at 512 (34.68 against 34.27 ms, medians of 25 steps), and 9-21% slower at decode
+# sizes (T = 8 and 64: 3126 / 3905 GB/s against 3942 / 4273 in session 10's run)
 GLUON_ROWS_MAX_DIM = 2048
 
 
@@ -87,13 +89,15 @@ def gluon_rows_wanted(tiles: dict | None, a_NI: torch.Tensor, w_EOI: torch.Tenso
     kernel (``kernels_gluon_rows``) instead of the Triton row GEMM: never with the ``gluon``
     setting False; on a Hopper GPU in bf16/fp16 wherever the operands suit TMA (a's rows
     contiguous, w's I or O dim contiguous, 16-byte aligned, O a multiple of 8) with True, and
-    with None (auto) there where w's I dim is contiguous and O and I are both at most
-    :data:`GLUON_ROWS_MAX_DIM`. True where the kernel cannot run at all raises."""
+    with None (auto) there where w's I dim is contiguous, O and I are both at most
+    :data:`GLUON_ROWS_MAX_DIM` and there are at least :data:`GLUON_MIN_ROWS_PER_EXPERT` rows per
+    expert. True where the kernel cannot run at all raises."""
     v = tiles.get("gluon") if tiles else None
     if v == (0,) or not _gluon_can_run(v, a_NI):
         return False
-    _, O, I = w_EOI.shape
-    if v is None and (max(O, I) > GLUON_ROWS_MAX_DIM or not _aligned(w_EOI, 2)):
+    E, O, I = w_EOI.shape
+    if v is None and (max(O, I) > GLUON_ROWS_MAX_DIM or not _aligned(w_EOI, 2)
+                      or a_NI.shape[0] < GLUON_MIN_ROWS_PER_EXPERT * E):
         return False
     return (w_EOI.dtype == a_NI.dtype and O % 8 == 0 and _aligned(a_NI, 1)
             and (_aligned(w_EOI, 2) or _aligned(w_EOI, 1)))
