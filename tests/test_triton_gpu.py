@@ -299,6 +299,7 @@ def test_gluon_rows_gemm(dtype, layout):
     # True: both layouts, any size
     big = a.new_empty(1024 * E, I)
     assert gluon_rules.gluon_rows_wanted(None, big, w) == (layout == "eoi")
+    assert not gluon_rules.gluon_rows_wanted({"rows": (128, 128, 64, 8, 3)}, big, w)
     assert not gluon_rules.gluon_rows_wanted(None, a, w)
     assert gluon_rules.gluon_rows_wanted({"gluon": (1,)}, a, w)
     assert not gluon_rules.gluon_rows_wanted({"gluon": (0,)}, a, w)

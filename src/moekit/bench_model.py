@@ -3,11 +3,11 @@
 run by transformers' ``grouped_mm``, by ``experts_implementation="moekit"`` and by
 ``moekit.hf.patch`` (the whole sparse block replaced by :class:`moekit.MoE`).
 
-Each row reports the median time (the modes alternated over a few rounds), tokens/s, the peak memory above the model's own, and the
-relative error of the prefill logits against an fp32 run of the same weights. The same model
-object (same weights, same inputs) serves every row of a family, so the rows compare only the
-experts' path. Used by ``benchmarks/bench_model.py``; ``run(..., tiny=True)`` builds small
-models for tests on CPU.
+Each row reports the median time (the modes alternated over a few rounds), tokens/s, the peak
+memory above the model's own, and the relative error of the prefill logits against an fp32 run
+of the same weights. The same model object (same weights, same inputs) serves every row of a
+family, so the rows compare only the experts' path. Used by ``benchmarks/bench_model.py``;
+``run(..., tiny=True)`` builds small models for tests on CPU.
 """
 
 from __future__ import annotations

@@ -90,14 +90,16 @@ def gluon_rows_wanted(tiles: dict | None, a_NI: torch.Tensor, w_EOI: torch.Tenso
     setting False; on a Hopper GPU in bf16/fp16 wherever the operands suit TMA (a's rows
     contiguous, w's I or O dim contiguous, 16-byte aligned, O a multiple of 8) with True, and
     with None (auto) there where w's I dim is contiguous, O and I are both at most
-    :data:`GLUON_ROWS_MAX_DIM` and there are at least :data:`GLUON_MIN_ROWS_PER_EXPERT` rows per
-    expert. True where the kernel cannot run at all raises."""
+    :data:`GLUON_ROWS_MAX_DIM`, there are at least :data:`GLUON_MIN_ROWS_PER_EXPERT` rows per
+    expert and no Triton row-GEMM tile was given (``kind_tiles["rows"]`` or ``gemm_tile``: a
+    tile asked for is a tile used). True where the kernel cannot run at all raises."""
     v = tiles.get("gluon") if tiles else None
     if v == (0,) or not _gluon_can_run(v, a_NI):
         return False
     E, O, I = w_EOI.shape
     if v is None and (max(O, I) > GLUON_ROWS_MAX_DIM or not _aligned(w_EOI, 2)
-                      or a_NI.shape[0] < GLUON_MIN_ROWS_PER_EXPERT * E):
+                      or a_NI.shape[0] < GLUON_MIN_ROWS_PER_EXPERT * E
+                      or any(k in (tiles or {}) for k in ("rows", "gemm"))):
         return False
     return (w_EOI.dtype == a_NI.dtype and O % 8 == 0 and _aligned(a_NI, 1)
             and (_aligned(w_EOI, 2) or _aligned(w_EOI, 1)))

@@ -1,8 +1,8 @@
 """Launchers of the forward kernels: check shapes/dtypes/devices/contiguity, pick the launch
 config (``launch_config``), launch. The up projection (token gather + GEMM + activation), the
 row GEMM on sorted rows (Triton, or on Hopper the Gluon ping-pong kernel of
-``kernels_gluon_rows`` where ``gluon_rules`` says so), the combine and the row gather. The decode launchers are in
-``decode``, the backward's in ``backward`` and ``weight_grads``.
+``kernels_gluon_rows`` where ``gluon_rules`` says so), the combine and the row gather. The
+decode launchers are in ``decode``, the backward's in ``backward`` and ``weight_grads``.
 """
 
 from __future__ import annotations
