@@ -57,7 +57,7 @@ def main():
                 continue
             key = "rows" if kind == "rows_t" else kind
             variants = {}
-            modes = {"": {"gluon": (0,)}}
+            modes = {"": {}}
             if a.tma:
                 modes = {" ptr": {"tma": (0,)}, " tma": {"tma": (1,), "persistent": (0,)},
                          " tma persistent": {"tma": (1,), "persistent": (1,)}}

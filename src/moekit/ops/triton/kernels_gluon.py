@@ -33,7 +33,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-__all__ = ["weight_grad_ws"]
+__all__ = ["tma_desc", "weight_grad_ws"]
 
 BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M, NUM_WARPS = 128, 256, 64, 3, 8, 8
 
@@ -134,6 +134,13 @@ def weight_grad_ws_kernel(l_desc, r_desc, dw_desc, COUNTS, OFFSETS, E, O, I,
     ], [1], [40])
 
 
+def tma_desc(t: torch.Tensor, shape, strides, block) -> TensorDescriptor:
+    """A Gluon tensor descriptor over ``t`` (bf16 or fp16) with the default NVMMA shared layout
+    of its ``block``."""
+    dt = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+    return TensorDescriptor(t, shape, strides, block, gl.NVMMASharedLayout.get_default_for(block, dt))
+
+
 def weight_grad_ws(l_NO: torch.Tensor, r_NI: torch.Tensor, counts_E: torch.Tensor,
                    offsets_E: torch.Tensor, num_sms: int) -> torch.Tensor:
     """``dW[e] = L[rows of e].T @ R[rows of e]`` (``[E, O, I]``, contiguous, L's dtype).
@@ -143,14 +150,9 @@ def weight_grad_ws(l_NO: torch.Tensor, r_NI: torch.Tensor, counts_E: torch.Tenso
     I = r_NI.shape[1]
     E = counts_E.shape[0]
     dw = l_NO.new_empty(E, O, I)
-    dt = gl.bfloat16 if l_NO.dtype == torch.bfloat16 else gl.float16
-
-    def desc(t, shape, strides, block):
-        return TensorDescriptor(t, shape, strides, block, gl.NVMMASharedLayout.get_default_for(block, dt))
-
-    l_desc = desc(l_NO, [N, O], [O, 1], [BLOCK_K, BLOCK_M])
-    r_desc = desc(r_NI, [N, I], [I, 1], [BLOCK_K, BLOCK_N])
-    dw_desc = desc(dw, [E, O, I], [O * I, I, 1], [1, BLOCK_M, BLOCK_N])
+    l_desc = tma_desc(l_NO, [N, O], [O, 1], [BLOCK_K, BLOCK_M])
+    r_desc = tma_desc(r_NI, [N, I], [I, 1], [BLOCK_K, BLOCK_N])
+    dw_desc = tma_desc(dw, [E, O, I], [O * I, I, 1], [1, BLOCK_M, BLOCK_N])
     tiles = E * triton.cdiv(O, BLOCK_M) * triton.cdiv(I, BLOCK_N)
     weight_grad_ws_kernel[(min(num_sms, tiles),)](
         l_desc, r_desc, dw_desc, counts_E, offsets_E, E, O, I,

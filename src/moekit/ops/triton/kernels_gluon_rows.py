@@ -35,7 +35,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .kernels_gluon import tma_desc
+from .launch_config import _e_p2, _max_tiles
 
 __all__ = ["rows_gemm_ws"]
 
@@ -194,24 +196,18 @@ def rows_gemm_ws(a_NI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor
     N, I = a_NI.shape
     E, O, _ = w_EOI.shape
     y = a_NI.new_empty(N, O)
-    dt = gl.bfloat16 if a_NI.dtype == torch.bfloat16 else gl.float16
-
-    def desc(t, shape, strides, block):
-        return TensorDescriptor(t, shape, strides, block,
-                                gl.NVMMASharedLayout.get_default_for(block, dt))
-
     k_contig = w_EOI.stride(2) == 1
     if k_contig:
-        w_desc = desc(w_EOI, [E, O, I], list(w_EOI.stride()), [1, BLOCK_N, BLOCK_K])
+        w_desc = tma_desc(w_EOI, [E, O, I], list(w_EOI.stride()), [1, BLOCK_N, BLOCK_K])
     else:
         w_EIO = w_EOI.transpose(1, 2)
-        w_desc = desc(w_EIO, [E, I, O], list(w_EIO.stride()), [1, BLOCK_K, BLOCK_N])
-    a_desc = desc(a_NI, [N, I], [a_NI.stride(0), 1], [BLOCK_M, BLOCK_K])
-    y_desc = desc(y, [N, O], [O, 1], [BLOCK_M, BLOCK_N])
-    tiles = (N // BLOCK_M + min(E, N)) * triton.cdiv(O, BLOCK_N)  # at most
+        w_desc = tma_desc(w_EIO, [E, I, O], list(w_EIO.stride()), [1, BLOCK_K, BLOCK_N])
+    a_desc = tma_desc(a_NI, [N, I], [a_NI.stride(0), 1], [BLOCK_M, BLOCK_K])
+    y_desc = tma_desc(y, [N, O], [O, 1], [BLOCK_M, BLOCK_N])
+    tiles = _max_tiles(N, E, BLOCK_M) * triton.cdiv(O, BLOCK_N)
     rows_ws_kernel[(max(1, min(num_sms, tiles)),)](
         a_desc, w_desc, y_desc, y, y.stride(0), counts_E, offsets_E, E, O, I,
-        E_P2=max(2, triton.next_power_of_2(E)), K_CONTIG=k_contig, GM=GROUP_M, NB=STAGES,
+        E_P2=_e_p2(E), K_CONTIG=k_contig, GM=GROUP_M, NB=STAGES,
         LW=LOADER_WARPS, num_warps=CONSUMER_WARPS,
     )
     return y
