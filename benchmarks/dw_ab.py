@@ -4,7 +4,8 @@ alone (do_bench medians, the configs alternated twice), and the same weight grad
 contiguous copies (the copy's time counted: ``copy+`` rows); outputs compared with the first
 config's. ``--tma``: each config also with the sorted operand through a tensor descriptor
 (``TritonBackend.Config.tma``); ``--cublas``: torch grouped_mm over gathered copies too;
-``--gluon``: the warp-specialized Gluon kernel over the same gathered copies (Hopper). The
+``--gluon``: the warp-specialized Gluon kernel over the same gathered copies (Hopper) and with
+the gathered operand's rows copied in its loader (``gluon gather``: no copy). The
 down projection's dW is timed as the layer runs it by default (the recomputed activation carries
 the routing weight, so no operand is scaled). Prints a table; with --out writes it as JSON.
 
@@ -24,14 +25,14 @@ from ab_common import SHAPES, ab, shape_inputs, tile
 DEFAULT_CONFIGS = ["128,128,64,8,4", "128,256,64,8,3"]
 
 
-def _gathered(fa, tiles):
+def _gathered(fa, tiles, use_grouped_mm=False):
     """The same weight grad over gathered (and pre-scaled) contiguous copies: the copy's time
     is counted."""
     l_src, l_tok, r_src, r_tok, roww, scale_left, counts, offsets = fa
     lm = W._gather_rows(l_src, l_tok, roww if scale_left else None)
     rm = W._gather_rows(r_src, r_tok, None if scale_left else roww)
     return W.weight_grad(lm, None, rm, None, None, scale_left, counts, offsets, torch.bfloat16,
-                         False, tiles=tiles)[0]
+                         False, use_grouped_mm, tiles=tiles)[0]
 
 
 def main():
@@ -63,8 +64,9 @@ def main():
                 variants["grouped_mm"] = lambda fa=fa: W.weight_grad(
                     *fa, torch.bfloat16, False, use_grouped_mm=True, tiles={"gluon": (0,)})[0]
             if a.gluon:
-                variants["gluon"] = lambda fa=fa: W.weight_grad(
-                    *fa, torch.bfloat16, False, use_grouped_mm=True, tiles={"gluon": (1,)})[0]
+                variants["gluon copy+"] = lambda fa=fa: _gathered(fa, {"gluon": (1,)}, True)
+                variants["gluon gather"] = lambda fa=fa: W.weight_grad(
+                    *fa, torch.bfloat16, False, tiles={"gluon": (1,)})[0]
             flops = 2 * N * D * (2 * F if which == "dW_up" else F)
             rows += [dict(r, shape=name) for r in ab(variants, flops, f"{name} {which}")]
     if a.out:

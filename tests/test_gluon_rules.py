@@ -59,9 +59,32 @@ def test_weight_grad_auto_rule(hopper):
     assert not G.gluon_wanted({"gluon": (1,)}, lm[:, :100], rm, E)  # not contiguous
 
 
+def test_gather_weight_grad_auto_rule(hopper):
+    """The in-kernel gather (one operand gathered by token, ``gluon_gather_wanted``): auto takes
+    fine-grained experts at 1024 rows per expert or more, unless a weight-grad tile was given."""
+    E, T = 4, 512
+    src, other = torch.empty(T, 2048, dtype=torch.bfloat16), torch.empty(1024 * E, 768, dtype=torch.bfloat16)
+    assert G.gluon_gather_wanted(None, src, other, 1024 * E, E)
+    assert G.gluon_gather_wanted(None, other[:T], src[:, :1536], 1024 * E, E)  # dH.T @ x[tok]
+    assert not G.gluon_gather_wanted(None, src, other, 512 * E, E)
+    wide = torch.empty(T, 2880, dtype=torch.bfloat16)  # GPT-OSS's and larger experts: not by default
+    assert not G.gluon_gather_wanted(None, wide, other, 1024 * E, E)
+    assert not G.gluon_gather_wanted(None, src, torch.empty(1024 * E, 4096, dtype=torch.bfloat16), 1024 * E, E)
+    assert not G.gluon_gather_wanted({"dw": (128, 256, 64, 8, 3)}, src, other, 1024 * E, E)
+    # True: any size; False: never; never what its copies cannot take
+    assert G.gluon_gather_wanted({"gluon": (1,)}, wide, other, 8, E)
+    assert not G.gluon_gather_wanted({"gluon": (0,)}, src, other, 1024 * E, E)
+    assert not G.gluon_gather_wanted({"gluon": (1,)}, src[:, :100], other, 8, E)  # width 100
+    assert not G.gluon_gather_wanted({"gluon": (1,)}, src[:, 1:], other, 8, E)  # width 2047, unaligned
+    assert not G.gluon_gather_wanted({"gluon": (1,)}, src, other.half(), 8, E)  # mixed dtypes
+
+
 def test_true_raises_where_it_cannot_run():
     """Off Hopper (here: CPU) auto and False say no, True names why."""
     a, w = _rows(8, 2, 64, 64)
     assert not G.gluon_rows_wanted(None, a, w)
     with pytest.raises(RuntimeError, match="gluon=True, but the Gluon kernels cannot run"):
         G.gluon_rows_wanted({"gluon": (1,)}, a, w)
+    assert not G.gluon_gather_wanted(None, a, a, 1024 * 2, 2)
+    with pytest.raises(RuntimeError, match="gluon=True, but the Gluon kernels cannot run"):
+        G.gluon_gather_wanted({"gluon": (1,)}, a, a, 8, 2)

@@ -276,6 +276,49 @@ def test_gluon_weight_grad(dtype, transposed):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["eoi", "transposed"])
+def test_gluon_gather_weight_grad(dtype, side, transposed):
+    """The Gluon weight grad with one operand's rows gathered by token in its loader (the
+    left: ``gout[tok].T @ a``; the right: ``dH.T @ x[tok]``, computed transposed) against fp64
+    per-expert products, beside ``dw_kernel`` under the tolerance rule: uneven experts (row
+    blocks running into the next expert), experts without rows (exact zeros), widths of 8 but
+    not 16 (the copies' smallest alignment) off the tile, both output layouts."""
+    from moekit.ops.triton import gluon_rules
+    from moekit.ops.triton import weight_grads as W
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel needs compute capability 9")
+    counts = torch.tensor([300, 0, 1, 250, 0, 449, 64], device="cuda", dtype=torch.int32)
+    offsets = counts.cumsum(0, dtype=torch.int32)
+    E, N, T, O, I = 7, int(counts.sum()), 411, 200, 264
+    g = torch.Generator(device="cpu").manual_seed(8)
+    tok = torch.randint(0, T, (N,), generator=g).cuda()
+    src = torch.randn(T, O if side == "left" else I, generator=g).cuda().to(dtype)
+    other = torch.randn(N, I if side == "left" else O, generator=g).cuda().to(dtype)
+    gathered = src.index_select(0, tok)
+    lm, rm = (gathered, other) if side == "left" else (other, gathered)
+    # auto: not at 152 rows per expert, nor with a weight-grad tile given; True: wherever it runs
+    assert gluon_rules.gluon_gather_wanted({"gluon": (1,)}, src, other, N, E)
+    assert not gluon_rules.gluon_gather_wanted(None, src, other, N, E)
+    assert gluon_rules.gluon_gather_wanted(None, src, other, 1024 * E, E)
+    assert not gluon_rules.gluon_gather_wanted({"dw": (128, 256, 64, 8, 3)}, src, other, 1024 * E, E)
+    assert not gluon_rules.gluon_gather_wanted({"gluon": (0,)}, src, other, N, E)
+    truth = torch.stack([a.double().T @ b.double() for a, b in
+                         zip(lm.split(counts.tolist()), rm.split(counts.tolist()))])
+    args = ((src, tok, other, None) if side == "left" else (other, None, src, tok))
+    fast = W.weight_grad(*args, None, False, counts, offsets, dtype, False, transposed=transposed,
+                         tiles={"gluon": (1,)})[0]
+    plain = W.weight_grad(*args, None, False, counts, offsets, dtype, False, transposed=transposed,
+                          tiles={"gluon": (0,)})[0]
+    assert fast.shape == (E, O, I) and fast.dtype == dtype
+    assert (fast.transpose(1, 2) if transposed else fast).is_contiguous()
+    assert torch.count_nonzero(fast[[1, 4]]) == 0
+    e_a, e_p, s = _err(fast, truth), _err(plain, truth), _scale(truth)
+    assert e_a <= 2 * e_p + 2e-3 * s, f"gluon gather err {e_a:.3e} > 2 * triton {e_p:.3e} + atol"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["eoi", "eio"])
 def test_gluon_rows_gemm(dtype, layout):
     """The Gluon ping-pong row GEMM (Hopper) against fp64 per-expert products, beside the Triton

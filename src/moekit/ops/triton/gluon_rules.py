@@ -1,6 +1,7 @@
 """Where the Gluon kernels (warp-specialized, Hopper) run: the ``gluon`` setting
 (``TritonBackend.Config.gluon``: None = auto, True, False) and the shapes its auto rule takes.
 ``gluon_wanted``: the weight grads over gathered copies (``kernels_gluon``);
+``gluon_gather_wanted``: the weight grads with one operand gathered in the kernel (the same);
 ``gluon_rows_wanted``: the plain row GEMMs (``kernels_gluon_rows``)."""
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import torch
 from . import launch_config as C
 from .launch_config import _aligned, _major
 
-__all__ = ["GLUON_MIN_ROWS_PER_EXPERT", "GLUON_ROWS_MAX_DIM", "gluon_rows_wanted", "gluon_wanted"]
+__all__ = ["GLUON_GATHER_MAX_DIM", "GLUON_MIN_ROWS_PER_EXPERT", "GLUON_ROWS_MAX_DIM",
+           "gluon_gather_wanted",
+           "gluon_rows_wanted", "gluon_wanted"]
 
 
 @functools.cache
@@ -69,6 +72,42 @@ def gluon_wanted(tiles: dict | None, l_NO: torch.Tensor, r_NI: torch.Tensor,
         return False
     return all(t.dtype == l_NO.dtype and t.is_contiguous() and t.data_ptr() % 16 == 0
                and t.shape[1] % 8 == 0 for t in (l_NO, r_NI))
+
+
+def _tma_rows(t: torch.Tensor) -> bool:
+    """Rows contiguous, 16-byte aligned, width and row stride multiples of 8 elements."""
+    return (t.stride(1) == 1 and t.stride(0) % 8 == 0 and t.shape[1] % 8 == 0
+            and t.data_ptr() % 16 == 0)
+
+
+# ``gluon=None`` (auto) gathers in the Gluon weight-grad kernel only where both widths are at most
+# this (fine-grained experts). H200, bf16, the layer's forward+backward, in-kernel gather on / off
+# (5 alternated rounds, best): Qwen3 7.09 / 7.39 ms (peak 1.63 / 2.13 GiB above the inputs), OLMoE
+# 9.16 / 9.27; but GPT-OSS 17.53 / 17.29, Mixtral 28.44 / 27.36, DeepSeek-64e 31.16 / 30.64
+GLUON_GATHER_MAX_DIM = 2048
+
+
+def gluon_gather_wanted(tiles: dict | None, gathered: torch.Tensor, other: torch.Tensor,
+                        n_rows: int, n_experts: int) -> bool:
+    """Whether a weight grad with one operand gathered by token and neither scaled by the
+    routing weight (``dW[e] = L[rows].T @ R[rows]``, the forward's down projection's
+    ``gout[tok].T @ a`` and the up projection's ``dH.T @ x[tok]``) runs on the Gluon kernel with
+    the gather in its loader (``kernels_gluon``, ``cp.async``; no gathered copy) instead of
+    ``dw_kernel`` or a gathered copy: never with the ``gluon`` setting False; on a Hopper GPU in
+    bf16/fp16 wherever both operands suit its copies (:func:`_tma_rows`) with True, and with
+    None (auto) there from :data:`GLUON_MIN_ROWS_PER_EXPERT` rows per expert on, with both
+    widths at most :data:`GLUON_GATHER_MAX_DIM`, when no weight-grad tile was given
+    (``dw_tile``). H200, bf16, that GEMM alone
+    (``benchmarks/dw_ab.py --gather``): the down projection's at Qwen3 0.738 ms against 0.879 on
+    ``dw_kernel``, OLMoE 0.995 / 1.056; the up projection's 1.508 against 1.551 with the copy,
+    OLMoE 1.866 / 2.131. True where the kernel cannot run at all raises."""
+    v = tiles.get("gluon") if tiles else None
+    if v == (0,) or not _gluon_can_run(v, gathered):
+        return False
+    if v is None and (n_rows < GLUON_MIN_ROWS_PER_EXPERT * n_experts or "dw" in (tiles or {})
+                      or max(gathered.shape[1], other.shape[1]) > GLUON_GATHER_MAX_DIM):
+        return False
+    return other.dtype == gathered.dtype and _tma_rows(gathered) and _tma_rows(other)
 
 
 # ``gluon=None`` (auto) runs a plain row GEMM (no bias, no scatter) on the Gluon ping-pong kernel

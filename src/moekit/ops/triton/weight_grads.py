@@ -11,7 +11,7 @@ import triton
 from . import kernels_bwd as KB
 from . import kernels_tma as KT
 from . import launch_config as C
-from .gluon_rules import gluon_wanted
+from .gluon_rules import gluon_gather_wanted, gluon_wanted
 from .launch_config import (
     TensorDescriptor,
     _aligned,
@@ -87,16 +87,22 @@ def rows_on_cublas(use_grouped_mm: bool, tiles: dict | None, t: torch.Tensor, n_
 
 
 def _dw_gluon(lm: torch.Tensor, rm: torch.Tensor, counts_E: torch.Tensor, offsets_E: torch.Tensor,
-              transposed: bool) -> torch.Tensor:
+              transposed: bool, l_tok: torch.Tensor | None = None,
+              r_tok: torch.Tensor | None = None) -> torch.Tensor:
     """``lm[rows].T @ rm[rows]`` per expert by the Gluon kernel (zeros for experts without
-    rows); ``transposed``: computed as ``(rm.T @ lm)`` into a contiguous ``[E, I, O]``."""
+    rows); ``transposed``: laid out as the transpose of a contiguous ``[E, I, O]``. ``l_tok``
+    (or ``r_tok``): that operand's rows are gathered by token in the kernel, which gathers its
+    left operand: with ``r_tok`` it computes ``(rm[tok].T @ lm).T``."""
     from .kernels_gluon import weight_grad_ws
 
     counts, offsets = counts_E.to(torch.int32), offsets_E.to(torch.int32)
     sms = _num_sms(lm.device)
-    if transposed:
+    if r_tok is not None:
+        return weight_grad_ws(rm, lm, counts, offsets, sms, l_tok=r_tok,
+                              out_transposed=not transposed).transpose(1, 2)
+    if transposed and l_tok is None:
         return weight_grad_ws(rm, lm, counts, offsets, sms).transpose(1, 2)
-    return weight_grad_ws(lm, rm, counts, offsets, sms)
+    return weight_grad_ws(lm, rm, counts, offsets, sms, l_tok=l_tok, out_transposed=transposed)
 
 
 def grouped_mm(a_NI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
@@ -150,8 +156,12 @@ def weight_grad(
         return _new_dw(E, O, I, l_src.device, out_dtype, transposed).zero_(), db
     scale = roww_N is not None
     l_tok_arg = l_tok if l_tok is not None else counts_E
-    if use_grouped_mm:
-        n = l_tok.shape[0] if l_tok is not None else (r_tok.shape[0] if r_tok is not None else l_src.shape[0])
+    n = l_tok.shape[0] if l_tok is not None else (r_tok.shape[0] if r_tok is not None else l_src.shape[0])
+    if ((l_tok is None) != (r_tok is None) and not (scale and scale_dw)
+            and gluon_gather_wanted(tiles, l_src if l_tok is not None else r_src,
+                                    r_src if l_tok is not None else l_src, n, E)):
+        dw = _dw_gluon(l_src, r_src, counts_E, offsets_E, transposed, l_tok, r_tok).to(out_dtype)
+    elif use_grouped_mm:
         if n == 0:
             dw = _new_dw(E, O, I, l_src.device, out_dtype, transposed).zero_()
         else:
