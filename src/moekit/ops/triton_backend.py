@@ -65,8 +65,8 @@ class TritonBackend(ExpertsBackend):
         tma: bool | None = None  # GEMM tiles through tensor descriptors; None: auto
         persistent: bool = True  # TMA row GEMMs: one program per SM walking the tiles
         gather_x: bool | None = None  # TMA up / gather GEMM: x's rows gathered first; None: wide outputs
-        gluon: bool | None = None  # Gluon (Hopper) kernels: gathered-copy weight grads, plain row GEMMs;
-        # None: where measured faster (gluon_rules)
+        gluon: bool | None = None  # Gluon (Hopper) kernels: weight grads (gathered copies or gather
+        # in the loader), plain row GEMMs; None: where measured faster (gluon_rules)
         gemm_tile: GemmTile | None = None  # training row-GEMM tile (BN halved for 2 accumulators)
         kind_tiles: dict[str, GemmTile] = field(default_factory=dict)  # per kind, BN per accumulator
         dw_tile: GemmTile | None = None  # weight-grad kernel tile

@@ -98,9 +98,10 @@ def gluon_gather_wanted(tiles: dict | None, gathered: torch.Tensor, other: torch
     None (auto) there from :data:`GLUON_MIN_ROWS_PER_EXPERT` rows per expert on, with both
     widths at most :data:`GLUON_GATHER_MAX_DIM`, when no weight-grad tile was given
     (``dw_tile``). H200, bf16, that GEMM alone
-    (``benchmarks/dw_ab.py --gather``): the down projection's at Qwen3 0.738 ms against 0.879 on
-    ``dw_kernel``, OLMoE 0.995 / 1.056; the up projection's 1.508 against 1.551 with the copy,
-    OLMoE 1.866 / 2.131. True where the kernel cannot run at all raises."""
+    (``benchmarks/dw_ab.py --gluon``, ``benchmarks/results/H200-s12-dw-ab.json``): the down
+    projection's at Qwen3 0.750 ms against 0.892 on ``dw_kernel``, OLMoE 0.987 / 1.059; the up
+    projection's 1.519 against 1.540 over a gathered copy (the copy counted), OLMoE 1.923 /
+    1.970. True where the kernel cannot run at all raises."""
     v = tiles.get("gluon") if tiles else None
     if v == (0,) or not _gluon_can_run(v, gathered):
         return False

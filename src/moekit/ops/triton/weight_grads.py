@@ -1,7 +1,9 @@
 """Launchers of the weight gradients (``dW[e] = L[rows].T @ R[rows]``, Triton, or over gathered
-copies by the warp-specialized Gluon kernel on Hopper or torch's grouped GEMM) and the rules
-that send a GEMM to gathered copies (``dw_uses_grouped_mm``, ``dw_up_uses_grouped_mm``,
-``rows_on_cublas``); ``gluon_rules.gluon_wanted`` sends them to Gluon."""
+copies by the warp-specialized Gluon kernel on Hopper or torch's grouped GEMM, or by the Gluon
+kernel gathering one operand's rows itself) and the rules that send a GEMM to gathered copies
+(``dw_uses_grouped_mm``, ``dw_up_uses_grouped_mm``, ``rows_on_cublas``);
+``gluon_rules.gluon_wanted`` sends those to Gluon, ``gluon_rules.gluon_gather_wanted`` decides
+the in-kernel gather, ahead of both."""
 
 from __future__ import annotations
 
@@ -141,7 +143,9 @@ def weight_grad(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``dW[e] = L[rows of e].T @ R[rows of e]`` ``[E, O, I]`` with rows of L/R read directly or
     gathered by token (``*_tok``), the routing weight applied to L or R; and ``dB[e] = sum L``.
-    ``use_grouped_mm``: materialise the gathered L and R and run torch's grouped GEMM.
+    ``use_grouped_mm``: materialise the gathered L and R and run torch's grouped GEMM (or the
+    Gluon kernel over them). Where :func:`gluon_gather_wanted` says so (one operand gathered,
+    no routing weight applied to the grad) the Gluon kernel gathers the rows itself instead.
     ``transposed``: dW is laid out as the transpose of a contiguous ``[E, I, O]`` (the layout
     of a weight stored ``(in, out)``, as transformers' GPT-OSS experts are), so that it reaches
     the parameter without a copy. ``scale_dw=False``: the routing weight scales only the bias
