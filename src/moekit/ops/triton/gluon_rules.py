@@ -14,8 +14,7 @@ from . import launch_config as C
 from .launch_config import _aligned, _major
 
 __all__ = ["GLUON_GATHER_MAX_DIM", "GLUON_MIN_ROWS_PER_EXPERT", "GLUON_ROWS_MAX_DIM",
-           "gluon_gather_wanted",
-           "gluon_rows_wanted", "gluon_wanted"]
+           "gluon_gather_wanted", "gluon_rows_wanted", "gluon_wanted"]
 
 
 @functools.cache
