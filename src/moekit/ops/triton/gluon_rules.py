@@ -73,12 +73,6 @@ def gluon_wanted(tiles: dict | None, l_NO: torch.Tensor, r_NI: torch.Tensor,
                and t.shape[1] % 8 == 0 for t in (l_NO, r_NI))
 
 
-def _tma_rows(t: torch.Tensor) -> bool:
-    """Rows contiguous, 16-byte aligned, width and row stride multiples of 8 elements."""
-    return (t.stride(1) == 1 and t.stride(0) % 8 == 0 and t.shape[1] % 8 == 0
-            and t.data_ptr() % 16 == 0)
-
-
 # ``gluon=None`` (auto) gathers in the Gluon weight-grad kernel only where both widths are at most
 # this (fine-grained experts). H200, bf16, the layer's forward+backward, in-kernel gather on / off
 # (5 alternated rounds, best): Qwen3 7.09 / 7.39 ms (peak 1.63 / 2.13 GiB above the inputs), OLMoE
@@ -93,7 +87,8 @@ def gluon_gather_wanted(tiles: dict | None, gathered: torch.Tensor, other: torch
     ``gout[tok].T @ a`` and the up projection's ``dH.T @ x[tok]``) runs on the Gluon kernel with
     the gather in its loader (``kernels_gluon``, ``cp.async``; no gathered copy) instead of
     ``dw_kernel`` or a gathered copy: never with the ``gluon`` setting False; on a Hopper GPU in
-    bf16/fp16 wherever both operands suit its copies (:func:`_tma_rows`) with True, and with
+    bf16/fp16 wherever both operands suit its copies (rows contiguous and 16-byte aligned,
+    widths multiples of 8) with True, and with
     None (auto) there from :data:`GLUON_MIN_ROWS_PER_EXPERT` rows per expert on, with both
     widths at most :data:`GLUON_GATHER_MAX_DIM`, when no weight-grad tile was given
     (``dw_tile``). H200, bf16, that GEMM alone
@@ -107,7 +102,8 @@ def gluon_gather_wanted(tiles: dict | None, gathered: torch.Tensor, other: torch
     if v is None and (n_rows < GLUON_MIN_ROWS_PER_EXPERT * n_experts or "dw" in (tiles or {})
                       or max(gathered.shape[1], other.shape[1]) > GLUON_GATHER_MAX_DIM):
         return False
-    return other.dtype == gathered.dtype and _tma_rows(gathered) and _tma_rows(other)
+    return other.dtype == gathered.dtype and all(
+        _aligned(t, 1) and t.shape[1] % 8 == 0 for t in (gathered, other))
 
 
 # ``gluon=None`` (auto) runs a plain row GEMM (no bias, no scatter) on the Gluon ping-pong kernel
